@@ -1,0 +1,111 @@
+"""The ``lmtrain`` command line. Heavy libraries are imported inside the commands that use them,
+so ``lmtrain --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lmtrain.config import FIELDS, env_name, explicit_settings, flag_name
+from lmtrain.errors import UserError
+
+#: Flags whose names differ from their setting (aliases users expect).
+FLAG_ALIASES = {"checkpoint_path": ["--resume"], "training_data_source": ["--data"]}
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainingConfig field, documented with its env-var twin and default."""
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for name, info in FIELDS.items():
+        default = info.default
+        shown = "bundled corpus" if name == "training_data_source" else default
+        text = f"{info.description} [env {env_name(name)}; default: {shown}]"
+        group_name = _group_of(name)
+        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flags = [flag_name(name), *FLAG_ALIASES.get(name, [])]
+        if info.annotation is bool:
+            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=text)
+        else:
+            group.add_argument(*flags, dest=name, metavar=env_name(name),
+                               default=argparse.SUPPRESS, help=text)
+
+
+def _group_of(name: str) -> str:
+    order = list(FIELDS)
+    boundaries = [("model", "lora_targets"), ("data and tokenizer", "train_split"),
+                  ("optimisation", "on_nan"), ("evaluation and generation", "top_k"),
+                  ("checkpoints, logs and outputs", "run_name"), ("machine", "test_mode")]
+    idx = order.index(name)
+    for group, last in boundaries:
+        if idx <= order.index(last):
+            return group
+    return "other"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train fresh, or resume when --resume / CHECKPOINT_PATH is given."""
+    flags = {k: v for k, v in vars(args).items() if k in FIELDS}
+    values, sources = explicit_settings(flags=flags, config_file=args.config)
+    return run_training_session(values, sources)
+
+
+def run_training_session(values: dict[str, Any], sources: dict[str, str]) -> int:
+    from lmtrain.train.session import train
+
+    summary = train(values, sources)
+    print(f"done: run {summary.run_name}, steps {summary.start_step}->{summary.end_step}, "
+          f"checkpoints in {summary.checkpoint_dir}, log {summary.log_file}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lmtrain",
+        description="Train small GPT-style language models: fresh runs and resumed runs "
+                    "through one entrypoint. Every setting is also an environment variable.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    train_p = sub.add_parser(
+        "train", help="train fresh, or resume with --resume CKPT",
+        description="Train a model. Precedence: defaults < --config file < env vars < flags. "
+                    "With --resume (CHECKPOINT_PATH) the run continues from the checkpoint.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    train_p.add_argument("--config", metavar="FILE.toml", default=None,
+                         help="TOML file of settings (keys as in the env vars, any case)")
+    _add_setting_flags(train_p)
+    train_p.set_defaults(func=cmd_train)
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+#: Other modules add subcommands here: ``fn(subparsers)`` registering a parser with ``func``.
+EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def run_guarded(fn: Callable[[], int]) -> int:
+    """Run ``fn``; a :class:`UserError` becomes one ``error:`` line and exit status 2."""
+    try:
+        return fn()
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return run_guarded(lambda: args.func(args))
+
+
+def env_entrypoint() -> int:
+    """``python training.py``: every setting from the environment."""
+    def go() -> int:
+        values, sources = explicit_settings()
+        return run_training_session(values, sources)
+
+    return run_guarded(go)

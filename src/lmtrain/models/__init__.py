@@ -1,0 +1,40 @@
+"""Build the model a config asks for and call it uniformly."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lmtrain.config import TrainingConfig
+from lmtrain.models.gpt import GPTConfig, build_from_scratch
+
+
+def build_model(config: TrainingConfig, vocab_size: int) -> nn.Module:
+    """The from-scratch GPT (or bigram) or pretrained GPT-2, with LoRA when asked."""
+    if config.model_type == "gpt2":
+        from lmtrain.models.gpt2 import load_gpt2
+
+        model = load_gpt2(config, vocab_size)
+    else:
+        model = build_from_scratch(GPTConfig(
+            vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
+            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout))
+    if config.use_lora:
+        from lmtrain.models.lora import apply_lora
+
+        model = apply_lora(model, config)
+    return model
+
+
+def model_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+    """Logits from either our GPT (returns a tensor) or a Hugging Face model (returns an object)."""
+    out = model(idx)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts; tied weights are counted once."""
+    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
+    total = sum(p.numel() for p in seen.values())
+    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    return trainable, total

@@ -1,0 +1,108 @@
+"""Run names, the run log (Python ``logging``), the metrics file and the output file."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from lmtrain.config import TrainingConfig
+
+log = logging.getLogger("lmtrain")
+
+
+def timestamp() -> str:
+    return datetime.now().strftime("%Y%m%d-%H%M%S")
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")[:40] or "data"
+
+
+def data_label(source: str) -> str:
+    """A short name for a data source: the file or folder stem."""
+    return slug(Path(source.rstrip("/")).stem.replace("*", "all"))
+
+
+def default_run_name(config: TrainingConfig) -> str:
+    model = config.model_type + ("-lora" if config.use_lora else "")
+    return f"{model}-{data_label(config.training_data_source)}-{timestamp()}"
+
+
+class _Plain(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return record.getMessage()
+
+
+def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
+    """Send ``lmtrain`` log records to stdout and, when given, to ``log_file``."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    if not quiet:
+        console = logging.StreamHandler(sys.stdout)
+        console.setFormatter(_Plain())
+        log.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+        log.addHandler(fh)
+
+
+def close_logging() -> None:
+    for handler in list(log.handlers):
+        handler.flush()
+        if isinstance(handler, logging.FileHandler):
+            log.removeHandler(handler)
+            handler.close()
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics.jsonl`` in the run's log folder."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._fh = path.open("a", encoding="utf-8")
+        self._start = time.perf_counter()
+
+    def write(self, **record: Any) -> None:
+        record.setdefault("time", round(time.time(), 3))
+        record.setdefault("elapsed", round(time.perf_counter() - self._start, 3))
+        self._fh.write(json.dumps(record) + "\n")
+        self._fh.flush()
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """Every record of a metrics file, skipping a torn last line."""
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def write_output_file(config: TrainingConfig, output_dir: Path, settings: list[str],
+                      losses: dict[str, Any], sample: str) -> Path:
+    """The ENABLE_OUTPUT_TO_FILE report: settings, losses and the generated sample."""
+    model = config.model_type + ("_lora" if config.use_lora else "")
+    path = output_dir / f"{model}_{data_label(config.training_data_source)}_{timestamp()}.txt"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# lmtrain run", "", "## Settings", *settings, "", "## Losses"]
+    lines += [f"{k}: {v}" for k, v in losses.items()]
+    lines += ["", "## Sample", sample, ""]
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path

@@ -1,0 +1,1 @@
+"""Training: optimizer, loop, evaluation and run state."""

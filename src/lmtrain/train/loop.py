@@ -1,0 +1,168 @@
+"""The one training loop, shared by fresh and resumed runs."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
+from lmtrain.errors import UserError
+from lmtrain.train.evaluate import compute_loss, estimate_loss
+from lmtrain.train.optim import set_learning_rate
+from lmtrain.train.state import RunContext, checkpoint_payload
+
+log = logging.getLogger("lmtrain")
+
+
+class TrainingInterrupted(Exception):
+    """Raised after a checkpoint has been written in response to SIGINT / SIGTERM."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted by signal {signum}")
+        self.signum = signum
+        self.checkpoint = checkpoint
+
+
+def evaluate(ctx: RunContext) -> dict[str, float]:
+    """Train/val loss now; logs it, records it and tracks the best validation loss."""
+    t0 = time.perf_counter()
+    cfg = ctx.config
+    losses = estimate_loss(ctx.model, ctx.data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
+                           ctx.device, cfg.seed, ctx.autocast())
+    ctx.timings["eval"] += time.perf_counter() - t0
+    ctx.last_losses = {"train": losses["train"], "val": losses["val"], "step": ctx.step}
+    if losses["val"] < ctx.best_val_loss:
+        ctx.best_val_loss = losses["val"]
+        ctx.best_step = ctx.step
+    if ctx.is_main:
+        log.info("step %d: train loss %.4f, val loss %.4f", ctx.step, losses["train"],
+                 losses["val"])
+        if ctx.metrics:
+            ctx.metrics.write(step=ctx.step, train_loss=losses["train"], val_loss=losses["val"],
+                              kind="eval")
+    return losses
+
+
+def save(ctx: RunContext) -> Path | None:
+    """Write the checkpoint for the current step (main process only) and rotate old ones."""
+    if not (ctx.config.enable_checkpoints and ctx.is_main):
+        return None
+    t0 = time.perf_counter()
+    path = ctx.checkpoint_dir / checkpoint_filename(ctx.step)
+    try:
+        save_checkpoint(path, checkpoint_payload(ctx))
+    except OSError as exc:
+        raise UserError(
+            f"CHECKPOINT_DIR={str(ctx.checkpoint_dir)!r}: writing the step {ctx.step} checkpoint "
+            f"failed ({exc.strerror or exc}); the previous checkpoint is intact — free space or "
+            f"pick another CHECKPOINT_DIR and resume from it") from None
+    protect = {ctx.best_step} if ctx.best_step is not None else set()
+    rotate_checkpoints(ctx.checkpoint_dir, ctx.config.keep_last_checkpoints, protect)
+    ctx.timings["checkpoint"] += time.perf_counter() - t0
+    log.info("step %d: saved checkpoint %s", ctx.step, path)
+    return path
+
+
+def _progress(ctx: RunContext, start: int, end: int):
+    if not (ctx.is_main and sys.stderr.isatty()):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                file=sys.stderr, leave=False)
+
+
+def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
+    """Advance ``ctx`` from ``start_step`` by ``n_steps`` optimizer steps.
+
+    Evaluates every ``EVAL_INTERVAL`` steps, checkpoints every ``CHECKPOINT_INTERVAL`` steps
+    and at the end, logs every ``LOG_INTERVAL`` steps; all step numbers are absolute.
+    """
+    cfg = ctx.config
+    model, opt, data = ctx.model, ctx.optimizer, ctx.data
+    params = [p for p in model.parameters() if p.requires_grad]
+    end = start_step + n_steps
+    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * ctx.world_size
+    bar = _progress(ctx, start_step, end)
+    window_t0, window_steps = time.perf_counter(), 0
+    model.train()
+    ctx.step = start_step
+    try:
+        for step in range(start_step, end):
+            lr = set_learning_rate(opt, step, cfg)
+            loss_sum = torch.zeros((), device=ctx.device)
+            for micro in range(cfg.grad_accum_steps):
+                t0 = time.perf_counter()
+                x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, ctx.sampler,
+                                      ctx.device)
+                t1 = time.perf_counter()
+                ctx.timings["data"] += t1 - t0
+                with contextlib.ExitStack() as stack:
+                    stack.enter_context(ctx.autocast())
+                    if micro < cfg.grad_accum_steps - 1 and hasattr(model, "no_sync"):
+                        stack.enter_context(model.no_sync())  # DDP: all-reduce on the last only
+                    loss = compute_loss(model, x, y) / cfg.grad_accum_steps
+                (ctx.grad_scaler.scale(loss) if ctx.grad_scaler else loss).backward()
+                loss_sum += loss.detach()
+                ctx.timings["train"] += time.perf_counter() - t1
+            t2 = time.perf_counter()
+            loss_value = loss_sum.item()
+            if ctx.grad_scaler:
+                ctx.grad_scaler.unscale_(opt)
+            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+                         if cfg.grad_clip > 0 else None)
+            if not math.isfinite(loss_value):
+                opt.zero_grad(set_to_none=True)
+                if cfg.on_nan == "stop":
+                    raise UserError(
+                        f"the loss became {loss_value} at step {step + 1}; the last good "
+                        f"checkpoint is kept — lower LEARNING_RATE or set ON_NAN=skip")
+                log.warning("step %d: loss is %s, step skipped (ON_NAN=skip)", step + 1,
+                            loss_value)
+                if ctx.grad_scaler:
+                    ctx.grad_scaler.update()
+            else:
+                if ctx.grad_scaler:
+                    ctx.grad_scaler.step(opt)
+                    ctx.grad_scaler.update()
+                else:
+                    opt.step()
+                opt.zero_grad(set_to_none=True)
+            ctx.step = step + 1
+            ctx.timings["train"] += time.perf_counter() - t2
+            window_steps += 1
+            if bar is not None:
+                bar.update(1)
+            if ctx.step % cfg.log_interval == 0 or ctx.step == end:
+                elapsed = time.perf_counter() - window_t0
+                tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                if ctx.is_main:
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
+                    else:
+                        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end,
+                                 loss_value, lr, tps)
+                    if ctx.metrics:
+                        ctx.metrics.write(step=ctx.step, train_loss=loss_value, lr=lr,
+                                          tokens_per_s=round(tps, 1), grad_norm=grad_norm,
+                                          kind="train")
+                window_t0, window_steps = time.perf_counter(), 0
+            if ctx.step % cfg.eval_interval == 0:
+                evaluate(ctx)
+            if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:
+                save(ctx)
+            if ctx.stop_signal is not None and ctx.step != end:
+                path = save(ctx)
+                raise TrainingInterrupted(ctx.stop_signal, path)
+    finally:
+        if bar is not None:
+            bar.close()
+    if n_steps > 0:
+        save(ctx)
+

@@ -4,6 +4,7 @@ so ``lmtrain --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -78,13 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
                          help="TOML file of settings (keys as in the env vars, any case)")
     _add_setting_flags(train_p)
     train_p.set_defaults(func=cmd_train)
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    for name in COMMAND_MODULES:
+        importlib.import_module(f"lmtrain.commands.{name}").register(sub)
     return parser
 
 
-#: Other modules add subcommands here: ``fn(subparsers)`` registering a parser with ``func``.
-EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+#: Modules under ``lmtrain/commands/`` that each define ``register(subparsers)``, adding one
+#: subcommand whose ``func(args) -> int`` runs it. They import heavy libraries lazily.
+COMMAND_MODULES: list[str] = []
 
 
 def run_guarded(fn: Callable[[], int]) -> int:

@@ -54,8 +54,9 @@ def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise UserError(f"TRAINING_DATA_SOURCE: {path} line {lineno} is not JSON ({exc.msg})"
-                                ) from None
+                raise UserError(
+                    f"TRAINING_DATA_SOURCE: {path} line {lineno} is not JSON ({exc.msg})"
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise UserError(
                     f"TRAINING_DATA_SOURCE: {path} line {lineno} has no text field "

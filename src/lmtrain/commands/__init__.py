@@ -1,0 +1,1 @@
+"""One module per `lmtrain` subcommand (besides `train`); each defines `register(subparsers)`."""

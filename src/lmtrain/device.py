@@ -19,7 +19,8 @@ def select_device(name: str = "auto") -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise UserError(f"DEVICE={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+        raise UserError(
+            f"DEVICE={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"DEVICE={name!r}: CUDA is not available here; use DEVICE=cpu or auto")

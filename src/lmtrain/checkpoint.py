@@ -61,6 +61,9 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if not path.is_file():
         raise UserError(f"CHECKPOINT_PATH={str(path)!r}: no such file; give a .pt checkpoint "
                         f"written by lmtrain, or 'auto'")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"CHECKPOINT_PATH={str(path)!r} is not an lmtrain checkpoint (not a "
+                        f"torch.save archive; truncated, or another kind of file)")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

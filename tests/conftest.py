@@ -22,6 +22,12 @@ TINY: dict[str, Any] = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _private_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep the default token cache (under the user cache dir) inside the test's tmp_path."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+
+
 @pytest.fixture(scope="session")
 def corpus_text() -> str:
     return Path(DEFAULT_CORPUS).read_text(encoding="utf-8")[:40_000]
@@ -37,7 +43,7 @@ def corpus(tmp_path: Path, corpus_text: str) -> Path:
 @pytest.fixture
 def run_dirs(tmp_path: Path) -> dict[str, str]:
     return {"checkpoint_dir": str(tmp_path / "ckpt"), "log_dir": str(tmp_path / "logs"),
-            "output_dir": str(tmp_path / "out")}
+            "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache")}
 
 
 @pytest.fixture
@@ -58,6 +64,51 @@ def run_entrypoint(args: list[str], env: dict[str, str], cwd: Path,
     """Run ``python <args>`` with only ``env`` (plus PATH-like basics) set."""
     base = {k: v for k, v in os.environ.items()
             if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE",
-                     "OPENBLAS_L2_SIZE", "PYTHONPATH")}
+                     "OPENBLAS_L2_SIZE", "PYTHONPATH", "XDG_CACHE_HOME")}
     return subprocess.run([sys.executable, *args], env={**base, **env}, cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, corpus_text: str) -> Path:
+    """One real checkpoint (step 4 of a TINY run with an evaluation at step 4); do not modify."""
+    from lmtrain.train.session import train
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    (root / "corpus.txt").write_text(corpus_text, encoding="utf-8")
+    flags = {**TINY, "training_data_source": str(root / "corpus.txt"), "training_steps": 4,
+             "eval_interval": 4, "checkpoint_interval": 4, "max_new_tokens": 0,
+             "run_name": "tiny", "checkpoint_dir": str(root / "ckpt"),
+             "log_dir": str(root / "logs"), "output_dir": str(root / "out")}
+    values, sources = explicit_settings(flags=flags, env={})
+    summary = train(values, sources)
+    return summary.checkpoint_dir / "step_0000004.pt"
+
+
+def save_tiny_gpt2(folder: Path, seed: int = 0, vocab_size: int = 50257) -> Path:
+    """A tiny random ``GPT2LMHeadModel`` (2 layers, width 64, 64 positions) in ``folder``."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=vocab_size)
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 saved with ``save_pretrained``, real vocabulary size; do not modify."""
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
+
+
+@pytest.fixture
+def qa_corpus(tmp_path: Path) -> Path:
+    """A few KB of question/answer lines."""
+    pairs = [("What is the capital of France?", "Paris."), ("Who wrote Hamlet?", "Shakespeare."),
+             ("How many legs has a spider?", "Eight."), ("What colour is the sky?", "Blue."),
+             ("What is two plus two?", "Four."), ("Where do penguins live?", "Antarctica.")]
+    lines = [f"QUESTION: {q} ANSWER: {a}" for _ in range(25) for q, a in pairs]
+    path = tmp_path / "qa.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

@@ -16,12 +16,15 @@ import torch
 from lmtrain.errors import UserError
 
 FORMAT_VERSION = 1
+AUTO_RESUME = "auto"  # CHECKPOINT_PATH value: the run's newest valid checkpoint
 REQUIRED_KEYS = (
     "format_version", "step", "model_state_dict", "optimizer_state_dict", "hyperparameters",
     "vocab_size", "block_size", "batch_size", "tokenizer",
 )
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"
+TMP_SUFFIX = ".part"
+TMP_RE = re.compile(r"^\.tmp-(?:(\d+)-)?.*\.part$")
 
 
 def checkpoint_filename(step: int) -> str:
@@ -31,7 +34,8 @@ def checkpoint_filename(step: int) -> str:
 def atomic_write(path: Path, write) -> None:
     """Call ``write(file)`` on a temp file in ``path``'s folder, fsync, then ``os.replace``."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=TMP_SUFFIX,
+                               dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -55,46 +59,54 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load and validate a checkpoint; never unpickles code. Bad files raise :class:`UserError`."""
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    label: str = "CHECKPOINT_PATH") -> dict[str, Any]:
+    """Load and validate a checkpoint; never unpickles code. Bad files raise :class:`UserError`.
+
+    ``label`` names what the path came from in messages (a setting or a command).
+    """
     path = Path(path)
+    where = f"{label}={str(path)!r}"
     if not path.is_file():
-        raise UserError(f"CHECKPOINT_PATH={str(path)!r}: no such file; give a .pt checkpoint "
-                        f"written by lmtrain, or 'auto'")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"CHECKPOINT_PATH={str(path)!r} is not an lmtrain checkpoint (not a "
-                        f"torch.save archive; truncated, or another kind of file)")
+        raise UserError(f"{where}: no such file; give a .pt checkpoint written by lmtrain, "
+                        f"or 'auto'")
+    if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
+        raise UserError(f"{where} is not a checkpoint: not a torch.save archive (truncated, "
+                        f"or some other kind of file); pick an earlier checkpoint")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln),
+                      lines[0] if lines else type(exc).__name__)
         raise UserError(
-            f"CHECKPOINT_PATH={str(path)!r} was refused: it holds objects other than plain data "
-            f"and could run code when loaded ({first[:160]}); only load checkpoints you trust "
-            f"and that lmtrain wrote") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as exc:
-        raise UserError(
-            f"CHECKPOINT_PATH={str(path)!r} is not a readable lmtrain checkpoint (truncated or "
-            f"corrupt: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}); "
-            f"pick an earlier checkpoint") from None
-    validate_checkpoint(ckpt, path)
+            f"{where} was refused and nothing in it was run: it holds objects other than plain "
+            f"data that could run code when loaded ({reason[:160]}); load only checkpoints "
+            f"that lmtrain wrote") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError) as exc:
+        detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
+        raise UserError(f"{where} is not a readable lmtrain checkpoint (truncated or corrupt: "
+                        f"{detail}); pick an earlier checkpoint") from None
+    validate_checkpoint(ckpt, path, label)
     return ckpt
 
 
-def validate_checkpoint(ckpt: Any, path: str | Path) -> None:
+def validate_checkpoint(ckpt: Any, path: str | Path, label: str = "CHECKPOINT_PATH") -> None:
     """Check that a loaded object is an lmtrain checkpoint this version understands."""
+    where = f"{label}={str(path)!r}"
     if not isinstance(ckpt, dict):
-        raise UserError(f"CHECKPOINT_PATH={str(path)!r} is not an lmtrain checkpoint "
-                        f"(it holds a {type(ckpt).__name__}, not a dict)")
+        raise UserError(f"{where} is not an lmtrain checkpoint (it holds a "
+                        f"{type(ckpt).__name__}, not a dict)")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
-        raise UserError(f"CHECKPOINT_PATH={str(path)!r} is not an lmtrain checkpoint: it lacks "
-                        f"{', '.join(missing)}")
+        raise UserError(f"{where} is not an lmtrain checkpoint: it lacks {', '.join(missing)}")
     version = ckpt["format_version"]
-    if not isinstance(version, int) or version > FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise UserError(f"{where} has an invalid format version {version!r}")
+    if version > FORMAT_VERSION:
         raise UserError(
-            f"CHECKPOINT_PATH={str(path)!r} has format version {version}, newer than this "
-            f"lmtrain understands ({FORMAT_VERSION}); upgrade lmtrain to resume it")
+            f"{where} has format version {version}, newer than this lmtrain understands "
+            f"({FORMAT_VERSION}); upgrade lmtrain to use it")
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
@@ -120,3 +132,61 @@ def rotate_checkpoints(folder: str | Path, keep_last: int, protect: set[int]) ->
     for p in doomed:
         p.unlink(missing_ok=True)
     return doomed
+
+
+def find_resumable(folder: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
+    """The newest step checkpoint in ``folder`` that loads and validates.
+
+    Returns ``(path, checkpoint, problems)``; ``problems`` has one line per newer file that was
+    skipped. ``(None, None, problems)`` when no checkpoint is usable.
+    """
+    problems = []
+    for _, path in reversed(list_checkpoints(folder)):
+        try:
+            return path, load_checkpoint(path), problems
+        except UserError as exc:
+            problems.append(f"skipped {path.name}: {exc}")
+    return None, None, problems
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temp files that a killed writer left in ``folder``; returns what was removed.
+
+    Files of a writer that is still running (another process) are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = TMP_RE.match(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m.group(1)) if m.group(1) else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def ensure_writable_dir(path: str | Path, setting: str) -> None:
+    """Create ``path`` if needed and prove it takes files; a clear :class:`UserError` if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=TMP_PREFIX):
+            pass
+    except OSError as exc:
+        raise UserError(f"{setting}={str(path)!r} cannot be written ({exc.strerror or exc}); "
+                        f"pick a folder you can write to") from None

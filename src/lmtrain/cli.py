@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from lmtrain.config import FIELDS, env_name, explicit_settings, flag_name
-from lmtrain.errors import UserError
+from lmtrain.errors import TrainingInterrupted, UserError
 
 #: Flags whose names differ from their setting (aliases users expect).
 FLAG_ALIASES = {"checkpoint_path": ["--resume"], "training_data_source": ["--data"]}
@@ -54,9 +54,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def run_training_session(values: dict[str, Any], sources: dict[str, str]) -> int:
-    from lmtrain.train.session import train
+    from lmtrain.signals import stop_on_signals
 
-    summary = train(values, sources)
+    with stop_on_signals() as stop:  # from the start, so an early Ctrl-C is handled too
+        from lmtrain.train.session import train
+
+        stop.check()
+        summary = train(values, sources)
     print(f"done: run {summary.run_name}, steps {summary.start_step}->{summary.end_step}, "
           f"checkpoints in {summary.checkpoint_dir}, log {summary.log_file}")
     return 0
@@ -86,15 +90,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: Modules under ``lmtrain/commands/`` that each define ``register(subparsers)``, adding one
 #: subcommand whose ``func(args) -> int`` runs it. They import heavy libraries lazily.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["sample", "plot", "inspect", "tokenize", "prepare", "export"]
 
 
 def run_guarded(fn: Callable[[], int]) -> int:
-    """Run ``fn``; a :class:`UserError` becomes one ``error:`` line and exit status 2."""
+    """Run ``fn``; a :class:`UserError` becomes one ``error:`` line and exit status 2, a
+    :class:`TrainingInterrupted` the resume command and exit status 130 / 143."""
     try:
         return fn()
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except TrainingInterrupted as exc:
+        from lmtrain.signals import interruption_report
+
+        print(interruption_report(exc), file=sys.stderr)
         return exc.exit_code
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.config import TrainingConfig
+from lmtrain.errors import UserError
 
 log = logging.getLogger("lmtrain")
 
@@ -29,9 +30,14 @@ def data_label(source: str) -> str:
     return slug(Path(source.rstrip("/")).stem.replace("*", "all"))
 
 
-def default_run_name(config: TrainingConfig) -> str:
+def stable_run_name(config: TrainingConfig) -> str:
+    """``<model>-<data>``: the run name ``CHECKPOINT_PATH=auto`` finds again on every launch."""
     model = config.model_type + ("-lora" if config.use_lora else "")
-    return f"{model}-{data_label(config.training_data_source)}-{timestamp()}"
+    return f"{model}-{data_label(config.training_data_source)}"
+
+
+def default_run_name(config: TrainingConfig) -> str:
+    return f"{stable_run_name(config)}-{timestamp()}"
 
 
 class _Plain(logging.Formatter):
@@ -66,11 +72,16 @@ def close_logging() -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` in the run's log folder."""
+    """Appends one JSON object per line to ``metrics.jsonl`` in the run's log folder.
 
-    def __init__(self, path: Path) -> None:
+    With ``tensorboard=True`` the numeric values also go to TensorBoard event files in the same
+    folder (needs the ``tensorboard`` extra). A resumed run appends to its run's history.
+    """
+
+    def __init__(self, path: Path, tensorboard: bool = False) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
+        self._tb = _tensorboard_writer(path.parent) if tensorboard else None
         self._fh = path.open("a", encoding="utf-8")
         self._start = time.perf_counter()
 
@@ -79,9 +90,25 @@ class MetricsWriter:
         record.setdefault("elapsed", round(time.perf_counter() - self._start, 3))
         self._fh.write(json.dumps(record) + "\n")
         self._fh.flush()
+        if self._tb is not None and "step" in record:
+            prefix = "eval" if record.get("kind") == "eval" else "train"
+            for key, value in record.items():
+                if key not in ("step", "time", "elapsed") and isinstance(value, int | float):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def close(self) -> None:
         self._fh.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _tensorboard_writer(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("METRICS=tensorboard needs the tensorboard extra: "
+                        "pip install 'lmtrain[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(folder))
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

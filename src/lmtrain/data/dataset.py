@@ -10,11 +10,6 @@ import torch
 from lmtrain.errors import UserError
 
 
-def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
-    """uint16 when every id fits, else uint32."""
-    return np.uint16 if vocab_size <= 65535 else np.uint32
-
-
 @dataclass
 class TokenData:
     """The train and validation token arrays (in memory or memory-mapped)."""

@@ -1,24 +1,244 @@
-"""Turn a data source into token arrays with a given (or freshly trained) tokenizer."""
+"""Tokenize a data source once into a cached, memory-mapped token array.
+
+The cache folder (``CACHE_DIR``, default ``<user cache dir>/lmtrain/tokens``) holds:
+
+- ``<key>.bin``: the token ids, little-endian ``uint16`` (vocabulary <= 65,535) or ``uint32``;
+- ``<key>.json``: its sidecar (``n_tokens``, ``dtype``, source, digests), written after the
+  array, so a sidecar always describes a complete array;
+- ``tokenizer-<key>.json``: a character vocabulary or BPE learned from a source, so that
+  ``lmtrain prepare`` followed by ``lmtrain train`` learns it only once.
+
+``<key>`` hashes the content of the source files and the tokenizer's state: change either and
+the entry is new; a resumed run (same tokenizer, same data) maps exactly its fresh run's array.
+Text streams through in chunks and is encoded a batch of chunks at a time, so memory stays
+flat however large the corpus.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
 import numpy as np
 
+from lmtrain.checkpoint import atomic_write
 from lmtrain.config import TrainingConfig
-from lmtrain.data.dataset import TokenData, token_dtype
-from lmtrain.data.sources import read_corpus
-from lmtrain.data.tokenizers import Tokenizer, train_tokenizer
+from lmtrain.data.dataset import TokenData
+from lmtrain.data.sources import CorpusStream, iter_chunks, source_digest
+from lmtrain.data.tokenizers import (
+    CharTokenizer,
+    Tokenizer,
+    token_dtype,
+    tokenizer_from_state,
+    train_tokenizer,
+)
+from lmtrain.errors import UserError
+
+log = logging.getLogger("lmtrain")
+
+CACHE_FORMAT = 1
+CHUNK_CHARS = 1 << 21  # characters per encoded piece (~2 MB of ASCII text)
+BATCH_CHUNKS = 8  # pieces encoded together (tiktoken spreads them over threads)
+
+
+@dataclass
+class TokenArray:
+    """A cached token array and its sidecar."""
+
+    path: Path
+    meta: dict[str, Any]
+    cached: bool  # True when an earlier run had already written it
+
+    def load(self) -> np.ndarray:
+        """The tokens as a read-only memory map (nothing is read into memory up front)."""
+        return np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r",
+                         shape=(self.meta["n_tokens"],))
+
+
+def default_cache_dir() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("lmtrain")) / "tokens"
+
+
+def cache_folder(config: TrainingConfig) -> Path:
+    """``CACHE_DIR`` (or the default), created and checked for writing."""
+    folder = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"CACHE_DIR={str(folder)!r}: cannot create it ({exc.strerror}); set "
+                        f"CACHE_DIR to a writable folder") from None
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"CACHE_DIR={str(folder)!r} is not writable; set CACHE_DIR to a "
+                        f"writable folder")
+    return folder
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
+
+
+def tokenizer_digest(tokenizer: Tokenizer) -> str:
+    """sha256 of what determines the tokenizer's output (its state, and dropping unknowns)."""
+    return _digest({**tokenizer.state(), "drop_unknown": getattr(tokenizer, "drop_unknown", False)})
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+
+
+def _head(chunks: Iterable[str], n_chars: int) -> Iterator[str]:
+    """The first ``n_chars`` characters of a chunk stream."""
+    for chunk in chunks:
+        if n_chars <= 0:
+            return
+        yield chunk[:n_chars]
+        n_chars -= len(chunk)
+
+
+def fresh_tokenizer(config: TrainingConfig, stream: CorpusStream, source_sha: str,
+                    cache: Path) -> Tokenizer:
+    """The tokenizer a fresh run asks for: GPT-2's, or one learned from the source (cached).
+
+    The character vocabulary covers the whole corpus; the BPE learns from the training split
+    only (the first ``TRAIN_SPLIT`` of the text).
+    """
+    method = config.tokenization_method
+    if method == "gpt2":
+        return train_tokenizer(method, [], config.custom_vocab_size)
+    params: dict[str, Any] = {"format": CACHE_FORMAT, "method": method, "source": source_sha}
+    if method == "custom_bpe":
+        params |= {"vocab_size": config.custom_vocab_size, "train_split": config.train_split}
+    path = cache / f"tokenizer-{_digest(params)[:32]}.json"
+    if path.is_file():
+        log.info("tokenizer: reusing %s", path)
+        return tokenizer_from_state(path.read_text(encoding="utf-8"))
+    texts: Iterable[str] = stream
+    if method == "custom_bpe":
+        total = sum(len(piece) for piece in stream)
+        texts = _head(iter_chunks(stream, CHUNK_CHARS), int(total * config.train_split))
+    started = time.perf_counter()
+    tokenizer = train_tokenizer(method, texts, config.custom_vocab_size)
+    log.info("tokenizer: learned %s (%d tokens) in %.1fs", method, tokenizer.vocab_size,
+             time.perf_counter() - started)
+    _write_json(path, tokenizer.state())
+    return tokenizer
+
+
+def tokenizer_for(config: TrainingConfig) -> Tokenizer:
+    """The tokenizer a fresh run on ``config`` would use (without tokenizing the source)."""
+    if config.tokenization_method == "gpt2":
+        return train_tokenizer("gpt2", [], config.custom_vocab_size)
+    stream = CorpusStream(config.training_data_source, config.text_field)
+    return fresh_tokenizer(config, stream, source_digest(stream.files, config.text_field),
+                           cache_folder(config))
+
+
+def _read_meta(meta_path: Path, bin_path: Path) -> dict[str, Any] | None:
+    """The sidecar of a complete cache entry, or None."""
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        size = bin_path.stat().st_size
+    except (OSError, ValueError):
+        return None
+    if meta.get("format") != CACHE_FORMAT:
+        return None
+    if size != meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize:
+        return None
+    return meta
+
+
+def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == n:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _write_tokens(path: Path, tokenizer: Tokenizer, stream: CorpusStream,
+                  progress: bool) -> dict[str, int]:
+    """Encode the stream batch by batch, appending to ``path`` (atomically replaced at the end)."""
+    from tqdm import tqdm
+
+    dtype = np.dtype(token_dtype(tokenizer.vocab_size)).newbyteorder("<")
+    counts = {"n_tokens": 0, "n_chars": 0}
+
+    def write(fh) -> None:
+        with tqdm(total=stream.total_bytes, unit="B", unit_scale=True, desc="tokenizing",
+                  disable=not progress) as bar:
+            for batch in _batched(iter_chunks(stream, CHUNK_CHARS), BATCH_CHUNKS):
+                for ids in tokenizer.encode_arrays(batch):
+                    fh.write(ids.astype(dtype, copy=False).tobytes())
+                    counts["n_tokens"] += len(ids)
+                counts["n_chars"] += sum(len(text) for text in batch)
+                bar.update(stream.bytes_read - bar.n)
+        if counts["n_tokens"] == 0:
+            raise UserError(
+                f"TRAINING_DATA_SOURCE={stream.source!r} is empty; give it some text")
+
+    atomic_write(path, write)
+    return counts
+
+
+def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
+                   progress: bool | None = None) -> tuple[Tokenizer, TokenArray]:
+    """The tokenizer (given, cached or learned) and the cached token array of the source."""
+    stream = CorpusStream(config.training_data_source, config.text_field)
+    cache = cache_folder(config)
+    source_sha = source_digest(stream.files, config.text_field)
+    fresh = tokenizer is None
+    if tokenizer is None:
+        tokenizer = fresh_tokenizer(config, stream, source_sha, cache)
+    tok_sha = tokenizer_digest(tokenizer)
+    key = _digest({"format": CACHE_FORMAT, "source": source_sha, "tokenizer": tok_sha,
+                   "chunk_chars": CHUNK_CHARS})[:32]
+    bin_path, meta_path = cache / f"{key}.bin", cache / f"{key}.json"
+    meta = _read_meta(meta_path, bin_path)
+    if meta is not None:
+        log.info("tokens: cache hit %s (%d tokens)", bin_path, meta["n_tokens"])
+        return tokenizer, TokenArray(bin_path, meta, cached=True)
+    if isinstance(tokenizer, CharTokenizer) and not fresh:
+        # a resumed run on new data: name every unknown character at once, before encoding
+        tokenizer.check_known(set().union(*map(set, stream)))
+    started = time.perf_counter()
+    counts = _write_tokens(bin_path, tokenizer, stream,
+                           sys.stderr.isatty() if progress is None else progress)
+    seconds = time.perf_counter() - started
+    meta = {
+        "format": CACHE_FORMAT, **counts,
+        "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).newbyteorder("<").str,
+        "source": config.training_data_source, "files": [str(p) for p in stream.files],
+        "source_bytes": stream.bytes_read, "source_sha256": source_sha,
+        "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
+        "tokenizer_sha256": tok_sha, "seconds": round(seconds, 3),
+    }
+    _write_json(meta_path, meta)
+    log.info("tokens: wrote %d tokens to %s in %.1fs (%.1f MB/s)", counts["n_tokens"], bin_path,
+             seconds, stream.bytes_read / 1e6 / max(seconds, 1e-9))
+    return tokenizer, TokenArray(bin_path, meta, cached=False)
 
 
 def load_token_data(
     config: TrainingConfig, tokenizer: Tokenizer | None = None,
 ) -> tuple[Tokenizer, TokenData]:
-    """Tokenize ``TRAINING_DATA_SOURCE``; train the tokenizer first when none is given."""
-    text = read_corpus(config.training_data_source, config.text_field)
-    if tokenizer is None:
-        cut = int(len(text) * config.train_split)
-        sample = text if config.tokenization_method == "character" else text[:cut]
-        tokenizer = train_tokenizer(config.tokenization_method, [sample], config.custom_vocab_size)
-    tokens = np.asarray(tokenizer.encode(text), dtype=token_dtype(tokenizer.vocab_size))
+    """Tokenize ``TRAINING_DATA_SOURCE`` through the cache; learn the tokenizer when none is given.
+
+    The train/validation split is on the token array: the first ``TRAIN_SPLIT`` of the tokens
+    train, the rest validate.
+    """
+    tokenizer, tokens = prepare_tokens(config, tokenizer)
     return tokenizer, TokenData.split(
-        tokens, config.train_split, config.block_size, config.training_data_source)
+        tokens.load(), config.train_split, config.block_size, config.training_data_source)

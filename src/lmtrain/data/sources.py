@@ -1,15 +1,23 @@
-"""Resolve ``TRAINING_DATA_SOURCE`` (file, folder, glob, .jsonl) into text documents."""
+"""Resolve ``TRAINING_DATA_SOURCE`` (file, folder, glob, .jsonl) and stream its text.
+
+The corpus is the documents of the source joined by a blank line. It is read in blocks and
+handed on in chunks, so no step ever holds the whole text; invalid UTF-8 stops with the file
+name and the byte offset.
+"""
 
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmtrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+DOC_SEPARATOR = "\n\n"
+BLOCK_BYTES = 1 << 22  # bytes read from a file at a time
 
 
 def resolve_files(source: str) -> list[Path]:
@@ -43,39 +51,129 @@ def decode_utf8(data: bytes, name: str | Path, offset: int = 0) -> str:
             f"{offset + exc.start}; convert it to UTF-8 (e.g. iconv -t UTF-8)") from None
 
 
-def _jsonl_documents(path: Path, text_field: str) -> Iterator[str]:
-    offset = 0
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            line = decode_utf8(raw, path, offset).strip()
-            offset += len(raw)
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"TRAINING_DATA_SOURCE: {path} line {lineno} is not JSON ({exc.msg})"
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise UserError(
-                    f"TRAINING_DATA_SOURCE: {path} line {lineno} has no text field "
-                    f"{text_field!r}; set TEXT_FIELD to the field that holds the text")
-            yield record[text_field]
+def _complete_utf8_prefix(data: bytes) -> int:
+    """Length of ``data`` without a trailing, possibly unfinished, multi-byte character."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte (or ASCII)
+            need = 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else \
+                4 if byte >> 3 == 0b11110 else 1
+            return len(data) - back if need > back else len(data)
+    return len(data)
 
 
-def iter_documents(source: str, text_field: str = "text") -> Iterator[str]:
-    """Yield the text of every document in the source, in a stable order."""
-    for path in resolve_files(source):
-        if path.suffix == ".jsonl":
-            yield from _jsonl_documents(path, text_field)
-        else:
-            yield decode_utf8(path.read_bytes(), path)
+def source_digest(files: list[Path], text_field: str) -> str:
+    """sha256 over the files' contents in order (and ``TEXT_FIELD`` when a .jsonl is among them)."""
+    h = hashlib.sha256()
+    for path in files:
+        with path.open("rb") as fh:
+            h.update(hashlib.file_digest(fh, "sha256").digest())
+        h.update(path.suffix.encode())
+    if any(p.suffix == ".jsonl" for p in files):
+        h.update(b"text_field=" + text_field.encode())
+    return h.hexdigest()
+
+
+class CorpusStream:
+    """The corpus text of a source, iterated in pieces; counts the raw bytes read so far."""
+
+    def __init__(self, source: str, text_field: str = "text", block_bytes: int = BLOCK_BYTES):
+        self.source = source
+        self.text_field = text_field
+        self.block_bytes = block_bytes
+        self.files = resolve_files(source)
+        self.bytes_read = 0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files)
+
+    def __iter__(self) -> Iterator[str]:
+        self.bytes_read = 0
+        first = True
+        for path in self.files:
+            docs = self._jsonl(path) if path.suffix == ".jsonl" else [self._text_file(path)]
+            for doc in docs:
+                if not first:
+                    yield DOC_SEPARATOR
+                first = False
+                yield from doc
+
+    def _text_file(self, path: Path) -> Iterator[str]:
+        offset, pending = 0, b""
+        with path.open("rb") as fh:
+            while block := fh.read(self.block_bytes):
+                self.bytes_read += len(block)
+                data = pending + block
+                cut = _complete_utf8_prefix(data)
+                yield decode_utf8(data[:cut], path, offset)
+                offset, pending = offset + cut, data[cut:]
+        if pending:
+            decode_utf8(pending, path, offset)  # a truncated last character: raises
+
+    def _jsonl(self, path: Path) -> Iterator[list[str]]:
+        offset = 0
+        with path.open("rb") as fh:
+            for lineno, raw in enumerate(fh, start=1):
+                line = decode_utf8(raw, path, offset).strip()
+                offset += len(raw)
+                self.bytes_read += len(raw)
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise UserError(
+                        f"TRAINING_DATA_SOURCE: {path} line {lineno} is not JSON ({exc.msg})"
+                    ) from None
+                if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
+                    raise UserError(
+                        f"TRAINING_DATA_SOURCE: {path} line {lineno} has no text field "
+                        f"{self.text_field!r}; set TEXT_FIELD to the field that holds the text")
+                yield [record[self.text_field]]
+
+
+def _cut_point(buf: str, target: int) -> int:
+    """Where to end a chunk of at most ``target`` characters (``len(buf) > target``).
+
+    Preferably just after a newline with non-space characters on both sides: GPT-2-style
+    pre-tokenizers never join text across such a newline, so chunked encoding gives the very
+    ids that encoding the whole text would. Failing that, after any newline; else ``target``.
+    """
+    lo = target // 2
+    i = buf.rfind("\n", lo, target)
+    first_newline = i
+    while i > 0:
+        if not buf[i - 1].isspace() and not buf[i + 1].isspace():
+            return i + 1
+        i = buf.rfind("\n", lo, i)
+    return first_newline + 1 if first_newline >= 0 else target
+
+
+def iter_chunks(pieces: Iterable[str], chunk_chars: int) -> Iterator[str]:
+    """Regroup text pieces into chunks of at most ``chunk_chars`` characters.
+
+    The cuts depend only on the text, never on how it arrived in pieces.
+    """
+    parts: list[str] = []
+    size = 0
+    for piece in pieces:
+        parts.append(piece)
+        size += len(piece)
+        if size > chunk_chars:
+            buf = "".join(parts)
+            while len(buf) > chunk_chars:
+                cut = _cut_point(buf, chunk_chars)
+                yield buf[:cut]
+                buf = buf[cut:]
+            parts, size = [buf], len(buf)
+    if size:
+        yield "".join(parts)
 
 
 def read_corpus(source: str, text_field: str = "text") -> str:
-    """The whole source as one string, documents joined by a blank line."""
-    text = "\n\n".join(iter_documents(source, text_field))
+    """The whole source as one string (for small sources and tests)."""
+    text = "".join(CorpusStream(source, text_field))
     if not text.strip():
         raise UserError(f"TRAINING_DATA_SOURCE={source!r} is empty; give it some text")
     return text

@@ -9,9 +9,12 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from importlib import resources
 from typing import Any, Protocol
+
+import numpy as np
 
 from lmtrain.errors import UserError
 
@@ -23,6 +26,11 @@ GPT2_FILE_SHA256 = {
 }
 
 
+def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
+    """uint16 when every id fits, else uint32."""
+    return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
 class Tokenizer(Protocol):
     """What the rest of lmtrain needs from a tokenizer."""
 
@@ -31,7 +39,7 @@ class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
     def encode(self, text: str) -> list[int]: ...
-    def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def state(self) -> dict[str, Any]: ...
 
@@ -43,7 +51,7 @@ class CharTokenizer:
 
     def __init__(self, chars: Iterable[str], drop_unknown: bool = False) -> None:
         self.chars = sorted(set(chars))
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        self.codes = np.array([ord(c) for c in self.chars], dtype=np.uint32)  # sorted too
         self.drop_unknown = drop_unknown
 
     @classmethod
@@ -60,22 +68,31 @@ class CharTokenizer:
         return len(self.chars)
 
     def encode(self, text: str) -> list[int]:
-        stoi = self.stoi
-        try:
-            return [stoi[c] for c in text]
-        except KeyError:
-            unknown = sorted(set(text) - stoi.keys())
-            if not self.drop_unknown:
-                shown = ", ".join(repr(c) for c in unknown[:20])
-                more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
-                raise UserError(
-                    f"TRAINING_DATA_SOURCE holds {len(unknown)} characters outside the "
-                    f"checkpoint's vocabulary: {shown}{more}; set DROP_UNKNOWN_CHARS=1 to drop "
-                    f"them") from None
-            return [stoi[c] for c in text if c in stoi]
+        return self.encode_arrays([text])[0].tolist()
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [self.encode(t) for t in texts]
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        return [self._encode_array(t) for t in texts]
+
+    def _encode_array(self, text: str) -> np.ndarray:
+        points = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+        ids = np.minimum(np.searchsorted(self.codes, points), len(self.codes) - 1)
+        known = self.codes[ids] == points
+        if not known.all():
+            if not self.drop_unknown:
+                self.check_known(chr(c) for c in np.unique(points[~known]))
+            ids = ids[known]
+        return ids.astype(token_dtype(self.vocab_size))
+
+    def check_known(self, chars: Iterable[str]) -> None:
+        """Stop with a list of the characters outside the vocabulary (unless dropping them)."""
+        unknown = sorted(set(chars) - set(self.chars))
+        if not unknown or self.drop_unknown:
+            return
+        shown = ", ".join(repr(c) for c in unknown[:20])
+        more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
+        raise UserError(
+            f"TRAINING_DATA_SOURCE holds {len(unknown)} characters outside the checkpoint's "
+            f"vocabulary: {shown}{more}; set DROP_UNKNOWN_CHARS=1 to drop them")
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)
@@ -124,18 +141,23 @@ class GPT2Tokenizer:
 
     kind = "gpt2"
 
-    def __init__(self) -> None:
-        self.enc = gpt2_encoding()
+    @property
+    def enc(self):
+        """The tiktoken encoding, built (and its files checked) on first use."""
+        return gpt2_encoding()
 
     @property
     def vocab_size(self) -> int:
-        return self.enc.n_vocab
+        return GPT2_VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
         return self.enc.encode_ordinary(text)
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return self.enc.encode_ordinary_batch(texts, num_threads=8)
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        """Many texts at once on tiktoken's thread pool (one thread per CPU)."""
+        threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
+        return [np.asarray(ids, dtype=np.uint16)
+                for ids in self.enc.encode_ordinary_batch(texts, num_threads=threads)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
@@ -183,14 +205,32 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+    def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
+        dtype = token_dtype(self.vocab_size)
+        return [np.asarray(e.ids, dtype=dtype)
+                for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def state(self) -> dict[str, Any]:
         return {"kind": self.kind, "json": self.tok.to_str()}
+
+
+class GPT2FilesTokenizer(BPETokenizer):
+    """A GPT-2-style byte-level BPE read from a model folder's ``vocab.json`` + ``merges.txt``."""
+
+    kind = "gpt2_files"
+
+    @classmethod
+    def from_files(cls, vocab_file: str, merges_file: str) -> GPT2FilesTokenizer:
+        from tokenizers import Tokenizer as HFTokenizer
+        from tokenizers import decoders, models, pre_tokenizers
+
+        tok = HFTokenizer(models.BPE.from_file(vocab_file, merges_file))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        tok.decoder = decoders.ByteLevel()
+        return cls(tok)
 
 
 def train_tokenizer(method: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -215,4 +255,6 @@ def tokenizer_from_state(state: dict[str, Any] | str, drop_unknown: bool = False
         return GPT2Tokenizer()
     if kind == "custom_bpe":
         return BPETokenizer.from_json(state["json"])
+    if kind == GPT2FilesTokenizer.kind:
+        return GPT2FilesTokenizer.from_json(state["json"])
     raise UserError(f"the checkpoint's tokenizer kind {kind!r} is unknown to this lmtrain")

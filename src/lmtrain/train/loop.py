@@ -12,21 +12,12 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
-from lmtrain.errors import UserError
+from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.train.evaluate import compute_loss, estimate_loss
 from lmtrain.train.optim import set_learning_rate
 from lmtrain.train.state import RunContext, checkpoint_payload
 
 log = logging.getLogger("lmtrain")
-
-
-class TrainingInterrupted(Exception):
-    """Raised after a checkpoint has been written in response to SIGINT / SIGTERM."""
-
-    def __init__(self, signum: int, checkpoint: Path | None) -> None:
-        super().__init__(f"interrupted by signal {signum}")
-        self.signum = signum
-        self.checkpoint = checkpoint
 
 
 def evaluate(ctx: RunContext) -> dict[str, float]:
@@ -37,9 +28,6 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
                            ctx.device, cfg.seed, ctx.autocast())
     ctx.timings["eval"] += time.perf_counter() - t0
     ctx.last_losses = {"train": losses["train"], "val": losses["val"], "step": ctx.step}
-    if losses["val"] < ctx.best_val_loss:
-        ctx.best_val_loss = losses["val"]
-        ctx.best_step = ctx.step
     if ctx.is_main:
         log.info("step %d: train loss %.4f, val loss %.4f", ctx.step, losses["train"],
                  losses["val"])
@@ -50,18 +38,32 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
 
 
 def save(ctx: RunContext) -> Path | None:
-    """Write the checkpoint for the current step (main process only) and rotate old ones."""
+    """Write the checkpoint for the current step (main process only) and rotate old ones.
+
+    The best-validation checkpoint (the lowest val loss measured at a checkpointed step) is
+    spared by rotation; older files go only once the new one is on disk.
+    """
     if not (ctx.config.enable_checkpoints and ctx.is_main):
         return None
-    t0 = time.perf_counter()
     path = ctx.checkpoint_dir / checkpoint_filename(ctx.step)
+    if ctx.saved_steps and ctx.saved_steps[-1] == ctx.step and path.is_file():
+        return path  # already written at this step
+    t0 = time.perf_counter()
+    best = ctx.best_val_loss, ctx.best_step
+    evaluated = ctx.last_losses.get("step") == ctx.step
+    if evaluated and ctx.last_losses["val"] < ctx.best_val_loss:
+        ctx.best_val_loss, ctx.best_step = ctx.last_losses["val"], ctx.step
     try:
         save_checkpoint(path, checkpoint_payload(ctx))
     except OSError as exc:
+        ctx.best_val_loss, ctx.best_step = best
+        previous = (f"the step {ctx.saved_steps[-1]} checkpoint is intact" if ctx.saved_steps
+                    else "earlier checkpoints are untouched")
         raise UserError(
             f"CHECKPOINT_DIR={str(ctx.checkpoint_dir)!r}: writing the step {ctx.step} checkpoint "
-            f"failed ({exc.strerror or exc}); the previous checkpoint is intact — free space or "
-            f"pick another CHECKPOINT_DIR and resume from it") from None
+            f"failed ({exc.strerror or exc}); the run stops here and {previous} — free space "
+            f"or pick another CHECKPOINT_DIR, then resume") from None
+    ctx.saved_steps.append(ctx.step)
     protect = {ctx.best_step} if ctx.best_step is not None else set()
     rotate_checkpoints(ctx.checkpoint_dir, ctx.config.keep_last_checkpoints, protect)
     ctx.timings["checkpoint"] += time.perf_counter() - t0
@@ -69,13 +71,20 @@ def save(ctx: RunContext) -> Path | None:
     return path
 
 
-def _progress(ctx: RunContext, start: int, end: int):
+def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int):
+    """A tqdm bar (step, loss, tokens/s, ETA) on a terminal; ``None`` when output is not a TTY.
+
+    While the bar is up, log lines are routed through ``tqdm.write`` so they never tear it;
+    log files only ever receive whole lines.
+    """
     if not (ctx.is_main and sys.stderr.isatty()):
         return None
     from tqdm.auto import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    return tqdm(total=end, initial=start, desc="train", unit="step", dynamic_ncols=True,
-                file=sys.stderr, leave=False)
+    stack.enter_context(logging_redirect_tqdm(loggers=[log]))
+    return stack.enter_context(tqdm(total=end, initial=start, desc="train", unit="step",
+                                    dynamic_ncols=True, file=sys.stderr, leave=False))
 
 
 def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
@@ -89,7 +98,8 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     end = start_step + n_steps
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * ctx.world_size
-    bar = _progress(ctx, start_step, end)
+    stack = contextlib.ExitStack()
+    bar = _progress(ctx, stack, start_step, end)
     window_t0, window_steps = time.perf_counter(), 0
     model.train()
     ctx.step = start_step
@@ -145,9 +155,8 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 if ctx.is_main:
                     if bar is not None:
                         bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
-                    else:
-                        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end,
-                                 loss_value, lr, tps)
+                    log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end,
+                             loss_value, lr, tps)
                     if ctx.metrics:
                         ctx.metrics.write(step=ctx.step, train_loss=loss_value, lr=lr,
                                           tokens_per_s=round(tps, 1), grad_norm=grad_norm,
@@ -161,8 +170,7 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 path = save(ctx)
                 raise TrainingInterrupted(ctx.stop_signal, path)
     finally:
-        if bar is not None:
-            bar.close()
+        stack.close()
     if n_steps > 0:
         save(ctx)
 

@@ -110,12 +110,21 @@ def checkpoint_payload(ctx: RunContext, extra: dict[str, Any] | None = None) -> 
         "last_losses": dict(ctx.last_losses),
         "grad_scaler_state_dict": ctx.grad_scaler.state_dict() if ctx.grad_scaler else {},
     }
+    if cfg.use_lora:  # the adapter's base model: name + weights fingerprint
+        from lmtrain.models.lora import base_reference
+
+        payload["lora_base"] = base_reference(ctx.raw_model)
     payload.update(extra or {})
     return payload
 
 
 def restore_state(ctx: RunContext, ckpt: dict[str, Any]) -> None:
     """Load weights, optimizer, RNG and sampler state so training continues bit for bit."""
+    if ctx.config.use_lora:
+        from lmtrain.models.lora import check_base_reference
+
+        check_base_reference(ctx.raw_model, ckpt.get("lora_base"),
+                             str(ctx.config.checkpoint_path or "the checkpoint"))
     load_model_state(ctx.raw_model, ctx.config, ckpt["model_state_dict"])
     ctx.optimizer.load_state_dict(ckpt["optimizer_state_dict"])
     ctx.step = int(ckpt["step"])

@@ -1,0 +1,85 @@
+"""``lmtrain sample CKPT``: generate text from a checkpoint, streaming tokens as they come."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+OPTIONS = [  # (flag, env twin, type, help)
+    ("--prompt", "PROMPT", str, "text to continue [default: the run's PROMPT; 'QUESTION: ' for "
+                                "gpt2, empty otherwise]"),
+    ("--max-new-tokens", "MAX_NEW_TOKENS", int, "tokens to generate per sample [default: 200]"),
+    ("--temperature", "TEMPERATURE", float, "sampling temperature [default: the run's, 0.8]"),
+    ("--top-k", "TOP_K", int, "sample from the k most likely tokens [default: the run's, 200]"),
+    ("--seed", "SEED", int, "random seed of the sampler [default: the run's SEED]"),
+    ("--device", "DEVICE", str, "auto | cpu | cuda | cuda:N | mps [default: auto]"),
+]
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="generate text from a checkpoint",
+        description="Generate text from a checkpoint, printing tokens as they are sampled. "
+                    "Each option falls back to its environment variable, then to the run's "
+                    "own setting.")
+    p.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint written by lmtrain")
+    for flag, env, typ, text in OPTIONS:
+        p.add_argument(flag, type=typ, default=None, help=f"{text} [env {env}]")
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples [default: 1]")
+    p.set_defaults(func=run)
+
+
+def _option(args: argparse.Namespace, flag: str, env: str, typ, fallback):
+    value = getattr(args, flag.lstrip("-").replace("-", "_"))
+    if value is not None:
+        return value
+    raw = os.environ.get(env, "").strip()
+    if raw:
+        from lmtrain.errors import UserError
+
+        try:
+            return typ(raw)
+        except ValueError:
+            raise UserError(f"{env}={raw!r} is not a valid {typ.__name__}") from None
+    return fallback
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from lmtrain.device import select_device
+    from lmtrain.errors import UserError
+    from lmtrain.generate import sample_tokens
+    from lmtrain.inference import load_trained_model
+
+    device = select_device(_option(args, "--device", "DEVICE", str, "auto"))
+    loaded = load_trained_model(args.checkpoint, device)
+    cfg, tok = loaded.config, loaded.tokenizer
+    prompt = _option(args, "--prompt", "PROMPT", str, loaded.default_prompt)
+    max_new = _option(args, "--max-new-tokens", "MAX_NEW_TOKENS", int, 200)
+    temperature = _option(args, "--temperature", "TEMPERATURE", float, cfg.temperature)
+    top_k = _option(args, "--top-k", "TOP_K", int, cfg.top_k)
+    seed = _option(args, "--seed", "SEED", int, cfg.seed)
+    if temperature <= 0 or max_new < 0 or (top_k is not None and top_k < 1) or args.num_samples < 1:
+        raise UserError("--temperature must be > 0, --max-new-tokens >= 0, --top-k >= 1 and "
+                        "--num-samples >= 1")
+    generator = torch.Generator().manual_seed(seed)
+    context = tok.encode(prompt) if prompt else []
+    for i in range(args.num_samples):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1} ---")
+        sys.stdout.write(prompt)
+        ids: list[int] = []
+        shown = ""
+        for token in sample_tokens(loaded.model, context, max_new, cfg.block_size, device,
+                                   temperature, top_k, generator):
+            ids.append(token)
+            text = tok.decode(ids)
+            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+                sys.stdout.write(text[len(shown):])
+                sys.stdout.flush()
+                shown = text
+        sys.stdout.write(tok.decode(ids)[len(shown):] + "\n")
+        sys.stdout.flush()
+    return 0

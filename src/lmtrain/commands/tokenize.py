@@ -1,0 +1,66 @@
+"""``lmtrain tokenize``: text to token ids (a JSON list) or, with ``--decode``, ids to text."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from lmtrain.commands.prepare import add_data_options, config_from
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "tokenize", help="encode text to token ids, or decode ids with --decode",
+        description="Encode TEXT (or stdin) and print the ids as a JSON list; with --decode, read "
+                    "a JSON list of ids and print the text. The tokenizer is a run's "
+                    "(--checkpoint) or a fresh one: GPT-2's, or one learned from --data as a "
+                    "fresh training run would.")
+    p.add_argument("text", metavar="TEXT", nargs="?", default=None,
+                   help="text to encode, or ids to decode (default: read stdin)")
+    p.add_argument("--decode", action="store_true", help="TEXT is a JSON list of ids")
+    p.add_argument("--checkpoint", metavar="CKPT", default=None,
+                   help="use the tokenizer saved in this checkpoint")
+    add_data_options(p)
+    p.set_defaults(func=run)
+
+
+def load_tokenizer(args: argparse.Namespace):
+    """The checkpoint's tokenizer, or the one a fresh run with these settings would use."""
+    from lmtrain.data.tokenizers import tokenizer_from_state
+
+    if args.checkpoint:
+        from lmtrain.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint, label="--checkpoint")
+        return tokenizer_from_state(ckpt["tokenizer"])
+    from lmtrain.data.prepare import tokenizer_for
+
+    method = {} if args.tokenization_method else {"tokenization_method": "gpt2"}
+    return tokenizer_for(config_from(args, **method))
+
+
+def parse_ids(text: str, vocab_size: int) -> list[int]:
+    from lmtrain.errors import UserError
+
+    try:
+        ids = json.loads(text)
+    except ValueError:
+        ids = None
+    if not isinstance(ids, list) or not all(type(i) is int for i in ids):
+        raise UserError("tokenize --decode: give the ids as a JSON list, e.g. '[15496, 995]'")
+    bad = [i for i in ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"tokenize --decode: ids {bad[:10]} are outside the vocabulary "
+                        f"(0..{vocab_size - 1})")
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    text = sys.stdin.read() if args.text in (None, "-") else args.text
+    tokenizer = load_tokenizer(args)
+    if args.decode:
+        sys.stdout.write(tokenizer.decode(parse_ids(text, tokenizer.vocab_size)) + "\n")
+    else:
+        print(json.dumps(tokenizer.encode(text)))
+    return 0

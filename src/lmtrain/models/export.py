@@ -1,0 +1,113 @@
+"""Turn an lmtrain checkpoint into a Hugging Face folder: ``GPT2LMHeadModel`` weights (LoRA
+merged in) plus tokenizer files, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+
+The from-scratch GPT maps one to one onto GPT-2: same module names, pre-LayerNorm blocks,
+tanh GELU, tied embeddings, learned positions (``n_positions = BLOCK_SIZE``); only the
+``nn.Linear`` weights are transposed into GPT-2's ``Conv1D`` layout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from lmtrain.config import TrainingConfig
+from lmtrain.data.tokenizers import GPT2_EOT, Tokenizer, _gpt2_file
+from lmtrain.errors import UserError
+from lmtrain.models.gpt import GPT
+
+if TYPE_CHECKING:
+    from transformers import GPT2LMHeadModel
+
+CHARACTER_ERROR = (
+    "TOKENIZATION_METHOD=character: a character vocabulary has no Hugging Face tokenizer; "
+    "export checkpoints trained with TOKENIZATION_METHOD=gpt2 or custom_bpe")
+#: Tokenizer kinds that have a Hugging Face counterpart.
+HF_TOKENIZER_KINDS = ("gpt2", "gpt2_files", "custom_bpe")
+#: Layers stored as ``nn.Linear`` (out, in) in our GPT and as ``Conv1D`` (in, out) in GPT-2.
+CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+
+
+def merged_model(path: str | Path) -> tuple[nn.Module, TrainingConfig, Tokenizer, int]:
+    """A checkpoint's model with any LoRA adapter merged into its (verified) base weights."""
+    from lmtrain.inference import load_trained_model
+
+    loaded = load_trained_model(path)
+    model, config = loaded.model, loaded.config
+    if config.use_lora:
+        from lmtrain.models.lora import check_base_reference
+
+        check_base_reference(model, loaded.checkpoint.get("lora_base"), str(path))
+        model = model.merge_and_unload()
+    return model.eval(), config, loaded.tokenizer, int(loaded.checkpoint["step"])
+
+
+def gpt_to_hf(model: GPT, config: TrainingConfig, tokenizer: Tokenizer) -> GPT2LMHeadModel:
+    """The from-scratch GPT as a ``GPT2LMHeadModel`` with the same weights."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = model.config
+    eot = GPT2_EOT if tokenizer.kind == "gpt2" else None
+    hf_config = GPT2Config(
+        vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=eot, eos_token_id=eot)
+    hf_model = GPT2LMHeadModel(hf_config)
+    state = {}
+    for name, tensor in model.state_dict().items():
+        conv = name.endswith(".weight") and name.removesuffix(".weight").endswith(CONV1D_LAYERS)
+        state[name] = tensor.t().contiguous() if conv else tensor
+    hf_model.load_state_dict(state, strict=True)
+    return hf_model.eval()
+
+
+def to_hf_model(model: nn.Module, config: TrainingConfig, tokenizer: Tokenizer
+                ) -> GPT2LMHeadModel:
+    """A ``GPT2LMHeadModel`` ready for ``save_pretrained`` (KV cache on for generation)."""
+    from transformers import GPT2LMHeadModel
+
+    if isinstance(model, GPT2LMHeadModel):
+        hf_model = model
+    elif isinstance(model, GPT):
+        hf_model = gpt_to_hf(model, config, tokenizer)
+    else:
+        raise UserError(f"N_LAYER={config.n_layer}: the bigram model has no Hugging Face "
+                        f"counterpart; export a checkpoint of a GPT with N_LAYER >= 1")
+    hf_model.config.use_cache = True
+    return hf_model
+
+
+def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
+    """Tokenizer files that ``AutoTokenizer.from_pretrained(out_dir)`` loads."""
+    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+
+    if tokenizer.kind == "gpt2":  # the genuine GPT-2 files under their Hugging Face names
+        (out_dir / "vocab.json").write_bytes(_gpt2_file("encoder.json"))
+        (out_dir / "merges.txt").write_bytes(_gpt2_file("vocab.bpe"))
+        hf_tok = GPT2TokenizerFast.from_pretrained(out_dir, model_max_length=max_length)
+    elif tokenizer.kind in HF_TOKENIZER_KINDS:
+        hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok,
+                                         model_max_length=max_length)
+    else:
+        raise UserError(CHARACTER_ERROR)
+    hf_tok.save_pretrained(out_dir)
+
+
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write the Hugging Face folder for ``ckpt_path``; returns a short description."""
+    from lmtrain.models.gpt2 import quiet_transformers
+
+    with quiet_transformers():
+        model, config, tokenizer, step = merged_model(ckpt_path)
+        if tokenizer.kind not in HF_TOKENIZER_KINDS:  # before anything is written
+            raise UserError(CHARACTER_ERROR)
+        hf_model = to_hf_model(model, config, tokenizer)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        hf_model.save_pretrained(out)
+        save_tokenizer(tokenizer, out, hf_model.config.n_positions)
+    return {"step": step, "model_type": config.model_type, "lora_merged": config.use_lora,
+            "tokenizer": tokenizer.kind, "out_dir": str(out)}

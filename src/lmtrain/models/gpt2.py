@@ -1,0 +1,153 @@
+"""Pretrained GPT-2 through ``transformers``: found offline, checked against the run's settings.
+
+``GPT2_MODEL_NAME`` is a folder in ``save_pretrained`` layout or a hub id resolved from the
+local Hugging Face cache; nothing downloads unless ``ALLOW_DOWNLOAD=1``. The tokenizer is the
+folder's own ``vocab.json`` + ``merges.txt`` when it has them, else the shipped GPT-2 BPE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+from lmtrain.config import TrainingConfig
+from lmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lmtrain.data.tokenizers import Tokenizer
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers' progress bars and info logs while loading."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    level = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _not_found(config: TrainingConfig, detail: str) -> UserError:
+    name = config.gpt2_model_name
+    return UserError(
+        f"GPT2_MODEL_NAME={name!r}: no GPT-2 model found ({detail}); give a folder written by "
+        f"save_pretrained (config.json + model.safetensors), or a hub id such as 'gpt2' that is in "
+        f"the local Hugging Face cache (set ALLOW_DOWNLOAD=1 to download it once)")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def gpt2_config(config: TrainingConfig) -> GPT2Config:
+    """The model's ``GPT2Config``, checked against ``BLOCK_SIZE``."""
+    from transformers import GPT2Config
+
+    try:
+        with quiet_transformers():
+            hf_config = GPT2Config.from_pretrained(
+                config.gpt2_model_name, local_files_only=not config.allow_download)
+    except (OSError, ValueError) as exc:
+        raise _not_found(config, _first_line(exc)) from None
+    if hf_config.model_type != "gpt2":
+        raise UserError(f"GPT2_MODEL_NAME={config.gpt2_model_name!r} is a "
+                        f"{hf_config.model_type!r} model, not GPT-2; MODEL_TYPE=gpt2 needs GPT-2")
+    check_block_size(config.block_size, hf_config.n_positions)
+    return hf_config
+
+
+def check_block_size(block_size: int, n_positions: int) -> None:
+    if block_size > n_positions:
+        raise UserError(f"BLOCK_SIZE={block_size} exceeds the model's context of {n_positions} "
+                        f"positions; set BLOCK_SIZE to {n_positions} or less")
+
+
+def _model_file(config: TrainingConfig, filename: str) -> str | None:
+    from transformers.utils import cached_file
+
+    try:
+        return cached_file(config.gpt2_model_name, filename,
+                           local_files_only=not config.allow_download,
+                           _raise_exceptions_for_missing_entries=False)
+    except (OSError, ValueError):
+        return None
+
+
+def _is_genuine_gpt2(vocab_file: str, merges_file: str) -> bool:
+    """Whether a folder's BPE files hold exactly the genuine GPT-2 vocabulary and merges."""
+    from lmtrain.data.tokenizers import _gpt2_file
+
+    def merge_lines(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.strip()]
+
+    with open(vocab_file, encoding="utf-8") as fh:
+        vocab = json.load(fh)
+    if vocab != json.loads(_gpt2_file("encoder.json")):
+        return False
+    with open(merges_file, encoding="utf-8") as fh:
+        merges = merge_lines(fh.read())
+    return merges == merge_lines(_gpt2_file("vocab.bpe").decode("utf-8"))
+
+
+def gpt2_tokenizer(config: TrainingConfig) -> Tokenizer:
+    """The GPT-2 BPE of a fresh ``MODEL_TYPE=gpt2`` run: the folder's own, else the shipped one.
+
+    Also checks ``TOKENIZATION_METHOD`` and ``BLOCK_SIZE`` before any data is tokenized.
+    """
+    from lmtrain.data.tokenizers import GPT2FilesTokenizer, GPT2Tokenizer
+
+    if config.tokenization_method != "gpt2":
+        raise UserError(
+            f"TOKENIZATION_METHOD={config.tokenization_method!r} does not apply to MODEL_TYPE=gpt2, "
+            f"which always uses GPT-2's own BPE; unset TOKENIZATION_METHOD or set it to gpt2")
+    hf_config = gpt2_config(config)
+    vocab_file, merges_file = _model_file(config, "vocab.json"), _model_file(config, "merges.txt")
+    if vocab_file and merges_file and not _is_genuine_gpt2(vocab_file, merges_file):
+        tokenizer: Tokenizer = GPT2FilesTokenizer.from_files(vocab_file, merges_file)
+    else:
+        tokenizer = GPT2Tokenizer()
+    check_vocab_size(config, tokenizer.vocab_size, hf_config.vocab_size)
+    return tokenizer
+
+
+def check_vocab_size(config: TrainingConfig, tokenizer_size: int, model_size: int) -> None:
+    if tokenizer_size != model_size:
+        raise UserError(
+            f"GPT2_MODEL_NAME={config.gpt2_model_name!r}: the model has {model_size} token "
+            f"embeddings but its tokenizer has {tokenizer_size} tokens; give a folder whose "
+            f"vocab.json/merges.txt match the model (or none, for GPT-2's own 50,257)")
+
+
+def dropout_overrides(dropout: float) -> dict[str, Any]:
+    """``DROPOUT`` on GPT-2's residual, embedding and attention dropout."""
+    return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
+
+
+def load_gpt2(config: TrainingConfig, vocab_size: int) -> GPT2LMHeadModel:
+    """``GPT2LMHeadModel`` in fp32 with SDPA attention, ready to train (no KV cache)."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    hf_config = gpt2_config(config)
+    check_vocab_size(config, vocab_size, hf_config.vocab_size)
+    try:
+        with quiet_transformers():
+            model = GPT2LMHeadModel.from_pretrained(
+                config.gpt2_model_name, local_files_only=not config.allow_download,
+                attn_implementation="sdpa", dtype=torch.float32, use_cache=False,
+                **dropout_overrides(config.dropout))
+    except (OSError, ValueError) as exc:
+        raise _not_found(config, _first_line(exc)) from None
+    return model

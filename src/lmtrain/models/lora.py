@@ -1,0 +1,113 @@
+"""LoRA adapters through ``peft`` for GPT-2 and the from-scratch GPT, and what their checkpoints
+hold: the adapter weights plus a reference to the base model (its name and a fingerprint of its
+weights), never the base weights themselves."""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtrain.config import TrainingConfig
+from lmtrain.errors import UserError
+
+#: Attribute of the adapted model that holds its base reference (see :func:`base_reference`).
+BASE_ATTR = "lmtrain_lora_base"
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """sha256 over every tensor of ``model.state_dict()`` (names, dtypes, shapes, bytes) in name
+    order; a tensor shared under several names (tied embeddings) is hashed once."""
+    digest = hashlib.sha256()
+    seen: set[tuple[int, int, tuple[int, ...]]] = set()
+    state = model.state_dict()
+    for name in sorted(state):
+        t = state[name].detach()
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:
+            continue
+        seen.add(key)
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def base_name(config: TrainingConfig) -> str:
+    """How a LoRA checkpoint names its base model."""
+    if config.model_type == "gpt2":
+        return config.gpt2_model_name
+    return (f"from_scratch(n_layer={config.n_layer}, n_head={config.n_head}, "
+            f"n_embd={config.n_embd}, block_size={config.block_size}, seed={config.seed})")
+
+
+def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters on ``LORA_TARGETS``; only the adapters train."""
+    from peft import LoraConfig, get_peft_model
+
+    fingerprint = weights_fingerprint(model)
+    lora_config = LoraConfig(
+        r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_list, bias="none",
+        fan_in_fan_out=config.model_type == "gpt2")  # GPT-2's Conv1D stores (in, out)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            peft_model = get_peft_model(model, lora_config)
+    except ValueError as exc:  # peft's "target modules not found"
+        raise UserError(
+            f"LORA_TARGETS={config.lora_targets!r} matches no layer of the "
+            f"{config.model_type} model ({str(exc).splitlines()[0][:120]}); use names such "
+            f"as c_attn, c_proj, c_fc") from None
+    setattr(peft_model, BASE_ATTR, {"name": base_name(config), "fingerprint": fingerprint})
+    return peft_model
+
+
+def base_reference(model: nn.Module) -> dict[str, str]:
+    """``{"name", "fingerprint"}`` of the base model under the adapters."""
+    ref = getattr(model, BASE_ATTR, None)
+    if ref is None:
+        raise TypeError("the model was not built by lmtrain.models.lora.apply_lora")
+    return dict(ref)
+
+
+def check_base_reference(model: nn.Module, saved: dict[str, str] | None, source: str) -> None:
+    """A clear error when the rebuilt base model is not the one the adapter was trained on."""
+    if not saved:
+        raise UserError(f"CHECKPOINT_PATH={source!r} is a LoRA checkpoint without a base model "
+                        f"reference; it was not written by this lmtrain")
+    now = base_reference(model)
+    if now["fingerprint"] != saved["fingerprint"]:
+        raise UserError(
+            f"CHECKPOINT_PATH={source!r}: its LoRA adapter was trained on base model "
+            f"{saved['name']!r} with weights fingerprint {saved['fingerprint'][:16]}, but the base "
+            f"loaded now ({now['name']!r}) has fingerprint {now['fingerprint'][:16]}; restore the "
+            f"original base weights to resume or export this checkpoint")
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA adapter weights only (a copy)."""
+    from peft import get_peft_model_state_dict
+
+    return {k: v.detach().clone() for k, v in get_peft_model_state_dict(model).items()}
+
+
+def load_adapter_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load adapter weights saved by :func:`adapter_state_dict`; every adapter key must fit."""
+    from peft import set_peft_model_state_dict
+
+    expected = adapter_state_dict(model).keys()
+    if set(state) != set(expected):
+        raise UserError(
+            f"the checkpoint's LoRA adapter has {len(state)} tensors but the model expects "
+            f"{len(expected)}; it was trained with other LORA_TARGETS or another base model")
+    try:
+        result = set_peft_model_state_dict(model, state)
+    except RuntimeError as exc:  # shape mismatch
+        raise UserError(f"the checkpoint's LoRA adapter does not fit the model "
+                        f"({str(exc).splitlines()[0][:160]})") from None
+    if result.unexpected_keys:
+        raise UserError(f"the checkpoint's LoRA adapter has tensors the model lacks: "
+                        f"{', '.join(result.unexpected_keys[:5])}")

@@ -1,0 +1,59 @@
+"""Loss curves from a run's metrics file (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmtrain.errors import UserError
+from lmtrain.reporting import read_metrics
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def metrics_path(target: str | Path) -> Path:
+    """A run folder or a metrics file -> the metrics file; a clear error when there is none."""
+    path = Path(target)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    if not path.is_file():
+        raise UserError(f"{target}: no {METRICS_FILE} here; give a run folder under LOG_DIR or "
+                        f"its metrics file")
+    return path
+
+
+def plot_losses(metrics_file: Path, out: Path | None = None, log_scale: bool = False) -> Path:
+    """Train and val loss against step, resume points marked; returns the PNG path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_file)
+    train = sorted((r["step"], r["train_loss"]) for r in records
+                   if r.get("kind") == "train" and r.get("train_loss") is not None)
+    val = sorted((r["step"], r["val_loss"]) for r in records
+                 if r.get("kind") == "eval" and r.get("val_loss") is not None)
+    resumes = sorted({r["step"] for r in records if r.get("kind") == "resume"})
+    if not train and not val:
+        raise UserError(f"{metrics_file}: no losses recorded yet; train for a few steps first")
+    out = out or metrics_file.parent / "loss.png"
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2, alpha=0.85)
+    if val:
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", markersize=3)
+    for i, step in enumerate(resumes):
+        ax.axvline(step, color="grey", linestyle="--", linewidth=1,
+                   label="resumed" if i == 0 else None)
+    if log_scale:
+        ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(metrics_file.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,119 @@
+"""SIGINT / SIGTERM during a run: the first asks for a clean stop, the second exits at once.
+
+The first signal only records itself. The training loop sees it after the current step, writes
+a checkpoint and raises :class:`~lmtrain.errors.TrainingInterrupted`; the entrypoints turn that
+into the command that resumes the run and exit status ``128 + signum`` (130 for SIGINT, 143 for
+SIGTERM). A second signal ends the process immediately with the same status; atomic writes
+leave every checkpoint on disk whole even then. No heavy imports here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from lmtrain.errors import TrainingInterrupted
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
+
+
+class StopRequest:
+    """Remembers the first stop signal and forwards it to the run (``ctx.stop_signal``)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._ctx: Any = None
+
+    def attach(self, ctx: Any) -> None:
+        """From now on a signal sets ``ctx.stop_signal``; one that came earlier is passed on."""
+        self._ctx = ctx
+        if self.signum is not None:
+            ctx.stop_signal = self.signum
+
+    def check(self, checkpoint: object = None, step: int | None = None,
+              resume_steps: int | None = None) -> None:
+        """Raise :class:`TrainingInterrupted` if a stop was asked for (between phases)."""
+        if self.signum is not None:
+            raise TrainingInterrupted(self.signum, checkpoint, step, resume_steps)
+
+    def handle(self, signum: int, frame: Any = None) -> None:
+        if self.signum is not None:
+            _write_stderr(f"\n{signal_name(signum)} again: exiting now\n")
+            os._exit(128 + signum)
+        self.signum = signum
+        if self._ctx is not None:
+            self._ctx.stop_signal = signum
+        _write_stderr(f"\n{signal_name(signum)}: stopping after the current step and saving a "
+                      f"checkpoint (send it again to exit at once)\n")
+
+
+def _write_stderr(text: str) -> None:
+    with contextlib.suppress(OSError):
+        os.write(2, text.encode())  # unbuffered: safe inside a signal handler
+
+
+_active: StopRequest | None = None
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[StopRequest]:
+    """Install the SIGINT / SIGTERM handlers for the duration of the block.
+
+    Nested use shares the outer request. Outside the main thread (where Python cannot install
+    handlers) the request simply never fires.
+    """
+    global _active
+    if _active is not None:
+        yield _active
+        return
+    request = StopRequest()
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+    previous = {s: signal.signal(s, request.handle) for s in STOP_SIGNALS}
+    _active = request
+    try:
+        yield request
+    finally:
+        _active = None
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def resume_commands(checkpoint: object, resume_steps: int | None = None) -> list[str]:
+    """The env-var and the ``lmtrain`` command lines that resume from ``checkpoint``."""
+    path = shlex.quote(str(checkpoint))
+    env = f"CHECKPOINT_PATH={path}"
+    cli = f"lmtrain train --resume {path}"
+    if resume_steps is not None:
+        env += f" RESUME_STEPS={resume_steps}"
+        cli += f" --resume-steps {resume_steps}"
+    return [f"{env} python training.py", cli]
+
+
+def interruption_report(exc: TrainingInterrupted) -> str:
+    """What the user reads after a stop: where the run stands and how to resume it."""
+    head = f"interrupted by {signal_name(exc.signum)}"
+    if exc.checkpoint is None:
+        if exc.step is None:
+            return f"{head} before training started; nothing was written. Run the same " \
+                   f"command again to start."
+        return (f"{head} at step {exc.step}; no checkpoint was written (checkpoints are off: "
+                f"ENABLE_CHECKPOINTS=0).")
+    at = f" at step {exc.step}" if exc.step is not None else ""
+    lines = [f"{head}{at}; the run is saved in {exc.checkpoint}", "resume it with:"]
+    lines += [f"  {cmd}" for cmd in resume_commands(exc.checkpoint, exc.resume_steps)]
+    return "\n".join(lines)

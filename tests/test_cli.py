@@ -1,0 +1,141 @@
+"""The command line around training: help, sample, plot, metrics, progress and the old shim."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+
+from lmtrain.cli import build_parser, main
+from lmtrain.reporting import read_metrics
+from tests.conftest import ROOT, run_entrypoint
+
+SUBCOMMANDS = ["train", "sample", "export", "inspect", "prepare", "tokenize", "plot"]
+
+
+def test_help_imports_no_heavy_library():
+    code = ("import sys, lmtrain.cli as c; c.build_parser(); "
+            "heavy = [m for m in ('torch', 'transformers', 'peft', 'matplotlib', 'tensorboard', "
+            "'numpy') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_every_subcommand_has_help(command, capsys):
+    with pytest.raises(SystemExit) as info:
+        main([command, "--help"])
+    assert info.value.code == 0
+    assert len(capsys.readouterr().out) > 200
+
+
+def test_train_help_documents_env_twin_and_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in ("--training-steps TRAINING_STEPS", "env TRAINING_STEPS; default: 2000",
+                   "--resume CHECKPOINT_PATH", "env RESUME_STEPS", "--use-lora, --no-use-lora"):
+        assert needle in text
+
+
+def test_resume_flags_mirror_the_env_contract():
+    args = build_parser().parse_args(["train", "--resume", "x.pt", "--resume-steps", "300"])
+    assert (args.checkpoint_path, args.resume_steps) == ("x.pt", "300")
+
+
+def test_metrics_resume_marker_plot_and_sample(train_run, capsys):
+    first = train_run(training_steps=6, checkpoint_interval=3, eval_interval=3)
+    second = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000003.pt"),
+                       resume_steps=4)
+    records = read_metrics(second.metrics_file)
+    kinds = [(r["kind"], r["step"]) for r in records if r["kind"] in ("start", "resume")]
+    assert kinds == [("start", 0), ("resume", 3)]
+    train_rec = next(r for r in records if r["kind"] == "train")
+    for key in ("step", "train_loss", "lr", "tokens_per_s", "grad_norm", "elapsed"):
+        assert key in train_rec
+    assert any(r["kind"] == "eval" and "val_loss" in r for r in records)
+    assert second.plot_file is not None and second.plot_file.read_bytes()[:4] == b"\x89PNG"
+
+    out_png = second.metrics_file.parent / "custom.png"
+    assert main(["plot", str(second.metrics_file.parent), "-o", str(out_png), "--log-scale"]) == 0
+    assert out_png.read_bytes()[:4] == b"\x89PNG"
+
+    ckpt = str(second.checkpoint_dir / "step_0000007.pt")
+    capsys.readouterr()
+    args = ["sample", ckpt, "--prompt", "KING:", "--max-new-tokens", "12", "--seed", "3"]
+    assert main([*args, "--num-samples", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("KING:") == 2 and "--- sample 2 ---" in out
+    assert main(args) == 0
+    once = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == once  # the seed makes sampling repeatable
+
+
+def test_plot_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_tensorboard_metrics(train_run):
+    summary = train_run(training_steps=3, metrics="tensorboard")
+    assert list(summary.metrics_file.parent.glob("events.out.tfevents.*"))
+
+
+def test_training_resume_shim(tmp_path, corpus):
+    env = {"TRAINING_DATA_SOURCE": str(corpus), "CHECKPOINT_DIR": str(tmp_path / "c"),
+           "LOG_DIR": str(tmp_path / "l"), "TEST_MODE": "1", "TRAINING_STEPS": "4",
+           "CHECKPOINT_INTERVAL": "2", "RUN_NAME": "shim", "PRECISION": "fp32"}
+    missing = run_entrypoint(["training_resume.py"], env, ROOT)
+    assert missing.returncode == 2 and "CHECKPOINT_PATH is not set" in missing.stderr
+    assert run_entrypoint(["training.py"], env, ROOT).returncode == 0
+    ckpt = tmp_path / "c" / "shim" / "step_0000002.pt"
+    proc = run_entrypoint(["training_resume.py"], {**env, "CHECKPOINT_PATH": str(ckpt),
+                                                   "RESUME_STEPS": "1"}, ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("deprecated") == 1 and "training.py" in proc.stderr
+    assert "resuming from step 2 for 1 steps (to step 3)" in proc.stdout
+
+
+def _run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=slave, stdout=slave,
+                            stderr=slave, env={**os.environ, **env}, close_fds=True)
+    os.close(slave)
+    chunks = []
+    while True:
+        ready, _, _ = select.select([master], [], [], 120)
+        if not ready:
+            break
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    os.close(master)
+    return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_bar_on_a_terminal_and_clean_log_files(tmp_path, corpus):
+    env = {"TRAINING_DATA_SOURCE": str(corpus), "CHECKPOINT_DIR": str(tmp_path / "c"),
+           "LOG_DIR": str(tmp_path / "l"), "TEST_MODE": "1", "TRAINING_STEPS": "30",
+           "RUN_NAME": "tty", "PRECISION": "fp32", "LOG_INTERVAL": "10"}
+    code, screen = _run_in_pty(["training.py"], env)
+    assert code == 0, screen
+    assert "train:" in screen and ("step/s" in screen or "s/step" in screen)
+    log_text = next((tmp_path / "l" / "tty").glob("train-*.log")).read_text()
+    assert "\r" not in log_text and "step 30/30" in log_text
+    plain = run_entrypoint(["training.py"], {**env, "RUN_NAME": "pipe"}, ROOT)
+    assert "\r" not in plain.stdout + plain.stderr and "step 10/30" in plain.stdout
+    assert json.loads((tmp_path / "l" / "pipe" / "metrics.jsonl").read_text().splitlines()[-1])

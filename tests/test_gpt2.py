@@ -1,0 +1,124 @@
+"""MODEL_TYPE=gpt2: loading offline from a folder, its tokenizer, full fine-tuning, clear errors."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain.config import TrainingConfig
+from lmtrain.errors import UserError
+from lmtrain.models.gpt2 import gpt2_tokenizer, load_gpt2
+from tests.conftest import run_entrypoint, save_tiny_gpt2
+
+
+def gpt2_settings(model_dir: Path, **over) -> TrainingConfig:
+    return TrainingConfig(model_type="gpt2", gpt2_model_name=str(model_dir),
+                          tokenization_method="gpt2", block_size=32, **over)
+
+
+def write_genuine_bpe_files(folder: Path) -> None:
+    from lmtrain.data.tokenizers import _gpt2_file
+
+    (folder / "vocab.json").write_bytes(_gpt2_file("encoder.json"))
+    (folder / "merges.txt").write_bytes(_gpt2_file("vocab.bpe"))
+
+
+def test_full_finetune_trains_every_weight(train_run, tiny_gpt2_dir, qa_corpus):
+    from transformers import GPT2LMHeadModel
+
+    summary = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                        training_data_source=str(qa_corpus), training_steps=4,
+                        checkpoint_interval=4)
+    ckpt = torch.load(summary.checkpoint_dir / "step_0000004.pt", weights_only=True)
+    base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).state_dict()
+    saved = ckpt["model_state_dict"]
+    assert saved.keys() == base.keys()
+    assert all(not torch.equal(base[k], saved[k]) for k in base)
+    assert "lora_base" not in ckpt
+    assert ckpt["hyperparameters"]["learning_rate"] == 5e-5  # the fine-tuning default
+    n = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).parameters())
+    assert f"parameters: {n:,} trainable / {n:,} total" in summary.log_file.read_text()
+    assert summary.sample.startswith("QUESTION: ")
+    assert summary.final_losses["train"] < 11.0  # ln(50257) = 10.82 is where it starts
+
+
+def test_load_gpt2_uses_sdpa_fp32_and_run_dropout(tiny_gpt2_dir):
+    model = load_gpt2(gpt2_settings(tiny_gpt2_dir, dropout=0.2), 50257)
+    assert model.config._attn_implementation == "sdpa"
+    assert {model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop} == {0.2}
+    assert model.transformer.drop.p == 0.2
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    assert model.config.use_cache is False
+
+
+def test_folder_with_genuine_files_uses_shipped_tokenizer(tmp_path, tiny_gpt2_dir):
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    write_genuine_bpe_files(folder)
+    assert gpt2_tokenizer(gpt2_settings(folder)).kind == "gpt2"
+    assert gpt2_tokenizer(gpt2_settings(tiny_gpt2_dir)).kind == "gpt2"  # no files: shipped
+
+
+def test_folder_with_its_own_bpe_trains_and_resumes(tmp_path, train_run, qa_corpus):
+    from lmtrain.data.tokenizers import BPETokenizer
+
+    folder = save_tiny_gpt2(tmp_path / "model", vocab_size=300)
+    own = BPETokenizer.train([qa_corpus.read_text()], 300)
+    own.tok.model.save(str(folder))  # vocab.json + merges.txt
+    tokenizer = gpt2_tokenizer(gpt2_settings(folder))
+    assert tokenizer.kind == "gpt2_files" and tokenizer.vocab_size == 300
+    text = "QUESTION: Who wrote Hamlet?"
+    assert tokenizer.encode(text) == own.encode(text)
+    first = train_run(model_type="gpt2", gpt2_model_name=str(folder), use_lora=True,
+                      training_data_source=str(qa_corpus), training_steps=2,
+                      checkpoint_interval=2)
+    assert "gpt2_files tokenizer (300 tokens)" in first.log_file.read_text()
+    resumed = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000002.pt"),
+                        resume_steps=1)
+    assert resumed.end_step == 3
+
+
+def test_tokenizer_must_match_the_model_vocabulary(tmp_path):
+    folder = save_tiny_gpt2(tmp_path / "model", vocab_size=300)  # no files: shipped 50,257
+    with pytest.raises(UserError, match=r"300 token embeddings .* 50257 tokens"):
+        gpt2_tokenizer(gpt2_settings(folder))
+
+
+def test_other_tokenization_method_is_refused(train_run, tiny_gpt2_dir, qa_corpus):
+    with pytest.raises(UserError, match="TOKENIZATION_METHOD='character' does not apply"):
+        train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                  tokenization_method="character", training_data_source=str(qa_corpus))
+
+
+def test_block_size_above_n_positions_names_block_size(train_run, tiny_gpt2_dir, qa_corpus):
+    with pytest.raises(UserError, match=r"^BLOCK_SIZE=65 exceeds .* 64 positions"):
+        train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=65,
+                  training_data_source=str(qa_corpus))
+
+
+def test_missing_folder_explains_both_ways(train_run, tmp_path, qa_corpus):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(UserError) as info:
+        train_run(model_type="gpt2", gpt2_model_name=str(missing),
+                  training_data_source=str(qa_corpus))
+    message = str(info.value)
+    assert message.startswith(f"GPT2_MODEL_NAME={str(missing)!r}")
+    assert "save_pretrained" in message and "ALLOW_DOWNLOAD=1" in message
+    assert "\n" not in message
+
+
+def test_uncached_hub_id_fails_offline_with_one_line(tmp_path, qa_corpus):
+    env = {"MODEL_TYPE": "gpt2", "GPT2_MODEL_NAME": "lmtrain-test/not-a-cached-model",
+           "TRAINING_DATA_SOURCE": str(qa_corpus), "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_OFFLINE": "1", "LOG_DIR": str(tmp_path / "logs"),
+           "CHECKPOINT_DIR": str(tmp_path / "ckpt")}
+    proc = run_entrypoint(["-m", "lmtrain", "train"], env, tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    assert "GPT2_MODEL_NAME='lmtrain-test/not-a-cached-model'" in errors[0]
+    assert "ALLOW_DOWNLOAD=1" in errors[0]

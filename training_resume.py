@@ -9,7 +9,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
 
-from lmtrain.cli import env_entrypoint  # noqa: E402
+from lmtrain.cli import env_entrypoint
 
 
 def main() -> int:

@@ -107,5 +107,5 @@ def test_resume_takes_architecture_from_checkpoint_and_allows_training_overrides
 def test_resume_rejects_contradicting_architecture():
     saved = TrainingConfig(n_layer=2, n_embd=32, n_head=2).model_dump()
     values, sources = explicit_settings(env={"N_EMBD": "64"})
-    with pytest.raises(UserError, match="N_EMBD='64'.*contradicts the checkpoint.*N_EMBD=32"):
+    with pytest.raises(UserError, match=r"N_EMBD='64'.*contradicts the checkpoint.*N_EMBD=32"):
         load_resumed(saved, values, sources)

@@ -108,5 +108,5 @@ def test_corpus_shorter_than_a_block_is_rejected(train_run, tmp_path):
 
     short = tmp_path / "short.txt"
     short.write_text("to be or not")
-    with pytest.raises(UserError, match="fewer than one block.*BLOCK_SIZE=16"):
+    with pytest.raises(UserError, match=r"fewer than one block.*BLOCK_SIZE=16"):
         train_run(training_data_source=str(short))

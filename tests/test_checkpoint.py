@@ -186,6 +186,14 @@ def test_rotate_keeps_newest_and_protected(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 5, 6, 7]
 
 
+def test_rotate_ignores_steps_after_the_current_one(tmp_path):
+    """A resumed run's new files are not rotated away in favour of a stale or corrupt later one."""
+    for step in (3, 4, 5, 9):
+        (tmp_path / checkpoint_filename(step)).write_bytes(b"x")
+    rotate_checkpoints(tmp_path, keep_last=2, protect=set(), upto=5)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5, 9]
+
+
 def test_rotation_keeps_last_k_plus_the_best_checkpointed_step(train_run, monkeypatch):
     """The best val loss measured at a step without a checkpoint cannot be the protected one."""
     import lmtrain.train.loop as loop

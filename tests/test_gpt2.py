@@ -122,3 +122,19 @@ def test_uncached_hub_id_fails_offline_with_one_line(tmp_path, qa_corpus):
     assert len(errors) == 1
     assert "GPT2_MODEL_NAME='lmtrain-test/not-a-cached-model'" in errors[0]
     assert "ALLOW_DOWNLOAD=1" in errors[0]
+
+
+def test_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny_gpt2_dir, qa_corpus):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--lmtrain-test--tiny-gpt2"
+    shutil.copytree(tiny_gpt2_dir, repo / "snapshots" / commit)
+    write_genuine_bpe_files(repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"MODEL_TYPE": "gpt2", "USE_LORA": "1", "GPT2_MODEL_NAME": "lmtrain-test/tiny-gpt2",
+           "TRAINING_DATA_SOURCE": str(qa_corpus), "HF_HOME": str(tmp_path / "hf"),
+           "TEST_MODE": "1", "TRAINING_STEPS": "1", "PRECISION": "fp32", "DEVICE": "cpu",
+           "LOG_DIR": str(tmp_path / "logs"), "CHECKPOINT_DIR": str(tmp_path / "ckpt")}
+    proc = run_entrypoint(["-m", "lmtrain", "train"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "gpt2 tokenizer (50257 tokens)" in proc.stdout + proc.stderr

@@ -67,8 +67,16 @@ def test_damaged_entry_is_rebuilt(corpus, tmp_path) -> None:
     with first.path.open("r+b") as fh:
         fh.truncate(10)
     _, again = prepare_tokens(cfg)
-    assert not again.cached and again.load().tolist() == first.meta["n_tokens"] * [0] or \
-        len(again.load()) == first.meta["n_tokens"]
+    assert not again.cached and again.path == first.path
+    assert again.load().tolist() == GPT2Tokenizer().encode(read_corpus(str(corpus)))
+
+
+@pytest.mark.parametrize("method", ["gpt2", "character", "custom_bpe"])
+def test_empty_source_is_a_clear_error(tmp_path, method) -> None:
+    path = tmp_path / "empty.txt"
+    path.write_text("", encoding="utf-8")
+    with pytest.raises(UserError, match=r"TRAINING_DATA_SOURCE=.*empty\.txt' is empty"):
+        prepare_tokens(config(path, tmp_path, tokenization_method=method))
 
 
 def test_large_vocabularies_use_uint32(tmp_path) -> None:
@@ -137,7 +145,7 @@ def test_prepare_command_reports_bad_data(tmp_path, capsys) -> None:
 def test_learned_bpe_is_reused_on_resume_never_retrained(train_run, tmp_path, monkeypatch,
                                                         capsys) -> None:
     common = dict(tokenization_method="custom_bpe", custom_vocab_size=300,
-                  checkpoint_interval=100, dropout=0.0)
+                  checkpoint_interval=100, lr_decay_steps=6)
     whole = train_run(training_steps=6, run_name="whole", **common)
     part = train_run(training_steps=4, run_name="part", **common)
     ckpt_path = part.checkpoint_dir / "step_0000004.pt"
@@ -153,19 +161,20 @@ def test_learned_bpe_is_reused_on_resume_never_retrained(train_run, tmp_path, mo
     for key, tensor in final["model_state_dict"].items():  # same tokens -> same weights
         assert torch.equal(tensor, after["model_state_dict"][key]), key
 
+    capsys.readouterr()  # the runs' log lines
     assert main(["tokenize", "--checkpoint", str(ckpt_path), "To be"]) == 0
     ids = json.loads(capsys.readouterr().out)
     assert ids == BPETokenizer.from_json(json.loads(saved["tokenizer"])["json"]).encode("To be")
 
 
-def test_character_resume_on_new_data_lists_unseen_characters(train_run, tmp_path) -> None:
+def test_character_resume_on_new_data_lists_unseen_characters(train_run, corpus, tmp_path):
     first = train_run(training_steps=2, checkpoint_interval=100)
     ckpt = str(first.checkpoint_dir / "step_0000002.pt")
     vocab = json.loads(torch.load(ckpt, weights_only=True)["tokenizer"])["chars"]
     assert "€" not in vocab and "Ø" not in vocab
     new = tmp_path / "new.txt"
-    text = (Path(first.log_file).parent.parent.parent / "corpus.txt").read_text()
-    new.write_text(text[:20_000] + " Ø costs 5€ " + text[20_000:], encoding="utf-8")
+    text = corpus.read_text(encoding="utf-8")
+    new.write_text(text[:20_000] + " Ø costs € " + text[20_000:], encoding="utf-8")
     with pytest.raises(UserError, match=r"2 characters outside .*'Ø', '€'.*DROP_UNKNOWN_CHARS=1"):
         train_run(checkpoint_path=ckpt, resume_steps=1, training_data_source=str(new))
     resumed = train_run(checkpoint_path=ckpt, resume_steps=1, training_data_source=str(new),
@@ -175,17 +184,13 @@ def test_character_resume_on_new_data_lists_unseen_characters(train_run, tmp_pat
     assert json.loads(after["tokenizer"])["chars"] == vocab
 
 
-def test_character_check_lists_unknowns_from_the_whole_corpus(tmp_path) -> None:
+def test_character_check_lists_unknowns_from_the_whole_corpus(tmp_path, monkeypatch) -> None:
     path = tmp_path / "long.txt"
     path.write_text("a€" + "ab\n" * 10 + "Ø", encoding="utf-8")
     tok = CharTokenizer("ab\n")
     cfg = config(path, tmp_path, tokenization_method="character")
     with pytest.raises(UserError, match=r"2 characters .*'Ø', '€'"):
         prepare_tokens(cfg, tok)
-    monkeypatch_chunk = pytest.MonkeyPatch()
-    monkeypatch_chunk.setattr(prepare, "CHUNK_CHARS", 4)
-    try:
-        with pytest.raises(UserError, match=r"2 characters .*'Ø', '€'"):
-            prepare_tokens(cfg, tok)
-    finally:
-        monkeypatch_chunk.undo()
+    monkeypatch.setattr(prepare, "CHUNK_CHARS", 4)  # the two sit in different chunks
+    with pytest.raises(UserError, match=r"2 characters .*'Ø', '€'"):
+        prepare_tokens(cfg, tok)

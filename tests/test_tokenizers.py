@@ -41,7 +41,8 @@ def learned_bpe() -> BPETokenizer:
 def test_gpt2_ids_are_the_genuine_ones() -> None:
     tok = GPT2Tokenizer()
     assert tok.encode("Hello world") == [15496, 995]
-    assert tok.enc.encode("<|endoftext|>", allowed_special="all") == [tokenizers.GPT2_EOT] == [50256]
+    eot = tok.enc.encode("<|endoftext|>", allowed_special="all")
+    assert eot == [tokenizers.GPT2_EOT] == [50256]
     assert tok.vocab_size == tok.enc.n_vocab == 50257
     assert tok.decode([15496, 995]) == "Hello world"
     # special-token text in data is ordinary text, never the end-of-text id
@@ -66,7 +67,7 @@ def test_gpt2_files_are_hash_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(tokenizers.GPT2_FILE_SHA256, "vocab.bpe", "0" * 64)
     tokenizers.gpt2_encoding.cache_clear()
     try:
-        with pytest.raises(UserError, match="vocab.bpe has sha256 .* reinstall"):
+        with pytest.raises(UserError, match=r"vocab\.bpe has sha256 .* reinstall"):
             GPT2Tokenizer().encode("x")
     finally:
         tokenizers.gpt2_encoding.cache_clear()

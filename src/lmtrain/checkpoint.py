@@ -9,11 +9,12 @@ import re
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from lmtrain.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where it is used, so atomic_write stays light
+    import torch
 
 FORMAT_VERSION = 1
 AUTO_RESUME = "auto"  # CHECKPOINT_PATH value: the run's newest valid checkpoint
@@ -54,6 +55,8 @@ def atomic_write(path: Path, write) -> None:
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically to ``path``."""
+    import torch
+
     path = Path(path)
     atomic_write(path, lambda fh: torch.save(payload, fh))
     return path
@@ -65,6 +68,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
 
     ``label`` names what the path came from in messages (a setting or a command).
     """
+    import torch
+
     path = Path(path)
     where = f"{label}={str(path)!r}"
     if not path.is_file():
@@ -122,12 +127,16 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def rotate_checkpoints(folder: str | Path, keep_last: int, protect: set[int]) -> list[Path]:
+def rotate_checkpoints(folder: str | Path, keep_last: int, protect: set[int],
+                       upto: int | None = None) -> list[Path]:
     """Delete step checkpoints beyond the newest ``keep_last``, sparing steps in ``protect``.
 
-    Called only after the newest checkpoint is safely on disk. Returns the deleted paths.
+    Only steps up to ``upto`` (the run's current step) count: files of later steps, left by an
+    abandoned branch or skipped as corrupt, are neither kept in place of new ones nor deleted
+    (the run overwrites them when it gets there). Called only after the newest checkpoint is
+    safely on disk. Returns the deleted paths.
     """
-    found = list_checkpoints(folder)
+    found = [(s, p) for s, p in list_checkpoints(folder) if upto is None or s <= upto]
     doomed = [p for step, p in found[:-keep_last] if step not in protect] if keep_last else []
     for p in doomed:
         p.unlink(missing_ok=True)

@@ -106,6 +106,9 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
         print(interruption_report(exc), file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:  # Ctrl-C in a command without its own signal handling
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:

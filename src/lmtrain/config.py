@@ -96,7 +96,9 @@ class TrainingConfig(BaseModel):
     metrics: Literal["jsonl", "tensorboard"] = Field("jsonl", description="jsonl | tensorboard")
     enable_output_to_file: bool = Field(False, description="write settings+losses+sample file")
     output_dir: str = Field("outputs", description="where ENABLE_OUTPUT_TO_FILE writes")
-    run_name: str | None = Field(None, description="run name (default: model-data-timestamp)")
+    run_name: str | None = Field(
+        None, description="run name (default: model-data-timestamp; model-data with "
+                          "CHECKPOINT_PATH=auto)")
 
     # machine
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")

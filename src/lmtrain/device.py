@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from torch import nn
 
 from lmtrain.errors import UserError
 
@@ -43,8 +46,32 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``PRECISION`` on ``device``; ``None`` means plain fp32."""
+#: On the CPU, bf16 autocast pays once matrix products dominate a step. Measured on an AMD EPYC
+#: with AVX512-BF16 (forward + backward + AdamW, bf16 vs fp32 step time): 0.77x at width 32,
+#: ~1.07x at 64, 1.2-1.6x from 128 up. ``PRECISION=auto`` uses bf16 from this width on.
+CPU_BF16_MIN_WIDTH = 128
+
+
+def matmul_width(model: nn.Module) -> int:
+    """The widest inner dimension of the model's weight matrices (embedding tables excluded)."""
+    width = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, nn.Embedding) or not isinstance(weight, torch.Tensor):
+            continue
+        if weight.dim() == 2:
+            width = max(width, min(weight.shape))
+    return width
+
+
+def autocast_dtype(precision: str, device: torch.device,
+                   model: nn.Module | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``PRECISION`` on ``device``; ``None`` means plain fp32.
+
+    ``auto`` picks bf16 on CUDA devices that support it, and on CPUs with native bf16
+    instructions when ``model`` is wide enough for it to pay (:data:`CPU_BF16_MIN_WIDTH`);
+    fp32 elsewhere.
+    """
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -56,6 +83,17 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     # auto
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else None
+    if device.type == "cpu" and cpu_supports_bf16():
+        wide = model is None or matmul_width(model) >= CPU_BF16_MIN_WIDTH
+        return torch.bfloat16 if wide else None
     return None
+
+
+def make_grad_scaler(dtype: torch.dtype | None, device: torch.device) -> Any:
+    """A gradient scaler for fp16 autocast (its state goes into checkpoints), else ``None``.
+
+    bf16 has fp32's exponent range and needs no scaling.
+    """
+    if dtype is not torch.float16:
+        return None
+    return torch.amp.GradScaler(device.type)

@@ -104,13 +104,13 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out / dist.get_world_size()
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when ``flag`` is true on at least one."""
+def max_across_ranks(value: int, device: torch.device) -> int:
+    """The largest ``value`` of all ranks, on every rank (e.g. a stop signal seen by one)."""
     if not is_distributed():
-        return flag
-    t = torch.tensor([1 if flag else 0], device=device)
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return int(t.item())
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -38,12 +38,16 @@ def config_of(ckpt: dict[str, Any]) -> TrainingConfig:
 
 
 def load_trained_model(path: str | Path, device: torch.device | None = None) -> LoadedModel:
-    """The model of a checkpoint in eval mode (LoRA adapters applied, not merged)."""
+    """The model of a checkpoint in eval mode (LoRA adapters applied to the verified base)."""
     ckpt = load_checkpoint(path)
     cfg = config_of(ckpt)
     tokenizer = tokenizer_from_state(ckpt["tokenizer"])
     torch.manual_seed(cfg.seed)  # a from-scratch LoRA base is rebuilt from the run's seed
     model = build_model(cfg, tokenizer.vocab_size)
+    if cfg.use_lora:  # the adapter only fits the base it was trained on
+        from lmtrain.models.lora import check_base_reference
+
+        check_base_reference(model, ckpt.get("lora_base"), str(path))
     load_model_state(model, cfg, ckpt["model_state_dict"])
     model.to(device or torch.device("cpu")).eval()
     return LoadedModel(model, tokenizer, cfg, ckpt)

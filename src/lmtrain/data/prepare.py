@@ -25,13 +25,12 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from lmtrain.checkpoint import atomic_write
 from lmtrain.config import TrainingConfig
-from lmtrain.data.dataset import TokenData
 from lmtrain.data.sources import CorpusStream, iter_chunks, source_digest
 from lmtrain.data.tokenizers import (
     CharTokenizer,
@@ -41,6 +40,9 @@ from lmtrain.data.tokenizers import (
     train_tokenizer,
 )
 from lmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    from lmtrain.data.dataset import TokenData
 
 log = logging.getLogger("lmtrain")
 
@@ -120,8 +122,13 @@ def fresh_tokenizer(config: TrainingConfig, stream: CorpusStream, source_sha: st
         params |= {"vocab_size": config.custom_vocab_size, "train_split": config.train_split}
     path = cache / f"tokenizer-{_digest(params)[:32]}.json"
     if path.is_file():
-        log.info("tokenizer: reusing %s", path)
-        return tokenizer_from_state(path.read_text(encoding="utf-8"))
+        try:
+            tokenizer = tokenizer_from_state(path.read_text(encoding="utf-8"))
+        except Exception as exc:  # an unreadable cache entry is relearned, never fatal
+            log.warning("tokenizer: ignoring unreadable cache entry %s (%s)", path, exc)
+        else:
+            log.info("tokenizer: reusing %s", path)
+            return tokenizer
     texts: Iterable[str] = stream
     if method == "custom_bpe":
         total = sum(len(piece) for piece in stream)
@@ -197,6 +204,8 @@ def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
                    progress: bool | None = None) -> tuple[Tokenizer, TokenArray]:
     """The tokenizer (given, cached or learned) and the cached token array of the source."""
     stream = CorpusStream(config.training_data_source, config.text_field)
+    if stream.total_bytes == 0:
+        raise UserError(f"TRAINING_DATA_SOURCE={stream.source!r} is empty; give it some text")
     cache = cache_folder(config)
     source_sha = source_digest(stream.files, config.text_field)
     fresh = tokenizer is None
@@ -239,6 +248,8 @@ def load_token_data(
     The train/validation split is on the token array: the first ``TRAIN_SPLIT`` of the tokens
     train, the rest validate.
     """
+    from lmtrain.data.dataset import TokenData  # imports torch
+
     tokenizer, tokens = prepare_tokens(config, tokenizer)
     return tokenizer, TokenData.split(
         tokens.load(), config.train_split, config.block_size, config.training_data_source)

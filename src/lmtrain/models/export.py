@@ -37,9 +37,6 @@ def merged_model(path: str | Path) -> tuple[nn.Module, TrainingConfig, Tokenizer
     loaded = load_trained_model(path)
     model, config = loaded.model, loaded.config
     if config.use_lora:
-        from lmtrain.models.lora import check_base_reference
-
-        check_base_reference(model, loaded.checkpoint.get("lora_base"), str(path))
         model = model.merge_and_unload()
     return model.eval(), config, loaded.tokenizer, int(loaded.checkpoint["step"])
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtrain.config import TrainingConfig
@@ -46,6 +47,18 @@ def _not_found(config: TrainingConfig, detail: str) -> UserError:
         f"the local Hugging Face cache (set ALLOW_DOWNLOAD=1 to download it once)")
 
 
+def _why_missing(config: TrainingConfig, exc: BaseException) -> str:
+    path = Path(config.gpt2_model_name).expanduser()
+    if path.is_dir():
+        return "the folder has no config.json" if not (path / "config.json").is_file() else (
+            _first_line(exc))
+    if path.exists() or path.is_absolute() or config.gpt2_model_name.startswith((".", "~")):
+        return "no such folder"
+    if not config.allow_download:
+        return "not a folder, and not in the local Hugging Face cache"
+    return _first_line(exc)
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0][:200] if text else type(exc).__name__
@@ -60,7 +73,7 @@ def gpt2_config(config: TrainingConfig) -> GPT2Config:
             hf_config = GPT2Config.from_pretrained(
                 config.gpt2_model_name, local_files_only=not config.allow_download)
     except (OSError, ValueError) as exc:
-        raise _not_found(config, _first_line(exc)) from None
+        raise _not_found(config, _why_missing(config, exc)) from None
     if hf_config.model_type != "gpt2":
         raise UserError(f"GPT2_MODEL_NAME={config.gpt2_model_name!r} is a "
                         f"{hf_config.model_type!r} model, not GPT-2; MODEL_TYPE=gpt2 needs GPT-2")
@@ -110,8 +123,9 @@ def gpt2_tokenizer(config: TrainingConfig) -> Tokenizer:
 
     if config.tokenization_method != "gpt2":
         raise UserError(
-            f"TOKENIZATION_METHOD={config.tokenization_method!r} does not apply to MODEL_TYPE=gpt2, "
-            f"which always uses GPT-2's own BPE; unset TOKENIZATION_METHOD or set it to gpt2")
+            f"TOKENIZATION_METHOD={config.tokenization_method!r} does not apply to "
+            f"MODEL_TYPE=gpt2, which always uses GPT-2's own BPE; unset TOKENIZATION_METHOD or "
+            f"set it to gpt2")
     hf_config = gpt2_config(config)
     vocab_file, merges_file = _model_file(config, "vocab.json"), _model_file(config, "merges.txt")
     if vocab_file and merges_file and not _is_genuine_gpt2(vocab_file, merges_file):

@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
+from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.train.evaluate import compute_loss, estimate_loss
 from lmtrain.train.optim import set_learning_rate
-from lmtrain.train.state import RunContext, checkpoint_payload
+from lmtrain.train.state import RunContext, checkpoint_payload, gather_rank_states
 
 log = logging.getLogger("lmtrain")
 
@@ -25,7 +26,11 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
     t0 = time.perf_counter()
     cfg = ctx.config
     losses = estimate_loss(ctx.model, ctx.data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
-                           ctx.device, cfg.seed, ctx.autocast())
+                           ctx.device, cfg.seed + ctx.rank, ctx.autocast())
+    if ctx.world_size > 1:  # each rank drew its own batches: report the mean over all of them
+        keys = sorted(losses)
+        mean = all_reduce_mean(torch.tensor([losses[k] for k in keys], device=ctx.device))
+        losses = dict(zip(keys, mean.tolist(), strict=True))
     ctx.timings["eval"] += time.perf_counter() - t0
     ctx.last_losses = {"train": losses["train"], "val": losses["val"], "step": ctx.step}
     if ctx.is_main:
@@ -43,18 +48,24 @@ def save(ctx: RunContext) -> Path | None:
     The best-validation checkpoint (the lowest val loss measured at a checkpointed step) is
     spared by rotation; older files go only once the new one is on disk.
     """
-    if not (ctx.config.enable_checkpoints and ctx.is_main):
+    if not ctx.config.enable_checkpoints:
         return None
     path = ctx.checkpoint_dir / checkpoint_filename(ctx.step)
-    if ctx.saved_steps and ctx.saved_steps[-1] == ctx.step and path.is_file():
+    if (ctx.saved_steps and ctx.saved_steps[-1] == ctx.step
+            and (ctx.world_size > 1 or path.is_file())):
         return path  # already written at this step
     t0 = time.perf_counter()
+    rank_states = gather_rank_states(ctx)  # every rank takes part; rank 0 writes
+    if not ctx.is_main:
+        ctx.saved_steps.append(ctx.step)
+        ctx.timings["checkpoint"] += time.perf_counter() - t0
+        return path
     best = ctx.best_val_loss, ctx.best_step
     evaluated = ctx.last_losses.get("step") == ctx.step
     if evaluated and ctx.last_losses["val"] < ctx.best_val_loss:
         ctx.best_val_loss, ctx.best_step = ctx.last_losses["val"], ctx.step
     try:
-        save_checkpoint(path, checkpoint_payload(ctx))
+        save_checkpoint(path, checkpoint_payload(ctx, rank_states))
     except OSError as exc:
         ctx.best_val_loss, ctx.best_step = best
         previous = (f"the step {ctx.saved_steps[-1]} checkpoint is intact" if ctx.saved_steps
@@ -65,7 +76,8 @@ def save(ctx: RunContext) -> Path | None:
             f"or pick another CHECKPOINT_DIR, then resume") from None
     ctx.saved_steps.append(ctx.step)
     protect = {ctx.best_step} if ctx.best_step is not None else set()
-    rotate_checkpoints(ctx.checkpoint_dir, ctx.config.keep_last_checkpoints, protect)
+    rotate_checkpoints(ctx.checkpoint_dir, ctx.config.keep_last_checkpoints, protect,
+                       upto=ctx.step)
     ctx.timings["checkpoint"] += time.perf_counter() - t0
     log.info("step %d: saved checkpoint %s", ctx.step, path)
     return path
@@ -113,16 +125,16 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                                       ctx.device)
                 t1 = time.perf_counter()
                 ctx.timings["data"] += t1 - t0
-                with contextlib.ExitStack() as stack:
-                    stack.enter_context(ctx.autocast())
+                with contextlib.ExitStack() as micro_ctx:
+                    micro_ctx.enter_context(ctx.autocast())
                     if micro < cfg.grad_accum_steps - 1 and hasattr(model, "no_sync"):
-                        stack.enter_context(model.no_sync())  # DDP: all-reduce on the last only
+                        micro_ctx.enter_context(model.no_sync())  # DDP: all-reduce on the last
                     loss = compute_loss(model, x, y) / cfg.grad_accum_steps
                 (ctx.grad_scaler.scale(loss) if ctx.grad_scaler else loss).backward()
                 loss_sum += loss.detach()
                 ctx.timings["train"] += time.perf_counter() - t1
             t2 = time.perf_counter()
-            loss_value = loss_sum.item()
+            loss_value = all_reduce_mean(loss_sum).item()  # the same value on every rank
             if ctx.grad_scaler:
                 ctx.grad_scaler.unscale_(opt)
             grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
@@ -166,6 +178,8 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 evaluate(ctx)
             if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:
                 save(ctx)
+            if ctx.world_size > 1:  # a signal seen by any rank stops all at the same step
+                ctx.stop_signal = max_across_ranks(ctx.stop_signal or 0, ctx.device) or None
             if ctx.stop_signal is not None and ctx.step != end:
                 path = save(ctx)
                 raise TrainingInterrupted(ctx.stop_signal, path)

@@ -23,7 +23,14 @@ from lmtrain.checkpoint import (
 from lmtrain.config import LoadedConfig, load_fresh, load_resumed
 from lmtrain.data.prepare import load_token_data
 from lmtrain.data.tokenizers import tokenizer_from_state
-from lmtrain.device import autocast_dtype, select_device
+from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
+from lmtrain.distributed import (
+    broadcast_object,
+    cleanup,
+    init_distributed,
+    main_process_first,
+    wrap_model,
+)
 from lmtrain.errors import TrainingInterrupted
 from lmtrain.generate import generate_text
 from lmtrain.models import build_model, count_parameters
@@ -72,7 +79,7 @@ def resolve_config(values: dict[str, Any], sources: dict[str, str],
     what it found or skipped is appended to ``notes``.
     """
     resume = values.get("checkpoint_path")
-    if resume == AUTO_RESUME:
+    if str(resume).strip().lower() == AUTO_RESUME:
         fresh = _load_fresh(values, sources)
         run_name = fresh.config.run_name or stable_run_name(fresh.config)
         folder = Path(fresh.config.checkpoint_dir) / run_name
@@ -105,26 +112,34 @@ def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig
 def prepare_run(loaded: LoadedConfig, ckpt: dict[str, Any] | None) -> RunContext:
     """Tokenizer, data, model, optimizer and RNG: from scratch, then restored from ``ckpt``."""
     cfg = loaded.config
-    device = select_device(cfg.device)
+    dist_info, device = init_distributed(select_device(cfg.device))
     run_name = (ckpt or {}).get("run_name") or cfg.run_name or default_run_name(cfg)
-    torch.manual_seed(cfg.seed)
-    tokenizer = (tokenizer_from_state(ckpt["tokenizer"], drop_unknown=cfg.drop_unknown_chars)
-                 if ckpt else None)
-    if tokenizer is None and cfg.model_type == "gpt2":  # GPT-2's own BPE, checked early
-        from lmtrain.models.gpt2 import gpt2_tokenizer
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    with main_process_first():  # rank 0 fills caches before the others read them
+        tokenizer = (tokenizer_from_state(ckpt["tokenizer"], drop_unknown=cfg.drop_unknown_chars)
+                     if ckpt else None)
+        if tokenizer is None and cfg.model_type == "gpt2":  # GPT-2's own BPE, checked early
+            from lmtrain.models.gpt2 import gpt2_tokenizer
 
-        tokenizer = gpt2_tokenizer(cfg)
-    tokenizer, data = load_token_data(cfg, tokenizer)
-    model = build_model(cfg, tokenizer.vocab_size).to(device)
+            tokenizer = gpt2_tokenizer(cfg)
+        tokenizer, data = load_token_data(cfg, tokenizer)
+        model = build_model(cfg, tokenizer.vocab_size).to(device)
+    if dist_info.world_size > 1:
+        torch.manual_seed(cfg.seed + dist_info.rank)  # dropout differs between ranks
+    dtype = autocast_dtype(cfg.precision, device, model)
     ctx = RunContext(
         config=cfg, model=model, optimizer=build_optimizer(model, cfg, device),
         tokenizer=tokenizer, data=data, device=device,
-        sampler=torch.Generator().manual_seed(cfg.seed), run_name=run_name,
+        sampler=torch.Generator().manual_seed(cfg.seed + dist_info.rank), run_name=run_name,
         checkpoint_dir=Path(cfg.checkpoint_dir) / run_name, log_dir=Path(cfg.log_dir) / run_name,
-        autocast_dtype=autocast_dtype(cfg.precision, device),
+        autocast_dtype=dtype, grad_scaler=make_grad_scaler(dtype, device),
+        is_main=dist_info.is_main, rank=dist_info.rank, world_size=dist_info.world_size,
     )
     if ckpt is not None:
         restore_state(ctx, ckpt)
+    ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
+    if cfg.compile:
+        ctx.model = torch.compile(ctx.model)
     return ctx
 
 
@@ -149,21 +164,28 @@ def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest)
     loaded, ckpt = resolve_config(values, sources, notes)
     cfg = loaded.config
     resumed = ckpt is not None
-    run_name = (ckpt or {}).get("run_name") or cfg.run_name or default_run_name(cfg)
-    cfg.run_name = run_name
-    log_dir = Path(cfg.log_dir) / run_name
-    _check_storage(cfg, run_name)
-    kind = f"resume-{int(ckpt['step']):07d}" if resumed else "train"
-    log_file = log_dir / f"{kind}-{timestamp()}.log"
-    setup_logging(log_file)
+    dist_info, _ = init_distributed(select_device(cfg.device))  # torchrun: join the group
     try:
-        for note in notes:
-            log.warning(note)
-        for leftover in remove_stale_temp_files(Path(cfg.checkpoint_dir) / run_name):
-            log.warning("removed %s, left by an interrupted checkpoint write", leftover)
-        return _train(loaded, ckpt, log_file, stop)
+        run_name = broadcast_object(  # rank 0's name (timestamps differ between processes)
+            (ckpt or {}).get("run_name") or cfg.run_name or default_run_name(cfg))
+        cfg.run_name = run_name
+        log_dir = Path(cfg.log_dir) / run_name
+        _check_storage(cfg, run_name)
+        kind = f"resume-{int(ckpt['step']):07d}" if resumed else "train"
+        log_file = log_dir / f"{kind}-{timestamp()}.log"
+        # only rank 0 writes the log; the other ranks stay quiet (errors still reach stderr)
+        setup_logging(log_file if dist_info.is_main else None, quiet=not dist_info.is_main)
+        try:
+            for note in notes:
+                log.warning(note)
+            if dist_info.is_main:
+                for leftover in remove_stale_temp_files(Path(cfg.checkpoint_dir) / run_name):
+                    log.warning("removed %s, left by an interrupted checkpoint write", leftover)
+            return _train(loaded, ckpt, log_file, stop)
+        finally:
+            close_logging()
     finally:
-        close_logging()
+        cleanup()
 
 
 def _check_storage(cfg, run_name: str) -> None:
@@ -203,6 +225,7 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
     t_start = time.perf_counter()
     stop.check(resume_path)
     ctx = prepare_run(loaded, ckpt)
+    ctx.timings["setup"] = time.perf_counter() - t_start  # data preparation, model, restore
     start = ctx.step
     n_steps = steps_to_run(cfg, start, resumed)
     stop.attach(ctx)
@@ -216,6 +239,9 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
     log.info("device %s, precision %s, %s tokenizer (%d tokens), %d train / %d val tokens",
              ctx.device, ctx.autocast_dtype or "fp32", ctx.tokenizer.kind,
              ctx.tokenizer.vocab_size, len(ctx.data.train), len(ctx.data.val))
+    if ctx.world_size > 1 or cfg.compile:
+        log.info("%d process(es) (DistributedDataParallel when > 1), torch.compile %s",
+                 ctx.world_size, "on" if cfg.compile else "off")
     log.info("parameters: %s trainable / %s total", f"{trainable:,}", f"{total:,}")
     if resumed:
         log.info("resuming from step %d for %d steps (to step %d)", start, n_steps,
@@ -240,7 +266,9 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
         fresh_eval = ctx.last_losses.get("step") == ctx.step
         summary.final_losses = dict(ctx.last_losses) if fresh_eval else evaluate(ctx)
         summary.final_losses.pop("step", None)
-        summary.sample = _sample(ctx)
+        t_sample = time.perf_counter()
+        summary.sample = _sample(ctx) if ctx.is_main else ""
+        ctx.timings["sample"] = time.perf_counter() - t_sample
         log.info("sample:\n%s", summary.sample)
     finally:
         if ctx.metrics:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,10 @@ from lmtrain.checkpoint import FORMAT_VERSION
 from lmtrain.config import TrainingConfig
 from lmtrain.data.dataset import TokenData
 from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.distributed import all_gather_objects
 from lmtrain.reporting import MetricsWriter
+
+log = logging.getLogger("lmtrain")
 
 
 @dataclass
@@ -138,7 +142,45 @@ def restore_state(ctx: RunContext, ckpt: dict[str, Any]) -> None:
     cuda_states = ckpt.get("cuda_rng_state") or []
     if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda_states)
+    saved_world = int(ckpt.get("world_size") or 1)
+    if saved_world != ctx.world_size:
+        _reseed_for_new_world(ctx, saved_world)
+        return
     sampler_state = ckpt["sampler_state"]
     if isinstance(sampler_state, list):  # one state per rank (distributed runs)
         sampler_state = sampler_state[ctx.rank]
     ctx.sampler.set_state(sampler_state)
+    rank_rng = ckpt.get("rank_rng_states") or []
+    if rank_rng:  # each rank's own dropout RNG
+        torch.set_rng_state(rank_rng[ctx.rank]["cpu"])
+        if ctx.device.type == "cuda" and len(rank_rng[ctx.rank]["cuda"]):
+            torch.cuda.set_rng_state(rank_rng[ctx.rank]["cuda"], ctx.device)
+
+
+def gather_rank_states(ctx: RunContext) -> dict[str, Any]:
+    """Checkpoint keys holding every rank's sampler and RNG state (a collective: all ranks
+    call it); empty in a single process, whose states :func:`checkpoint_payload` stores."""
+    if ctx.world_size == 1:
+        return {}
+    cuda = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else torch.empty(0)
+    mine = {"sampler": ctx.sampler.get_state(), "cpu": torch.get_rng_state(), "cuda": cuda}
+    states = all_gather_objects(mine)
+    return {"sampler_state": [s["sampler"] for s in states],
+            "rank_rng_states": [{"cpu": s["cpu"], "cuda": s["cuda"]} for s in states]}
+
+
+def _reseed_for_new_world(ctx: RunContext, saved_world: int) -> None:
+    """Batch order and dropout for a resume with another number of processes: seeded from
+    (SEED, rank, step), so ranks differ and no rank replays the run's first batches."""
+    import numpy as np
+
+    seed = int(np.random.SeedSequence([ctx.config.seed, ctx.rank, ctx.step]).generate_state(1)[0])
+    ctx.sampler.manual_seed(seed)
+    torch.manual_seed(seed)
+    if ctx.is_main:
+        log.warning(
+            "the checkpoint was written by %d process(es), this run has %d: weights and "
+            "optimizer continue, but batch order and dropout are freshly seeded and a step "
+            "now takes %d× BATCH_SIZE sequences instead of %d×, so this is not a bit-exact "
+            "continuation (resume with the same number of processes for that)", saved_world,
+            ctx.world_size, ctx.world_size, saved_world)

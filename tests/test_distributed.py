@@ -1,0 +1,118 @@
+"""Distributed runs: torchrun with 2 CPU processes (gloo) trains, checkpoints every rank's
+sampler, resumes bit for bit, and a resume with another world size falls back clearly."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain.distributed import DistInfo, env_info
+from lmtrain.errors import UserError
+from tests.conftest import ROOT, TINY
+
+#: Output that marks a launch killed by a transient gloo / rendezvous failure, not by lmtrain.
+TRANSIENT = re.compile(r"gloo|connection (reset|refused|closed)|broken pipe|rendezvous|"
+                       r"address already in use|SIGABRT|Signals\.SIGABRT", re.IGNORECASE)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(env: dict[str, str], cwd: Path, nproc: int = 2,
+             timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """``torchrun --nproc_per_node=nproc training.py`` on a free port; one retry when the
+    launch died of a transient gloo / connection failure."""
+    base = {k: v for k, v in os.environ.items()
+            if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_CACHE_HOME")}
+    for attempt in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
+               f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
+               f"--rdzv-endpoint=localhost:{_free_port()}", str(ROOT / "training.py")]
+        proc = subprocess.run(cmd, env={**base, "OMP_NUM_THREADS": "1", **env}, cwd=cwd,
+                              capture_output=True, text=True, timeout=timeout)
+        output = proc.stdout + proc.stderr
+        if proc.returncode == 0 or attempt or not TRANSIENT.search(output):
+            return proc
+        print(f"torchrun failed transiently (exit {proc.returncode}); retrying once:\n"
+              f"{output[-3000:]}", file=sys.stderr)
+    raise AssertionError("unreachable")
+
+
+def _env(corpus: Path, tmp_path: Path, **extra: object) -> dict[str, str]:
+    settings = {**TINY, "training_data_source": str(corpus), "log_dir": str(tmp_path / "logs"),
+                "cache_dir": str(tmp_path / "cache"), "max_new_tokens": 0,
+                "checkpoint_interval": 4, "eval_interval": 4, "run_name": "ddp", **extra}
+    return {k.upper(): str(v) for k, v in settings.items()}
+
+
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_resume_bit_for_bit(corpus, tmp_path):
+    full = torchrun(_env(corpus, tmp_path, training_steps=8,
+                         checkpoint_dir=tmp_path / "full"), tmp_path)
+    assert full.returncode == 0, full.stdout + full.stderr
+    mid = tmp_path / "full" / "ddp" / "step_0000004.pt"
+    resumed = torchrun(_env(corpus, tmp_path, training_steps=8, checkpoint_path=mid,
+                            resume_steps=4, checkpoint_dir=tmp_path / "resumed"), tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+
+    a = _load(tmp_path / "full" / "ddp" / "step_0000008.pt")
+    b = _load(tmp_path / "resumed" / "ddp" / "step_0000008.pt")
+    assert a["world_size"] == b["world_size"] == 2
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    for name, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][name]), name
+    assert a["last_losses"] == b["last_losses"]
+    # every rank's sampler is stored; the ranks draw different batches
+    assert len(a["sampler_state"]) == 2
+    assert not torch.equal(a["sampler_state"][0], a["sampler_state"][1])
+    for sa, sb in zip(a["sampler_state"], b["sampler_state"], strict=True):
+        assert torch.equal(sa, sb)
+    # only rank 0 writes: one log file per launch, one metrics file
+    logs = sorted(p.name for p in (tmp_path / "logs" / "ddp").glob("*.log"))
+    assert len(logs) == 2 and logs[0].startswith("resume-") and logs[1].startswith("train-")
+    assert "2 process(es)" in full.stdout
+
+
+@pytest.mark.slow
+def test_resume_with_another_world_size_warns_and_continues(corpus, tmp_path, train_run):
+    run = torchrun(_env(corpus, tmp_path, training_steps=4,
+                        checkpoint_dir=tmp_path / "ckpt"), tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+    ckpt = tmp_path / "ckpt" / "ddp" / "step_0000004.pt"
+    summary = train_run(checkpoint_path=str(ckpt), resume_steps=2)  # one process
+    assert summary.end_step == 6
+    text = summary.log_file.read_text(encoding="utf-8")
+    assert "written by 2 process(es), this run has 1" in text
+    assert "not a bit-exact continuation" in text
+    assert _load(summary.checkpoint_dir / "step_0000006.pt")["world_size"] == 1
+
+
+def test_env_info_reads_torchrun_variables():
+    assert env_info({}) == DistInfo(0, 0, 1)
+    info = env_info({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
+    assert (info.rank, info.local_rank, info.world_size, info.is_main) == (3, 1, 4, False)
+    with pytest.raises(UserError, match="RANK='x'"):
+        env_info({"RANK": "x", "WORLD_SIZE": "2"})
+    with pytest.raises(UserError, match="inconsistent"):
+        env_info({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def test_single_process_checkpoint_keeps_its_plain_sampler_state(tiny_checkpoint):
+    ckpt = _load(tiny_checkpoint)
+    assert ckpt["world_size"] == 1
+    assert isinstance(ckpt["sampler_state"], torch.Tensor)
+    assert "rank_rng_states" not in ckpt

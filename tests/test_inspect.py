@@ -1,0 +1,61 @@
+"""``lmtrain inspect CKPT``: facts about a checkpoint, and what is wrong with a bad one."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from lmtrain.checkpoint import FORMAT_VERSION, save_checkpoint
+from lmtrain.cli import main
+
+
+def test_inspect_shows_the_checkpoint(tiny_checkpoint, capsys):
+    assert main(["inspect", str(tiny_checkpoint)]) == 0
+    out = capsys.readouterr().out
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    losses = ckpt["last_losses"]
+    for expected in (
+        "valid           yes", "step            4 of 4 planned", "model           from_scratch",
+        "n_layer=1, n_head=2, n_embd=16, block_size=16",
+        f"tokenizer       character, {ckpt['vocab_size']} tokens",
+        f"format version  {FORMAT_VERSION}", "run name        tiny",
+        f"train {losses['train']:.4f}, val {losses['val']:.4f} (at step 4)", "KiB",
+    ):
+        assert expected in out
+
+
+def test_inspect_json(tiny_checkpoint, capsys):
+    assert main(["inspect", "--json", str(tiny_checkpoint)]) == 0
+    info = json.loads(capsys.readouterr().out)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    assert info["valid"] is True
+    assert info["size_bytes"] == tiny_checkpoint.stat().st_size
+    assert (info["step"], info["model_type"], info["run_name"]) == (4, "from_scratch", "tiny")
+    assert info["format_version"] == FORMAT_VERSION
+    assert info["architecture"] == {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
+                                    "dropout": 0.1}
+    assert info["tokenizer"] == {"kind": "character", "vocab_size": ckpt["vocab_size"]}
+    assert info["last_losses"] == ckpt["last_losses"]
+    assert (info["best_step"], info["best_val_loss"]) == (4, ckpt["last_losses"]["val"])
+    assert info["parameters_saved"] == sum(t.numel() for t in ckpt["model_state_dict"].values())
+
+
+def test_inspect_bad_files_exit_2_with_the_reason(tmp_path, tiny_checkpoint, capsys):
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint")
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes(tiny_checkpoint.read_bytes()[:2000])
+    future = tmp_path / "future.pt"
+    save_checkpoint(future, {**torch.load(tiny_checkpoint, weights_only=True),
+                             "format_version": FORMAT_VERSION + 5})
+    cases = {text: "not a torch.save archive", truncated: "not a torch.save archive",
+             future: f"format version {FORMAT_VERSION + 5}, newer",
+             tmp_path / "missing.pt": "no such file"}
+    for path, reason in cases.items():
+        assert main(["inspect", str(path)]) == 2
+        captured = capsys.readouterr()
+        assert captured.err.startswith(f"error: CKPT={str(path)!r}") and reason in captured.err
+        assert main(["inspect", "--json", str(path)]) == 2
+        report = json.loads(capsys.readouterr().out)
+        assert report["valid"] is False and reason in report["error"]

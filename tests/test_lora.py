@@ -1,0 +1,137 @@
+"""LoRA through peft: what trains, what a checkpoint holds, and exact resume on a checked base."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from lmtrain.config import TrainingConfig
+from lmtrain.errors import UserError
+from lmtrain.models import build_model, count_parameters
+from lmtrain.models.lora import weights_fingerprint
+from lmtrain.train.optim import build_optimizer
+from tests.conftest import save_tiny_gpt2
+
+
+def lora_size(base: nn.Module, r: int, targets: list[str]) -> int:
+    """r * (fan_in + fan_out) summed over the target layers (nn.Linear or GPT-2's Conv1D)."""
+    total = 0
+    for name, module in base.named_modules():
+        if name.split(".")[-1] in targets and hasattr(module, "weight"):
+            total += r * sum(module.weight.shape)
+    return total
+
+
+def train_losses(metrics: Path, after: int) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    return [(r["step"], r["train_loss"]) for r in rows
+            if r.get("kind") == "train" and r["step"] > after]
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "from_scratch"])
+def test_only_adapters_train_and_the_optimizer_sees_only_them(model_type, tiny_gpt2_dir):
+    settings = dict(model_type=model_type, gpt2_model_name=str(tiny_gpt2_dir), block_size=32,
+                    tokenization_method="gpt2", n_layer=2, n_head=2, n_embd=32, lora_r=4)
+    base = build_model(TrainingConfig(**settings), 50257)
+    model = build_model(TrainingConfig(**settings, use_lora=True), 50257)
+    trainable, total = count_parameters(model)
+    expected = lora_size(base, 4, ["c_attn", "c_proj", "c_fc"])
+    assert trainable == expected
+    assert total == count_parameters(base)[1] + expected
+    optimizer = build_optimizer(model, TrainingConfig(**settings), torch.device("cpu"))
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == expected
+
+
+def test_fresh_lora_run_saves_a_small_adapter_checkpoint(train_run, tiny_gpt2_dir, qa_corpus):
+    from transformers import GPT2LMHeadModel
+
+    summary = train_run(model_type="gpt2", use_lora=True, gpt2_model_name=str(tiny_gpt2_dir),
+                        training_data_source=str(qa_corpus), training_steps=4,
+                        checkpoint_interval=4)
+    path = summary.checkpoint_dir / "step_0000004.pt"
+    ckpt = torch.load(path, weights_only=True)
+    base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    adapter = ckpt["model_state_dict"]
+    assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
+    assert any(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k)  # it trained
+    base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
+    assert path.stat().st_size < base_bytes / 10
+    assert ckpt["lora_base"] == {"name": str(tiny_gpt2_dir),
+                                 "fingerprint": weights_fingerprint(base)}
+    assert ckpt["hyperparameters"]["learning_rate"] == 3e-4  # the LoRA fine-tuning default
+    expected = lora_size(base, 8, ["c_attn", "c_proj", "c_fc"])
+    assert f"parameters: {expected:,} trainable" in summary.log_file.read_text()
+
+
+@pytest.mark.parametrize("model_type", ["gpt2", "from_scratch"])
+def test_lora_resume_is_exact(model_type, train_run, tmp_path, tiny_gpt2_dir, qa_corpus):
+    common = dict(training_data_source=str(qa_corpus), run_name="lora")
+    first = dict(model_type=model_type, use_lora=True, gpt2_model_name=str(tiny_gpt2_dir),
+                 tokenization_method="gpt2", dropout=0.1, lora_dropout=0.1, training_steps=6,
+                 checkpoint_interval=3, eval_interval=3, **common)
+    whole = train_run(**first, checkpoint_dir=str(tmp_path / "a"), log_dir=str(tmp_path / "la"))
+    resumed = train_run(checkpoint_path=str(whole.checkpoint_dir / "step_0000003.pt"),
+                        checkpoint_dir=str(tmp_path / "b"), log_dir=str(tmp_path / "lb"),
+                        **common)
+    a = torch.load(whole.checkpoint_dir / "step_0000006.pt", weights_only=True)
+    b = torch.load(resumed.checkpoint_dir / "step_0000006.pt", weights_only=True)
+    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
+    for k, v in a["model_state_dict"].items():
+        assert torch.equal(v, b["model_state_dict"][k]), k
+    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(),
+                      b["optimizer_state_dict"]["state"].values(), strict=True):
+        assert all(torch.equal(pa[k], pb[k]) for k in pa)
+    assert a["lora_base"] == b["lora_base"]
+    logged = train_losses(whole.metrics_file, after=3)
+    assert [s for s, _ in logged] == [4, 5, 6]
+    assert train_losses(resumed.metrics_file, after=3) == logged
+    assert resumed.final_losses == whole.final_losses
+
+
+def test_resume_refuses_a_changed_base(train_run, tmp_path, tiny_gpt2_dir, qa_corpus):
+    from lmtrain.models.export import export_checkpoint
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    first = train_run(model_type="gpt2", use_lora=True, gpt2_model_name=str(folder),
+                      training_data_source=str(qa_corpus), training_steps=2,
+                      checkpoint_interval=2)
+    ckpt = first.checkpoint_dir / "step_0000002.pt"
+    save_tiny_gpt2(folder, seed=1)  # other weights under the same name
+    with pytest.raises(UserError, match=r"trained on base model .* fingerprint .*restore"):
+        train_run(checkpoint_path=str(ckpt), training_data_source=str(qa_corpus))
+    with pytest.raises(UserError, match="fingerprint"):
+        export_checkpoint(ckpt, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_from_scratch_lora_run(train_run):
+    summary = train_run(use_lora=True, lora_r=2, training_steps=3, checkpoint_interval=3)
+    ckpt = torch.load(summary.checkpoint_dir / "step_0000003.pt", weights_only=True)
+    assert all(".lora_" in k for k in ckpt["model_state_dict"])
+    assert ckpt["lora_base"]["name"].startswith("from_scratch(")
+    log = summary.log_file.read_text()
+    trainable, total = (int(x.replace(",", "")) for x in
+                        log.split("parameters: ")[1].split(" total")[0].split(" trainable / "))
+    assert 0 < trainable < total / 4
+
+
+def test_fingerprint_follows_every_weight(tiny_gpt2_dir):
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
+    before = weights_fingerprint(model)
+    assert weights_fingerprint(GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)) == before
+    with torch.no_grad():
+        model.transformer.h[1].ln_2.bias[3] += 1e-6
+    assert weights_fingerprint(model) != before
+
+
+def test_unknown_lora_targets_are_named(train_run):
+    with pytest.raises(UserError, match=r"^LORA_TARGETS='q_proj' matches no layer"):
+        train_run(use_lora=True, lora_targets="q_proj", training_steps=1)

@@ -85,13 +85,13 @@ def tiny_checkpoint(tmp_path_factory, corpus_text: str) -> Path:
     return summary.checkpoint_dir / "step_0000004.pt"
 
 
-def save_tiny_gpt2(folder: Path, seed: int = 0, vocab_size: int = 50257) -> Path:
+def save_tiny_gpt2(folder: Path, seed: int = 0, vocab_size: int = 50257, n_embd: int = 64) -> Path:
     """A tiny random ``GPT2LMHeadModel`` (2 layers, width 64, 64 positions) in ``folder``."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64, vocab_size=vocab_size)
+    config = GPT2Config(n_layer=2, n_embd=n_embd, n_head=2, n_positions=64, vocab_size=vocab_size)
     GPT2LMHeadModel(config).save_pretrained(folder)
     return folder
 

@@ -20,10 +20,10 @@ def gpt2_settings(model_dir: Path, **over) -> TrainingConfig:
 
 
 def write_genuine_bpe_files(folder: Path) -> None:
-    from lmtrain.data.tokenizers import _gpt2_file
+    from lmtrain.data.tokenizers import gpt2_file
 
-    (folder / "vocab.json").write_bytes(_gpt2_file("encoder.json"))
-    (folder / "merges.txt").write_bytes(_gpt2_file("vocab.bpe"))
+    (folder / "vocab.json").write_bytes(gpt2_file("encoder.json"))
+    (folder / "merges.txt").write_bytes(gpt2_file("vocab.bpe"))
 
 
 def test_full_finetune_trains_every_weight(train_run, tiny_gpt2_dir, qa_corpus):
@@ -138,3 +138,20 @@ def test_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny_gpt2_dir, qa_c
     proc = run_entrypoint(["-m", "lmtrain", "train"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "gpt2 tokenizer (50257 tokens)" in proc.stdout + proc.stderr
+
+
+def test_resume_after_the_model_folder_moved(tmp_path, train_run, tiny_gpt2_dir, qa_corpus):
+    """GPT2_MODEL_NAME may change on resume; the weights must still fit the new folder's model."""
+    import shutil
+
+    first = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                      training_data_source=str(qa_corpus), training_steps=2,
+                      checkpoint_interval=2)
+    moved = tmp_path / "moved-model"
+    shutil.copytree(tiny_gpt2_dir, moved)
+    ckpt = str(first.checkpoint_dir / "step_0000002.pt")
+    resumed = train_run(checkpoint_path=ckpt, resume_steps=1, gpt2_model_name=str(moved))
+    assert resumed.end_step == 3
+    other = save_tiny_gpt2(tmp_path / "other", vocab_size=50257, n_embd=32)
+    with pytest.raises(UserError, match=r"weights do not fit .*GPT2_MODEL_NAME="):
+        train_run(checkpoint_path=ckpt, resume_steps=1, gpt2_model_name=str(other))

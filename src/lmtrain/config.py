@@ -126,8 +126,10 @@ class TrainingConfig(BaseModel):
 FIELDS = TrainingConfig.model_fields
 
 #: Settings fixed by the checkpoint: an explicit different value on resume is an error.
+#: (GPT2_MODEL_NAME may change, e.g. a moved folder: LoRA checks the base's fingerprint and a
+#: full fine-tune's weights must fit the model built from it.)
 ARCHITECTURE_FIELDS = frozenset({
-    "model_type", "use_lora", "n_layer", "n_head", "n_embd", "block_size", "gpt2_model_name",
+    "model_type", "use_lora", "n_layer", "n_head", "n_embd", "block_size",
     "lora_r", "lora_alpha", "lora_targets", "tokenization_method", "custom_vocab_size",
 })
 #: Settings that only select what to resume; never taken from the checkpoint.

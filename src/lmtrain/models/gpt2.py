@@ -100,18 +100,18 @@ def _model_file(config: TrainingConfig, filename: str) -> str | None:
 
 def _is_genuine_gpt2(vocab_file: str, merges_file: str) -> bool:
     """Whether a folder's BPE files hold exactly the genuine GPT-2 vocabulary and merges."""
-    from lmtrain.data.tokenizers import _gpt2_file
+    from lmtrain.data.tokenizers import gpt2_file
 
     def merge_lines(text: str) -> list[str]:
         return [line for line in text.splitlines() if line.strip()]
 
     with open(vocab_file, encoding="utf-8") as fh:
         vocab = json.load(fh)
-    if vocab != json.loads(_gpt2_file("encoder.json")):
+    if vocab != json.loads(gpt2_file("encoder.json")):
         return False
     with open(merges_file, encoding="utf-8") as fh:
         merges = merge_lines(fh.read())
-    return merges == merge_lines(_gpt2_file("vocab.bpe").decode("utf-8"))
+    return merges == merge_lines(gpt2_file("vocab.bpe").decode("utf-8"))
 
 
 def gpt2_tokenizer(config: TrainingConfig) -> Tokenizer:

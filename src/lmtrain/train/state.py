@@ -19,6 +19,7 @@ from lmtrain.config import TrainingConfig
 from lmtrain.data.dataset import TokenData
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.distributed import all_gather_objects
+from lmtrain.errors import UserError
 from lmtrain.reporting import MetricsWriter
 
 log = logging.getLogger("lmtrain")
@@ -80,8 +81,16 @@ def load_model_state(model: nn.Module, config: TrainingConfig, sd: dict[str, Any
         from lmtrain.models.lora import load_adapter_state_dict
 
         load_adapter_state_dict(model, sd)
-    else:
+        return
+    try:
         model.load_state_dict(sd)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(
+            f"the checkpoint's weights do not fit the model built from its settings "
+            f"(GPT2_MODEL_NAME={config.gpt2_model_name!r} for gpt2 runs): "
+            f"{' '.join(first[1:2] or first[:1])[:200]}; point GPT2_MODEL_NAME at the model "
+            f"the run was trained from") from None
 
 
 def checkpoint_payload(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, Any]:

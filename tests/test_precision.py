@@ -1,0 +1,107 @@
+"""Mixed precision and compile: which dtype ``PRECISION`` picks, bf16 training matching fp32,
+exact resume under bf16, the fp16 gradient scaler's checkpointed state, COMPILE=1 wiring."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmtrain import device as device_mod
+from lmtrain.checkpoint import load_checkpoint
+from lmtrain.config import explicit_settings
+from lmtrain.device import CPU_BF16_MIN_WIDTH, autocast_dtype, make_grad_scaler, matmul_width
+from lmtrain.errors import UserError
+from lmtrain.models.gpt import GPT, GPTConfig, build_from_scratch
+from lmtrain.train.loop import run_training
+from lmtrain.train.session import prepare_run, resolve_config
+from lmtrain.train.state import checkpoint_payload, restore_state
+from tests.conftest import TINY
+
+CPU = torch.device("cpu")
+
+
+def _gpt(width: int) -> GPT:
+    return GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=width))
+
+
+def test_explicit_precisions():
+    assert autocast_dtype("fp32", CPU) is None
+    assert autocast_dtype("bf16", CPU) is torch.bfloat16
+    assert autocast_dtype("fp16", torch.device("cuda")) is torch.float16
+    with pytest.raises(UserError, match="PRECISION=fp16"):
+        autocast_dtype("fp16", CPU)
+
+
+def test_auto_uses_bf16_on_a_bf16_cpu_only_for_models_wide_enough(monkeypatch):
+    monkeypatch.setattr(device_mod, "cpu_supports_bf16", lambda: True)
+    narrow, wide = _gpt(CPU_BF16_MIN_WIDTH // 2), _gpt(CPU_BF16_MIN_WIDTH)
+    assert matmul_width(narrow) == CPU_BF16_MIN_WIDTH // 2
+    assert autocast_dtype("auto", CPU, narrow) is None
+    assert autocast_dtype("auto", CPU, wide) is torch.bfloat16
+    bigram = build_from_scratch(GPTConfig(vocab_size=500, block_size=8, n_layer=0, n_head=1,
+                                          n_embd=8))
+    assert autocast_dtype("auto", CPU, bigram) is None  # an embedding table, no matmuls
+    monkeypatch.setattr(device_mod, "cpu_supports_bf16", lambda: False)
+    assert autocast_dtype("auto", CPU, wide) is None
+    assert autocast_dtype("auto", torch.device("mps"), wide) is None
+
+
+def test_grad_scaler_only_for_fp16():
+    assert make_grad_scaler(None, CPU) is None
+    assert make_grad_scaler(torch.bfloat16, CPU) is None
+    assert isinstance(make_grad_scaler(torch.float16, CPU), torch.amp.GradScaler)
+
+
+def test_bf16_loss_matches_fp32_after_30_steps(train_run):
+    common = {"training_steps": 30, "eval_interval": 30, "eval_iters": 8,
+              "checkpoint_interval": 30, "max_new_tokens": 0, "learning_rate": 3e-3}
+    fp32 = train_run(precision="fp32", run_name="fp32", **common).final_losses
+    bf16 = train_run(precision="bf16", run_name="bf16", **common).final_losses
+    assert fp32["val"] < 3.6  # it learned something (starts near ln(vocab) ~ 4.2)
+    assert fp32["val"] != bf16["val"]  # autocast really ran in bf16
+    assert abs(fp32["val"] - bf16["val"]) < 0.05
+    assert abs(fp32["train"] - bf16["train"]) < 0.05
+
+
+def test_bf16_resume_is_exact(train_run, run_dirs):
+    common = {"precision": "bf16", "training_steps": 8, "checkpoint_interval": 4,
+              "max_new_tokens": 0}
+    full = train_run(run_name="full", **common)
+    mid = full.checkpoint_dir / "step_0000004.pt"
+    resumed = train_run(checkpoint_path=str(mid), resume_steps=4,
+                        checkpoint_dir=str(Path(run_dirs["checkpoint_dir"]) / "again"))
+    a = load_checkpoint(full.checkpoint_dir / "step_0000008.pt")["model_state_dict"]
+    b = load_checkpoint(resumed.checkpoint_dir / "step_0000008.pt")["model_state_dict"]
+    for name, tensor in a.items():
+        assert torch.equal(tensor, b[name]), name
+
+
+def _fresh_ctx(corpus: Path, run_dirs: dict[str, str], **overrides):
+    flags = {**TINY, "training_data_source": str(corpus), **run_dirs, "max_new_tokens": 0,
+             "run_name": "ctx", **overrides}
+    values, sources = explicit_settings(flags=flags, env={})
+    loaded, _ = resolve_config(values, sources)
+    return prepare_run(loaded, None)
+
+
+def test_grad_scaler_state_is_checkpointed_and_restored(corpus, run_dirs):
+    ctx = _fresh_ctx(corpus, run_dirs, training_steps=3)
+    ctx.grad_scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1)
+    run_training(ctx, 0, 3)  # every finite step grows the scale (growth_interval=1)
+    ckpt = load_checkpoint(ctx.checkpoint_dir / "step_0000003.pt")
+    assert ckpt["grad_scaler_state_dict"]["scale"] == 256.0 * 2**3
+    again = _fresh_ctx(corpus, run_dirs, training_steps=3)
+    again.grad_scaler = torch.amp.GradScaler("cpu")
+    restore_state(again, ckpt)
+    assert again.grad_scaler.get_scale() == 256.0 * 2**3
+
+
+def test_compile_wraps_the_model_but_checkpoints_hold_the_raw_one(corpus, run_dirs):
+    ctx = _fresh_ctx(corpus, run_dirs, compile=True)
+    assert ctx.model is not ctx.raw_model
+    assert isinstance(ctx.raw_model, GPT)
+    keys = checkpoint_payload(ctx)["model_state_dict"].keys()
+    assert keys == ctx.raw_model.state_dict().keys()
+    assert not any("_orig_mod" in k for k in keys)

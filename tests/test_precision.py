@@ -1,5 +1,6 @@
-"""Mixed precision and compile: which dtype ``PRECISION`` picks, bf16 training matching fp32,
-exact resume under bf16, the fp16 gradient scaler's checkpointed state, COMPILE=1 wiring."""
+"""Speed settings: which dtype ``PRECISION`` picks, bf16 training matching fp32, exact resume
+under bf16, the fp16 gradient scaler's checkpointed state, COMPILE=1 wiring, and the timing
+breakdown logged at the end of a run."""
 
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ def test_bf16_loss_matches_fp32_after_30_steps(train_run):
               "checkpoint_interval": 30, "max_new_tokens": 0, "learning_rate": 3e-3}
     fp32 = train_run(precision="fp32", run_name="fp32", **common).final_losses
     bf16 = train_run(precision="bf16", run_name="bf16", **common).final_losses
-    assert fp32["val"] < 3.6  # it learned something (starts near ln(vocab) ~ 4.2)
+    assert fp32["val"] < 3.8  # it learned something (it starts near ln(vocab) ~ 4.1)
     assert fp32["val"] != bf16["val"]  # autocast really ran in bf16
     assert abs(fp32["val"] - bf16["val"]) < 0.05
     assert abs(fp32["train"] - bf16["train"]) < 0.05
@@ -70,7 +71,7 @@ def test_bf16_resume_is_exact(train_run, run_dirs):
               "max_new_tokens": 0}
     full = train_run(run_name="full", **common)
     mid = full.checkpoint_dir / "step_0000004.pt"
-    resumed = train_run(checkpoint_path=str(mid), resume_steps=4,
+    resumed = train_run(checkpoint_path=str(mid), resume_steps=4, precision="bf16",
                         checkpoint_dir=str(Path(run_dirs["checkpoint_dir"]) / "again"))
     a = load_checkpoint(full.checkpoint_dir / "step_0000008.pt")["model_state_dict"]
     b = load_checkpoint(resumed.checkpoint_dir / "step_0000008.pt")["model_state_dict"]
@@ -105,3 +106,15 @@ def test_compile_wraps_the_model_but_checkpoints_hold_the_raw_one(corpus, run_di
     keys = checkpoint_payload(ctx)["model_state_dict"].keys()
     assert keys == ctx.raw_model.state_dict().keys()
     assert not any("_orig_mod" in k for k in keys)
+
+
+def test_timing_breakdown_adds_up_and_is_logged(train_run):
+    summary = train_run(training_steps=6, run_name="timed")
+    t = summary.timings
+    parts = ("setup", "data", "train", "eval", "checkpoint", "sample", "other")
+    assert set(parts) | {"total"} == set(t)
+    assert all(t[k] >= 0 for k in parts)
+    assert t["train"] > 0 and t["eval"] > 0 and t["checkpoint"] > 0 and t["setup"] > 0
+    assert sum(t[k] for k in parts) == pytest.approx(t["total"], rel=1e-6)
+    last = summary.log_file.read_text(encoding="utf-8").splitlines()[-1]
+    assert "time: " in last and "checkpoint" in last and "total" in last

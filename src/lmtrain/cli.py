@@ -61,8 +61,11 @@ def run_training_session(values: dict[str, Any], sources: dict[str, str]) -> int
 
         stop.check()
         summary = train(values, sources)
-    print(f"done: run {summary.run_name}, steps {summary.start_step}->{summary.end_step}, "
-          f"checkpoints in {summary.checkpoint_dir}, log {summary.log_file}")
+    from lmtrain.distributed import env_info
+
+    if env_info().is_main:  # under torchrun, one line for the whole run
+        print(f"done: run {summary.run_name}, steps {summary.start_step}->{summary.end_step}, "
+              f"checkpoints in {summary.checkpoint_dir}, log {summary.log_file}")
     return 0
 
 

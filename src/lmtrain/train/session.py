@@ -285,7 +285,9 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
             {"start_step": start, "end_step": ctx.step, **summary.start_losses,
              **{f"final_{k}": v for k, v in summary.final_losses.items()}}, summary.sample)
         log.info("wrote %s", summary.output_file)
-    ctx.timings["total"] = time.perf_counter() - t_start
+    total = time.perf_counter() - t_start
+    ctx.timings["other"] = max(total - sum(ctx.timings.values()), 0.0)  # logs, metrics, plot
+    ctx.timings["total"] = total
     summary.timings = dict(ctx.timings)
     log.info("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in ctx.timings.items()))
     return summary

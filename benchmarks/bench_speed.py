@@ -1,0 +1,338 @@
+"""Training speed of lmtrain against a plain PyTorch loop of the same model, in one invocation.
+
+    python benchmarks/bench_speed.py           # the figures for the README (~15 min on 2 cores)
+    python benchmarks/bench_speed.py --quick   # a few steps of each part (smoke run, ~1 min)
+
+Four parts, each printed as a markdown table:
+
+a. From-scratch GPT, 6 layers, 6 heads, N_EMBD=384, BLOCK_SIZE=256, BATCH_SIZE=16 on the
+   bundled corpus: lmtrain's own session assembly and loop (``prepare_run`` + ``run_training``
+   with ``PRECISION=auto`` and ``COMPILE`` as given) against a plain fp32 loop of the same model
+   class (``torch.optim.AdamW`` defaults, no autocast). Same initial weights, same batches, same
+   constant learning rate; target tokens/s ratio >= 2.0 and final val loss within 0.05.
+b. The 4-layer reference config (4 layers, 4 heads, N_EMBD=128, BLOCK_SIZE=64, BATCH_SIZE=12):
+   lmtrain >= 1.0x the plain fp32 loop, and the trainer's overhead over a bare loop with
+   identical settings (same precision, same optimizer) < 5%.
+c. Matmul throughput measured here (fp32 and bf16) and the MFU of each side against it. The
+   bf16/fp32 matmul ratio bounds what bf16 autocast can give a whole training step.
+d. Saving a checkpoint of the 6-layer model (< 0.5 s) and going from that checkpoint to the
+   end of the first resumed step (< 3 s; in-process, so Python imports are excluded).
+
+The sides run interleaved, a chunk of steps at a time, so that load from other processes on
+a shared machine hits them alike; each side keeps its own dropout RNG stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LR, WEIGHT_DECAY, BETAS, GRAD_CLIP = 1e-3, 0.1, (0.9, 0.95), 1.0
+SIX = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "batch_size": 16}
+FOUR = {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 64, "batch_size": 12}
+
+
+# ---------------------------------------------------------------- the sides being compared
+
+
+@dataclass
+class Side:
+    """One way of training: ``step(n)`` runs n optimizer steps; time is summed over chunks."""
+
+    name: str
+    precision: str
+    run: Callable[[int], None]
+    model: torch.nn.Module
+    seconds: float = 0.0
+    steps: int = 0
+    rng: torch.Tensor = field(default_factory=torch.get_rng_state)
+
+    def chunk(self, n: int, timed: bool) -> None:
+        torch.set_rng_state(self.rng)  # each side has its own dropout stream
+        t0 = time.perf_counter()
+        self.run(n)
+        if timed:
+            self.seconds += time.perf_counter() - t0
+            self.steps += n
+        self.rng = torch.get_rng_state()
+
+
+def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Path,
+                    compile_model: bool) -> Any:
+    """A RunContext assembled by lmtrain's own session code (fresh run, PRECISION=auto)."""
+    from lmtrain.config import explicit_settings
+    from lmtrain.train.session import prepare_run, resolve_config
+
+    flags = {**shape, "learning_rate": LR, "lr_scheduler": "none", "warmup_steps": 0,
+             "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "dropout": args.dropout,
+             "seed": args.seed, "precision": args.precision, "device": "cpu",
+             "compile": compile_model, "enable_checkpoints": False, "eval_interval": 10**9,
+             "log_interval": 10**9, "max_new_tokens": 0, "training_steps": 10**6,
+             "run_name": "bench", "checkpoint_dir": str(workdir / "ckpt"),
+             "log_dir": str(workdir / "logs"), "cache_dir": str(workdir / "cache")}
+    values, sources = explicit_settings(flags=flags, env={})
+    loaded, _ = resolve_config(values, sources)
+    return prepare_run(loaded, None)
+
+
+def lmtrain_side(ctx: Any) -> Side:
+    from lmtrain.train.loop import run_training
+
+    def run(n: int) -> None:
+        run_training(ctx, ctx.step, n)
+
+    return Side("lmtrain", str(ctx.autocast_dtype or "fp32").replace("torch.", ""), run,
+                ctx.raw_model)
+
+
+def bare_side(name: str, ctx: Any, dtype: torch.dtype | None, lmtrain_optimizer: bool,
+              seed: int) -> Side:
+    """A nanoGPT-style loop over the same model class, data, batches and learning rate."""
+    from lmtrain.models.gpt import GPT
+    from lmtrain.train.optim import build_optimizer
+
+    cfg = ctx.config
+    torch.manual_seed(seed)  # the same initial weights as lmtrain's side
+    model = GPT(ctx.raw_model.config)
+    if lmtrain_optimizer:
+        opt = build_optimizer(model, cfg, torch.device("cpu"))
+    else:  # torch's defaults: the per-tensor loop on the CPU
+        decay = [p for p in model.parameters() if p.dim() >= 2]
+        rest = [p for p in model.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
+                                 {"params": rest, "weight_decay": 0.0}], lr=LR, betas=BETAS)
+    train = ctx.data.train
+    gen = torch.Generator().manual_seed(seed)
+    B, T = cfg.batch_size, cfg.block_size
+    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+
+    def run(n: int) -> None:
+        model.train()
+        for _ in range(n):
+            ix = torch.randint(len(train) - T, (B,), generator=gen).tolist()
+            x = torch.stack([torch.from_numpy(train[i:i + T].astype(np.int64)) for i in ix])
+            y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + T].astype(np.int64))
+                             for i in ix])
+            with autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            loss.item()
+
+    return Side(name, str(dtype or "fp32").replace("torch.", ""), run, model)
+
+
+def race(sides: list[Side], warmup: int, steps: int, chunk: int) -> None:
+    """Warm every side up, then alternate timed chunks until each has run ``steps``."""
+    for side in sides:
+        side.chunk(warmup, timed=False)
+    done = 0
+    while done < steps:
+        n = min(chunk, steps - done)
+        for side in sides:
+            side.chunk(n, timed=True)
+        done += n
+
+
+def val_loss(model: torch.nn.Module, ctx: Any, iters: int) -> float:
+    """fp32 validation loss on fixed batches (the same for every side)."""
+    from lmtrain.train.evaluate import estimate_loss
+
+    cfg = ctx.config
+    return estimate_loss(model, ctx.data, cfg.batch_size, cfg.block_size, iters,
+                         torch.device("cpu"), cfg.seed)["val"]
+
+
+# ---------------------------------------------------------------- FLOPs and matmul peak
+
+
+def flops_per_token(model: Any) -> float:
+    """Training FLOPs per token, as in the PaLM appendix / nanoGPT: 6N + 12·L·E·T."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters()) - model.transformer.wpe.weight.numel()
+    return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+def matmul_tflops(dtype: torch.dtype, n: int, repeats: int) -> float:
+    """Best-of-``repeats`` TFLOPS of an n x n matmul in ``dtype``."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e12
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- the four parts
+
+
+def part_six(args: argparse.Namespace, workdir: Path) -> tuple[list[Side], Any, dict]:
+    ctx = lmtrain_context(SIX, args, workdir / "six", args.compile)
+    ours = lmtrain_side(ctx)
+    plain = bare_side("plain loop", ctx, None, lmtrain_optimizer=False, seed=args.seed)
+    for name, tensor in plain.model.state_dict().items():  # a fair start
+        assert torch.equal(tensor, ctx.raw_model.state_dict()[name]), name
+    race([ours, plain], args.warmup, args.steps, args.chunk)
+    losses = {s.name: val_loss(s.model, ctx, args.eval_iters) for s in (ours, plain)}
+    return [ours, plain], ctx, losses
+
+
+def part_four(args: argparse.Namespace, workdir: Path) -> list[Side]:
+    ctx = lmtrain_context(FOUR, args, workdir / "four", compile_model=False)
+    ours = lmtrain_side(ctx)
+    plain = bare_side("plain loop", ctx, None, lmtrain_optimizer=False, seed=args.seed)
+    bare = bare_side("bare loop, same settings", ctx, ctx.autocast_dtype,
+                     lmtrain_optimizer=True, seed=args.seed)
+    race([ours, plain, bare], args.warmup, args.ref_steps, args.ref_chunk)
+    return [ours, plain, bare]
+
+
+def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float]:
+    """(median seconds to save the 6-layer checkpoint, seconds from it to one resumed step)."""
+    from lmtrain.checkpoint import save_checkpoint
+    from lmtrain.config import explicit_settings
+    from lmtrain.train.loop import run_training
+    from lmtrain.train.session import prepare_run, resolve_config
+    from lmtrain.train.state import checkpoint_payload
+
+    path = workdir / "six" / "bench.pt"
+    saves = [_timed(lambda: save_checkpoint(path, checkpoint_payload(ctx)))
+             for _ in range(repeats)]
+    t0 = time.perf_counter()
+    values, sources = explicit_settings(
+        flags={"checkpoint_path": str(path), "resume_steps": 1, "compile": False}, env={})
+    loaded, ckpt = resolve_config(values, sources)
+    resumed = prepare_run(loaded, ckpt)
+    run_training(resumed, resumed.step, 1)
+    return statistics.median(saves), time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------- report
+
+
+def tok_s(side: Side, shape: dict[str, int]) -> float:
+    return shape["batch_size"] * shape["block_size"] * side.steps / side.seconds
+
+
+def verdict(ok: bool) -> str:
+    return "yes" if ok else "**no**"
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from lmtrain.device import cpu_supports_bf16
+
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, native bf16: {cpu_supports_bf16()}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a few steps of each part")
+    parser.add_argument("--steps", type=int, default=None, help="timed 6-layer steps [40; 2]")
+    parser.add_argument("--ref-steps", type=int, default=None, help="timed 4-layer steps "
+                        "[300; 6]")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed steps first [3; 1]")
+    parser.add_argument("--chunk", type=int, default=None, help="6-layer steps per turn [5; 1]")
+    parser.add_argument("--ref-chunk", type=int, default=None, help="4-layer steps per turn "
+                        "[25; 2]")
+    parser.add_argument("--eval-iters", type=int, default=None, help="val batches [20; 2]")
+    parser.add_argument("--precision", default="auto", help="lmtrain's PRECISION [auto]")
+    parser.add_argument("--compile", action="store_true", help="COMPILE=1 on lmtrain's side")
+    parser.add_argument("--dropout", type=float, default=0.1, help="DROPOUT, both sides [0.1]")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--seed", type=int, default=1337)
+    args = parser.parse_args()
+    q = args.quick
+    for name, full, quick in (("steps", 40, 2), ("ref_steps", 300, 6), ("warmup", 3, 1),
+                              ("chunk", 5, 1), ("ref_chunk", 25, 2), ("eval_iters", 20, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if q else full)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.getLogger("lmtrain").setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        six, six_ctx, losses = part_six(args, workdir)
+        four = part_four(args, workdir)
+        peak = {"fp32": matmul_tflops(torch.float32, 1024 if q else 2048, 3 if q else 10),
+                "bfloat16": matmul_tflops(torch.bfloat16, 1024 if q else 2048, 3 if q else 10)}
+        save_s, resume_s = part_checkpoint(six_ctx, workdir, 2 if q else 5)
+
+    print(f"\nmachine: {machine()}" + ("  (--quick: smoke run, not a measurement)" if q else ""))
+    print(f"\n### a. 6-layer GPT (6 heads, N_EMBD=384, BLOCK_SIZE=256, BATCH_SIZE=16, "
+          f"DROPOUT={args.dropout}), {args.steps} timed steps\n")
+    print("| side | precision | tokens/s | ms/step | MFU | val loss after "
+          f"{args.warmup + args.steps} steps |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    fpt = flops_per_token(six[0].model)
+    for s in six:
+        rate = tok_s(s, SIX)
+        print(f"| {s.name}{' (compile)' if s.name == 'lmtrain' and args.compile else ''} "
+              f"| {s.precision} | {rate:,.0f} | {1e3 * s.seconds / s.steps:,.0f} "
+              f"| {rate * fpt / (peak[s.precision] * 1e12):.1%} | {losses[s.name]:.4f} |")
+    ratio = tok_s(six[0], SIX) / tok_s(six[1], SIX)
+    delta = abs(losses["lmtrain"] - losses["plain loop"])
+    print(f"\nspeed-up {ratio:.2f}x (target >= 2.0: {verdict(ratio >= 2.0)}); "
+          f"|Δ val loss| {delta:.4f} (target < 0.05: {verdict(delta < 0.05)})")
+
+    print(f"\n### b. 4-layer reference (4 heads, N_EMBD=128, BLOCK_SIZE=64, BATCH_SIZE=12), "
+          f"{args.ref_steps} timed steps\n")
+    print("| side | precision | tokens/s | ms/step | MFU |")
+    print("| --- | --- | --- | --- | --- |")
+    fpt4 = flops_per_token(four[0].model)
+    for s in four:
+        rate = tok_s(s, FOUR)
+        print(f"| {s.name} | {s.precision} | {rate:,.0f} | {1e3 * s.seconds / s.steps:.1f} "
+              f"| {rate * fpt4 / (peak[s.precision] * 1e12):.1%} |")
+    ratio4 = tok_s(four[0], FOUR) / tok_s(four[1], FOUR)
+    overhead = four[0].seconds / four[2].seconds - 1
+    print(f"\nlmtrain vs plain loop {ratio4:.2f}x (target >= 1.0: {verdict(ratio4 >= 1.0)}); "
+          f"trainer overhead over the bare loop {overhead:+.1%} "
+          f"(target < 5%: {verdict(overhead < 0.05)})")
+
+    print("\n### c. matmul throughput on this machine\n")
+    print("| dtype | TFLOPS | vs fp32 |")
+    print("| --- | --- | --- |")
+    for name, tflops in peak.items():
+        print(f"| {name} | {tflops:.3f} | {tflops / peak['fp32']:.2f}x |")
+    print("\n(MFU above = model FLOPs/s, 6N + 12·L·E·T per token, over the matmul peak of the "
+          "side's dtype; the bf16/fp32 matmul ratio caps the speed-up bf16 autocast can give.)")
+
+    print("\n### d. checkpoints (6-layer model, weights + AdamW state)\n")
+    print("| operation | seconds | target |")
+    print("| --- | --- | --- |")
+    print(f"| save a checkpoint | {save_s:.3f} | < 0.5: {verdict(save_s < 0.5)} |")
+    print(f"| checkpoint -> first resumed step (no imports) | {resume_s:.2f} "
+          f"| < 3: {verdict(resume_s < 3)} |")
+
+
+if __name__ == "__main__":
+    main()

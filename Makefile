@@ -21,15 +21,17 @@ run: $(STAMP)
 	$(PY) training.py
 
 test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks training.py training_resume.py
+	$(VENV)/bin/ruff check src tests benchmarks tools training.py training_resume.py
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks training.py training_resume.py
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools training.py training_resume.py
 
+# Benchmarks are not tests: run them on a quiet machine; each prints markdown tables.
 bench: $(STAMP)
-	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_speed.py
+	$(PY) benchmarks/bench_tokenize.py --sizes 30,300
+	$(PY) benchmarks/bench_lora.py
 
 clean:
 	rm -rf $(VENV) checkpoints logs outputs

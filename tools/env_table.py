@@ -9,7 +9,8 @@ def main() -> None:
     for name, info in FIELDS.items():
         default = "bundled corpus" if name == "training_data_source" else info.default
         default = "—" if default is None else f"`{default}`"
-        print(f"| `{env_name(name)}` | `{flag_name(name)}` | {default} | {info.description} |")
+        meaning = (info.description or "").replace("|", "\\|")
+        print(f"| `{env_name(name)}` | `{flag_name(name)}` | {default} | {meaning} |")
 
 
 if __name__ == "__main__":

@@ -148,6 +148,12 @@ def main_process_first() -> Iterator[None]:
 
 
 def cleanup() -> None:
-    """Leave the process group at the end of a run."""
+    """Leave the process group at the end of a run.
+
+    The barrier first lets every rank finish its last collective before any rank tears the
+    group down: a gloo peer that vanishes mid-teardown can abort the process that remains.
+    """
     if is_distributed():
+        with contextlib.suppress(RuntimeError):
+            dist.barrier()
         dist.destroy_process_group()

@@ -2,12 +2,28 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import nn
 
+from lmtrain.config import TrainingConfig
+from lmtrain.data.tokenizers import GPT2_EOT, Tokenizer
 from lmtrain.models import model_logits
+
+
+def start_context(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """The prompt's ids; an empty prompt starts from GPT-2's end-of-text token, or id 0."""
+    if prompt:
+        return tokenizer.encode(prompt)
+    return [GPT2_EOT] if tokenizer.kind in ("gpt2", "gpt2_files") else [0]
+
+
+def default_prompt(config: TrainingConfig) -> str:
+    """``PROMPT`` when set; else GPT-2 runs start in-domain (``QUESTION: ``), others empty."""
+    if config.prompt is not None:
+        return config.prompt
+    return "QUESTION: " if config.model_type == "gpt2" else ""
 
 
 @torch.no_grad()
@@ -16,11 +32,11 @@ def sample_tokens(
     device: torch.device, temperature: float = 1.0, top_k: int | None = None,
     generator: torch.Generator | None = None,
 ) -> Iterator[int]:
-    """Yield ``max_new_tokens`` sampled ids one at a time (the model is left in eval mode)."""
+    """Yield ``max_new_tokens`` sampled ids one at a time after ``context`` (non-empty)."""
     was_training = model.training
     model.eval()
     try:
-        idx = torch.tensor([context or [0]], dtype=torch.long, device=device)
+        idx = torch.tensor([context], dtype=torch.long, device=device)
         for _ in range(max_new_tokens):
             logits = model_logits(model, idx[:, -block_size:])[:, -1, :].float() / temperature
             if top_k is not None:
@@ -35,13 +51,12 @@ def sample_tokens(
 
 
 def generate_text(
-    model: nn.Module, encode: Callable[[str], list[int]], decode: Callable[[list[int]], str],
-    prompt: str, max_new_tokens: int, block_size: int, device: torch.device,
+    model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, block_size: int,
+    device: torch.device,
     temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
 ) -> str:
     """Prompt plus ``max_new_tokens`` sampled tokens, decoded."""
     gen = torch.Generator().manual_seed(seed)
-    context = encode(prompt) if prompt else []
-    new = list(sample_tokens(model, context, max_new_tokens, block_size, device,
-                             temperature, top_k, gen))
-    return prompt + decode(new)
+    new = list(sample_tokens(model, start_context(tokenizer, prompt), max_new_tokens, block_size,
+                             device, temperature, top_k, gen))
+    return prompt + tokenizer.decode(new)

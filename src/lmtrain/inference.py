@@ -23,12 +23,6 @@ class LoadedModel:
     config: TrainingConfig
     checkpoint: dict[str, Any]
 
-    @property
-    def default_prompt(self) -> str:
-        if self.config.prompt is not None:
-            return self.config.prompt
-        return "QUESTION: " if self.config.model_type == "gpt2" else ""
-
 
 def config_of(ckpt: dict[str, Any]) -> TrainingConfig:
     """The run's settings as saved in the checkpoint."""

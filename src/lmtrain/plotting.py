@@ -31,17 +31,23 @@ def plot_losses(metrics_file: Path, out: Path | None = None, log_scale: bool = F
     records = read_metrics(metrics_file)
     train = sorted((r["step"], r["train_loss"]) for r in records
                    if r.get("kind") == "train" and r.get("train_loss") is not None)
-    val = sorted((r["step"], r["val_loss"]) for r in records
-                 if r.get("kind") == "eval" and r.get("val_loss") is not None)
+    evals = [r for r in records if r.get("kind") == "eval" and r.get("val_loss") is not None]
+    val = sorted((r["step"], r["val_loss"]) for r in evals)
+    eval_train = sorted((r["step"], r["train_loss"]) for r in evals)
     resumes = sorted({r["step"] for r in records if r.get("kind") == "resume"})
     if not train and not val:
         raise UserError(f"{metrics_file}: no losses recorded yet; train for a few steps first")
     out = out or metrics_file.parent / "loss.png"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1.2, alpha=0.85)
+        ax.plot(*zip(*train, strict=True), label="train loss (one batch)", linewidth=0.8,
+                alpha=0.35, color="tab:blue")
+    if eval_train:
+        ax.plot(*zip(*eval_train, strict=True), "o-", label="train loss (eval)", markersize=3,
+                color="tab:blue")
     if val:
-        ax.plot(*zip(*val, strict=True), "o-", label="val loss", markersize=3)
+        ax.plot(*zip(*val, strict=True), "o-", label="val loss", markersize=3,
+                color="tab:orange")
     for i, step in enumerate(resumes):
         ax.axvline(step, color="grey", linestyle="--", linewidth=1,
                    label="resumed" if i == 0 else None)

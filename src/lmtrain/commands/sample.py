@@ -50,13 +50,13 @@ def run(args: argparse.Namespace) -> int:
 
     from lmtrain.device import select_device
     from lmtrain.errors import UserError
-    from lmtrain.generate import sample_tokens
+    from lmtrain.generate import default_prompt, sample_tokens, start_context
     from lmtrain.inference import load_trained_model
 
     device = select_device(_option(args, "--device", "DEVICE", str, "auto"))
     loaded = load_trained_model(args.checkpoint, device)
     cfg, tok = loaded.config, loaded.tokenizer
-    prompt = _option(args, "--prompt", "PROMPT", str, loaded.default_prompt)
+    prompt = _option(args, "--prompt", "PROMPT", str, default_prompt(cfg))
     max_new = _option(args, "--max-new-tokens", "MAX_NEW_TOKENS", int, 200)
     temperature = _option(args, "--temperature", "TEMPERATURE", float, cfg.temperature)
     top_k = _option(args, "--top-k", "TOP_K", int, cfg.top_k)
@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--temperature must be > 0, --max-new-tokens >= 0, --top-k >= 1 and "
                         "--num-samples >= 1")
     generator = torch.Generator().manual_seed(seed)
-    context = tok.encode(prompt) if prompt else []
+    context = start_context(tok, prompt)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")

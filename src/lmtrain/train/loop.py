@@ -112,11 +112,12 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * ctx.world_size
     stack = contextlib.ExitStack()
     bar = _progress(ctx, stack, start_step, end)
-    window_t0, window_steps = time.perf_counter(), 0
+    window_seconds, window_steps, window_loss = 0.0, 0, 0.0  # since the last progress line
     model.train()
     ctx.step = start_step
     try:
         for step in range(start_step, end):
+            step_t0 = time.perf_counter()
             lr = set_learning_rate(opt, step, cfg)
             loss_sum = torch.zeros((), device=ctx.device)
             for micro in range(cfg.grad_accum_steps):
@@ -158,22 +159,25 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 opt.zero_grad(set_to_none=True)
             ctx.step = step + 1
             ctx.timings["train"] += time.perf_counter() - t2
+            window_seconds += time.perf_counter() - step_t0
             window_steps += 1
+            window_loss += loss_value
             if bar is not None:
                 bar.update(1)
             if ctx.step % cfg.log_interval == 0 or ctx.step == end:
-                elapsed = time.perf_counter() - window_t0
-                tps = tokens_per_step * window_steps / max(elapsed, 1e-9)
+                # training throughput and mean loss over the steps since the last line
+                tps = tokens_per_step * window_steps / max(window_seconds, 1e-9)
+                mean_loss = window_loss / window_steps
                 if ctx.is_main:
                     if bar is not None:
-                        bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tps:,.0f}")
+                        bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
                     log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end,
-                             loss_value, lr, tps)
+                             mean_loss, lr, tps)
                     if ctx.metrics:
-                        ctx.metrics.write(step=ctx.step, train_loss=loss_value, lr=lr,
+                        ctx.metrics.write(step=ctx.step, train_loss=mean_loss, lr=lr,
                                           tokens_per_s=round(tps, 1), grad_norm=grad_norm,
                                           kind="train")
-                window_t0, window_steps = time.perf_counter(), 0
+                window_seconds, window_steps, window_loss = 0.0, 0, 0.0
             if ctx.step % cfg.eval_interval == 0:
                 evaluate(ctx)
             if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:

@@ -32,7 +32,7 @@ from lmtrain.distributed import (
     wrap_model,
 )
 from lmtrain.errors import TrainingInterrupted
-from lmtrain.generate import generate_text
+from lmtrain.generate import default_prompt, generate_text
 from lmtrain.models import build_model, count_parameters
 from lmtrain.reporting import (
     MetricsWriter,
@@ -113,7 +113,7 @@ def prepare_run(loaded: LoadedConfig, ckpt: dict[str, Any] | None) -> RunContext
     """Tokenizer, data, model, optimizer and RNG: from scratch, then restored from ``ckpt``."""
     cfg = loaded.config
     dist_info, device = init_distributed(select_device(cfg.device))
-    run_name = (ckpt or {}).get("run_name") or cfg.run_name or default_run_name(cfg)
+    run_name = cfg.run_name or (ckpt or {}).get("run_name") or default_run_name(cfg)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     with main_process_first():  # rank 0 fills caches before the others read them
         tokenizer = (tokenizer_from_state(ckpt["tokenizer"], drop_unknown=cfg.drop_unknown_chars)
@@ -310,8 +310,5 @@ def _sample(ctx: RunContext) -> str:
     cfg = ctx.config
     if cfg.max_new_tokens == 0:
         return ""
-    prompt = cfg.prompt if cfg.prompt is not None else (
-        "QUESTION: " if cfg.model_type == "gpt2" else "")
-    return generate_text(
-        ctx.raw_model, ctx.tokenizer.encode, ctx.tokenizer.decode, prompt, cfg.max_new_tokens,
-        cfg.block_size, ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed)
+    return generate_text(ctx.raw_model, ctx.tokenizer, default_prompt(cfg), cfg.max_new_tokens,
+                         cfg.block_size, ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed)

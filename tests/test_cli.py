@@ -41,7 +41,7 @@ def test_train_help_documents_env_twin_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for needle in ("--training-steps TRAINING_STEPS", "env TRAINING_STEPS; default: 2000",
+    for needle in ("--training-steps TRAINING_STEPS", "env TRAINING_STEPS; default: 4000",
                    "--resume CHECKPOINT_PATH", "env RESUME_STEPS", "--use-lora, --no-use-lora"):
         assert needle in text
 

@@ -60,7 +60,7 @@ class TrainingConfig(BaseModel):
     train_split: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens for training")
 
     # optimisation
-    training_steps: int = Field(2000, ge=0, description="planned total optimizer steps")
+    training_steps: int = Field(4000, ge=0, description="planned total optimizer steps")
     learning_rate: float = Field(1e-3, gt=0.0, description="peak learning rate")
     batch_size: int = Field(12, ge=1, description="sequences per step (per process)")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")

@@ -139,3 +139,27 @@ def test_progress_bar_on_a_terminal_and_clean_log_files(tmp_path, corpus):
     plain = run_entrypoint(["training.py"], {**env, "RUN_NAME": "pipe"}, ROOT)
     assert "\r" not in plain.stdout + plain.stderr and "step 10/30" in plain.stdout
     assert json.loads((tmp_path / "l" / "pipe" / "metrics.jsonl").read_text().splitlines()[-1])
+
+
+def test_a_failing_metrics_write_warns_and_training_goes_on(train_run, monkeypatch):
+    from lmtrain.reporting import MetricsWriter
+
+    class FullDisk:
+        def write(self, text):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            pass
+
+    real_init = MetricsWriter.__init__
+
+    def init_on_full_disk(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        self._fh.close()
+        self._fh = FullDisk()
+
+    monkeypatch.setattr(MetricsWriter, "__init__", init_on_full_disk)
+    summary = train_run(training_steps=3, checkpoint_interval=3)
+    assert summary.end_step == 3 and (summary.checkpoint_dir / "step_0000003.pt").is_file()
+    log_text = summary.log_file.read_text()
+    assert log_text.count("No space left on device") == 1 and "training goes on" in log_text

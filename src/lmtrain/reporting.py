@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -75,7 +76,9 @@ class MetricsWriter:
     """Appends one JSON object per line to ``metrics.jsonl`` in the run's log folder.
 
     With ``tensorboard=True`` the numeric values also go to TensorBoard event files in the same
-    folder (needs the ``tensorboard`` extra). A resumed run appends to its run's history.
+    folder (needs the ``tensorboard`` extra). A resumed run appends to its run's history. A
+    failed write (a full disk) is reported once and ends metrics for this run, not the run:
+    its checkpoints, not its metrics, are what a resume needs.
     """
 
     def __init__(self, path: Path, tensorboard: bool = False) -> None:
@@ -88,8 +91,16 @@ class MetricsWriter:
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
         record.setdefault("elapsed", round(time.perf_counter() - self._start, 3))
-        self._fh.write(json.dumps(record) + "\n")
-        self._fh.flush()
+        if self._fh is None:
+            return
+        try:
+            self._fh.write(json.dumps(record) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            log.warning("could not write %s (%s); metrics stop here, training goes on",
+                        self.path, exc.strerror or exc)
+            self._fh = None
+            return
         if self._tb is not None and "step" in record:
             prefix = "eval" if record.get("kind") == "eval" else "train"
             for key, value in record.items():
@@ -97,7 +108,9 @@ class MetricsWriter:
                     self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def close(self) -> None:
-        self._fh.close()
+        if self._fh is not None:
+            with contextlib.suppress(OSError):
+                self._fh.close()
         if self._tb is not None:
             self._tb.close()
 

@@ -244,3 +244,19 @@ def test_other_model_type_than_the_checkpoint_stops_clearly(tmp_path, tiny_check
     assert "MODEL_TYPE='gpt2' (from env) contradicts the checkpoint" in proc.stderr
     assert "MODEL_TYPE='from_scratch'" in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_checkpoint_files_get_the_umask_permissions_like_a_plain_open(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(tmp_path / checkpoint_filename(1), {"step": 1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0600
+
+
+def test_fields_of_the_wrong_type_are_a_damaged_checkpoint(tmp_path, tiny_checkpoint):
+    bad = copy_checkpoint(tiny_checkpoint, tmp_path / "bad.pt", step="4", hyperparameters=[])
+    with pytest.raises(UserError, match=r"damaged: step, hyperparameters have the wrong type"):
+        load_checkpoint(bad)
+    assert main(["inspect", str(bad)]) == 2  # one error line, not a traceback

@@ -118,3 +118,55 @@ def test_single_process_checkpoint_keeps_its_plain_sampler_state(tiny_checkpoint
     assert ckpt["world_size"] == 1
     assert isinstance(ckpt["sampler_state"], torch.Tensor)
     assert "rank_rng_states" not in ckpt
+
+
+@pytest.fixture
+def fake_group(monkeypatch) -> list[str]:
+    """A process group of rank 0 whose barrier and teardown are only recorded."""
+    import lmtrain.distributed as distributed
+
+    calls: list[str] = []
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda: calls.append("barrier"))
+    monkeypatch.setattr(distributed.dist, "destroy_process_group",
+                        lambda: calls.append("destroy"))
+    return calls
+
+
+def test_cleanup_skips_the_barrier_when_this_rank_fails_alone(fake_group):
+    from lmtrain.distributed import cleanup
+    from lmtrain.errors import TrainingInterrupted
+
+    with pytest.raises(UserError):
+        try:
+            raise UserError("CHECKPOINT_DIR='x': writing failed")  # rank 0 only
+        finally:
+            cleanup()  # the others wait in another collective: no barrier
+    assert fake_group == ["destroy"]
+    fake_group.clear()
+    with pytest.raises(TrainingInterrupted):
+        try:
+            raise TrainingInterrupted(2)  # every rank stops at the same step
+        finally:
+            cleanup()
+    cleanup()
+    assert fake_group == ["barrier", "destroy", "barrier", "destroy"]
+
+
+def test_main_process_first_releases_the_others_when_rank_0_fails(fake_group):
+    from lmtrain.distributed import main_process_first
+
+    with pytest.raises(UserError), main_process_first():
+        raise UserError("TRAINING_DATA_SOURCE='x': no such file")
+    assert fake_group == ["barrier"]
+
+
+def test_one_cuda_index_for_many_processes_of_a_machine_is_refused(monkeypatch):
+    from lmtrain.distributed import init_distributed
+
+    for name, value in (("RANK", "1"), ("LOCAL_RANK", "1"), ("WORLD_SIZE", "2"),
+                        ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"DEVICE=cuda:0 would put all 2 processes"):
+        init_distributed(torch.device("cuda", 0))

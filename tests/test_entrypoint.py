@@ -109,3 +109,11 @@ def test_bad_checkpoint_leaves_saved_files_untouched(env, tmp_path):
         assert proc.stderr.startswith("error: CHECKPOINT_PATH=")
     assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
     assert torch.load(run_dir / "step_0000002.pt", weights_only=True)["step"] == 2
+
+
+def test_unencodable_prompt_fails_before_training(env, tmp_path):
+    proc = run_entrypoint(["training.py"], {**env, "PROMPT": "KING ☃:", "TRAINING_STEPS": "3"},
+                          ROOT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("error: PROMPT=") and "'☃'" in proc.stderr
+    assert not list((tmp_path / "ckpt").rglob("step_*.pt"))  # nothing trained, nothing written

@@ -135,3 +135,10 @@ def test_fingerprint_follows_every_weight(tiny_gpt2_dir):
 def test_unknown_lora_targets_are_named(train_run):
     with pytest.raises(UserError, match=r"^LORA_TARGETS='q_proj' matches no layer"):
         train_run(use_lora=True, lora_targets="q_proj", training_steps=1)
+
+
+@pytest.mark.parametrize("targets", ["c_attn,c_proj,c_fc", "token_embedding_table"])
+def test_lora_on_the_bigram_model_is_refused(targets):
+    config = TrainingConfig(n_layer=0, use_lora=True, lora_targets=targets)
+    with pytest.raises(UserError, match=r"^USE_LORA=1 does not apply to N_LAYER=0"):
+        build_model(config, 50)

@@ -118,3 +118,12 @@ def test_timing_breakdown_adds_up_and_is_logged(train_run):
     assert sum(t[k] for k in parts) == pytest.approx(t["total"], rel=1e-6)
     last = summary.log_file.read_text(encoding="utf-8").splitlines()[-1]
     assert "time: " in last and "checkpoint" in last and "total" in last
+
+
+def test_auto_skips_emulated_bf16_on_older_gpus(monkeypatch):
+    # torch.cuda.is_bf16_supported() says yes on a T4 / V100 by default: bf16 is emulated there
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: including_emulation)
+    assert autocast_dtype("auto", torch.device("cuda")) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert autocast_dtype("auto", torch.device("cuda")) is torch.bfloat16

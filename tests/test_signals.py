@@ -173,3 +173,17 @@ def test_resume_commands_quote_paths():
 def test_interrupted_without_checkpoints_says_so():
     exc = TrainingInterrupted(signal.SIGINT, None, step=12)
     assert "no checkpoint was written" in interruption_report(exc)
+
+
+def test_a_stop_agreed_between_ranks_stops_the_rank_that_saw_no_signal():
+    from types import SimpleNamespace
+
+    from lmtrain.signals import StopRequest
+
+    request, ctx = StopRequest(), SimpleNamespace(stop_signal=None)
+    request.attach(ctx)
+    request.check()  # nothing asked for
+    ctx.stop_signal = signal.SIGTERM  # another rank's signal, shared by the loop every step
+    with pytest.raises(TrainingInterrupted) as err:
+        request.check()
+    assert err.value.signum == signal.SIGTERM

@@ -18,6 +18,7 @@ from lmtrain.data import tokenizers
 from lmtrain.data.tokenizers import (
     BPETokenizer,
     CharTokenizer,
+    GPT2FilesTokenizer,
     GPT2Tokenizer,
     tokenizer_from_state,
     train_tokenizer,
@@ -142,6 +143,20 @@ def test_character_unknowns_are_listed_or_dropped() -> None:
         strict.encode("a€b Ø€")
     lenient = tokenizer_from_state(state, drop_unknown=True)
     assert lenient.decode(lenient.encode("a€b Ø€")) == "ab "
+
+
+# start of generation -------------------------------------------------------------------------
+
+def test_start_context_ids_are_inside_the_vocabulary() -> None:
+    from lmtrain.generate import start_context
+
+    assert start_context(GPT2Tokenizer(), "") == [tokenizers.GPT2_EOT]
+    own = GPT2FilesTokenizer(learned_bpe().tok)  # a model folder's own 400-token BPE
+    assert start_context(own, "") == [0]
+    char = CharTokenizer.train(["abc"])
+    assert start_context(char, "cab") == [2, 0, 1]
+    with pytest.raises(UserError, match=r"^PROMPT='a€' holds characters .*'€'"):
+        start_context(char, "a€")
 
 
 # lmtrain tokenize ----------------------------------------------------------------------------

@@ -6,10 +6,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import secrets
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from lmtrain.errors import UserError
 
@@ -29,14 +31,19 @@ TMP_RE = re.compile(r"^\.tmp-(?:(\d+)-)?.*\.part$")
 
 
 def checkpoint_filename(step: int) -> str:
+    """The file name of the checkpoint of ``step`` (zero-padded, so names sort by step)."""
     return f"step_{step:07d}.pt"
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file in ``path``'s folder, fsync, then ``os.replace``."""
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write(file)`` on a temp file in ``path``'s folder, fsync, then ``os.replace``.
+
+    The temp file is named after this process (see :func:`remove_stale_temp_files`) and
+    created with the umask's permissions, as a plain ``open`` would (``mkstemp`` gives 0600).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f"{TMP_PREFIX}{os.getpid()}-", suffix=TMP_SUFFIX,
-                               dir=path.parent)
+    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TMP_SUFFIX}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
@@ -44,7 +51,7 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -73,8 +80,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     path = Path(path)
     where = f"{label}={str(path)!r}"
     if not path.is_file():
-        raise UserError(f"{where}: no such file; give a .pt checkpoint written by lmtrain, "
-                        f"or 'auto'")
+        auto = f", or {AUTO_RESUME!r}" if label == "CHECKPOINT_PATH" else ""
+        raise UserError(f"{where}: no such file; give a .pt checkpoint written by lmtrain{auto}")
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise UserError(f"{where} is not a checkpoint: not a torch.save archive (truncated, "
                         f"or some other kind of file); pick an earlier checkpoint")
@@ -112,6 +119,14 @@ def validate_checkpoint(ckpt: Any, path: str | Path, label: str = "CHECKPOINT_PA
         raise UserError(
             f"{where} has format version {version}, newer than this lmtrain understands "
             f"({FORMAT_VERSION}); upgrade lmtrain to use it")
+    kinds = {"step": int, "hyperparameters": dict, "model_state_dict": dict,
+             "optimizer_state_dict": dict, "tokenizer": str}
+    wrong = [k for k, kind in kinds.items()
+             if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
+    if wrong:
+        raise UserError(f"{where} is damaged: {', '.join(wrong)} "
+                        f"{'has' if len(wrong) == 1 else 'have'} the wrong type; "
+                        f"pick an earlier checkpoint")
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
@@ -159,6 +174,7 @@ def find_resumable(folder: str | Path) -> tuple[Path | None, dict[str, Any] | No
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (it may belong to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

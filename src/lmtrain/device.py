@@ -28,7 +28,8 @@ def select_device(name: str = "auto") -> torch.device:
         if not torch.cuda.is_available():
             raise UserError(f"DEVICE={name!r}: CUDA is not available here; use DEVICE=cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"DEVICE={name!r}: only {torch.cuda.device_count()} CUDA devices")
+            raise UserError(f"DEVICE={name!r}: only {torch.cuda.device_count()} CUDA devices; "
+                            f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}, or cuda")
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise UserError(f"DEVICE={name!r}: MPS is not available here; use DEVICE=cpu or auto")
     elif device.type not in ("cpu", "cuda", "mps"):
@@ -81,8 +82,9 @@ def autocast_dtype(precision: str, device: torch.device,
             raise UserError("PRECISION=fp16 needs a GPU; use PRECISION=bf16 or fp32 on the CPU")
         return torch.float16
     # auto
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+    if device.type == "cuda":  # emulated bf16 (pre-Ampere: T4, V100) is slower than fp32
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else None
     if device.type == "cpu" and cpu_supports_bf16():
         wide = model is None or matmul_width(model) >= CPU_BF16_MIN_WIDTH
         return torch.bfloat16 if wide else None

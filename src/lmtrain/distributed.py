@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
+import sys
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -21,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from lmtrain.errors import UserError
+from lmtrain.errors import TrainingInterrupted, UserError
 
 #: How long a rank waits in a collective for the others before the run fails.
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
@@ -59,6 +60,7 @@ def env_info(environ: Mapping[str, str] | None = None) -> DistInfo:
 
 
 def is_distributed() -> bool:
+    """Whether this process is part of an initialized process group."""
     return dist.is_available() and dist.is_initialized()
 
 
@@ -72,6 +74,12 @@ def init_distributed(device: torch.device) -> tuple[DistInfo, torch.device]:
         raise UserError("DEVICE=mps does not support many processes; use DEVICE=cpu with "
                         "torchrun, or run one process")
     if device.type == "cuda":
+        local_procs = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+        if device.index is not None and local_procs.isdigit() and int(local_procs) > 1:
+            raise UserError(
+                f"DEVICE={device} would put all {local_procs} processes of this machine on one "
+                f"GPU; use DEVICE=cuda (or auto) with torchrun: each process takes "
+                f"cuda:LOCAL_RANK")
         if device.index is None:
             if info.local_rank >= torch.cuda.device_count():
                 raise UserError(
@@ -132,28 +140,40 @@ def broadcast_object(obj: Any) -> Any:
 
 
 def barrier() -> None:
+    """Wait until every rank gets here (nothing in one process)."""
     if is_distributed():
         dist.barrier()
 
 
 @contextlib.contextmanager
 def main_process_first() -> Iterator[None]:
-    """Rank 0 runs the block first (filling caches, downloads); the others follow."""
+    """Rank 0 runs the block first (filling caches, downloads); the others follow.
+
+    Rank 0 releases the others even when its block fails, so that they fail on their own
+    instead of waiting at the barrier for the collective timeout.
+    """
     main = not is_distributed() or dist.get_rank() == 0
     if not main:
         barrier()
-    yield
-    if main:
-        barrier()
+    try:
+        yield
+    finally:
+        if main:
+            barrier()
 
 
 def cleanup() -> None:
-    """Leave the process group at the end of a run.
+    """Leave the process group at the end of a run (call it from a ``finally``).
 
-    The barrier first lets every rank finish its last collective before any rank tears the
-    group down: a gloo peer that vanishes mid-teardown can abort the process that remains.
+    After a normal end or a stop that all ranks agreed on, a barrier first lets every rank
+    finish its last collective before any rank tears the group down: a gloo peer that vanishes
+    mid-teardown can abort the process that remains. While another exception is propagating,
+    this rank may have failed alone (a checkpoint write on rank 0) and the others wait in a
+    different collective: the barrier would hang until the collective timeout, so it is skipped.
     """
     if is_distributed():
-        with contextlib.suppress(RuntimeError):
-            dist.barrier()
+        failing = sys.exc_info()[1]
+        if failing is None or isinstance(failing, TrainingInterrupted):
+            with contextlib.suppress(RuntimeError):
+                dist.barrier()
         dist.destroy_process_group()

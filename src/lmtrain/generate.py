@@ -8,15 +8,27 @@ import torch
 from torch import nn
 
 from lmtrain.config import TrainingConfig
-from lmtrain.data.tokenizers import GPT2_EOT, Tokenizer
+from lmtrain.data.tokenizers import GPT2_EOT, CharTokenizer, GPT2FilesTokenizer, Tokenizer
+from lmtrain.errors import UserError
 from lmtrain.models import model_logits
 
 
 def start_context(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """The prompt's ids; an empty prompt starts from GPT-2's end-of-text token, or id 0."""
+    """The prompt's ids; an empty prompt starts from the end-of-text token, or id 0."""
     if prompt:
+        if isinstance(tokenizer, CharTokenizer):
+            unknown = sorted(set(prompt) - set(tokenizer.chars))
+            if unknown:
+                raise UserError(
+                    f"PROMPT={prompt!r} holds characters outside the training vocabulary "
+                    f"({', '.join(map(repr, unknown[:20]))}); use characters of the training text")
         return tokenizer.encode(prompt)
-    return [GPT2_EOT] if tokenizer.kind in ("gpt2", "gpt2_files") else [0]
+    if tokenizer.kind == "gpt2":
+        return [GPT2_EOT]
+    if isinstance(tokenizer, GPT2FilesTokenizer):  # a folder's own BPE: its own ids
+        eot = tokenizer.tok.token_to_id("<|endoftext|>")
+        return [0 if eot is None else eot]
+    return [0]
 
 
 def default_prompt(config: TrainingConfig) -> str:
@@ -44,7 +56,7 @@ def sample_tokens(
                 logits = logits.masked_fill(logits < kth, float("-inf"))
             probs = torch.softmax(logits, dim=-1).cpu()
             nxt = torch.multinomial(probs, num_samples=1, generator=generator).to(device)
-            idx = torch.cat([idx, nxt], dim=1)
+            idx = torch.cat([idx, nxt], dim=1)[:, -block_size:]  # only what the model sees
             yield int(nxt.item())
     finally:
         model.train(was_training)

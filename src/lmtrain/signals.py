@@ -24,6 +24,7 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def signal_name(signum: int) -> str:
+    """``SIGINT`` for 2; ``signal N`` for numbers that name no signal."""
     try:
         return signal.Signals(signum).name
     except ValueError:
@@ -45,11 +46,20 @@ class StopRequest:
 
     def check(self, checkpoint: object = None, step: int | None = None,
               resume_steps: int | None = None) -> None:
-        """Raise :class:`TrainingInterrupted` if a stop was asked for (between phases)."""
-        if self.signum is not None:
-            raise TrainingInterrupted(self.signum, checkpoint, step, resume_steps)
+        """Raise :class:`TrainingInterrupted` if a stop was asked for (between phases).
+
+        Once attached, a stop that the run shares between processes (``ctx.stop_signal``,
+        agreed by all ranks every step) counts too, so every rank stops, not only the one
+        that received the signal.
+        """
+        signum = self.signum
+        if signum is None and self._ctx is not None:
+            signum = self._ctx.stop_signal
+        if signum is not None:
+            raise TrainingInterrupted(signum, checkpoint, step, resume_steps)
 
     def handle(self, signum: int, frame: Any = None) -> None:
+        """The signal handler: record the first signal, exit at once on the second."""
         if self.signum is not None:
             _write_stderr(f"\n{signal_name(signum)} again: exiting now\n")
             os._exit(128 + signum)
@@ -89,8 +99,8 @@ def stop_on_signals() -> Iterator[StopRequest]:
         yield request
     finally:
         _active = None
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        for s, handler in previous.items():  # None: a handler not set from Python
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
 
 
 def resume_commands(checkpoint: object, resume_steps: int | None = None) -> list[str]:

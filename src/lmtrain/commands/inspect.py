@@ -18,6 +18,7 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``inspect`` subcommand."""
     parser = subparsers.add_parser(
         "inspect", help="show what a checkpoint holds and check that it is valid",
         description="Validate a checkpoint (safely: it is never allowed to run code) and show "
@@ -68,6 +69,7 @@ def describe(path: str | Path) -> dict[str, Any]:
 
 
 def _number(value: Any) -> float | None:
+    """A finite float, or ``None`` for a missing or non-finite value (JSON has no inf/nan)."""
     if value is None:
         return None
     value = float(value)
@@ -75,6 +77,7 @@ def _number(value: Any) -> float | None:
 
 
 def format_text(info: dict[str, Any]) -> str:
+    """The aligned ``name  value`` lines ``inspect`` prints for :func:`describe`'s facts."""
     arch = ", ".join(f"{k}={v}" for k, v in info["architecture"].items())
     model = info["model_type"] + (" + LoRA" if info["use_lora"] else "")
     losses = info["last_losses"]
@@ -104,15 +107,19 @@ def format_text(info: dict[str, Any]) -> str:
 
 
 def _size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if size < 1024 or unit == "GiB":
-            return f"{size:.1f} {unit}" if unit != "B" else f"{n} B"
+    """``n`` bytes in B, KiB, MiB or GiB."""
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
         size /= 1024
-    return f"{n} B"
+    return f"{size:.1f} GiB"
 
 
 def run(args: argparse.Namespace) -> int:
+    """Print the checkpoint's facts (text or ``--json``); a bad file raises :class:`UserError`."""
     try:
         info = describe(args.checkpoint)
     except UserError as exc:

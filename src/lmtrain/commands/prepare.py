@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from lmtrain.config import TrainingConfig
 
 #: (flag, setting) pairs: the data and tokenizer settings, each falling back to its env var.
 DATA_OPTIONS = [
@@ -24,12 +27,13 @@ DATA_OPTIONS = [
 
 
 def add_data_options(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
+    """Add the ``DATA_OPTIONS`` flags (all, or the settings named in ``only``)."""
     for flag, name, text in DATA_OPTIONS:
         if not only or name in only:
             parser.add_argument(flag, dest=name, default=None, help=text)
 
 
-def config_from(args: argparse.Namespace, **overrides: Any):
+def config_from(args: argparse.Namespace, **overrides: Any) -> TrainingConfig:
     """The TrainingConfig of a fresh run with these flags (env vars fill in the rest)."""
     from lmtrain.config import explicit_settings, load_fresh
 

@@ -41,6 +41,7 @@ def load_tokenizer(args: argparse.Namespace):
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
+    """A JSON list of ids, each checked to lie inside the vocabulary."""
     from lmtrain.errors import UserError
 
     try:

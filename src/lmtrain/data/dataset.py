@@ -40,7 +40,8 @@ class TokenData:
         """``batch_size`` random windows (inputs, next-token targets) drawn with ``generator``."""
         arr = self.train if split == "train" else self.val
         starts = torch.randint(len(arr) - block_size, (batch_size,), generator=generator).numpy()
-        windows = np.stack([arr[i:i + block_size + 1] for i in starts]).astype(np.int64)
+        # one gather of (batch, block + 1) ids: only those pages of a memory map are read
+        windows = arr[starts[:, None] + np.arange(block_size + 1)].astype(np.int64)
         xy = torch.from_numpy(windows)
         x, y = xy[:, :-1], xy[:, 1:]
         if device.type == "cuda":

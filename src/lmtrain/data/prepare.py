@@ -35,6 +35,7 @@ from lmtrain.data.sources import CorpusStream, iter_chunks, source_digest
 from lmtrain.data.tokenizers import (
     CharTokenizer,
     Tokenizer,
+    distinct_chars,
     token_dtype,
     tokenizer_from_state,
     train_tokenizer,
@@ -66,6 +67,7 @@ class TokenArray:
 
 
 def default_cache_dir() -> Path:
+    """``<user cache dir>/lmtrain/tokens``."""
     from platformdirs import user_cache_dir
 
     return Path(user_cache_dir("lmtrain")) / "tokens"
@@ -154,14 +156,17 @@ def _read_meta(meta_path: Path, bin_path: Path) -> dict[str, Any] | None:
     """The sidecar of a complete cache entry, or None."""
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        size = bin_path.stat().st_size
-    except (OSError, ValueError):
+        if meta["format"] != CACHE_FORMAT:
+            return None
+        expected = meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
+        return meta if bin_path.stat().st_size == expected else None
+    except (OSError, ValueError, KeyError, TypeError):  # missing, partial or foreign: rebuild
         return None
-    if meta.get("format") != CACHE_FORMAT:
-        return None
-    if size != meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize:
-        return None
-    return meta
+
+
+def file_dtype(tokenizer: Tokenizer) -> np.dtype:
+    """The little-endian dtype of the cached ids (uint16 or uint32, see ``token_dtype``)."""
+    return np.dtype(token_dtype(tokenizer.vocab_size)).newbyteorder("<")
 
 
 def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
@@ -180,7 +185,7 @@ def _write_tokens(path: Path, tokenizer: Tokenizer, stream: CorpusStream,
     """Encode the stream batch by batch, appending to ``path`` (atomically replaced at the end)."""
     from tqdm import tqdm
 
-    dtype = np.dtype(token_dtype(tokenizer.vocab_size)).newbyteorder("<")
+    dtype = file_dtype(tokenizer)
     counts = {"n_tokens": 0, "n_chars": 0}
 
     def write(fh) -> None:
@@ -221,14 +226,14 @@ def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
         return tokenizer, TokenArray(bin_path, meta, cached=True)
     if isinstance(tokenizer, CharTokenizer) and not fresh:
         # a resumed run on new data: name every unknown character at once, before encoding
-        tokenizer.check_known(set().union(*map(set, stream)))
+        tokenizer.check_known(distinct_chars(stream))
     started = time.perf_counter()
     counts = _write_tokens(bin_path, tokenizer, stream,
                            sys.stderr.isatty() if progress is None else progress)
     seconds = time.perf_counter() - started
     meta = {
         "format": CACHE_FORMAT, **counts,
-        "dtype": np.dtype(token_dtype(tokenizer.vocab_size)).newbyteorder("<").str,
+        "dtype": file_dtype(tokenizer).str,
         "source": config.training_data_source, "files": [str(p) for p in stream.files],
         "source_bytes": stream.bytes_read, "source_sha256": source_sha,
         "tokenizer": tokenizer.kind, "vocab_size": tokenizer.vocab_size,

@@ -12,11 +12,14 @@ import json
 import os
 from collections.abc import Iterable, Iterator
 from importlib import resources
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from lmtrain.errors import UserError
+
+if TYPE_CHECKING:
+    import tiktoken
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
@@ -29,6 +32,23 @@ GPT2_FILE_SHA256 = {
 def token_dtype(vocab_size: int) -> type[np.unsignedinteger]:
     """uint16 when every id fits, else uint32."""
     return np.uint16 if vocab_size <= 65535 else np.uint32
+
+
+def distinct_chars(texts: Iterable[str]) -> set[str]:
+    """Every character that occurs in ``texts`` (streamed: one piece in memory at a time)."""
+    seen: set[str] = set()
+    for text in texts:
+        seen.update(text)
+    return seen
+
+
+def _byte_level(tok: Any) -> Any:
+    """Give a Hugging Face tokenizer GPT-2's byte-level pre-tokenizer and decoder."""
+    from tokenizers import decoders, pre_tokenizers
+
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return tok
 
 
 class Tokenizer(Protocol):
@@ -56,9 +76,7 @@ class CharTokenizer:
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
-        seen: set[str] = set()
-        for text in texts:
-            seen.update(text)
+        seen = distinct_chars(texts)
         if not seen:
             raise UserError("TRAINING_DATA_SOURCE: the corpus is empty; give it some text")
         return cls(seen)
@@ -113,7 +131,7 @@ def gpt2_file(name: str) -> bytes:
 
 
 @functools.cache
-def gpt2_encoding():
+def gpt2_encoding() -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding built offline from the packaged, hash-checked GPT-2 files."""
     import tiktoken
     from tiktoken_ext.openai_public import r50k_pat_str
@@ -143,7 +161,7 @@ class GPT2Tokenizer:
     kind = "gpt2"
 
     @property
-    def enc(self):
+    def enc(self) -> tiktoken.Encoding:
         """The tiktoken encoding, built (and its files checked) on first use."""
         return gpt2_encoding()
 
@@ -178,11 +196,9 @@ class BPETokenizer:
     @classmethod
     def train(cls, texts: Iterator[str] | Iterable[str], vocab_size: int) -> BPETokenizer:
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers, trainers
+        from tokenizers import models, pre_tokenizers, trainers
 
-        tok = HFTokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
+        tok = _byte_level(HFTokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=1, show_progress=False,
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
@@ -226,12 +242,9 @@ class GPT2FilesTokenizer(BPETokenizer):
     @classmethod
     def from_files(cls, vocab_file: str, merges_file: str) -> GPT2FilesTokenizer:
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import decoders, models, pre_tokenizers
+        from tokenizers import models
 
-        tok = HFTokenizer(models.BPE.from_file(vocab_file, merges_file))
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        tok.decoder = decoders.ByteLevel()
-        return cls(tok)
+        return cls(_byte_level(HFTokenizer(models.BPE.from_file(vocab_file, merges_file))))
 
 
 def train_tokenizer(method: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:

@@ -34,7 +34,7 @@ def model_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
-    seen: dict[int, torch.nn.Parameter] = {id(p): p for p in model.parameters()}
-    total = sum(p.numel() for p in seen.values())
-    trainable = sum(p.numel() for p in seen.values() if p.requires_grad)
+    params = list(model.parameters())  # ``parameters()`` yields a shared tensor only once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
     return trainable, total

@@ -15,6 +15,8 @@ from torch import nn
 
 @dataclass(frozen=True)
 class GPTConfig:
+    """The shape of a from-scratch model (``n_layer=0``: the bigram model)."""
+
     vocab_size: int
     block_size: int
     n_layer: int
@@ -119,4 +121,5 @@ class BigramLM(nn.Module):
 
 
 def build_from_scratch(cfg: GPTConfig) -> nn.Module:
+    """The bigram model when ``n_layer`` is 0, else the GPT."""
     return BigramLM(cfg) if cfg.n_layer == 0 else GPT(cfg)

@@ -82,6 +82,7 @@ def gpt2_config(config: TrainingConfig) -> GPT2Config:
 
 
 def check_block_size(block_size: int, n_positions: int) -> None:
+    """A clear error when ``BLOCK_SIZE`` exceeds the model's context."""
     if block_size > n_positions:
         raise UserError(f"BLOCK_SIZE={block_size} exceeds the model's context of {n_positions} "
                         f"positions; set BLOCK_SIZE to {n_positions} or less")
@@ -137,6 +138,7 @@ def gpt2_tokenizer(config: TrainingConfig) -> Tokenizer:
 
 
 def check_vocab_size(config: TrainingConfig, tokenizer_size: int, model_size: int) -> None:
+    """A clear error when the tokenizer and the model's embeddings differ in size."""
     if tokenizer_size != model_size:
         raise UserError(
             f"GPT2_MODEL_NAME={config.gpt2_model_name!r}: the model has {model_size} token "

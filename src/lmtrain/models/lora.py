@@ -47,6 +47,12 @@ def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on ``LORA_TARGETS``; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 
+    from lmtrain.models.gpt import BigramLM
+
+    if isinstance(model, BigramLM):
+        raise UserError(
+            f"USE_LORA=1 does not apply to N_LAYER={config.n_layer}: the bigram model has no "
+            f"attention or MLP layers to adapt; set N_LAYER >= 1 or USE_LORA=0")
     fingerprint = weights_fingerprint(model)
     lora_config = LoraConfig(
         r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,

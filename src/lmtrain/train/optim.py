@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 
 import torch
@@ -14,20 +13,19 @@ from lmtrain.config import TrainingConfig
 def build_optimizer(model: nn.Module, config: TrainingConfig,
                     device: torch.device) -> torch.optim.AdamW:
     """AdamW over the trainable parameters; 2-D+ tensors decay, biases and norms do not."""
-    params = {id(p): p for p in model.parameters() if p.requires_grad}.values()
+    params = [p for p in model.parameters() if p.requires_grad]  # shared weights listed once
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [
         {"params": decay, "weight_decay": config.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    extra = {}
-    # the fused kernel updates every tensor in one pass (CUDA, and the CPU since torch 2.4);
-    # on the CPU it is ~15x faster than the per-tensor loop for a 10M-parameter GPT
-    if (device.type in ("cuda", "cpu")
-            and "fused" in inspect.signature(torch.optim.AdamW).parameters):
-        extra["fused"] = True
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), **extra)
+    # the fused kernel updates every tensor in one pass (CUDA, and the CPU since torch 2.4, the
+    # oldest torch lmtrain supports; it groups tensors by dtype itself); on the CPU it is ~15x
+    # faster than the per-tensor loop for a 10M-parameter GPT. None (not False) elsewhere keeps
+    # torch's default, the foreach kernels
+    fused = True if device.type in ("cuda", "cpu") else None
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), fused=fused)
 
 
 def lr_multiplier(step: int, config: TrainingConfig) -> float:

@@ -26,13 +26,14 @@ from lmtrain.data.tokenizers import tokenizer_from_state
 from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import (
     broadcast_object,
+    max_across_ranks,
     cleanup,
     init_distributed,
     main_process_first,
     wrap_model,
 )
 from lmtrain.errors import TrainingInterrupted
-from lmtrain.generate import default_prompt, generate_text
+from lmtrain.generate import default_prompt, generate_text, start_context
 from lmtrain.models import build_model, count_parameters
 from lmtrain.reporting import (
     MetricsWriter,
@@ -232,6 +233,8 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
     if ctx.stop_signal is not None:  # a signal while the run was being prepared
         raise _interrupted(TrainingInterrupted(ctx.stop_signal), ctx, start, start + n_steps,
                            resume_path)
+    if cfg.max_new_tokens:  # a prompt the tokenizer cannot encode fails now, not after training
+        start_context(ctx.tokenizer, default_prompt(cfg))
     trainable, total = count_parameters(ctx.raw_model)
     log.info("lmtrain %s run %s", "resuming" if resumed else "starting", ctx.run_name)
     for line in loaded.describe():
@@ -260,6 +263,8 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
             summary.start_losses = evaluate(ctx)
         try:
             run_training(ctx, start, n_steps)
+            if ctx.world_size > 1:  # a signal seen by any rank during the final save stops all
+                ctx.stop_signal = max_across_ranks(ctx.stop_signal or 0, ctx.device) or None
             stop.check()  # a signal during the last step: the final checkpoint is written
         except TrainingInterrupted as exc:
             raise _interrupted(exc, ctx, start, start + n_steps, resume_path) from None

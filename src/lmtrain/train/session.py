@@ -26,10 +26,10 @@ from lmtrain.data.tokenizers import tokenizer_from_state
 from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import (
     broadcast_object,
-    max_across_ranks,
     cleanup,
     init_distributed,
     main_process_first,
+    max_across_ranks,
     wrap_model,
 )
 from lmtrain.errors import TrainingInterrupted

@@ -40,7 +40,7 @@ def plot_losses(metrics_file: Path, out: Path | None = None, log_scale: bool = F
     out = out or metrics_file.parent / "loss.png"
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     if train:
-        ax.plot(*zip(*train, strict=True), label="train loss (one batch)", linewidth=0.8,
+        ax.plot(*zip(*train, strict=True), label="train loss (training batches)", linewidth=0.8,
                 alpha=0.35, color="tab:blue")
     if eval_train:
         ax.plot(*zip(*eval_train, strict=True), "o-", label="train loss (eval)", markersize=3,

@@ -129,11 +129,16 @@ def test_stale_temp_files_are_ignored_and_removed(tmp_path, tiny_checkpoint):
     dead = tmp_path / ".tmp-999999999-abc.part"  # no such process
     legacy = tmp_path / ".tmp-xyz.part"
     live = tmp_path / f".tmp-{os.getppid()}-abc.part"  # a writer that is still running
-    for p in (dead, legacy, live):
+    from lmtrain.checkpoint import _host_tag
+
+    dead_here = tmp_path / f".tmp-999999999@{_host_tag()}-abc.part"
+    other_host = tmp_path / ".tmp-999999999@some_other_node-abc.part"  # cannot be checked
+    for p in (dead, legacy, live, dead_here, other_host):
         p.write_bytes(b"PK\x03\x04 half a checkpoint")
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
-    assert sorted(remove_stale_temp_files(tmp_path)) == sorted([dead, legacy])
-    assert live.exists() and (tmp_path / checkpoint_filename(4)).exists()
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted([dead, legacy, dead_here])
+    assert live.exists() and other_host.exists()
+    assert (tmp_path / checkpoint_filename(4)).exists()
 
 
 def test_find_resumable_skips_a_corrupt_newest_file(tmp_path, tiny_checkpoint):

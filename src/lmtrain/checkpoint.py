@@ -7,6 +7,7 @@ import os
 import pickle
 import re
 import secrets
+import socket
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -27,7 +28,14 @@ REQUIRED_KEYS = (
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".part"
-TMP_RE = re.compile(r"^\.tmp-(?:(\d+)-)?.*\.part$")
+#: ``.tmp-<pid>@<host>-<random>.part``: the writer's pid and host tell a dead writer's leftover
+#: (removed at the next start) from a live one's, on this machine or another sharing the folder.
+TMP_RE = re.compile(r"^\.tmp-(?:(\d+)(?:@(\w+))?-)?.*\.part$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"\W", "_", socket.gethostname()) or "host"
+
 
 
 def checkpoint_filename(step: int) -> str:
@@ -42,7 +50,8 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     created with the umask's permissions, as a plain ``open`` would (``mkstemp`` gives 0600).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(6)}{TMP_SUFFIX}"
+    tmp = path.parent / (f"{TMP_PREFIX}{os.getpid()}@{_host_tag()}-{secrets.token_hex(6)}"
+                         f"{TMP_SUFFIX}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -187,7 +196,8 @@ def _pid_alive(pid: int) -> bool:
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Delete temp files that a killed writer left in ``folder``; returns what was removed.
 
-    Files of a writer that is still running (another process) are left alone.
+    Files of a writer that is still running (another process), and files written from another
+    host (whose processes cannot be checked from here), are left alone.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -198,6 +208,8 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         if not m or not p.is_file():
             continue
         pid = int(m.group(1)) if m.group(1) else None
+        if m.group(2) and m.group(2) != _host_tag():
+            continue
         if pid is not None and pid != os.getpid() and _pid_alive(pid):
             continue
         p.unlink(missing_ok=True)

@@ -163,3 +163,23 @@ def test_a_failing_metrics_write_warns_and_training_goes_on(train_run, monkeypat
     assert summary.end_step == 3 and (summary.checkpoint_dir / "step_0000003.pt").is_file()
     log_text = summary.log_file.read_text()
     assert log_text.count("No space left on device") == 1 and "training goes on" in log_text
+
+
+def test_streamed_sample_equals_the_whole_decoded_sample(train_run, capsys):
+    """Byte-level BPE tokens can split a character: streaming must print the same text."""
+    import torch
+
+    from lmtrain.generate import generate_text
+    from lmtrain.inference import load_trained_model
+
+    summary = train_run(training_steps=2, checkpoint_interval=2, tokenization_method="custom_bpe",
+                        custom_vocab_size=300)
+    ckpt = summary.checkpoint_dir / "step_0000002.pt"
+    capsys.readouterr()
+    assert main(["sample", str(ckpt), "--prompt", "Ay, ", "--max-new-tokens", "40",
+                 "--seed", "5", "--temperature", "1.5"]) == 0
+    streamed = capsys.readouterr().out
+    loaded = load_trained_model(ckpt)
+    whole = generate_text(loaded.model, loaded.tokenizer, "Ay, ", 40, loaded.config.block_size,
+                          torch.device("cpu"), 1.5, loaded.config.top_k, seed=5)
+    assert streamed == whole + "\n"

@@ -70,16 +70,15 @@ def run(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
-        ids: list[int] = []
-        shown = ""
+        pending: list[int] = []  # ids not printed yet: a multi-byte character may be unfinished
         for token in sample_tokens(loaded.model, context, max_new, cfg.block_size, device,
                                    temperature, top_k, generator):
-            ids.append(token)
-            text = tok.decode(ids)
-            if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
-                sys.stdout.write(text[len(shown):])
+            pending.append(token)
+            text = tok.decode(pending)
+            if not text.endswith("\ufffd"):
+                sys.stdout.write(text)
                 sys.stdout.flush()
-                shown = text
-        sys.stdout.write(tok.decode(ids)[len(shown):] + "\n")
+                pending = []
+        sys.stdout.write(tok.decode(pending) + "\n")
         sys.stdout.flush()
     return 0

@@ -31,7 +31,7 @@ import numpy as np
 
 from lmtrain.checkpoint import atomic_write
 from lmtrain.config import TrainingConfig
-from lmtrain.data.sources import CorpusStream, iter_chunks, source_digest
+from lmtrain.data.sources import CorpusStream, empty_source_error, iter_chunks, source_digest
 from lmtrain.data.tokenizers import (
     CharTokenizer,
     Tokenizer,
@@ -198,8 +198,7 @@ def _write_tokens(path: Path, tokenizer: Tokenizer, stream: CorpusStream,
                 counts["n_chars"] += sum(len(text) for text in batch)
                 bar.update(stream.bytes_read - bar.n)
         if counts["n_tokens"] == 0:
-            raise UserError(
-                f"TRAINING_DATA_SOURCE={stream.source!r} is empty; give it some text")
+            raise empty_source_error(stream.source)
 
     atomic_write(path, write)
     return counts
@@ -210,7 +209,7 @@ def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
     """The tokenizer (given, cached or learned) and the cached token array of the source."""
     stream = CorpusStream(config.training_data_source, config.text_field)
     if stream.total_bytes == 0:
-        raise UserError(f"TRAINING_DATA_SOURCE={stream.source!r} is empty; give it some text")
+        raise empty_source_error(stream.source)
     cache = cache_folder(config)
     source_sha = source_digest(stream.files, config.text_field)
     fresh = tokenizer is None

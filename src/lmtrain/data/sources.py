@@ -175,5 +175,10 @@ def read_corpus(source: str, text_field: str = "text") -> str:
     """The whole source as one string (for small sources and tests)."""
     text = "".join(CorpusStream(source, text_field))
     if not text.strip():
-        raise UserError(f"TRAINING_DATA_SOURCE={source!r} is empty; give it some text")
+        raise empty_source_error(source)
     return text
+
+
+def empty_source_error(source: str) -> UserError:
+    """The one error for a data source that holds no text."""
+    return UserError(f"TRAINING_DATA_SOURCE={source!r} is empty; give it some text")

@@ -21,6 +21,12 @@ from lmtrain.train.state import RunContext, checkpoint_payload, gather_rank_stat
 log = logging.getLogger("lmtrain")
 
 
+def share_stop_signal(ctx: RunContext) -> None:
+    """In a distributed run, a stop signal any rank received becomes every rank's (collective)."""
+    if ctx.world_size > 1:
+        ctx.stop_signal = max_across_ranks(ctx.stop_signal or 0, ctx.device) or None
+
+
 def evaluate(ctx: RunContext) -> dict[str, float]:
     """Train/val loss now; logs it, records it and tracks the best validation loss."""
     t0 = time.perf_counter()
@@ -182,8 +188,7 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 evaluate(ctx)
             if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:
                 save(ctx)
-            if ctx.world_size > 1:  # a signal seen by any rank stops all at the same step
-                ctx.stop_signal = max_across_ranks(ctx.stop_signal or 0, ctx.device) or None
+            share_stop_signal(ctx)  # a signal seen by any rank stops all at the same step
             if ctx.stop_signal is not None and ctx.step != end:
                 path = save(ctx)
                 raise TrainingInterrupted(ctx.stop_signal, path)

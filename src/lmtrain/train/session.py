@@ -20,7 +20,7 @@ from lmtrain.checkpoint import (
     load_checkpoint,
     remove_stale_temp_files,
 )
-from lmtrain.config import LoadedConfig, load_fresh, load_resumed
+from lmtrain.config import LoadedConfig, TrainingConfig, load_fresh, load_resumed
 from lmtrain.data.prepare import load_token_data
 from lmtrain.data.tokenizers import tokenizer_from_state
 from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
@@ -29,7 +29,6 @@ from lmtrain.distributed import (
     cleanup,
     init_distributed,
     main_process_first,
-    max_across_ranks,
     wrap_model,
 )
 from lmtrain.errors import TrainingInterrupted
@@ -45,7 +44,7 @@ from lmtrain.reporting import (
     write_output_file,
 )
 from lmtrain.signals import StopRequest, signal_name, stop_on_signals
-from lmtrain.train.loop import evaluate, run_training
+from lmtrain.train.loop import evaluate, run_training, share_stop_signal
 from lmtrain.train.optim import build_optimizer
 from lmtrain.train.state import RunContext, restore_state
 
@@ -110,11 +109,17 @@ def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig
     return loaded
 
 
+def run_name_for(cfg: TrainingConfig, ckpt: dict[str, Any] | None) -> str:
+    """A resumed run keeps writing under its checkpoint's run name; a fresh one uses RUN_NAME
+    or a new ``<model>-<data>-<timestamp>``."""
+    return (ckpt or {}).get("run_name") or cfg.run_name or default_run_name(cfg)
+
+
 def prepare_run(loaded: LoadedConfig, ckpt: dict[str, Any] | None) -> RunContext:
     """Tokenizer, data, model, optimizer and RNG: from scratch, then restored from ``ckpt``."""
     cfg = loaded.config
     dist_info, device = init_distributed(select_device(cfg.device))
-    run_name = cfg.run_name or (ckpt or {}).get("run_name") or default_run_name(cfg)
+    run_name = run_name_for(cfg, ckpt)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     with main_process_first():  # rank 0 fills caches before the others read them
         tokenizer = (tokenizer_from_state(ckpt["tokenizer"], drop_unknown=cfg.drop_unknown_chars)
@@ -167,8 +172,8 @@ def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest)
     resumed = ckpt is not None
     dist_info, _ = init_distributed(select_device(cfg.device))  # torchrun: join the group
     try:
-        run_name = broadcast_object(  # rank 0's name (timestamps differ between processes)
-            (ckpt or {}).get("run_name") or cfg.run_name or default_run_name(cfg))
+        # rank 0's name (default names hold a timestamp, which differs between processes)
+        run_name = broadcast_object(run_name_for(cfg, ckpt))
         cfg.run_name = run_name
         log_dir = Path(cfg.log_dir) / run_name
         _check_storage(cfg, run_name)
@@ -263,8 +268,7 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
             summary.start_losses = evaluate(ctx)
         try:
             run_training(ctx, start, n_steps)
-            if ctx.world_size > 1:  # a signal seen by any rank during the final save stops all
-                ctx.stop_signal = max_across_ranks(ctx.stop_signal or 0, ctx.device) or None
+            share_stop_signal(ctx)  # a signal seen by any rank during the final save stops all
             stop.check()  # a signal during the last step: the final checkpoint is written
         except TrainingInterrupted as exc:
             raise _interrupted(exc, ctx, start, start + n_steps, resume_path) from None

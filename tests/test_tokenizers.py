@@ -46,8 +46,9 @@ def test_gpt2_ids_are_the_genuine_ones() -> None:
     assert eot == [tokenizers.GPT2_EOT] == [50256]
     assert tok.vocab_size == tok.enc.n_vocab == 50257
     assert tok.decode([15496, 995]) == "Hello world"
-    # special-token text in data is ordinary text, never the end-of-text id
-    assert 50256 not in tok.encode("a <|endoftext|> b")
+    # end-of-text in the data is GPT-2's end-of-text token, as in GPT2TokenizerFast
+    assert tok.encode("a <|endoftext|> b") == [64, 220, 50256, 275]
+    assert tok.eot_id == 50256
 
 
 def test_gpt2_is_built_offline(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -36,6 +36,7 @@ from lmtrain.data.tokenizers import (
     CharTokenizer,
     Tokenizer,
     distinct_chars,
+    document_separator,
     token_dtype,
     tokenizer_from_state,
     train_tokenizer,
@@ -47,7 +48,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("lmtrain")
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: documents separated by end of text, BPE reserves it
 CHUNK_CHARS = 1 << 21  # characters per encoded piece (~2 MB of ASCII text)
 BATCH_CHUNKS = 8  # pieces encoded together (tiktoken spreads them over threads)
 
@@ -215,6 +216,7 @@ def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
     fresh = tokenizer is None
     if tokenizer is None:
         tokenizer = fresh_tokenizer(config, stream, source_sha, cache)
+    stream.separator = document_separator(tokenizer)
     tok_sha = tokenizer_digest(tokenizer)
     key = _digest({"format": CACHE_FORMAT, "source": source_sha, "tokenizer": tok_sha,
                    "chunk_chars": CHUNK_CHARS})[:32]

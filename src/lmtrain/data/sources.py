@@ -1,6 +1,8 @@
 """Resolve ``TRAINING_DATA_SOURCE`` (file, folder, glob, .jsonl) and stream its text.
 
-The corpus is the documents of the source joined by a blank line. It is read in blocks and
+The corpus is the documents of the source (its files; the records of a .jsonl) joined by a
+separator: the end-of-text token for tokenizers that have one (see
+``lmtrain.data.tokenizers.document_separator``), else a blank line. It is read in blocks and
 handed on in chunks, so no step ever holds the whole text; invalid UTF-8 stops with the file
 name and the byte offset.
 """
@@ -77,10 +79,12 @@ def source_digest(files: list[Path], text_field: str) -> str:
 class CorpusStream:
     """The corpus text of a source, iterated in pieces; counts the raw bytes read so far."""
 
-    def __init__(self, source: str, text_field: str = "text", block_bytes: int = BLOCK_BYTES):
+    def __init__(self, source: str, text_field: str = "text", block_bytes: int = BLOCK_BYTES,
+                 separator: str = DOC_SEPARATOR):
         self.source = source
         self.text_field = text_field
         self.block_bytes = block_bytes
+        self.separator = separator  # between two documents
         self.files = resolve_files(source)
         self.bytes_read = 0
 
@@ -95,7 +99,7 @@ class CorpusStream:
             docs = self._jsonl(path) if path.suffix == ".jsonl" else [self._text_file(path)]
             for doc in docs:
                 if not first:
-                    yield DOC_SEPARATOR
+                    yield self.separator
                 first = False
                 yield from doc
 

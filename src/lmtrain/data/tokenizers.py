@@ -2,6 +2,11 @@
 
 Every tokenizer serialises to a small JSON-able ``state`` dict that travels in the checkpoint,
 so a resumed run rebuilds exactly the tokenizer it was trained with.
+
+End of text: GPT-2's BPE encodes ``<|endoftext|>`` in the text as id 50256, and a learned BPE
+reserves the same string as a special token; both expose its id as ``eot_id`` and separate the
+documents of a source with it (:func:`document_separator`). A character vocabulary has no
+end-of-text token (``eot_id`` is None): its documents stay separated by a blank line.
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ if TYPE_CHECKING:
 
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
+#: The end-of-text string: GPT-2's, and the reserved special token of a learned BPE.
+EOT_TEXT = "<|endoftext|>"
+#: What separates documents for a tokenizer without an end-of-text token.
+BLANK_LINE = "\n\n"
 GPT2_FILE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -62,6 +71,13 @@ class Tokenizer(Protocol):
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]: ...
     def decode(self, ids: Iterable[int]) -> str: ...
     def state(self) -> dict[str, Any]: ...
+    @property
+    def eot_id(self) -> int | None: ...
+
+
+def document_separator(tokenizer: Tokenizer) -> str:
+    """The text between two documents: end of text where the tokenizer has it, else a blank line."""
+    return EOT_TEXT if tokenizer.eot_id is not None else BLANK_LINE
 
 
 class CharTokenizer:
@@ -84,6 +100,11 @@ class CharTokenizer:
     @property
     def vocab_size(self) -> int:
         return len(self.chars)
+
+    @property
+    def eot_id(self) -> None:
+        """No end-of-text token: every id is a character of the text."""
+        return None
 
     def encode(self, text: str) -> list[int]:
         return self.encode_arrays([text])[0].tolist()
@@ -169,24 +190,39 @@ class GPT2Tokenizer:
     def vocab_size(self) -> int:
         return GPT2_VOCAB_SIZE
 
+    @property
+    def eot_id(self) -> int:
+        return GPT2_EOT
+
     def encode(self, text: str) -> list[int]:
-        return self.enc.encode_ordinary(text)
+        """Ids of ``text``; ``<|endoftext|>`` in it is the end-of-text token, as in GPT-2."""
+        return self.enc.encode(text, allowed_special={EOT_TEXT})
 
     def encode_arrays(self, texts: list[str]) -> list[np.ndarray]:
         """Many texts at once on tiktoken's thread pool (one thread per CPU)."""
         threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1
-        return [np.asarray(ids, dtype=np.uint16)
-                for ids in self.enc.encode_ordinary_batch(texts, num_threads=threads)]
+        batches = self.enc.encode_batch(texts, num_threads=threads, allowed_special={EOT_TEXT})
+        return [np.asarray(ids, dtype=np.uint16) for ids in batches]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.enc.decode(list(ids))
 
     def state(self) -> dict[str, Any]:
-        return {"kind": self.kind, "encoding": "gpt2"}
+        # "documents" marks the end-of-text separated token arrays (a new cache entry)
+        return {"kind": self.kind, "encoding": "gpt2", "documents": "endoftext"}
+
+
+def _without_eot(texts: Iterable[str]) -> Iterator[str]:
+    """The texts split at ``<|endoftext|>``, so that BPE learns no merge across it."""
+    for text in texts:
+        yield from text.split(EOT_TEXT)
 
 
 class BPETokenizer:
-    """A byte-level BPE learned from the training text with Hugging Face ``tokenizers``."""
+    """A byte-level BPE learned from the training text with Hugging Face ``tokenizers``.
+
+    ``<|endoftext|>`` is reserved as special token 0 (older learned vocabularies lack it).
+    """
 
     kind = "custom_bpe"
 
@@ -201,8 +237,8 @@ class BPETokenizer:
         tok = _byte_level(HFTokenizer(models.BPE()))
         trainer = trainers.BpeTrainer(
             vocab_size=vocab_size, min_frequency=1, show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
-        tok.train_from_iterator(texts, trainer=trainer)
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[EOT_TEXT])
+        tok.train_from_iterator(_without_eot(texts), trainer=trainer)
         if tok.get_vocab_size() != vocab_size:
             raise UserError(
                 f"CUSTOM_VOCAB_SIZE={vocab_size}: the corpus only supports "
@@ -218,6 +254,12 @@ class BPETokenizer:
     @property
     def vocab_size(self) -> int:
         return self.tok.get_vocab_size()
+
+    @property
+    def eot_id(self) -> int | None:
+        """The id of the special ``<|endoftext|>`` token, or None when there is none."""
+        added = self.tok.get_added_tokens_decoder()
+        return next((i for i, t in added.items() if t.content == EOT_TEXT and t.special), None)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -241,10 +283,13 @@ class GPT2FilesTokenizer(BPETokenizer):
 
     @classmethod
     def from_files(cls, vocab_file: str, merges_file: str) -> GPT2FilesTokenizer:
+        from tokenizers import AddedToken, models
         from tokenizers import Tokenizer as HFTokenizer
-        from tokenizers import models
 
-        return cls(_byte_level(HFTokenizer(models.BPE.from_file(vocab_file, merges_file))))
+        tok = _byte_level(HFTokenizer(models.BPE.from_file(vocab_file, merges_file)))
+        if tok.token_to_id(EOT_TEXT) is not None:  # GPT-2's end of text, as GPT2TokenizerFast
+            tok.add_special_tokens([AddedToken(EOT_TEXT, special=True)])
+        return cls(tok)
 
 
 def train_tokenizer(method: str, texts: Iterable[str], vocab_size: int) -> Tokenizer:

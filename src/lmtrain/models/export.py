@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from lmtrain.config import TrainingConfig
-from lmtrain.data.tokenizers import GPT2_EOT, Tokenizer, gpt2_file
+from lmtrain.data.tokenizers import EOT_TEXT, Tokenizer, gpt2_file
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT
 
@@ -46,7 +46,7 @@ def gpt_to_hf(model: GPT, config: TrainingConfig, tokenizer: Tokenizer) -> GPT2L
     from transformers import GPT2Config, GPT2LMHeadModel
 
     cfg = model.config
-    eot = GPT2_EOT if tokenizer.kind == "gpt2" else None
+    eot = tokenizer.eot_id
     hf_config = GPT2Config(
         vocab_size=cfg.vocab_size, n_positions=cfg.block_size, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head, activation_function="gelu_new",
@@ -86,8 +86,9 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None
         (out_dir / "merges.txt").write_bytes(gpt2_file("vocab.bpe"))
         hf_tok = GPT2TokenizerFast.from_pretrained(out_dir, model_max_length=max_length)
     elif tokenizer.kind in HF_TOKENIZER_KINDS:
+        eos = {"eos_token": EOT_TEXT} if tokenizer.eot_id is not None else {}
         hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok,
-                                         model_max_length=max_length)
+                                         model_max_length=max_length, **eos)
     else:
         raise UserError(CHARACTER_ERROR)
     hf_tok.save_pretrained(out_dir)

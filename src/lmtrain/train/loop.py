@@ -1,4 +1,11 @@
-"""The one training loop, shared by fresh and resumed runs."""
+"""The one training loop, shared by fresh and resumed runs.
+
+:func:`train_step` is the arithmetic of one optimizer step; :func:`run_training` repeats it
+and does the cadence around it (progress lines, evaluation, checkpoints, stop requests). The
+loss stays on the device until a progress line or a checkpoint needs it (one transfer per
+line, not one per step); only ``ON_NAN=skip`` looks at it every step, because it must decide
+before the update.
+"""
 
 from __future__ import annotations
 
@@ -48,11 +55,23 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
     return losses
 
 
+def _previous_checkpoint(ctx: RunContext) -> str:
+    return (f"the step {ctx.saved_steps[-1]} checkpoint is intact" if ctx.saved_steps
+            else "earlier checkpoints are untouched")
+
+
+def _weights_finite(ctx: RunContext) -> bool:
+    """Whether every trainable weight is finite (one transfer to the host)."""
+    params = [p for p in ctx.raw_model.parameters() if p.requires_grad]
+    return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+
+
 def save(ctx: RunContext) -> Path | None:
     """Write the checkpoint for the current step (main process only) and rotate old ones.
 
     The best-validation checkpoint (the lowest val loss measured at a checkpointed step) is
-    spared by rotation; older files go only once the new one is on disk.
+    spared by rotation; older files go only once the new one is on disk. A model whose weights
+    are no longer finite is never saved.
     """
     if not ctx.config.enable_checkpoints:
         return None
@@ -60,6 +79,11 @@ def save(ctx: RunContext) -> Path | None:
     if (ctx.saved_steps and ctx.saved_steps[-1] == ctx.step
             and (ctx.world_size > 1 or path.is_file())):
         return path  # already written at this step
+    if not _weights_finite(ctx):  # every rank holds the same weights: all refuse together
+        raise UserError(
+            f"the model's weights are no longer finite at step {ctx.step} "
+            f"(ON_NAN={ctx.config.on_nan}); the step is not saved and "
+            f"{_previous_checkpoint(ctx)} — lower LEARNING_RATE or set GRAD_CLIP, then resume")
     t0 = time.perf_counter()
     rank_states = gather_rank_states(ctx)  # every rank takes part; rank 0 writes
     if not ctx.is_main:
@@ -74,12 +98,10 @@ def save(ctx: RunContext) -> Path | None:
         save_checkpoint(path, checkpoint_payload(ctx, rank_states))
     except OSError as exc:
         ctx.best_val_loss, ctx.best_step = best
-        previous = (f"the step {ctx.saved_steps[-1]} checkpoint is intact" if ctx.saved_steps
-                    else "earlier checkpoints are untouched")
         raise UserError(
             f"CHECKPOINT_DIR={str(ctx.checkpoint_dir)!r}: writing the step {ctx.step} checkpoint "
-            f"failed ({exc.strerror or exc}); the run stops here and {previous} — free space "
-            f"or pick another CHECKPOINT_DIR, then resume") from None
+            f"failed ({exc.strerror or exc}); the run stops here and {_previous_checkpoint(ctx)}"
+            f" — free space or pick another CHECKPOINT_DIR, then resume") from None
     ctx.saved_steps.append(ctx.step)
     protect = {ctx.best_step} if ctx.best_step is not None else set()
     rotate_checkpoints(ctx.checkpoint_dir, ctx.config.keep_last_checkpoints, protect,
@@ -87,6 +109,117 @@ def save(ctx: RunContext) -> Path | None:
     ctx.timings["checkpoint"] += time.perf_counter() - t0
     log.info("step %d: saved checkpoint %s", ctx.step, path)
     return path
+
+
+def train_step(ctx: RunContext, step: int, params: list[torch.nn.Parameter],
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One optimizer step ``step`` (0-based): forward and backward over ``GRAD_ACCUM_STEPS``
+    micro-batches, clip, then update, or skip the update on a non-finite loss under
+    ``ON_NAN=skip``. Returns the step's mean loss (over micro-batches and ranks; NaN for a
+    skipped step) and the gradient norm before clipping, both on the device.
+    """
+    cfg, model, opt, scaler = ctx.config, ctx.model, ctx.optimizer, ctx.grad_scaler
+    loss_sum = torch.zeros((), device=ctx.device)
+    for micro in range(cfg.grad_accum_steps):
+        t0 = time.perf_counter()
+        x, y = ctx.data.get_batch("train", cfg.batch_size, cfg.block_size, ctx.sampler,
+                                  ctx.device)
+        t1 = time.perf_counter()
+        ctx.timings["data"] += t1 - t0
+        with contextlib.ExitStack() as micro_ctx:
+            micro_ctx.enter_context(ctx.autocast())
+            if micro < cfg.grad_accum_steps - 1 and hasattr(model, "no_sync"):
+                micro_ctx.enter_context(model.no_sync())  # DDP: all-reduce on the last one
+            loss = compute_loss(model, x, y) / cfg.grad_accum_steps
+        (scaler.scale(loss) if scaler else loss).backward()
+        loss_sum += loss.detach()
+        ctx.timings["train"] += time.perf_counter() - t1
+    t2 = time.perf_counter()
+    loss = all_reduce_mean(loss_sum)  # the same value on every rank
+    if scaler:
+        scaler.unscale_(opt)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                 if cfg.grad_clip > 0 else None)
+    # the grad scaler skips non-finite gradients itself; without it they would poison the weights
+    if cfg.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
+        what = ("loss", loss.item()) if not torch.isfinite(loss) else ("gradient norm",
+                                                                     grad_norm.item())
+        log.warning("step %d: %s is %s, step skipped (ON_NAN=skip)", step + 1, *what)
+        loss = torch.full_like(loss, math.nan)  # marks the step as skipped
+    elif scaler:
+        scaler.step(opt)
+    else:
+        opt.step()
+    if scaler:
+        scaler.update()
+    opt.zero_grad(set_to_none=True)
+    ctx.timings["train"] += time.perf_counter() - t2
+    return loss, grad_norm
+
+
+def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
+    checked = loss if grad_norm is None else torch.stack([loss, grad_norm.to(loss.dtype)])
+    return bool(torch.isfinite(checked).all())
+
+
+class LossWindow:
+    """The steps since the last progress line; their losses stay on the device until read."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+        self.reset()
+
+    def reset(self) -> None:
+        self.first_step = self.ctx.step + 1
+        self.pending: list[torch.Tensor] = []
+        self.values: list[float] = []
+        self.grad_norm: torch.Tensor | None = None
+        self.t0 = time.perf_counter()
+        self.excluded0 = self._excluded()
+
+    def _excluded(self) -> float:
+        return self.ctx.timings["eval"] + self.ctx.timings["checkpoint"]
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        self.pending.append(loss)
+        self.grad_norm = grad_norm
+
+    def check(self, extra: torch.Tensor | None = None) -> float | None:
+        """Bring the pending losses (and ``extra``) to the host in one transfer; a non-finite
+        loss stops the run under ``ON_NAN=stop`` before its weights are evaluated or saved.
+        Returns ``extra`` as a float."""
+        tensors = [*self.pending, *([] if extra is None else [extra.to(torch.float32)])]
+        values = torch.stack([t.to(torch.float32) for t in tensors]).tolist() if tensors else []
+        extra_value = values.pop() if extra is not None else None
+        self.values += values
+        self.pending.clear()
+        if self.ctx.config.on_nan == "stop":
+            for i, value in enumerate(self.values):
+                if not math.isfinite(value):
+                    raise UserError(
+                        f"the loss became {value} at step {self.first_step + i}; the last good "
+                        f"checkpoint is kept — lower LEARNING_RATE or set ON_NAN=skip")
+        return extra_value
+
+    def report(self, lr: float, end: int, bar) -> None:
+        """One progress line: mean loss and tokens/s (evaluation and saving time excluded)."""
+        ctx, cfg = self.ctx, self.ctx.config
+        grad_norm = self.check(self.grad_norm)
+        kept = [v for v in self.values if math.isfinite(v)]  # skipped steps are left out
+        seconds = time.perf_counter() - self.t0 - (self._excluded() - self.excluded0)
+        tokens = (cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * ctx.world_size
+                  * len(self.values))
+        tps = tokens / max(seconds, 1e-9)
+        mean_loss = sum(kept) / len(kept) if kept else math.nan
+        if ctx.is_main:
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
+            log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end, mean_loss, lr,
+                     tps)
+            if ctx.metrics:
+                ctx.metrics.write(step=ctx.step, train_loss=mean_loss, lr=lr,
+                                  tokens_per_s=round(tps, 1), grad_norm=grad_norm, kind="train")
+        self.reset()
 
 
 def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int):
@@ -108,92 +241,34 @@ def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int
 def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     """Advance ``ctx`` from ``start_step`` by ``n_steps`` optimizer steps.
 
-    Evaluates every ``EVAL_INTERVAL`` steps, checkpoints every ``CHECKPOINT_INTERVAL`` steps
-    and at the end, logs every ``LOG_INTERVAL`` steps; all step numbers are absolute.
+    Logs every ``LOG_INTERVAL`` steps, evaluates every ``EVAL_INTERVAL`` steps, checkpoints
+    every ``CHECKPOINT_INTERVAL`` steps and at the end; all step numbers are absolute.
     """
     cfg = ctx.config
-    model, opt, data = ctx.model, ctx.optimizer, ctx.data
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in ctx.model.parameters() if p.requires_grad]
     end = start_step + n_steps
-    tokens_per_step = cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * ctx.world_size
-    stack = contextlib.ExitStack()
-    bar = _progress(ctx, stack, start_step, end)
-    window_seconds, window_steps, window_loss = 0.0, 0, 0.0  # since the last progress line
-    model.train()
+    ctx.model.train()
     ctx.step = start_step
-    try:
+    window = LossWindow(ctx)
+    with contextlib.ExitStack() as stack:
+        bar = _progress(ctx, stack, start_step, end)
         for step in range(start_step, end):
-            step_t0 = time.perf_counter()
-            lr = set_learning_rate(opt, step, cfg)
-            loss_sum = torch.zeros((), device=ctx.device)
-            for micro in range(cfg.grad_accum_steps):
-                t0 = time.perf_counter()
-                x, y = data.get_batch("train", cfg.batch_size, cfg.block_size, ctx.sampler,
-                                      ctx.device)
-                t1 = time.perf_counter()
-                ctx.timings["data"] += t1 - t0
-                with contextlib.ExitStack() as micro_ctx:
-                    micro_ctx.enter_context(ctx.autocast())
-                    if micro < cfg.grad_accum_steps - 1 and hasattr(model, "no_sync"):
-                        micro_ctx.enter_context(model.no_sync())  # DDP: all-reduce on the last
-                    loss = compute_loss(model, x, y) / cfg.grad_accum_steps
-                (ctx.grad_scaler.scale(loss) if ctx.grad_scaler else loss).backward()
-                loss_sum += loss.detach()
-                ctx.timings["train"] += time.perf_counter() - t1
-            t2 = time.perf_counter()
-            loss_value = all_reduce_mean(loss_sum).item()  # the same value on every rank
-            if ctx.grad_scaler:
-                ctx.grad_scaler.unscale_(opt)
-            grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-                         if cfg.grad_clip > 0 else None)
-            if not math.isfinite(loss_value):
-                opt.zero_grad(set_to_none=True)
-                if cfg.on_nan == "stop":
-                    raise UserError(
-                        f"the loss became {loss_value} at step {step + 1}; the last good "
-                        f"checkpoint is kept — lower LEARNING_RATE or set ON_NAN=skip")
-                log.warning("step %d: loss is %s, step skipped (ON_NAN=skip)", step + 1,
-                            loss_value)
-                if ctx.grad_scaler:
-                    ctx.grad_scaler.update()
-            else:
-                if ctx.grad_scaler:
-                    ctx.grad_scaler.step(opt)
-                    ctx.grad_scaler.update()
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
+            lr = set_learning_rate(ctx.optimizer, step, cfg)
+            window.add(*train_step(ctx, step, params))
             ctx.step = step + 1
-            ctx.timings["train"] += time.perf_counter() - t2
-            window_seconds += time.perf_counter() - step_t0
-            window_steps += 1
-            window_loss += loss_value
             if bar is not None:
                 bar.update(1)
             if ctx.step % cfg.log_interval == 0 or ctx.step == end:
-                # training throughput and mean loss over the steps since the last line
-                tps = tokens_per_step * window_steps / max(window_seconds, 1e-9)
-                mean_loss = window_loss / window_steps
-                if ctx.is_main:
-                    if bar is not None:
-                        bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
-                    log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end,
-                             mean_loss, lr, tps)
-                    if ctx.metrics:
-                        ctx.metrics.write(step=ctx.step, train_loss=mean_loss, lr=lr,
-                                          tokens_per_s=round(tps, 1), grad_norm=grad_norm,
-                                          kind="train")
-                window_seconds, window_steps, window_loss = 0.0, 0, 0.0
+                window.report(lr, end, bar)
             if ctx.step % cfg.eval_interval == 0:
+                window.check()
                 evaluate(ctx)
             if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:
+                window.check()
                 save(ctx)
             share_stop_signal(ctx)  # a signal seen by any rank stops all at the same step
             if ctx.stop_signal is not None and ctx.step != end:
-                path = save(ctx)
-                raise TrainingInterrupted(ctx.stop_signal, path)
-    finally:
-        stack.close()
+                window.check()
+                raise TrainingInterrupted(ctx.stop_signal, save(ctx))
     if n_steps > 0:
         save(ctx)
-

@@ -33,6 +33,9 @@ class TrainingConfig(BaseModel):
     model_type: Literal["from_scratch", "gpt2"] = Field(
         "from_scratch", description="from_scratch GPT or pretrained gpt2")
     use_lora: bool = Field(False, description="train LoRA adapters instead of all weights")
+    arch: Literal["gpt2", "llama"] = Field(
+        "gpt2", description="from-scratch architecture: gpt2 | llama (rotary, RMSNorm, SwiGLU)")
+    qk_norm: bool = Field(False, description="ARCH=llama: RMSNorm on queries and keys")
     n_layer: int = Field(4, ge=0, description="transformer blocks (0 = bigram model)")
     n_head: int = Field(4, ge=1, description="attention heads")
     n_embd: int = Field(128, ge=1, description="embedding width")
@@ -62,6 +65,10 @@ class TrainingConfig(BaseModel):
     # optimisation
     training_steps: int = Field(4000, ge=0, description="planned total optimizer steps")
     learning_rate: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="adamw | muon (Muon for hidden matrices, AdamW for the rest)")
+    muon_learning_rate: float = Field(
+        0.02, gt=0.0, description="OPTIMIZER=muon: peak learning rate of the Muon matrices")
     batch_size: int = Field(12, ge=1, description="sequences per step (per process)")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only)")
@@ -83,6 +90,10 @@ class TrainingConfig(BaseModel):
         None, description="generation prompt (gpt2 default 'QUESTION: ', else empty)")
     temperature: float = Field(0.8, gt=0.0, description="sampling temperature")
     top_k: int | None = Field(200, ge=1, description="sample from the k most likely tokens")
+    top_p: float = Field(
+        1.0, gt=0.0, le=1.0, description="sample from the most likely tokens holding this "
+                                         "probability mass (nucleus; 1 = off)")
+    stop_at_eot: bool = Field(True, description="generation stops at the end-of-text token")
 
     # checkpoints, logs, outputs
     enable_checkpoints: bool = Field(True, description="write checkpoints")
@@ -112,6 +123,12 @@ class TrainingConfig(BaseModel):
         if self.model_type == "from_scratch" and self.n_layer > 0 and self.n_embd % self.n_head:
             raise ValueError(
                 f"N_EMBD={self.n_embd} must be divisible by N_HEAD={self.n_head}")
+        if (self.model_type == "from_scratch" and self.arch == "llama" and self.n_layer > 0
+                and (self.n_embd // self.n_head) % 2):
+            raise ValueError(f"ARCH=llama needs an even head width for rotary positions; "
+                             f"N_EMBD / N_HEAD = {self.n_embd // self.n_head}")
+        if self.qk_norm and self.arch != "llama":
+            raise ValueError("QK_NORM=1 needs ARCH=llama")
         return self
 
     @property
@@ -129,9 +146,12 @@ FIELDS = TrainingConfig.model_fields
 #: (GPT2_MODEL_NAME may change, e.g. a moved folder: LoRA checks the base's fingerprint and a
 #: full fine-tune's weights must fit the model built from it.)
 ARCHITECTURE_FIELDS = frozenset({
-    "model_type", "use_lora", "n_layer", "n_head", "n_embd", "block_size",
+    "model_type", "use_lora", "n_layer", "n_head", "n_embd", "block_size", "arch", "qk_norm",
+    "optimizer",
     "lora_r", "lora_alpha", "lora_targets", "tokenization_method", "custom_vocab_size",
 })
+#: Run settings added with the llama/Muon recipe, as every checkpoint without them was trained.
+SETTINGS_BEFORE_RECIPE: dict[str, Any] = {"arch": "gpt2", "qk_norm": False, "optimizer": "adamw"}
 #: Settings that only select what to resume; never taken from the checkpoint.
 INVOCATION_FIELDS = frozenset({"checkpoint_path", "resume_steps", "test_mode", "run_name"})
 
@@ -144,7 +164,7 @@ TEST_MODE_PRESET: dict[str, Any] = {
 GPT2_PRESET: dict[str, Any] = {
     "learning_rate": 5e-5, "batch_size": 8, "block_size": 128, "training_steps": 500,
     "warmup_steps": 50, "eval_interval": 100, "eval_iters": 20, "checkpoint_interval": 100,
-    "tokenization_method": "gpt2", "max_new_tokens": 100,
+    "tokenization_method": "gpt2", "max_new_tokens": 100, "optimizer": "adamw",
 }
 GPT2_LORA_PRESET: dict[str, Any] = {"learning_rate": 3e-4}
 GPT2_TEST_MODE_PRESET: dict[str, Any] = {
@@ -286,6 +306,8 @@ def load_resumed(
 ) -> LoadedConfig:
     """Resume: the checkpoint's hyperparameters, then allowed explicit overrides."""
     base = {k: v for k, v in saved.items() if k in FIELDS and k not in INVOCATION_FIELDS}
+    for k, v in SETTINGS_BEFORE_RECIPE.items():  # older checkpoints: what they were trained with
+        base.setdefault(k, v)
     merged_src = {k: "checkpoint" for k in base}
     for k in FIELDS:
         merged_src.setdefault(k, "default")

@@ -1,8 +1,18 @@
-"""Autoregressive sampling with temperature and top-k, on a generator of its own."""
+"""Autoregressive sampling: KV cache, temperature, top-k, top-p, stop at end of text, token
+healing, on a generator of its own.
+
+GPT-2 decodes through ``transformers``' own cache; the from-scratch GPT through its
+``make_kv_cache``; the bigram model (and any other) re-reads its window. When the context
+outgrows ``block_size`` it is cropped to the last ``block_size`` tokens and a fresh cache is
+filled from them, so cached and uncached decoding see the same tokens at the same positions.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -10,6 +20,7 @@ from torch import nn
 from lmtrain.config import TrainingConfig
 from lmtrain.data.tokenizers import GPT2_EOT, CharTokenizer, GPT2FilesTokenizer, Tokenizer
 from lmtrain.errors import UserError
+from lmtrain.healing import heal_prompt, stream_text, token_bytes
 from lmtrain.models import model_logits
 
 
@@ -38,37 +49,155 @@ def default_prompt(config: TrainingConfig) -> str:
     return "QUESTION: " if config.model_type == "gpt2" else ""
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. ``top_k=1`` is greedy decoding."""
+
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    stop_at_eot: bool = True
+
+    @classmethod
+    def of(cls, config: TrainingConfig) -> Sampling:
+        return cls(config.temperature, config.top_k, config.top_p, config.stop_at_eot)
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
+               allowed: torch.Tensor | None = None) -> int:
+    """One id from next-token ``logits`` ``(vocab,)``; only ``allowed`` ids when given."""
+    logits = logits.float()
+    if allowed is not None:
+        mask = torch.ones_like(logits, dtype=torch.bool)
+        mask[allowed] = False
+        logits = logits.masked_fill(mask, float("-inf"))
+    if sampling.top_k == 1:
+        return int(logits.argmax())
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.numel():
+        kth = torch.topk(logits, sampling.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if sampling.top_p < 1.0:  # the smallest set of most likely ids holding top_p of the mass
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = sorted_probs.cumsum(0) - sorted_probs >= sampling.top_p  # the first one stays
+        probs[order[outside]] = 0.0
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def _hf_model(model: nn.Module) -> nn.Module | None:
+    """The ``transformers`` model under ``model`` (a peft wrapper, perhaps), else ``None``."""
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if isinstance(base, PreTrainedModel) else None
+
+
+class Decoder:
+    """Next-token logits for a growing sequence, reusing a KV cache where the model has one."""
+
+    def __init__(self, model: nn.Module, block_size: int, device: torch.device,
+                 use_cache: bool = True) -> None:
+        self.model, self.block_size, self.device = model, block_size, device
+        hf = _hf_model(model)
+        self.kind = ("hf" if hf is not None else "gpt" if hasattr(model, "make_kv_cache")
+                     else "plain")
+        if not use_cache:
+            self.kind = "plain" if self.kind == "gpt" else self.kind + "_nocache"
+        if hf is not None:  # transformers 5 renamed past_key_values to cache
+            self._cache_arg = ("cache" if "cache" in inspect.signature(hf.forward).parameters
+                               else "past_key_values")
+        self.cache: Any = None
+        self.start = self.length = 0  # the cache holds ids[start:start + length]
+
+    def next_logits(self, ids: list[int]) -> torch.Tensor:
+        """Logits ``(vocab,)`` for the token after ``ids`` (seeing its last ``block_size``)."""
+        start = max(len(ids) - self.block_size, 0)
+        if self.cache is None or start != self.start or self.kind in ("plain", "hf_nocache"):
+            self.cache, self.start, self.length = None, start, 0  # crop: prefill a fresh cache
+        new = ids[start + self.length:]
+        idx = torch.tensor([new], dtype=torch.long, device=self.device)
+        if self.kind == "hf":
+            out = self.model(input_ids=idx, use_cache=True, logits_to_keep=1,
+                             **{self._cache_arg: self.cache})
+            self.cache = getattr(out, self._cache_arg)
+            logits = out.logits
+        elif self.kind == "hf_nocache":
+            logits = self.model(input_ids=idx, use_cache=False, logits_to_keep=1).logits
+        elif self.kind == "gpt":
+            if self.cache is None:
+                self.cache = self.model.make_kv_cache(1, self.block_size)
+            out = self.model(idx, kv_cache=self.cache)
+            logits = out[0] if isinstance(out, tuple) else out
+        else:
+            logits = model_logits(self.model, idx)
+        self.length += len(new)
+        return logits[0, -1]
+
+
 @torch.no_grad()
 def sample_tokens(
     model: nn.Module, context: list[int], max_new_tokens: int, block_size: int,
     device: torch.device, temperature: float = 1.0, top_k: int | None = None,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, *, top_p: float = 1.0,
+    stop_id: int | None = None, first_allowed: list[int] | None = None, use_cache: bool = True,
 ) -> Iterator[int]:
-    """Yield ``max_new_tokens`` sampled ids one at a time after ``context`` (non-empty)."""
+    """Yield up to ``max_new_tokens`` ids after ``context`` (non-empty), one at a time.
+
+    Stops early, without yielding it, when ``stop_id`` is sampled; the first token is drawn
+    from ``first_allowed`` when given (token healing).
+    """
+    sampling = Sampling(temperature, top_k, top_p)
+    allowed = (torch.tensor(first_allowed, dtype=torch.long, device=device)
+               if first_allowed is not None else None)
+    decoder = Decoder(model, block_size, device, use_cache)
+    ids = list(context)
     was_training = model.training
     model.eval()
     try:
-        idx = torch.tensor([context], dtype=torch.long, device=device)
         for _ in range(max_new_tokens):
-            logits = model_logits(model, idx[:, -block_size:])[:, -1, :].float() / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, float("-inf"))
-            probs = torch.softmax(logits, dim=-1).cpu()
-            nxt = torch.multinomial(probs, num_samples=1, generator=generator).to(device)
-            idx = torch.cat([idx, nxt], dim=1)[:, -block_size:]  # only what the model sees
-            yield int(nxt.item())
+            token = pick_token(decoder.next_logits(ids), sampling, generator, allowed)
+            allowed = None
+            if token == stop_id:
+                return
+            ids.append(token)
+            yield token
     finally:
         model.train(was_training)
 
 
+def eot_id(tokenizer: Tokenizer) -> int | None:
+    """The tokenizer's end-of-text id, if it has one."""
+    return getattr(tokenizer, "eot_id", None)
+
+
+def stream_sample(
+    model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, block_size: int,
+    device: torch.device, sampling: Sampling, generator: torch.Generator | None = None,
+    table: list[bytes] | None = None,
+) -> Iterator[str]:
+    """The text that follows ``prompt``, piece by piece as tokens are sampled.
+
+    The prompt is token-healed; pass ``table`` (:func:`token_bytes`) to reuse it across samples.
+    """
+    table = table if table is not None else token_bytes(tokenizer)
+    healed = heal_prompt(start_context(tokenizer, prompt), table) if prompt else None
+    context = healed.context if healed else start_context(tokenizer, prompt)
+    ids = sample_tokens(
+        model, context, max_new_tokens, block_size, device, sampling.temperature,
+        sampling.top_k, generator, top_p=sampling.top_p,
+        stop_id=eot_id(tokenizer) if sampling.stop_at_eot else None,
+        first_allowed=healed.allowed if healed else None)
+    yield from stream_text(ids, table, healed.prefix if healed else b"")
+
+
 def generate_text(
     model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, block_size: int,
-    device: torch.device,
-    temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+    device: torch.device, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
+    top_p: float = 1.0, stop_at_eot: bool = True,
 ) -> str:
-    """Prompt plus ``max_new_tokens`` sampled tokens, decoded."""
+    """Prompt plus up to ``max_new_tokens`` sampled tokens, decoded."""
     gen = torch.Generator().manual_seed(seed)
-    new = list(sample_tokens(model, start_context(tokenizer, prompt), max_new_tokens, block_size,
-                             device, temperature, top_k, gen))
-    return prompt + tokenizer.decode(new)
+    sampling = Sampling(temperature, top_k, top_p, stop_at_eot)
+    return prompt + "".join(stream_sample(model, tokenizer, prompt, max_new_tokens, block_size,
+                                          device, sampling, gen))

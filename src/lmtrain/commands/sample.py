@@ -12,8 +12,12 @@ OPTIONS = [  # (flag, env twin, type, help)
     ("--max-new-tokens", "MAX_NEW_TOKENS", int, "tokens to generate per sample [default: 200]"),
     ("--temperature", "TEMPERATURE", float, "sampling temperature [default: the run's, 0.8]"),
     ("--top-k", "TOP_K", int, "sample from the k most likely tokens [default: the run's, 200]"),
+    ("--top-p", "TOP_P", float, "sample from the most likely tokens holding this probability "
+                                "mass [default: the run's, 1 = off]"),
     ("--seed", "SEED", int, "random seed of the sampler [default: the run's SEED]"),
     ("--device", "DEVICE", str, "auto | cpu | cuda | cuda:N | mps [default: auto]"),
+    ("--base", "GPT2_MODEL_NAME", str, "where the GPT-2 base model lives now (folder or hub id) "
+                                       "[default: where the run found it]"),
 ]
 
 
@@ -26,8 +30,21 @@ def register(sub) -> None:
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint written by lmtrain")
     for flag, env, typ, text in OPTIONS:
         p.add_argument(flag, type=typ, default=None, help=f"{text} [env {env}]")
+    p.add_argument("--stop-at-eot", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop a sample at the end-of-text token [default: the run's, on] "
+                        "[env STOP_AT_EOT]")
     p.add_argument("--num-samples", type=int, default=1, help="how many samples [default: 1]")
     p.set_defaults(func=run)
+
+
+def _flag(raw: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off``."""
+    word = raw.strip().lower()
+    if word in ("1", "true", "yes", "on"):
+        return True
+    if word in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(raw)
 
 
 def _option(args: argparse.Namespace, flag: str, env: str, typ, fallback):
@@ -41,7 +58,8 @@ def _option(args: argparse.Namespace, flag: str, env: str, typ, fallback):
         try:
             return typ(raw)
         except ValueError:
-            raise UserError(f"{env}={raw!r} is not a valid {typ.__name__}") from None
+            name = "boolean (1 or 0)" if typ is _flag else typ.__name__
+            raise UserError(f"{env}={raw!r} is not a valid {name}") from None
     return fallback
 
 
@@ -50,35 +68,37 @@ def run(args: argparse.Namespace) -> int:
 
     from lmtrain.device import select_device
     from lmtrain.errors import UserError
-    from lmtrain.generate import default_prompt, sample_tokens, start_context
+    from lmtrain.generate import Sampling, default_prompt, start_context, stream_sample
+    from lmtrain.healing import token_bytes
     from lmtrain.inference import load_trained_model
 
     device = select_device(_option(args, "--device", "DEVICE", str, "auto"))
-    loaded = load_trained_model(args.checkpoint, device)
+    loaded = load_trained_model(args.checkpoint, device,
+                                base=_option(args, "--base", "GPT2_MODEL_NAME", str, None))
     cfg, tok = loaded.config, loaded.tokenizer
     prompt = _option(args, "--prompt", "PROMPT", str, default_prompt(cfg))
     max_new = _option(args, "--max-new-tokens", "MAX_NEW_TOKENS", int, 200)
     temperature = _option(args, "--temperature", "TEMPERATURE", float, cfg.temperature)
     top_k = _option(args, "--top-k", "TOP_K", int, cfg.top_k)
+    top_p = _option(args, "--top-p", "TOP_P", float, cfg.top_p)
+    stop_at_eot = _option(args, "--stop-at-eot", "STOP_AT_EOT", _flag, cfg.stop_at_eot)
     seed = _option(args, "--seed", "SEED", int, cfg.seed)
-    if temperature <= 0 or max_new < 0 or (top_k is not None and top_k < 1) or args.num_samples < 1:
-        raise UserError("--temperature must be > 0, --max-new-tokens >= 0, --top-k >= 1 and "
-                        "--num-samples >= 1")
+    if (temperature <= 0 or max_new < 0 or (top_k is not None and top_k < 1)
+            or not 0 < top_p <= 1 or args.num_samples < 1):
+        raise UserError("--temperature must be > 0, --max-new-tokens >= 0, --top-k >= 1, "
+                        "--top-p in (0, 1] and --num-samples >= 1")
+    sampling = Sampling(temperature, top_k, top_p, stop_at_eot)
     generator = torch.Generator().manual_seed(seed)
-    context = start_context(tok, prompt)
+    start_context(tok, prompt)  # an unencodable prompt fails before any output
+    table = token_bytes(tok)
     for i in range(args.num_samples):
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
-        pending: list[int] = []  # ids not printed yet: a multi-byte character may be unfinished
-        for token in sample_tokens(loaded.model, context, max_new, cfg.block_size, device,
-                                   temperature, top_k, generator):
-            pending.append(token)
-            text = tok.decode(pending)
-            if not text.endswith("\ufffd"):
-                sys.stdout.write(text)
-                sys.stdout.flush()
-                pending = []
-        sys.stdout.write(tok.decode(pending) + "\n")
+        for piece in stream_sample(loaded.model, tok, prompt, max_new, cfg.block_size, device,
+                                   sampling, generator, table):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
         sys.stdout.flush()
     return 0

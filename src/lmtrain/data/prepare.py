@@ -16,7 +16,9 @@ flat however large the corpus.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -31,6 +33,7 @@ import numpy as np
 
 from lmtrain.checkpoint import atomic_write
 from lmtrain.config import TrainingConfig
+from lmtrain.data.hf_datasets import ArrowStream, is_dataset_source, resolve_dataset
 from lmtrain.data.sources import CorpusStream, empty_source_error, iter_chunks, source_digest
 from lmtrain.data.tokenizers import (
     CharTokenizer,
@@ -101,6 +104,75 @@ def _write_json(path: Path, obj: Any) -> None:
     atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
 
 
+Stream = CorpusStream | ArrowStream
+
+
+def open_streams(config: TrainingConfig) -> tuple[Stream, Stream | None]:
+    """The training text of ``TRAINING_DATA_SOURCE`` and, for a dataset with a ``validation``
+    split, that split's text (see :mod:`lmtrain.data.hf_datasets`)."""
+    source = config.training_data_source
+    if is_dataset_source(source):
+        splits = resolve_dataset(source, config.allow_download)
+        val = (ArrowStream(source, splits.validation, config.text_field)
+               if splits.validation else None)
+        return ArrowStream(source, splits.train, config.text_field), val
+    return CorpusStream(source, config.text_field), None
+
+
+def stream_digest(stream: Stream) -> str:
+    """sha256 of a stream's files and of what selects their text."""
+    if isinstance(stream, ArrowStream):
+        return stream.digest()
+    return source_digest(stream.files, stream.text_field)
+
+
+def splits_digest(stream: Stream, val_stream: Stream | None) -> str:
+    """The digest of a source's training split, or of both splits when it has two."""
+    if val_stream is None:
+        return stream_digest(stream)
+    return _digest([stream_digest(stream), stream_digest(val_stream)])
+
+
+class _Progress:
+    """A tqdm bar over streams: rows for datasets, bytes for text; silent when disabled."""
+
+    def __init__(self, streams: list[Stream], enabled: bool, desc: str) -> None:
+        from tqdm import tqdm
+
+        self.streams = streams
+        self.rows = all(isinstance(s, ArrowStream) for s in streams)
+        total = (sum(s.total_rows for s in streams) if self.rows and enabled
+                 else sum(s.total_bytes for s in streams))
+        self.bar = tqdm(total=total, unit="rows" if self.rows else "B",
+                        unit_scale=True, desc=desc, disable=not enabled, dynamic_ncols=True)
+        self._done_before = 0  # units of the streams already read through
+
+    def _done(self, stream: Stream) -> int:
+        return stream.rows_read if self.rows else stream.bytes_read
+
+    def refresh_from_streams(self) -> None:
+        done = sum(self._done(s) for s in self.streams)
+        self.bar.update(max(done - self.bar.n, 0))
+
+    def track(self, texts: Iterable[str]) -> Iterator[str]:
+        """``texts`` unchanged, moving the bar as the streams behind them are read."""
+        for i, text in enumerate(texts):
+            if i % 64 == 0:
+                self.refresh_from_streams()
+            yield text
+        self.refresh_from_streams()
+
+
+@contextlib.contextmanager
+def progress_bar(streams: list[Stream], enabled: bool, desc: str) -> Iterator[_Progress]:
+    """Progress of reading ``streams`` (done, rate, ETA) on stderr when ``enabled``."""
+    progress = _Progress(streams, enabled, desc)
+    try:
+        yield progress
+    finally:
+        progress.bar.close()
+
+
 def _head(chunks: Iterable[str], n_chars: int) -> Iterator[str]:
     """The first ``n_chars`` characters of a chunk stream."""
     for chunk in chunks:
@@ -110,12 +182,13 @@ def _head(chunks: Iterable[str], n_chars: int) -> Iterator[str]:
         n_chars -= len(chunk)
 
 
-def fresh_tokenizer(config: TrainingConfig, stream: CorpusStream, source_sha: str,
-                    cache: Path) -> Tokenizer:
+def fresh_tokenizer(config: TrainingConfig, stream: Stream, source_sha: str, cache: Path,
+                    val_stream: Stream | None = None, progress: bool = False) -> Tokenizer:
     """The tokenizer a fresh run asks for: GPT-2's, or one learned from the source (cached).
 
-    The character vocabulary covers the whole corpus; the BPE learns from the training split
-    only (the first ``TRAIN_SPLIT`` of the text).
+    The character vocabulary covers the whole corpus (and a dataset's validation split); the
+    BPE learns from the training split only (the first ``TRAIN_SPLIT`` of the text, or all of
+    ``stream`` when the dataset has a validation split of its own).
     """
     method = config.tokenization_method
     if method == "gpt2":
@@ -132,12 +205,14 @@ def fresh_tokenizer(config: TrainingConfig, stream: CorpusStream, source_sha: st
         else:
             log.info("tokenizer: reusing %s", path)
             return tokenizer
-    texts: Iterable[str] = stream
-    if method == "custom_bpe":
+    streams = [stream, val_stream] if val_stream is not None and method == "character" else [stream]
+    texts: Iterable[str] = itertools.chain.from_iterable(streams)
+    if method == "custom_bpe" and val_stream is None:
         total = sum(len(piece) for piece in stream)
         texts = _head(iter_chunks(stream, CHUNK_CHARS), int(total * config.train_split))
     started = time.perf_counter()
-    tokenizer = train_tokenizer(method, texts, config.custom_vocab_size)
+    with progress_bar(streams, progress, f"learning {method} tokenizer") as bar:
+        tokenizer = train_tokenizer(method, bar.track(texts), config.custom_vocab_size)
     log.info("tokenizer: learned %s (%d tokens) in %.1fs", method, tokenizer.vocab_size,
              time.perf_counter() - started)
     _write_json(path, tokenizer.state())
@@ -148,9 +223,9 @@ def tokenizer_for(config: TrainingConfig) -> Tokenizer:
     """The tokenizer a fresh run on ``config`` would use (without tokenizing the source)."""
     if config.tokenization_method == "gpt2":
         return train_tokenizer("gpt2", [], config.custom_vocab_size)
-    stream = CorpusStream(config.training_data_source, config.text_field)
-    return fresh_tokenizer(config, stream, source_digest(stream.files, config.text_field),
-                           cache_folder(config))
+    stream, val_stream = open_streams(config)
+    return fresh_tokenizer(config, stream, splits_digest(stream, val_stream), cache_folder(config),
+                           val_stream)
 
 
 def _read_meta(meta_path: Path, bin_path: Path) -> dict[str, Any] | None:
@@ -181,23 +256,20 @@ def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
         yield batch
 
 
-def _write_tokens(path: Path, tokenizer: Tokenizer, stream: CorpusStream,
-                  progress: bool) -> dict[str, int]:
+def _write_tokens(path: Path, tokenizer: Tokenizer, stream: Stream, progress: bool,
+                  desc: str = "tokenizing") -> dict[str, int]:
     """Encode the stream batch by batch, appending to ``path`` (atomically replaced at the end)."""
-    from tqdm import tqdm
-
     dtype = file_dtype(tokenizer)
     counts = {"n_tokens": 0, "n_chars": 0}
 
     def write(fh) -> None:
-        with tqdm(total=stream.total_bytes, unit="B", unit_scale=True, desc="tokenizing",
-                  disable=not progress) as bar:
+        with progress_bar([stream], progress, desc) as bar:
             for batch in _batched(iter_chunks(stream, CHUNK_CHARS), BATCH_CHUNKS):
                 for ids in tokenizer.encode_arrays(batch):
                     fh.write(ids.astype(dtype, copy=False).tobytes())
                     counts["n_tokens"] += len(ids)
                 counts["n_chars"] += sum(len(text) for text in batch)
-                bar.update(stream.bytes_read - bar.n)
+                bar.refresh_from_streams()
         if counts["n_tokens"] == 0:
             raise empty_source_error(stream.source)
 
@@ -207,16 +279,37 @@ def _write_tokens(path: Path, tokenizer: Tokenizer, stream: CorpusStream,
 
 def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
                    progress: bool | None = None) -> tuple[Tokenizer, TokenArray]:
-    """The tokenizer (given, cached or learned) and the cached token array of the source."""
-    stream = CorpusStream(config.training_data_source, config.text_field)
+    """The tokenizer (given, cached or learned) and the cached token array of the source (of a
+    dataset's training split)."""
+    tokenizer, train, _ = prepare_splits(config, tokenizer, progress)
+    return tokenizer, train
+
+
+def prepare_splits(config: TrainingConfig, tokenizer: Tokenizer | None = None,
+                   progress: bool | None = None,
+                   ) -> tuple[Tokenizer, TokenArray, TokenArray | None]:
+    """The tokenizer and the cached token arrays of the training split and, for a dataset with a
+    validation split, of that split (else ``None``: the ``TRAIN_SPLIT`` cut applies)."""
+    stream, val_stream = open_streams(config)
     if stream.total_bytes == 0:
         raise empty_source_error(stream.source)
     cache = cache_folder(config)
-    source_sha = source_digest(stream.files, config.text_field)
+    show = sys.stderr.isatty() if progress is None else progress
     fresh = tokenizer is None
     if tokenizer is None:
-        tokenizer = fresh_tokenizer(config, stream, source_sha, cache)
+        tokenizer = fresh_tokenizer(config, stream, splits_digest(stream, val_stream), cache,
+                                    val_stream, show)
+    train = _cached_tokens(config, stream, tokenizer, cache, not fresh, show, "tokenizing")
+    val = (_cached_tokens(config, val_stream, tokenizer, cache, not fresh, show,
+                          "tokenizing validation") if val_stream is not None else None)
+    return tokenizer, train, val
+
+
+def _cached_tokens(config: TrainingConfig, stream: Stream, tokenizer: Tokenizer, cache: Path,
+                   check_chars: bool, progress: bool, desc: str) -> TokenArray:
+    """The token array of ``stream`` from the cache, or encoded into it now."""
     stream.separator = document_separator(tokenizer)
+    source_sha = stream_digest(stream)
     tok_sha = tokenizer_digest(tokenizer)
     key = _digest({"format": CACHE_FORMAT, "source": source_sha, "tokenizer": tok_sha,
                    "chunk_chars": CHUNK_CHARS})[:32]
@@ -224,13 +317,12 @@ def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
     meta = _read_meta(meta_path, bin_path)
     if meta is not None:
         log.info("tokens: cache hit %s (%d tokens)", bin_path, meta["n_tokens"])
-        return tokenizer, TokenArray(bin_path, meta, cached=True)
-    if isinstance(tokenizer, CharTokenizer) and not fresh:
+        return TokenArray(bin_path, meta, cached=True)
+    if isinstance(tokenizer, CharTokenizer) and check_chars:
         # a resumed run on new data: name every unknown character at once, before encoding
         tokenizer.check_known(distinct_chars(stream))
     started = time.perf_counter()
-    counts = _write_tokens(bin_path, tokenizer, stream,
-                           sys.stderr.isatty() if progress is None else progress)
+    counts = _write_tokens(bin_path, tokenizer, stream, progress, desc)
     seconds = time.perf_counter() - started
     meta = {
         "format": CACHE_FORMAT, **counts,
@@ -243,7 +335,7 @@ def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
     _write_json(meta_path, meta)
     log.info("tokens: wrote %d tokens to %s in %.1fs (%.1f MB/s)", counts["n_tokens"], bin_path,
              seconds, stream.bytes_read / 1e6 / max(seconds, 1e-9))
-    return tokenizer, TokenArray(bin_path, meta, cached=False)
+    return TokenArray(bin_path, meta, cached=False)
 
 
 def load_token_data(
@@ -251,11 +343,15 @@ def load_token_data(
 ) -> tuple[Tokenizer, TokenData]:
     """Tokenize ``TRAINING_DATA_SOURCE`` through the cache; learn the tokenizer when none is given.
 
-    The train/validation split is on the token array: the first ``TRAIN_SPLIT`` of the tokens
-    train, the rest validate.
+    A dataset's own ``validation`` split validates; otherwise the split is on the token array:
+    the first ``TRAIN_SPLIT`` of the tokens train, the rest validate.
     """
     from lmtrain.data.dataset import TokenData  # imports torch
 
-    tokenizer, tokens = prepare_tokens(config, tokenizer)
-    return tokenizer, TokenData.split(
-        tokens.load(), config.train_split, config.block_size, config.training_data_source)
+    tokenizer, train, val = prepare_splits(config, tokenizer)
+    if val is None:
+        return tokenizer, TokenData.split(
+            train.load(), config.train_split, config.block_size, config.training_data_source)
+    data = TokenData(train.load(), val.load())
+    data.check(config.block_size, config.training_data_source)
+    return tokenizer, data

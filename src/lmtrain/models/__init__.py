@@ -18,7 +18,8 @@ def build_model(config: TrainingConfig, vocab_size: int) -> nn.Module:
     else:
         model = build_from_scratch(GPTConfig(
             vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
-            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout))
+            n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
+            arch=config.arch, qk_norm=config.qk_norm))
     if config.use_lora:
         from lmtrain.models.lora import apply_lora
 

@@ -68,6 +68,10 @@ def to_hf_model(model: nn.Module, config: TrainingConfig, tokenizer: Tokenizer
 
     if isinstance(model, GPT2LMHeadModel):
         hf_model = model
+    elif isinstance(model, GPT) and model.config.arch == "llama":
+        from lmtrain.models.export_llama import llama_to_hf
+
+        hf_model = llama_to_hf(model, tokenizer.eot_id)
     elif isinstance(model, GPT):
         hf_model = gpt_to_hf(model, config, tokenizer)
     else:
@@ -106,6 +110,6 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, A
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(out)
-        save_tokenizer(tokenizer, out, hf_model.config.n_positions)
+        save_tokenizer(tokenizer, out, hf_model.config.max_position_embeddings)
     return {"step": step, "model_type": config.model_type, "lora_merged": config.use_lora,
             "tokenizer": tokenizer.kind, "out_dir": str(out)}

@@ -1,19 +1,88 @@
-"""AdamW with weight decay on matrices only, and the warmup + cosine learning-rate schedule."""
+"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW for the rest) and the
+warmup + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from lmtrain.config import TrainingConfig
 
+#: Param-group key naming the setting that holds the group's peak learning rate.
+LR_SETTING = "lr_setting"
 
-def build_optimizer(model: nn.Module, config: TrainingConfig,
-                    device: torch.device) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; 2-D+ tensors decay, biases and norms do not."""
+
+class CombinedOptimizer:
+    """Several torch optimizers behind the ``torch.optim.Optimizer`` API: ``step``,
+    ``zero_grad``, ``param_groups`` (all of them, in order), ``state`` and a
+    ``state_dict`` holding each optimizer's state under its name."""
+
+    def __init__(self, optimizers: dict[str, torch.optim.Optimizer]) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        return [g for opt in self.optimizers.values() for g in opt.param_groups]
+
+    @property
+    def state(self) -> dict[torch.Tensor, dict[str, Any]]:
+        return {p: s for opt in self.optimizers.values() for p, s in opt.state.items()}
+
+    def step(self, closure: Callable[[], float] | None = None) -> None:
+        if closure is not None:
+            raise ValueError("CombinedOptimizer.step takes no closure")
+        for opt in self.optimizers.values():
+            opt.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for opt in self.optimizers.values():
+            opt.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        return {name: opt.state_dict() for name, opt in self.optimizers.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if set(state_dict) != set(self.optimizers):
+            raise ValueError(f"expected the states of {sorted(self.optimizers)}, "
+                             f"got {sorted(map(str, state_dict))}")
+        for name, opt in self.optimizers.items():
+            opt.load_state_dict(state_dict[name])
+
+
+def adamw_only_params(model: nn.Module) -> set[int]:
+    """Ids of the 2-D weights Muon leaves to AdamW: embeddings and the output head."""
+    ids = set()
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or name.rsplit(".", 1)[-1] == "lm_head":
+            ids.update(id(p) for p in module.parameters(recurse=False))
+    return ids
+
+
+def build_optimizer(model: nn.Module, config: TrainingConfig, device: torch.device
+                    ) -> torch.optim.AdamW | CombinedOptimizer:
+    """AdamW over the trainable parameters (2-D+ tensors decay, biases and norms do not); with
+    ``OPTIMIZER=muon``, the hidden matrices go to Muon at ``MUON_LEARNING_RATE`` instead."""
     params = [p for p in model.parameters() if p.requires_grad]  # shared weights listed once
+    muon: list[torch.Tensor] = []
+    if config.optimizer == "muon":
+        skip = adamw_only_params(model)
+        muon = [p for p in params if p.dim() == 2 and id(p) not in skip]
+        taken = {id(p) for p in muon}
+        params = [p for p in params if id(p) not in taken]
+    adamw = _adamw(params, config, device)
+    if not muon:
+        return adamw
+    return CombinedOptimizer({"adamw": adamw, "muon": torch.optim.Muon(
+        [{"params": muon, LR_SETTING: "muon_learning_rate"}], lr=config.muon_learning_rate,
+        weight_decay=config.weight_decay)})
+
+
+def _adamw(params: list[torch.Tensor], config: TrainingConfig,
+           device: torch.device) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [
@@ -43,13 +112,15 @@ def lr_multiplier(step: int, config: TrainingConfig) -> float:
     return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * cosine
 
 
-def set_learning_rate(optimizer: torch.optim.Optimizer, step: int, config: TrainingConfig) -> float:
-    """Set every group's lr for ``step`` from the peak ``LEARNING_RATE``; returns the lr.
+def set_learning_rate(optimizer: torch.optim.Optimizer | CombinedOptimizer, step: int,
+                      config: TrainingConfig) -> float:
+    """Set every group's lr for ``step`` from its peak (``LEARNING_RATE``, or
+    ``MUON_LEARNING_RATE`` for Muon's matrices); returns the ``LEARNING_RATE`` one.
 
     The schedule is a pure function of the step and the config, so an overridden
-    ``LEARNING_RATE`` on resume takes effect although the optimizer state is restored.
+    learning rate on resume takes effect although the optimizer state is restored.
     """
-    lr = config.learning_rate * lr_multiplier(step, config)
+    multiplier = lr_multiplier(step, config)
     for group in optimizer.param_groups:
-        group["lr"] = lr
-    return lr
+        group["lr"] = getattr(config, group.get(LR_SETTING, "learning_rate")) * multiplier
+    return config.learning_rate * multiplier

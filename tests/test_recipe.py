@@ -1,0 +1,124 @@
+"""The recipe settings: ARCH=llama and OPTIMIZER=muon through real runs, their parameter split,
+learning rates, exact resume and LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmtrain.config import TrainingConfig
+from lmtrain.models import build_model
+from lmtrain.reporting import read_metrics
+from lmtrain.train.optim import CombinedOptimizer, build_optimizer, set_learning_rate
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_losses(metrics_file, since: int = 0) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in read_metrics(metrics_file)
+            if r.get("kind") == "train" and r["step"] > since}
+
+
+def small(**kw) -> TrainingConfig:
+    return TrainingConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, **kw)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_muon_takes_hidden_matrices_and_adamw_the_rest(arch):
+    cfg = small(arch=arch, optimizer="muon")
+    model = build_model(cfg, 40)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(opt, CombinedOptimizer)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = {names[id(p)] for g in opt.optimizers["muon"].param_groups for p in g["params"]}
+    adamw = {names[id(p)] for g in opt.optimizers["adamw"].param_groups for p in g["params"]}
+    assert not muon & adamw and muon | adamw == set(names.values())
+    assert muon == {n for n in names.values()
+                    if n.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))}
+    assert "transformer.wte.weight" in adamw
+    assert ("lm_head.weight" in adamw) == (arch == "llama")  # gpt2 ties it to wte
+
+
+def test_each_optimizer_follows_its_own_peak_learning_rate():
+    cfg = small(arch="llama", optimizer="muon", learning_rate=4e-3, muon_learning_rate=0.03,
+                warmup_steps=0, training_steps=10, min_lr_ratio=0.0)
+    opt = build_optimizer(build_model(cfg, 40), cfg, torch.device("cpu"))
+    assert set_learning_rate(opt, 5, cfg) == pytest.approx(2e-3)
+    assert [g["lr"] for g in opt.optimizers["adamw"].param_groups] == [pytest.approx(2e-3)] * 2
+    assert opt.optimizers["muon"].param_groups[0]["lr"] == pytest.approx(0.015)
+
+
+def test_combined_state_refuses_another_optimizers_state():
+    cfg = small(optimizer="muon")
+    model = build_model(cfg, 40)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    plain = build_optimizer(model, small(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="expected the states"):
+        opt.load_state_dict(plain.state_dict())
+
+
+@pytest.mark.parametrize(("arch", "optimizer"),
+                         [("gpt2", "muon"), ("llama", "adamw"), ("llama", "muon")])
+def test_exact_resume_is_bitwise(train_run, arch, optimizer):
+    """N+M steps in one go == N steps, then M resumed steps: same weights, states and losses."""
+    common = dict(dropout=0.2, warmup_steps=3, lr_decay_steps=14, eval_interval=4,
+                  checkpoint_interval=100, n_layer=2, arch=arch, optimizer=optimizer,
+                  qk_norm=arch == "llama")
+    whole = train_run(training_steps=14, run_name="whole", **common)
+    part = train_run(training_steps=6, run_name="part", **common)
+    resumed = train_run(checkpoint_path=str(part.checkpoint_dir / "step_0000006.pt"),
+                        resume_steps=8, **common)
+    a = load(whole.checkpoint_dir / "step_0000014.pt")
+    b = load(resumed.checkpoint_dir / "step_0000014.pt")
+    assert b["hyperparameters"]["arch"] == arch and b["hyperparameters"]["optimizer"] == optimizer
+    for key, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][key]), key
+    if optimizer == "muon":
+        assert set(a["optimizer_state_dict"]) == {"adamw", "muon"}
+        assert a["optimizer_state_dict"]["muon"]["state"]  # momentum buffers are saved
+    for name in a["optimizer_state_dict"].get("muon", {}).get("state", {}):
+        assert torch.equal(a["optimizer_state_dict"]["muon"]["state"][name]["momentum_buffer"],
+                           b["optimizer_state_dict"]["muon"]["state"][name]["momentum_buffer"])
+    whole_losses = train_losses(whole.metrics_file)
+    assert whole_losses == {**train_losses(part.metrics_file),
+                            **train_losses(resumed.metrics_file, since=6)}
+
+
+def test_resume_refuses_another_optimizer(train_run):
+    from lmtrain.errors import UserError
+
+    first = train_run(training_steps=4, optimizer="muon")
+    with pytest.raises(UserError, match=r"OPTIMIZER='adamw'.*contradicts.*OPTIMIZER='muon'"):
+        train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000004.pt"),
+                  resume_steps=1, optimizer="adamw")
+
+
+def test_a_checkpoint_without_the_recipe_settings_resumes_as_gpt2_adamw():
+    from lmtrain.config import load_resumed
+
+    saved = small().model_dump()
+    for key in ("arch", "qk_norm", "optimizer"):
+        del saved[key]
+    cfg = load_resumed(saved, {}, {}).config
+    assert (cfg.arch, cfg.qk_norm, cfg.optimizer) == ("gpt2", False, "adamw")
+
+
+def test_lora_on_llama_trains_only_adapters(train_run):
+    summary = train_run(training_steps=4, arch="llama", use_lora=True, optimizer="muon")
+    ckpt = load(summary.checkpoint_dir / "step_0000004.pt")
+    keys = list(ckpt["model_state_dict"])
+    assert keys and all("lora_" in k for k in keys)
+    assert any("c_fc" in k for k in keys) and any("c_attn" in k for k in keys)
+
+
+def test_bad_recipe_settings_are_one_line_errors():
+    from lmtrain.config import explicit_settings, load_fresh
+    from lmtrain.errors import UserError
+
+    for flags, match in (({"qk_norm": True}, "QK_NORM=1 needs ARCH=llama"),
+                         ({"arch": "llama", "n_embd": 18, "n_head": 2}, "even head width")):
+        values, sources = explicit_settings(flags={"arch": "gpt2", **flags}, env={})
+        with pytest.raises(UserError, match=match):
+            load_fresh(values, sources)

@@ -5,11 +5,19 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lmtrain.config import FIELDS, env_name, explicit_settings, flag_name
+from lmtrain.config import (
+    FIELDS,
+    check_settings,
+    env_name,
+    env_typos,
+    explicit_settings,
+    flag_name,
+)
 from lmtrain.errors import TrainingInterrupted, UserError
 
 #: Flags whose names differ from their setting (aliases users expect).
@@ -56,6 +64,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_training_session(values: dict[str, Any], sources: dict[str, str]) -> int:
     from lmtrain.signals import stop_on_signals
 
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, once
+        for warning in env_typos():
+            print(f"warning: {warning}", file=sys.stderr)
+    check_settings(values, sources)  # before torch is imported: a bad value fails at once
     with stop_on_signals() as stop:  # from the start, so an early Ctrl-C is handled too
         from lmtrain.train.session import train
 
@@ -115,6 +127,12 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``lmtrain`` command; ``argv=None`` means it owns the process (see
+    :func:`lmtrain.signals.exit_on_signals`)."""
+    if argv is None:
+        from lmtrain.signals import exit_on_signals
+
+        exit_on_signals()
     parser = build_parser()
     args = parser.parse_args(argv)
     return run_guarded(lambda: args.func(args))
@@ -122,6 +140,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def env_entrypoint() -> int:
     """``python training.py``: every setting from the environment."""
+    from lmtrain.signals import exit_on_signals
+
+    exit_on_signals()
+
     def go() -> int:
         values, sources = explicit_settings()
         return run_training_session(values, sources)

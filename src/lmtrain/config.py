@@ -9,6 +9,7 @@ Every value remembers where it came from (:attr:`LoadedConfig.sources`).
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -27,7 +28,7 @@ DEFAULT_CORPUS = str(resources.files("lmtrain") / "corpus" / "shakespeare.txt")
 class TrainingConfig(BaseModel):
     """Every setting of a run. Field ``x`` is env var ``X`` and flag ``--x`` (``_`` -> ``-``)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     # model
     model_type: Literal["from_scratch", "gpt2"] = Field(
@@ -78,7 +79,7 @@ class TrainingConfig(BaseModel):
     lr_decay_steps: int | None = Field(
         None, ge=1, description="cosine horizon (default: TRAINING_STEPS, saved with the run)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / peak lr (cosine)")
-    seed: int = Field(1337, description="random seed")
+    seed: int = Field(1337, ge=0, lt=2**63, description="random seed")
     on_nan: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop | skip")
 
     # evaluation, generation
@@ -88,7 +89,7 @@ class TrainingConfig(BaseModel):
     max_new_tokens: int = Field(300, ge=0, description="tokens generated at the end")
     prompt: str | None = Field(
         None, description="generation prompt (gpt2 default 'QUESTION: ', else empty)")
-    temperature: float = Field(0.8, gt=0.0, description="sampling temperature")
+    temperature: float = Field(0.8, ge=1e-3, description="sampling temperature")
     top_k: int | None = Field(200, ge=1, description="sample from the k most likely tokens")
     top_p: float = Field(
         1.0, gt=0.0, le=1.0, description="sample from the most likely tokens holding this "
@@ -209,6 +210,32 @@ def read_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
     return out
 
 
+#: First words that several settings share: an unknown variable starting with one is a typo.
+SETTING_PREFIXES = frozenset(
+    word for word in (n.split("_")[0] for n in FIELDS)
+    if sum(m.startswith(word + "_") for m in FIELDS) > 1)
+
+
+def env_typos(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Warnings for environment variables that look like a misspelt setting: close to a
+    setting's name, or starting with a word that settings share (``TRAINING_``, ``LORA_``)."""
+    environ = os.environ if environ is None else environ
+    names = [env_name(n) for n in FIELDS]
+    out = []
+    for var in sorted(environ):
+        if var in names or not var.isupper():
+            continue
+        prefix = var.split("_")[0]
+        close = difflib.get_close_matches(var, names, n=1, cutoff=0.85)
+        if not close and "_" in var and prefix.lower() in SETTING_PREFIXES:
+            family = [n for n in names if n.startswith(prefix + "_")]
+            close = difflib.get_close_matches(var, family, n=1, cutoff=0.5) or [
+                " or ".join(family)]
+        if close:
+            out.append(f"{var} is not a setting and is ignored; did you mean {close[0]}?")
+    return out
+
+
 def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     """Settings from a TOML file; keys are setting names in any case (``training_steps``)."""
     if not path:
@@ -299,6 +326,21 @@ def load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
         merged_src[k] = sources[k]
     config = _validate(merged, merged_src)
     return LoadedConfig(config, merged_src)
+
+
+def check_settings(values: dict[str, Any], sources: dict[str, str]) -> None:
+    """Validate explicit settings before any checkpoint is read or torch imported, so a bad
+    value fails in a fraction of a second. A fresh run is checked whole; a resume checks each
+    value alone (the checkpoint supplies the rest)."""
+    resume = str(values.get("checkpoint_path") or "").strip().lower()
+    if resume in ("", "auto"):
+        load_fresh(values, sources)
+        return
+    try:
+        TrainingConfig.model_validate(values)
+    except ValidationError as exc:
+        if any(err.get("loc") for err in exc.errors()):  # a value, not a combination
+            raise UserError(_explain(exc, values, sources)) from None
 
 
 def load_resumed(

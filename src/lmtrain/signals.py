@@ -13,6 +13,7 @@ import contextlib
 import os
 import shlex
 import signal
+import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -61,8 +62,7 @@ class StopRequest:
     def handle(self, signum: int, frame: Any = None) -> None:
         """The signal handler: record the first signal, exit at once on the second."""
         if self.signum is not None:
-            _write_stderr(f"\n{signal_name(signum)} again: exiting now\n")
-            os._exit(128 + signum)
+            _exit_now(signum, " again")
         self.signum = signum
         if self._ctx is not None:
             self._ctx.stop_signal = signum
@@ -73,6 +73,28 @@ class StopRequest:
 def _write_stderr(text: str) -> None:
     with contextlib.suppress(OSError):
         os.write(2, text.encode())  # unbuffered: safe inside a signal handler
+
+
+def _exit_now(signum: int, again: str = "") -> None:
+    """End the process with ``128 + signum``: no cleanup code runs, so no later signal can
+    interrupt it into a traceback; files on disk are whole (writes are atomic)."""
+    for stream in (sys.stdout, sys.stderr):  # what was printed so far still arrives
+        with contextlib.suppress(Exception):
+            stream.flush()
+    _write_stderr(f"\n{signal_name(signum)}{again}: exiting now\n")
+    os._exit(128 + signum)
+
+
+def exit_on_signals() -> None:
+    """For the rest of this process, SIGINT / SIGTERM end it at once and cleanly.
+
+    Entrypoints that own the whole process call it first: outside a run (start-up, the final
+    report, interpreter shutdown) a signal then never surfaces as a ``KeyboardInterrupt``
+    traceback, and :func:`stop_on_signals` falls back to it when its block ends.
+    """
+    if threading.current_thread() is threading.main_thread():
+        for s in STOP_SIGNALS:
+            signal.signal(s, lambda signum, frame: _exit_now(signum))
 
 
 _active: StopRequest | None = None

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from lmtrain.advice import run_warnings
 from lmtrain.checkpoint import (
     AUTO_RESUME,
     checkpoint_filename,
@@ -254,6 +255,8 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
     if resumed:
         log.info("resuming from step %d for %d steps (to step %d)", start, n_steps,
                  start + n_steps)
+    for warning in run_warnings(cfg, start, resumed):
+        log.warning(warning)
     summary = RunSummary(
         run_name=ctx.run_name, start_step=start, end_step=start + n_steps,
         checkpoint_dir=ctx.checkpoint_dir, log_file=log_file,

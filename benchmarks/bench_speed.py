@@ -75,7 +75,8 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
                     compile_model: bool) -> Any:
     """A RunContext assembled by lmtrain's own session code (fresh run, PRECISION=auto)."""
     from lmtrain.config import explicit_settings
-    from lmtrain.train.session import prepare_run, resolve_config
+    from lmtrain.train.plan import resolve_plan
+    from lmtrain.train.session import prepare_run
 
     flags = {**shape, "learning_rate": LR, "lr_scheduler": "none", "warmup_steps": 0,
              "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "dropout": args.dropout,
@@ -85,8 +86,7 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
              "run_name": "bench", "checkpoint_dir": str(workdir / "ckpt"),
              "log_dir": str(workdir / "logs"), "cache_dir": str(workdir / "cache")}
     values, sources = explicit_settings(flags=flags, env={})
-    loaded, _ = resolve_config(values, sources)
-    return prepare_run(loaded, None)
+    return prepare_run(resolve_plan(values, sources))
 
 
 def lmtrain_side(ctx: Any) -> Side:
@@ -211,10 +211,11 @@ def part_four(args: argparse.Namespace, workdir: Path) -> list[Side]:
 def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float]:
     """(median seconds to save the 6-layer checkpoint, seconds from it to one resumed step)."""
     from lmtrain.checkpoint import save_checkpoint
+    from lmtrain.checkpoint_schema import build as checkpoint_payload
     from lmtrain.config import explicit_settings
     from lmtrain.train.loop import run_training
-    from lmtrain.train.session import prepare_run, resolve_config
-    from lmtrain.train.state import checkpoint_payload
+    from lmtrain.train.plan import resolve_plan
+    from lmtrain.train.session import prepare_run
 
     path = workdir / "six" / "bench.pt"
     saves = [_timed(lambda: save_checkpoint(path, checkpoint_payload(ctx)))
@@ -222,8 +223,7 @@ def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float
     t0 = time.perf_counter()
     values, sources = explicit_settings(
         flags={"checkpoint_path": str(path), "resume_steps": 1, "compile": False}, env={})
-    loaded, ckpt = resolve_config(values, sources)
-    resumed = prepare_run(loaded, ckpt)
+    resumed = prepare_run(resolve_plan(values, sources))
     run_training(resumed, resumed.step, 1)
     return statistics.median(saves), time.perf_counter() - t0
 

@@ -75,7 +75,7 @@ def test_kill_9_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path, corpus
         reached.append(steps[-1])
     assert reached == sorted(reached) and reached[-1] > reached[0]  # each launch resumed
     remove_stale_temp_files(folder)
-    assert [p.name for p in folder.iterdir() if not p.name.startswith("step_")] == []
+    assert [p.name for p in folder.iterdir() if not p.name.startswith("step_")] == [".lock"]
     _, ckpt, problems = find_resumable(folder)
     assert problems == [] and ckpt["step"] == reached[-1]
 
@@ -121,8 +121,9 @@ def test_disk_full_mid_run_reports_and_keeps_the_previous_checkpoint(train_run, 
     assert "writing the step 2 checkpoint failed (No space left on device)" in message
     assert "step 1 checkpoint is intact" in message and "CHECKPOINT_DIR=" in message
     folder = tmp_path / "ckpt" / "full"
-    assert sorted(p.name for p in folder.iterdir()) == [checkpoint_filename(1)]
+    assert sorted(p.name for p in folder.iterdir()) == [".lock", checkpoint_filename(1)]
     assert load_checkpoint(folder / checkpoint_filename(1))["step"] == 1
+    assert "resume with: CHECKPOINT_PATH=" in message and "step_0000001.pt" in message
 
 
 @pytest.mark.parametrize("setting", ["checkpoint_dir", "log_dir"])

@@ -40,10 +40,15 @@ def test_training_py_fresh_then_resume_via_env(env, tmp_path):
         run_dir / "step_0000004.pt"), "RESUME_STEPS": "6", "LOG_INTERVAL": "1"}, ROOT)
     assert resumed.returncode == 0, resumed.stderr
     assert "step 10/10" in resumed.stdout and "step 5/10" in resumed.stdout
-    assert "n_embd = 16  (checkpoint)" in resumed.stdout
-    assert [s for s, _ in list_checkpoints(run_dir)][-1] == 10
-    logs = sorted(p.name for p in only_run(tmp_path / "logs").glob("*.log"))
-    assert len(logs) == 2 and logs[0].startswith("resume-0000004")
+    assert "other settings as in the checkpoint" in resumed.stdout  # only changes listed
+    assert "n_embd = 16" not in resumed.stdout
+    # step 8 exists: resuming step 4 branches instead of rewriting the run's history
+    branch = tmp_path / "ckpt" / f"{run_dir.name}-from-4"
+    assert f"continues as run {branch.name}" in resumed.stdout
+    assert [s for s, _ in list_checkpoints(run_dir)] == [4, 8]
+    assert [s for s, _ in list_checkpoints(branch)][-1] == 10
+    logs = sorted(p.name for p in (tmp_path / "logs" / branch.name).glob("*.log"))
+    assert len(logs) == 1 and logs[0].startswith("resume-0000004")
 
 
 def test_lmtrain_train_flags_beat_env(env, tmp_path):

@@ -11,13 +11,15 @@ import torch
 
 from lmtrain import device as device_mod
 from lmtrain.checkpoint import load_checkpoint
+from lmtrain.checkpoint_schema import build as checkpoint_payload
+from lmtrain.checkpoint_schema import restore
 from lmtrain.config import explicit_settings
 from lmtrain.device import CPU_BF16_MIN_WIDTH, autocast_dtype, make_grad_scaler, matmul_width
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT, GPTConfig, build_from_scratch
 from lmtrain.train.loop import run_training
-from lmtrain.train.session import prepare_run, resolve_config
-from lmtrain.train.state import checkpoint_payload, restore_state
+from lmtrain.train.plan import resolve_plan
+from lmtrain.train.session import prepare_run
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")
@@ -83,8 +85,7 @@ def _fresh_ctx(corpus: Path, run_dirs: dict[str, str], **overrides):
     flags = {**TINY, "training_data_source": str(corpus), **run_dirs, "max_new_tokens": 0,
              "run_name": "ctx", **overrides}
     values, sources = explicit_settings(flags=flags, env={})
-    loaded, _ = resolve_config(values, sources)
-    return prepare_run(loaded, None)
+    return prepare_run(resolve_plan(values, sources))
 
 
 def test_grad_scaler_state_is_checkpointed_and_restored(corpus, run_dirs):
@@ -95,7 +96,7 @@ def test_grad_scaler_state_is_checkpointed_and_restored(corpus, run_dirs):
     assert ckpt["grad_scaler_state_dict"]["scale"] == 256.0 * 2**3
     again = _fresh_ctx(corpus, run_dirs, training_steps=3)
     again.grad_scaler = torch.amp.GradScaler("cpu")
-    restore_state(again, ckpt)
+    restore(again, ckpt, "test")
     assert again.grad_scaler.get_scale() == 256.0 * 2**3
 
 

@@ -98,7 +98,8 @@ def test_evaluation_does_not_move_the_training_rng(train_run):
 def test_output_file_holds_settings_losses_and_sample(train_run):
     summary = train_run(training_steps=4, enable_output_to_file=True, prompt="ROMEO:")
     text = summary.output_file.read_text()
-    assert summary.output_file.name.startswith("from_scratch_corpus_")
+    assert summary.output_file.name.startswith(f"{summary.run_name}_")
+    assert f"# lmtrain run {summary.run_name}" in text
     assert "training_steps = 4" in text and "final_val" in text
     assert summary.sample.startswith("ROMEO:") and summary.sample in text
 

@@ -14,17 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from lmtrain.checkpoint_schema import FORMAT_VERSION, REQUIRED_KEYS, seal, validate
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so atomic_write stays light
     import torch
 
-FORMAT_VERSION = 1
+__all__ = ["FORMAT_VERSION", "REQUIRED_KEYS"]  # the format itself: lmtrain.checkpoint_schema
 AUTO_RESUME = "auto"  # CHECKPOINT_PATH value: the run's newest valid checkpoint
-REQUIRED_KEYS = (
-    "format_version", "step", "model_state_dict", "optimizer_state_dict", "hyperparameters",
-    "vocab_size", "block_size", "batch_size", "tokenizer",
-)
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".part"
@@ -69,12 +66,42 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
         os.close(dir_fd)
 
 
+class _Recording:
+    """A file wrapper that remembers the ``OSError`` a write raised: ``torch.save`` turns it
+    into a ``RuntimeError`` without its errno, which :func:`save_checkpoint` gives back."""
+
+    def __init__(self, fh: IO[bytes]) -> None:
+        self.fh, self.error = fh, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write ``payload`` (tensors, numbers, strings, lists, dicts) atomically to ``path``."""
+    """Write ``payload`` (tensors, numbers, strings, lists, dicts), sealed with its content
+    digest, atomically to ``path``. A failed write (a full disk) raises ``OSError``."""
     import torch
 
     path = Path(path)
-    atomic_write(path, lambda fh: torch.save(payload, fh))
+    sealed = seal(payload)
+
+    def write(fh: IO[bytes]) -> None:
+        rec = _Recording(fh)
+        try:
+            torch.save(sealed, rec)
+        except RuntimeError as exc:
+            if rec.error is not None:
+                raise rec.error from None
+            raise OSError(f"torch.save failed: {str(exc).splitlines()[0][:160]}") from None
+
+    atomic_write(path, write)
     return path
 
 
@@ -108,35 +135,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise UserError(f"{where} is not a readable lmtrain checkpoint (truncated or corrupt: "
                         f"{detail}); pick an earlier checkpoint") from None
-    validate_checkpoint(ckpt, path, label)
+    validate(ckpt, where)
     return ckpt
-
-
-def validate_checkpoint(ckpt: Any, path: str | Path, label: str = "CHECKPOINT_PATH") -> None:
-    """Check that a loaded object is an lmtrain checkpoint this version understands."""
-    where = f"{label}={str(path)!r}"
-    if not isinstance(ckpt, dict):
-        raise UserError(f"{where} is not an lmtrain checkpoint (it holds a "
-                        f"{type(ckpt).__name__}, not a dict)")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
-    if missing:
-        raise UserError(f"{where} is not an lmtrain checkpoint: it lacks {', '.join(missing)}")
-    version = ckpt["format_version"]
-    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-        raise UserError(f"{where} has an invalid format version {version!r}")
-    if version > FORMAT_VERSION:
-        raise UserError(
-            f"{where} has format version {version}, newer than this lmtrain understands "
-            f"({FORMAT_VERSION}); upgrade lmtrain to use it")
-    kinds = {"step": int, "hyperparameters": dict, "model_state_dict": dict,
-             "optimizer_state_dict": dict, "tokenizer": str}
-    wrong = [k for k, kind in kinds.items()
-             if not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool)]
-    if wrong:
-        raise UserError(f"{where} is damaged: {', '.join(wrong)} "
-                        f"{'has' if len(wrong) == 1 else 'have'} the wrong type; "
-                        f"pick an earlier checkpoint")
-
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of the step checkpoints in a run folder, oldest first."""

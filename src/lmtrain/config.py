@@ -153,8 +153,15 @@ ARCHITECTURE_FIELDS = frozenset({
 })
 #: Run settings added with the llama/Muon recipe, as every checkpoint without them was trained.
 SETTINGS_BEFORE_RECIPE: dict[str, Any] = {"arch": "gpt2", "qk_norm": False, "optimizer": "adamw"}
-#: Settings that only select what to resume; never taken from the checkpoint.
-INVOCATION_FIELDS = frozenset({"checkpoint_path", "resume_steps", "test_mode", "run_name"})
+#: Where *this invocation* works, never what the run *is*: what to resume, every path lmtrain
+#: writes or deletes under, the run's name, rotation, downloads, the machine and the outputs.
+#: Never taken from a checkpoint (a file someone hands you is data, not a command).
+INVOCATION_FIELDS = frozenset({
+    "checkpoint_path", "resume_steps", "test_mode", "run_name", "checkpoint_dir", "log_dir",
+    "output_dir", "cache_dir", "keep_last_checkpoints", "allow_download",
+    "enable_output_to_file", "enable_checkpoints", "metrics", "device", "compile",
+    "gradient_checkpointing",
+})
 
 TEST_MODE_PRESET: dict[str, Any] = {
     "training_steps": 20, "n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32,

@@ -10,10 +10,13 @@ import torch
 from torch import nn
 
 from lmtrain.checkpoint import load_checkpoint
-from lmtrain.config import FIELDS, INVOCATION_FIELDS, TrainingConfig
-from lmtrain.data.tokenizers import Tokenizer, tokenizer_from_state
+from lmtrain.checkpoint_schema import check_tokenizer, config_of, load_model_state
+from lmtrain.config import TrainingConfig
+from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.models import build_model
-from lmtrain.train.state import load_model_state
+from lmtrain.models.lora import with_base
+
+__all__ = ["LoadedModel", "config_of", "load_trained_model"]
 
 
 @dataclass
@@ -24,18 +27,17 @@ class LoadedModel:
     checkpoint: dict[str, Any]
 
 
-def config_of(ckpt: dict[str, Any]) -> TrainingConfig:
-    """The run's settings as saved in the checkpoint."""
-    saved = {k: v for k, v in ckpt["hyperparameters"].items()
-             if k in FIELDS and k not in INVOCATION_FIELDS}
-    return TrainingConfig.model_validate(saved)
+def load_trained_model(path: str | Path, device: torch.device | None = None,
+                       label: str = "CKPT", base: str | None = None) -> LoadedModel:
+    """The model of a checkpoint in eval mode (LoRA adapters applied to the verified base).
 
-
-def load_trained_model(path: str | Path, device: torch.device | None = None) -> LoadedModel:
-    """The model of a checkpoint in eval mode (LoRA adapters applied to the verified base)."""
-    ckpt = load_checkpoint(path)
-    cfg = config_of(ckpt)
-    tokenizer = tokenizer_from_state(ckpt["tokenizer"])
+    Only what the run *is* comes from the file: downloads, caches and paths stay this
+    invocation's (``ALLOW_DOWNLOAD`` saved as true in a checkpoint is not honoured). ``base``
+    (``--base`` / ``GPT2_MODEL_NAME``) says where a GPT-2 run's base model lives now.
+    """
+    ckpt = load_checkpoint(path, label=label)
+    cfg = with_base(config_of(ckpt), ckpt, base)  # GPT-2: where its base model is now
+    tokenizer = check_tokenizer(ckpt["tokenizer"], ckpt["vocab_size"])
     torch.manual_seed(cfg.seed)  # a from-scratch LoRA base is rebuilt from the run's seed
     model = build_model(cfg, tokenizer.vocab_size)
     if cfg.use_lora:  # the adapter only fits the base it was trained on

@@ -46,6 +46,38 @@ class _Plain(logging.Formatter):
         return record.getMessage()
 
 
+class _ConsoleFilter(logging.Filter):
+    """Records marked ``file_only`` (an error the entrypoint prints itself) skip the console."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(record, "file_only", False)
+
+
+class _LogFile(logging.FileHandler):
+    """The run's log file. A failing write (a full disk, a vanished folder) is reported once on
+    stderr and ends the log file, not the run: checkpoints, not logs, are what a resume needs."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord | None) -> None:
+        if self.failed:
+            return
+        self.failed = True
+        exc = sys.exc_info()[1]
+        reason = getattr(exc, "strerror", None) or exc
+        sys.stderr.write(f"warning: could not write the log {self.baseFilename} ({reason}); "
+                         f"the log stops here, the run goes on\n")
+        log.removeHandler(self)
+        with contextlib.suppress(OSError, ValueError):
+            self.close()
+
+    def flush(self) -> None:
+        try:
+            super().flush()
+        except OSError:
+            self.handleError(None)
+
+
 def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
     """Send ``lmtrain`` log records to stdout and, when given, to ``log_file``."""
     log.setLevel(logging.INFO)
@@ -56,20 +88,24 @@ def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
     if not quiet:
         console = logging.StreamHandler(sys.stdout)
         console.setFormatter(_Plain())
+        console.addFilter(_ConsoleFilter())
         log.addHandler(console)
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        fh = logging.FileHandler(log_file, encoding="utf-8")
+        fh = _LogFile(log_file, encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S"))
         log.addHandler(fh)
 
 
 def close_logging() -> None:
+    """Flush and close the log file (a failure to do so is already a warning)."""
     for handler in list(log.handlers):
-        handler.flush()
+        with contextlib.suppress(OSError, ValueError):
+            handler.flush()
         if isinstance(handler, logging.FileHandler):
             log.removeHandler(handler)
-            handler.close()
+            with contextlib.suppress(OSError, ValueError):
+                handler.close()
 
 
 class MetricsWriter:
@@ -135,14 +171,17 @@ def read_metrics(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def write_output_file(config: TrainingConfig, output_dir: Path, settings: list[str],
-                      losses: dict[str, Any], sample: str) -> Path:
-    """The ENABLE_OUTPUT_TO_FILE report: settings, losses and the generated sample."""
-    model = config.model_type + ("_lora" if config.use_lora else "")
-    path = output_dir / f"{model}_{data_label(config.training_data_source)}_{timestamp()}.txt"
-    output_dir.mkdir(parents=True, exist_ok=True)
-    lines = ["# lmtrain run", "", "## Settings", *settings, "", "## Losses"]
-    lines += [f"{k}: {v}" for k, v in losses.items()]
+def write_output_file(config: TrainingConfig, output_dir: Path, run_name: str,
+                      settings: list[str], results: dict[str, Any], sample: str) -> Path:
+    """The ENABLE_OUTPUT_TO_FILE report ``<run>_<time>.txt``: the run, its settings, losses
+    (with their changes on resume) and the generated sample; written atomically."""
+    from lmtrain.checkpoint import atomic_write
+
+    path = output_dir / f"{run_name}_{timestamp()}.txt"
+    lines = [f"# lmtrain run {run_name}", "", f"model: {config.model_type}"
+             f"{' + LoRA' if config.use_lora else ''}, data: {config.training_data_source}",
+             "", "## Settings", *settings, "", "## Losses"]
+    lines += [f"{k}: {v}" for k, v in results.items()]
     lines += ["", "## Sample", sample, ""]
-    path.write_text("\n".join(lines), encoding="utf-8")
+    atomic_write(path, lambda fh: fh.write("\n".join(lines).encode("utf-8")))
     return path

@@ -4,17 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import UserError
-
-ARCHITECTURE_KEYS = {
-    "from_scratch": ("n_layer", "n_head", "n_embd", "block_size", "dropout"),
-    "gpt2": ("gpt2_model_name", "block_size", "dropout"),
-}
-LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,50 +23,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """The facts ``inspect`` shows, as plain JSON-ready data; :class:`UserError` if bad."""
+    """The facts ``inspect`` shows, as plain JSON-ready data; :class:`UserError` unless the
+    file would resume (every key valid, digest intact, weights and optimizer state fitting
+    the model its settings describe)."""
+    from lmtrain import checkpoint_schema
     from lmtrain.checkpoint import load_checkpoint
 
     path = Path(path)
+    where = f"CKPT={str(path)!r}"
     ckpt = load_checkpoint(path, label="CKPT")
-    hp = ckpt["hyperparameters"]
-    model_type = ckpt.get("model_type") or hp.get("model_type", "from_scratch")
-    use_lora = bool(hp.get("use_lora"))
-    keys = ARCHITECTURE_KEYS.get(model_type, ()) + (LORA_KEYS if use_lora else ())
-    try:
-        tokenizer = json.loads(ckpt["tokenizer"])
-    except (TypeError, ValueError):
-        raise UserError(f"CKPT={str(path)!r}: the checkpoint's tokenizer is not valid JSON; "
-                        f"the file is damaged") from None
-    weights = ckpt["model_state_dict"]
-    losses = {k: _number(v) for k, v in (ckpt.get("last_losses") or {}).items()}
-    return {
-        "path": str(path),
-        "size_bytes": path.stat().st_size,
-        "format_version": ckpt["format_version"],
-        "lmtrain_version": ckpt.get("lmtrain_version"),
-        "run_name": ckpt.get("run_name"),
-        "step": int(ckpt["step"]),
-        "planned_steps": hp.get("training_steps"),
-        "model_type": model_type,
-        "use_lora": use_lora,
-        "architecture": {k: hp.get(k) for k in keys},
-        "parameters_saved": sum(int(t.numel()) for t in weights.values()
-                                if hasattr(t, "numel")),
-        "tokenizer": {"kind": tokenizer.get("kind"), "vocab_size": int(ckpt["vocab_size"])},
-        "batch_size": int(ckpt["batch_size"]),
-        "training_data_source": hp.get("training_data_source"),
-        "last_losses": losses,
-        "best_val_loss": _number(ckpt.get("best_val_loss")),
-        "best_step": ckpt.get("best_step"),
-    }
-
-
-def _number(value: Any) -> float | None:
-    """A finite float, or ``None`` for a missing or non-finite value (JSON has no inf/nan)."""
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None
+    checkpoint_schema.check_fits(ckpt, where)
+    return checkpoint_schema.describe(ckpt, path)
 
 
 def format_text(info: dict[str, Any]) -> str:
@@ -93,7 +53,7 @@ def format_text(info: dict[str, Any]) -> str:
         ("size on disk", _size(info["size_bytes"])),
         ("format version", f"{info['format_version']} (lmtrain {info['lmtrain_version']})"),
         ("run name", info["run_name"]),
-        ("step", f"{info['step']} of {info['planned_steps']} planned"),
+        ("step", _step_text(info)),
         ("model", model),
         ("architecture", arch),
         ("weights saved", f"{info['parameters_saved']:,} values"),
@@ -101,9 +61,19 @@ def format_text(info: dict[str, Any]) -> str:
         ("data", info["training_data_source"]),
         ("last losses", loss_text),
         ("best val loss", best),
+        ("digest", f"sha256 {info['digest'][:16]}… (checked)" if info["digest"]
+         else "none (format 1)"),
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _step_text(info: dict[str, Any]) -> str:
+    """``4 of 4 planned``; a run extended past its plan with RESUME_STEPS says so."""
+    step, planned = info["step"], info["planned_steps"]
+    if planned is not None and step > planned:
+        return f"{step} (planned {planned}; extended with RESUME_STEPS)"
+    return f"{step} of {planned} planned"
 
 
 def _size(n: int) -> str:

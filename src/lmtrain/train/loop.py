@@ -19,11 +19,12 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
+from lmtrain.checkpoint_schema import build as build_checkpoint
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.train.evaluate import compute_loss, estimate_loss
 from lmtrain.train.optim import set_learning_rate
-from lmtrain.train.state import RunContext, checkpoint_payload, gather_rank_states
+from lmtrain.train.state import RunContext, gather_rank_states
 
 log = logging.getLogger("lmtrain")
 
@@ -95,7 +96,7 @@ def save(ctx: RunContext) -> Path | None:
     if evaluated and ctx.last_losses["val"] < ctx.best_val_loss:
         ctx.best_val_loss, ctx.best_step = ctx.last_losses["val"], ctx.step
     try:
-        save_checkpoint(path, checkpoint_payload(ctx, rank_states))
+        save_checkpoint(path, build_checkpoint(ctx, rank_states))
     except OSError as exc:
         ctx.best_val_loss, ctx.best_step = best
         raise UserError(

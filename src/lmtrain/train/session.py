@@ -1,6 +1,7 @@
-"""A training session: build the config (fresh or from a checkpoint), assemble the run, train,
-evaluate, sample and report. Fresh and resumed runs differ only in where config and state
-come from; everything after :func:`prepare_run` is the same code."""
+"""A training session: run a :class:`~lmtrain.train.plan.RunPlan` (resolved once from the
+settings and the checkpoint): lock the run folder, assemble the run, train, evaluate, sample
+and report. Fresh and resumed runs differ only in where config and state come from;
+everything after :func:`prepare_run` is the same code."""
 
 from __future__ import annotations
 
@@ -13,41 +14,35 @@ from typing import Any
 import torch
 
 from lmtrain.advice import run_warnings
-from lmtrain.checkpoint import (
-    AUTO_RESUME,
-    checkpoint_filename,
-    ensure_writable_dir,
-    find_resumable,
-    load_checkpoint,
-    remove_stale_temp_files,
-)
-from lmtrain.config import LoadedConfig, TrainingConfig, load_fresh, load_resumed
+from lmtrain.checkpoint import checkpoint_filename, ensure_writable_dir, remove_stale_temp_files
+from lmtrain.checkpoint_schema import restore
+from lmtrain.config import FIELDS
 from lmtrain.data.prepare import load_token_data
-from lmtrain.data.tokenizers import tokenizer_from_state
 from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import (
+    DistInfo,
     broadcast_object,
     cleanup,
     init_distributed,
     main_process_first,
     wrap_model,
 )
-from lmtrain.errors import TrainingInterrupted
+from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.generate import default_prompt, generate_text, start_context
 from lmtrain.models import build_model, count_parameters
 from lmtrain.reporting import (
     MetricsWriter,
     close_logging,
-    default_run_name,
     setup_logging,
-    stable_run_name,
     timestamp,
     write_output_file,
 )
-from lmtrain.signals import StopRequest, signal_name, stop_on_signals
+from lmtrain.run_folder import RunLock
+from lmtrain.signals import StopRequest, resume_commands, signal_name, stop_on_signals
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
 from lmtrain.train.optim import build_optimizer
-from lmtrain.train.state import RunContext, restore_state
+from lmtrain.train.plan import RunPlan, resolve_plan
+from lmtrain.train.state import RunContext
 
 log = logging.getLogger("lmtrain")
 
@@ -70,61 +65,21 @@ class RunSummary:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def resolve_config(values: dict[str, Any], sources: dict[str, str],
-                   notes: list[str] | None = None,
-                   ) -> tuple[LoadedConfig, dict[str, Any] | None]:
-    """The config of this session and, when resuming, the loaded checkpoint.
-
-    ``CHECKPOINT_PATH=auto`` resumes the newest valid checkpoint in CHECKPOINT_DIR/RUN_NAME
-    (RUN_NAME defaults to ``<model>-<data>``, without a timestamp) or starts that run fresh;
-    what it found or skipped is appended to ``notes``.
-    """
-    resume = values.get("checkpoint_path")
-    if str(resume).strip().lower() == AUTO_RESUME:
-        fresh = _load_fresh(values, sources)
-        run_name = fresh.config.run_name or stable_run_name(fresh.config)
-        folder = Path(fresh.config.checkpoint_dir) / run_name
-        path, ckpt, problems = find_resumable(folder)
-        if notes is not None:
-            notes.extend(f"CHECKPOINT_PATH=auto: {p}" for p in problems)
-            notes.append(f"CHECKPOINT_PATH=auto: resuming {path}" if path else
-                         f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; "
-                         f"starting run {run_name} fresh")
-        if path is None:
-            fresh.config.run_name, fresh.config.checkpoint_path = run_name, None
-            return fresh, None
-        values = {**values, "checkpoint_path": str(path)}
-        ckpt["run_name"] = run_name  # keep writing where the next launch will look
-    elif resume:
-        ckpt = load_checkpoint(resume)
-    else:
-        return _load_fresh(values, sources), None
-    return load_resumed(ckpt["hyperparameters"], values, sources), ckpt
-
-
-def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
-    loaded = load_fresh(values, sources)
-    if loaded.config.lr_decay_steps is None:  # the horizon is saved with the run
-        loaded.config.lr_decay_steps = max(loaded.config.training_steps, 1)
-        loaded.sources["lr_decay_steps"] = "TRAINING_STEPS"
-    return loaded
-
-
-def run_name_for(cfg: TrainingConfig, ckpt: dict[str, Any] | None) -> str:
-    """A resumed run keeps writing under its checkpoint's run name; a fresh one uses RUN_NAME
-    or a new ``<model>-<data>-<timestamp>``."""
-    return (ckpt or {}).get("run_name") or cfg.run_name or default_run_name(cfg)
-
-
-def prepare_run(loaded: LoadedConfig, ckpt: dict[str, Any] | None) -> RunContext:
-    """Tokenizer, data, model, optimizer and RNG: from scratch, then restored from ``ckpt``."""
-    cfg = loaded.config
-    dist_info, device = init_distributed(select_device(cfg.device))
-    run_name = run_name_for(cfg, ckpt)
+def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None = None,
+                ) -> RunContext:
+    """Tokenizer, data, model, optimizer and RNG: from scratch, then restored from the plan's
+    checkpoint. ``placement`` is the session's (process group, device); joined here if absent."""
+    cfg = plan.config
+    dist_info, device = placement or init_distributed(select_device(cfg.device))
+    ckpt = plan.resume.checkpoint if plan.resume else None
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     with main_process_first():  # rank 0 fills caches before the others read them
-        tokenizer = (tokenizer_from_state(ckpt["tokenizer"], drop_unknown=cfg.drop_unknown_chars)
-                     if ckpt else None)
+        tokenizer = None
+        if ckpt is not None:  # validated with the checkpoint; rebuilt with this run's options
+            from lmtrain.data.tokenizers import tokenizer_from_state
+
+            tokenizer = tokenizer_from_state(ckpt["tokenizer"],
+                                             drop_unknown=cfg.drop_unknown_chars)
         if tokenizer is None and cfg.model_type == "gpt2":  # GPT-2's own BPE, checked early
             from lmtrain.models.gpt2 import gpt2_tokenizer
 
@@ -137,13 +92,13 @@ def prepare_run(loaded: LoadedConfig, ckpt: dict[str, Any] | None) -> RunContext
     ctx = RunContext(
         config=cfg, model=model, optimizer=build_optimizer(model, cfg, device),
         tokenizer=tokenizer, data=data, device=device,
-        sampler=torch.Generator().manual_seed(cfg.seed + dist_info.rank), run_name=run_name,
-        checkpoint_dir=Path(cfg.checkpoint_dir) / run_name, log_dir=Path(cfg.log_dir) / run_name,
+        sampler=torch.Generator().manual_seed(cfg.seed + dist_info.rank),
+        run_name=plan.run_name, checkpoint_dir=plan.paths.checkpoints, log_dir=plan.paths.logs,
         autocast_dtype=dtype, grad_scaler=make_grad_scaler(dtype, device),
         is_main=dist_info.is_main, rank=dist_info.rank, world_size=dist_info.world_size,
     )
-    if ckpt is not None:
-        restore_state(ctx, ckpt)
+    if plan.resume is not None:
+        restore(ctx, plan.resume.checkpoint, f"CHECKPOINT_PATH={str(plan.resume.path)!r}")
     ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
     if cfg.compile:
         ctx.model = torch.compile(ctx.model)
@@ -160,48 +115,101 @@ def steps_to_run(cfg, start: int, resumed: bool) -> int:
 def train(values: dict[str, Any], sources: dict[str, str]) -> RunSummary:
     """Run one session from explicit settings (flags/env/file) and their sources.
 
-    SIGINT / SIGTERM stop it cleanly: see :mod:`lmtrain.signals`.
+    SIGINT / SIGTERM stop it cleanly: see :mod:`lmtrain.signals` (an entrypoint that already
+    handles them shares its stop request).
     """
     with stop_on_signals() as stop:
         return _session(values, sources, stop)
 
 
 def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest) -> RunSummary:
-    notes: list[str] = []
-    loaded, ckpt = resolve_config(values, sources, notes)
-    cfg = loaded.config
-    resumed = ckpt is not None
-    dist_info, _ = init_distributed(select_device(cfg.device))  # torchrun: join the group
+    """Join the process group once, resolve the plan, check what can be checked before
+    anything is created, then lock the run folder, open the log and run the plan."""
+    placement = init_distributed(select_device(str(values.get("device") or
+                                                   FIELDS["device"].default)))
+    dist_info = placement[0]
     try:
-        # rank 0's name (default names hold a timestamp, which differs between processes)
-        run_name = broadcast_object(run_name_for(cfg, ckpt))
-        cfg.run_name = run_name
-        log_dir = Path(cfg.log_dir) / run_name
-        _check_storage(cfg, run_name)
-        kind = f"resume-{int(ckpt['step']):07d}" if resumed else "train"
-        log_file = log_dir / f"{kind}-{timestamp()}.log"
-        # only rank 0 writes the log; the other ranks stay quiet (errors still reach stderr)
-        setup_logging(log_file if dist_info.is_main else None, quiet=not dist_info.is_main)
+        plan = resolve_plan(values, sources, agree=broadcast_object)
+        _check_before_start(plan)
+        created = [p for p in (plan.paths.checkpoints, plan.paths.logs) if not p.exists()]
+        lock = _lock_run(plan, dist_info)
         try:
-            for note in notes:
-                log.warning(note)
-            if dist_info.is_main:
-                for leftover in remove_stale_temp_files(Path(cfg.checkpoint_dir) / run_name):
-                    log.warning("removed %s, left by an interrupted checkpoint write", leftover)
-            return _train(loaded, ckpt, log_file, stop)
+            _check_storage(plan)
+            kind = f"resume-{plan.resume.step:07d}" if plan.resume else "train"
+            log_file = plan.paths.logs / f"{kind}-{timestamp()}.log"
+            # only rank 0 writes the log; the other ranks stay quiet (errors still reach stderr)
+            setup_logging(log_file if dist_info.is_main else None, quiet=not dist_info.is_main)
+            try:
+                for note in plan.notes:
+                    log.warning(note)
+                if dist_info.is_main:
+                    for leftover in remove_stale_temp_files(plan.paths.checkpoints):
+                        log.warning("removed %s, left by an interrupted checkpoint write",
+                                    leftover)
+                return _train(plan, placement, log_file, stop)
+            except UserError as exc:  # the log, once created, holds the error too
+                log.error("error: %s", exc, extra={"file_only": True})
+                raise
+            finally:
+                close_logging()
         finally:
-            close_logging()
+            lock.release()
+            _remove_unused(created)
     finally:
         cleanup()
 
 
-def _check_storage(cfg, run_name: str) -> None:
+def _check_before_start(plan: RunPlan) -> None:
+    """What can fail without touching the disk fails here, before any folder is created."""
+    cfg = plan.config
+    source = cfg.training_data_source
+    if not source.startswith("hf:") and not any(c in source for c in "*?[") \
+            and not Path(source).expanduser().exists():
+        from lmtrain.data.sources import resolve_files
+
+        resolve_files(source)  # raises the one-line error for a missing source
+
+
+def _lock_run(plan: RunPlan, dist_info: DistInfo) -> RunLock:
+    """The run folder's lock, taken by rank 0 for all ranks of the run (one writer)."""
+    cfg = plan.config
+    folder, setting = ((plan.paths.checkpoints, "CHECKPOINT_DIR") if cfg.enable_checkpoints
+                       else (plan.paths.logs, "LOG_DIR"))
+    lock = RunLock(folder)
+    error = None
+    if dist_info.is_main:
+        try:
+            lock.acquire(setting)
+        except UserError as exc:
+            error = str(exc)
+    if dist_info.world_size > 1:
+        error = broadcast_object(error)
+    if error:
+        raise UserError(error)
+    return lock
+
+
+def _remove_unused(created: list[Path]) -> None:
+    """Remove run folders this session created that hold nothing but the lock file."""
+    for folder in created:
+        try:
+            entries = list(folder.iterdir())
+            if all(p.name == ".lock" for p in entries):
+                for p in entries:
+                    p.unlink()
+                folder.rmdir()
+        except OSError:
+            continue
+
+
+def _check_storage(plan: RunPlan) -> None:
     """Find unwritable output folders before any work is done."""
-    ensure_writable_dir(Path(cfg.log_dir) / run_name, "LOG_DIR")
+    cfg = plan.config
+    ensure_writable_dir(plan.paths.logs, "LOG_DIR")
     if cfg.enable_checkpoints:
-        ensure_writable_dir(Path(cfg.checkpoint_dir) / run_name, "CHECKPOINT_DIR")
+        ensure_writable_dir(plan.paths.checkpoints, "CHECKPOINT_DIR")
     if cfg.enable_output_to_file:
-        ensure_writable_dir(Path(cfg.output_dir), "OUTPUT_DIR")
+        ensure_writable_dir(plan.paths.outputs, "OUTPUT_DIR")
 
 
 def _interrupted(exc: TrainingInterrupted, ctx: RunContext, start: int, end: int,
@@ -224,14 +232,14 @@ def _interrupted(exc: TrainingInterrupted, ctx: RunContext, start: int, end: int
     return exc
 
 
-def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
+def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Path,
            stop: StopRequest) -> RunSummary:
-    cfg = loaded.config
-    resumed = ckpt is not None
-    resume_path = cfg.checkpoint_path if resumed else None
+    cfg = plan.config
+    resumed = plan.resume is not None
+    resume_path = str(plan.resume.path) if plan.resume else None
     t_start = time.perf_counter()
     stop.check(resume_path)
-    ctx = prepare_run(loaded, ckpt)
+    ctx = prepare_run(plan, placement)
     ctx.timings["setup"] = time.perf_counter() - t_start  # data preparation, model, restore
     start = ctx.step
     n_steps = steps_to_run(cfg, start, resumed)
@@ -243,7 +251,7 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
         start_context(ctx.tokenizer, default_prompt(cfg))
     trainable, total = count_parameters(ctx.raw_model)
     log.info("lmtrain %s run %s", "resuming" if resumed else "starting", ctx.run_name)
-    for line in loaded.describe():
+    for line in _settings_lines(plan):
         log.info("  %s", line)
     log.info("device %s, precision %s, %s tokenizer (%d tokens), %d train / %d val tokens",
              ctx.device, ctx.autocast_dtype or "fp32", ctx.tokenizer.kind,
@@ -275,6 +283,8 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
             stop.check()  # a signal during the last step: the final checkpoint is written
         except TrainingInterrupted as exc:
             raise _interrupted(exc, ctx, start, start + n_steps, resume_path) from None
+        except UserError as exc:  # e.g. a checkpoint that could not be written
+            raise _with_resume_command(exc, ctx, start, start + n_steps, resume_path) from None
         fresh_eval = ctx.last_losses.get("step") == ctx.step
         summary.final_losses = dict(ctx.last_losses) if fresh_eval else evaluate(ctx)
         summary.final_losses.pop("step", None)
@@ -287,22 +297,66 @@ def _train(loaded: LoadedConfig, ckpt: dict[str, Any] | None, log_file: Path,
             ctx.metrics.close()
     if ctx.is_main:
         summary.plot_file = _plot(summary.metrics_file)
+    results = {"run": ctx.run_name, "start_step": start, "end_step": ctx.step,
+               **summary.start_losses,
+               **{f"final_{k}": v for k, v in summary.final_losses.items()}}
     if resumed:
-        before, after = summary.start_losses["val"], summary.final_losses["val"]
-        log.info("resumed run: val loss %.4f at step %d -> %.4f at step %d (change %+.4f)",
-                 before, start, after, ctx.step, after - before)
+        for key in ("train", "val"):
+            before, after = summary.start_losses[key], summary.final_losses[key]
+            results[f"{key}_change"] = after - before
+            log.info("resumed run: %s loss %.4f at step %d -> %.4f at step %d (change %+.4f)",
+                     key, before, start, after, ctx.step, after - before)
     if cfg.enable_output_to_file and ctx.is_main:
-        summary.output_file = write_output_file(
-            cfg, Path(cfg.output_dir), loaded.describe(),
-            {"start_step": start, "end_step": ctx.step, **summary.start_losses,
-             **{f"final_{k}": v for k, v in summary.final_losses.items()}}, summary.sample)
-        log.info("wrote %s", summary.output_file)
+        try:
+            summary.output_file = write_output_file(
+                cfg, plan.paths.outputs, ctx.run_name, _settings_lines(plan), results,
+                summary.sample)
+            log.info("wrote %s", summary.output_file)
+        except OSError as exc:  # the run is trained and saved: a missing report is a warning
+            log.warning("could not write the output file in OUTPUT_DIR=%r (%s); the run and "
+                        "its checkpoints are complete", str(plan.paths.outputs),
+                        exc.strerror or exc)
     total = time.perf_counter() - t_start
     ctx.timings["other"] = max(total - sum(ctx.timings.values()), 0.0)  # logs, metrics, plot
     ctx.timings["total"] = total
     summary.timings = dict(ctx.timings)
     log.info("time: " + ", ".join(f"{k} {v:.2f}s" for k, v in ctx.timings.items()))
     return summary
+
+
+def _settings_lines(plan: RunPlan) -> list[str]:
+    """``name = value  (source)`` for a fresh run's non-default settings; on resume only those
+    that differ from the checkpoint (the rest is the checkpoint's, see ``lmtrain inspect``)."""
+    lines = plan.loaded.describe()
+    if plan.resume is None:
+        return lines
+    saved, sources = plan.resume.checkpoint["hyperparameters"], plan.loaded.sources
+    lines, same = [], 0
+    for name, value in sorted(plan.config.model_dump().items()):
+        source = sources.get(name, "default")
+        if saved.get(name, value) == value and (name in saved or source == "default"):
+            same += 1
+            continue
+        was = f"; checkpoint: {saved[name]!r}" if name in saved else ""
+        lines.append(f"{name} = {value!r}  ({source}{was})")
+    return [*lines, f"{same} other settings as in the checkpoint"]
+
+
+def _with_resume_command(exc: UserError, ctx: RunContext, start: int, end: int,
+                         resume_path: str | None) -> UserError:
+    """A training-time error, completed with the command that resumes from the last
+    checkpoint on disk (one line)."""
+    if ctx.saved_steps:
+        step = ctx.saved_steps[-1]
+        checkpoint: object = ctx.checkpoint_dir / checkpoint_filename(step)
+    elif resume_path:
+        step, checkpoint = start, resume_path
+    else:
+        return exc
+    remaining = max(end - step, 0)
+    plain = max(ctx.config.training_steps - step, 0)
+    command = resume_commands(checkpoint, None if remaining == plain else remaining)[0]
+    return UserError(f"{exc}; resume with: {command}")
 
 
 def _plot(metrics_file: Path) -> Path | None:
@@ -323,5 +377,4 @@ def _sample(ctx: RunContext) -> str:
     if cfg.max_new_tokens == 0:
         return ""
     return generate_text(ctx.raw_model, ctx.tokenizer, default_prompt(cfg), cfg.max_new_tokens,
-                         cfg.block_size, ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed,
-                         top_p=cfg.top_p, stop_at_eot=cfg.stop_at_eot)
+                         cfg.block_size, ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed)

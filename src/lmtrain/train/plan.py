@@ -1,0 +1,139 @@
+"""Resolve once, then run: settings (+ a checkpoint) become one immutable :class:`RunPlan`.
+
+The plan fixes the config, the run's name and folders, and the resume source before anything
+is created on disk; the session then runs it and changes nothing in it. What the run *is* may
+come from the checkpoint; where this invocation works (every folder, ``RUN_NAME``, rotation,
+downloads, outputs) only from the user or the defaults (``INVOCATION_FIELDS``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+from lmtrain.checkpoint import AUTO_RESUME, find_resumable, list_checkpoints, load_checkpoint
+from lmtrain.config import LoadedConfig, TrainingConfig, load_fresh, load_resumed
+from lmtrain.models.gpt2 import resolve_gpt2
+from lmtrain.reporting import default_run_name, stable_run_name
+from lmtrain.run_folder import RunPaths, branch_name, check_run_name
+
+
+@dataclass(frozen=True)
+class ResumeSource:
+    """The checkpoint a resumed run starts from (read-only: nothing writes to it)."""
+
+    path: Path
+    step: int
+    checkpoint: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything decided before a run starts."""
+
+    loaded: LoadedConfig
+    run_name: str
+    paths: RunPaths
+    resume: ResumeSource | None = None
+    #: lines for the run's log once it is open (auto-resume findings, branches, warnings)
+    notes: tuple[str, ...] = ()
+
+    @property
+    def config(self) -> TrainingConfig:
+        return self.loaded.config
+
+
+def _identity(name: str) -> str:
+    return name
+
+
+def resolve_plan(values: dict[str, Any], sources: dict[str, str],
+                 agree: Callable[[str], str] = _identity) -> RunPlan:
+    """The plan for explicit settings ``values`` (with their ``sources``).
+
+    ``CHECKPOINT_PATH=auto`` resumes the newest valid checkpoint of the run (``RUN_NAME``, else
+    ``<model>-<data>``) or starts it fresh. ``agree`` makes all processes of a distributed run
+    use one name (rank 0's: default names hold a timestamp).
+    """
+    if values.get("run_name") is not None:
+        check_run_name(str(values["run_name"]))
+    notes: list[str] = []
+    resume = values.get("checkpoint_path")
+    if str(resume).strip().lower() == AUTO_RESUME:
+        fresh = _load_fresh(values, sources)
+        run_name = fresh.config.run_name or stable_run_name(fresh.config)
+        folder = _paths(fresh.config, run_name).checkpoints
+        path, ckpt, problems = find_resumable(folder)
+        notes += [f"CHECKPOINT_PATH=auto: {p}" for p in problems]
+        if path is None:
+            notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
+                         f"{run_name} fresh")
+            return _plan(fresh, run_name, None, notes)
+        notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
+        loaded = load_resumed(ckpt["hyperparameters"], {**values, "checkpoint_path": str(path)},
+                              {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
+        return _plan(loaded, run_name, ResumeSource(path, int(ckpt["step"]), ckpt), notes)
+    if not resume:
+        fresh = _load_fresh(values, sources)
+        return _plan(fresh, agree(fresh.config.run_name or default_run_name(fresh.config)), None,
+                     notes)
+    path = Path(str(resume))
+    ckpt = load_checkpoint(path)
+    loaded = load_resumed(ckpt["hyperparameters"], values, sources)
+    source = ResumeSource(path, int(ckpt["step"]), ckpt)
+    cfg = loaded.config
+    run_name = cfg.run_name or _run_folder_of(path, cfg) or agree(default_run_name(cfg))
+    if cfg.enable_checkpoints:
+        later = [s for s, _ in list_checkpoints(_paths(cfg, run_name).checkpoints)
+                 if s > source.step]
+        if later:  # history is never rewritten: branch instead of overwriting later steps
+            branch = branch_name(run_name, source.step, lambda n: _paths(cfg, n).logs.exists()
+                                 or _paths(cfg, n).checkpoints.exists())
+            notes.append(f"run {run_name} already has checkpoints after step {source.step} "
+                         f"(up to step {max(later)}); this resume continues as run {branch} "
+                         f"and leaves them untouched")
+            run_name = branch
+    return _plan(loaded, run_name, source, notes)
+
+
+def _run_folder_of(path: Path, cfg: TrainingConfig) -> str | None:
+    """The run a checkpoint file belongs to when it lies in ``CHECKPOINT_DIR/<run>/``."""
+    try:
+        inside = path.resolve().parent.parent == Path(cfg.checkpoint_dir).resolve()
+    except OSError:
+        return None
+    return path.resolve().parent.name if inside else None
+
+
+def _paths(cfg: TrainingConfig, run_name: str) -> RunPaths:
+    return RunPaths.of(cfg.checkpoint_dir, cfg.log_dir, cfg.output_dir, run_name)
+
+
+def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
+    loaded = load_fresh(values, sources)
+    if loaded.config.lr_decay_steps is not None:
+        return loaded
+    horizon = max(loaded.config.training_steps, 1)  # the horizon is saved with the run
+    return LoadedConfig(loaded.config.model_copy(update={"lr_decay_steps": horizon}),
+                        {**loaded.sources, "lr_decay_steps": "TRAINING_STEPS"})
+
+
+def _plan(loaded: LoadedConfig, run_name: str, resume: ResumeSource | None,
+          notes: list[str]) -> RunPlan:
+    """The final plan: the config names its run and resume file; checkpoint made read-only."""
+    check_run_name(run_name)
+    loaded = resolve_gpt2(loaded, resume.checkpoint if resume else None)  # base, real shape
+    cfg = loaded.config.model_copy(update={
+        "run_name": run_name, "checkpoint_path": str(resume.path) if resume else None})
+    loaded = LoadedConfig(cfg, dict(loaded.sources))
+    if resume is not None:
+        resume = ResumeSource(resume.path, resume.step, MappingProxyType(resume.checkpoint))
+        if loaded.sources.get("training_data_source") == "checkpoint":
+            notes.append(f"data: TRAINING_DATA_SOURCE={cfg.training_data_source!r} comes from "
+                         f"the checkpoint (set TRAINING_DATA_SOURCE to train on other data)")
+    # Settings that validate but mean nothing for this run (RESUME_STEPS on a fresh run,
+    # WARMUP_STEPS past the steps run, ...) are reported here, as notes in the run's log.
+    return RunPlan(loaded, run_name, _paths(cfg, run_name), resume, tuple(notes))

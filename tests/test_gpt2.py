@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -155,3 +156,58 @@ def test_resume_after_the_model_folder_moved(tmp_path, train_run, tiny_gpt2_dir,
     other = save_tiny_gpt2(tmp_path / "other", vocab_size=50257, n_embd=32)
     with pytest.raises(UserError, match=r"weights do not fit .*GPT2_MODEL_NAME="):
         train_run(checkpoint_path=ckpt, resume_steps=1, gpt2_model_name=str(other))
+
+
+def test_an_explicit_shape_that_differs_from_the_model_is_refused(train_run, tiny_gpt2_dir,
+                                                                  qa_corpus):
+    with pytest.raises(UserError) as info:
+        train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), n_layer=12,
+                  n_embd=768, training_data_source=str(qa_corpus))
+    message = str(info.value)
+    assert message.startswith("N_LAYER=12 (from flag) does not match GPT2_MODEL_NAME=")
+    assert "N_LAYER=2" in message and "\n" not in message
+
+
+def test_the_run_records_the_real_shape_and_context(train_run, tiny_gpt2_dir, qa_corpus,
+                                                    capsys):
+    from lmtrain.cli import main
+
+    first = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), n_embd=64,
+                      training_data_source=str(qa_corpus), training_steps=2,
+                      checkpoint_interval=2)  # an explicit N_EMBD that agrees is fine
+    ckpt = first.checkpoint_dir / "step_0000002.pt"
+    hp = torch.load(ckpt, weights_only=True)["hyperparameters"]
+    assert (hp["n_layer"], hp["n_head"], hp["n_embd"], hp["n_positions"]) == (2, 2, 64, 64)
+    assert "n_layer = 2  (GPT2_MODEL_NAME)" in first.log_file.read_text()
+    capsys.readouterr()
+    assert main(["inspect", "--json", str(ckpt)]) == 0
+    arch = json.loads(capsys.readouterr().out)["architecture"]
+    assert {k: arch[k] for k in ("n_layer", "n_head", "n_embd", "n_positions")} == {
+        "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
+    resumed = train_run(checkpoint_path=str(ckpt), resume_steps=1, n_layer=2)  # the true depth
+    assert resumed.end_step == 3
+    with pytest.raises(UserError, match=r"N_LAYER=4 .* contradicts the checkpoint"):
+        train_run(checkpoint_path=str(ckpt), resume_steps=1, n_layer=4)
+
+
+def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir):
+    from lmtrain.models.gpt2 import load_gpt2
+
+    def one_step(checkpointing: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = load_gpt2(gpt2_settings(tiny_gpt2_dir, gradient_checkpointing=checkpointing),
+                          50257)
+        model.train()
+        assert model.is_gradient_checkpointing is checkpointing
+        x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
+        model(x, labels=x).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain, recomputed = one_step(False), one_step(True)
+    for name, grad in plain.items():  # dropout included: the RNG state is replayed
+        torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-6)
+
+
+def test_gradient_checkpointing_needs_gpt2():
+    with pytest.raises(ValueError, match="GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2"):
+        TrainingConfig(gradient_checkpointing=True)

@@ -61,8 +61,8 @@ def test_fresh_lora_run_saves_a_small_adapter_checkpoint(train_run, tiny_gpt2_di
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k)  # it trained
     base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
     assert path.stat().st_size < base_bytes / 10
-    assert ckpt["lora_base"] == {"name": str(tiny_gpt2_dir),
-                                 "fingerprint": weights_fingerprint(base)}
+    assert ckpt["lora_base"] == {"name": str(tiny_gpt2_dir), "resolved": str(tiny_gpt2_dir),
+                                 "revision": "", "fingerprint": weights_fingerprint(base)}
     assert ckpt["hyperparameters"]["learning_rate"] == 3e-4  # the LoRA fine-tuning default
     expected = lora_size(base, 8, ["c_attn", "c_proj", "c_fc"])
     assert f"parameters: {expected:,} trainable" in summary.log_file.read_text()
@@ -103,7 +103,7 @@ def test_resume_refuses_a_changed_base(train_run, tmp_path, tiny_gpt2_dir, qa_co
                       checkpoint_interval=2)
     ckpt = first.checkpoint_dir / "step_0000002.pt"
     save_tiny_gpt2(folder, seed=1)  # other weights under the same name
-    with pytest.raises(UserError, match=r"trained on base model .* fingerprint .*restore"):
+    with pytest.raises(UserError, match=r"trained on base model .* fingerprint .*--base"):
         train_run(checkpoint_path=str(ckpt), training_data_source=str(qa_corpus))
     with pytest.raises(UserError, match="fingerprint"):
         export_checkpoint(ckpt, tmp_path / "export")
@@ -142,3 +142,83 @@ def test_lora_on_the_bigram_model_is_refused(targets):
     config = TrainingConfig(n_layer=0, use_lora=True, lora_targets=targets)
     with pytest.raises(UserError, match=r"^USE_LORA=1 does not apply to N_LAYER=0"):
         build_model(config, 50)
+
+
+def test_adapter_follows_its_base_from_any_working_directory(train_run, tmp_path, tiny_gpt2_dir,
+                                                             qa_corpus, monkeypatch, capsys):
+    """The base is recorded as given and resolved; --base / GPT2_MODEL_NAME point at a moved
+    base, and the weights fingerprint decides whether it fits."""
+    from lmtrain.cli import main
+    from lmtrain.inference import load_trained_model
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_gpt2_dir, work / "gpt2")
+    monkeypatch.chdir(work)
+    first = train_run(model_type="gpt2", use_lora=True, gpt2_model_name="./gpt2",
+                      training_data_source=str(qa_corpus), training_steps=2,
+                      checkpoint_interval=2, checkpoint_dir=str(tmp_path / "ckpt"))
+    ckpt = first.checkpoint_dir / "step_0000002.pt"
+    ref = torch.load(ckpt, weights_only=True)["lora_base"]
+    assert (ref["name"], ref["resolved"], ref["revision"]) == (
+        "./gpt2", str(work / "gpt2"), "")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    expected = model_logits_of(load_trained_model(ckpt))  # found by its absolute path
+    moved = tmp_path / "moved-gpt2"
+    (work / "gpt2").rename(moved)
+    with pytest.raises(UserError, match=r"base model './gpt2' .* not found .*--base") as info:
+        load_trained_model(ckpt)
+    assert "\n" not in str(info.value)
+    torch.testing.assert_close(model_logits_of(load_trained_model(ckpt, base=str(moved))),
+                               expected)
+    capsys.readouterr()
+    assert main(["sample", str(ckpt), "--base", str(moved), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("QUESTION: ")
+    monkeypatch.setenv("GPT2_MODEL_NAME", str(moved))
+    assert main(["export", str(ckpt), str(tmp_path / "hf")]) == 0
+    resumed = train_run(checkpoint_path=str(ckpt), resume_steps=1, gpt2_model_name=str(moved),
+                        checkpoint_dir=str(tmp_path / "ckpt2"))
+    assert resumed.end_step == 3
+    monkeypatch.delenv("GPT2_MODEL_NAME")
+    with pytest.raises(UserError, match="not found"):
+        train_run(checkpoint_path=str(ckpt), resume_steps=1)
+    other = save_tiny_gpt2(tmp_path / "other", seed=5)
+    with pytest.raises(UserError, match="fingerprint"):
+        load_trained_model(ckpt, base=str(other))
+
+
+def model_logits_of(loaded) -> torch.Tensor:
+    from lmtrain.models import model_logits
+
+    with torch.no_grad():
+        return model_logits(loaded.model, torch.tensor([[464, 3290, 318, 257]]))
+
+
+def test_a_hub_base_is_recorded_with_its_revision(tmp_path, tiny_gpt2_dir, qa_corpus):
+    from tests.conftest import run_entrypoint
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--lmtrain-test--tiny-gpt2"
+    shutil.copytree(tiny_gpt2_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    env = {"MODEL_TYPE": "gpt2", "USE_LORA": "1", "GPT2_MODEL_NAME": "lmtrain-test/tiny-gpt2",
+           "TRAINING_DATA_SOURCE": str(qa_corpus), "HF_HOME": str(tmp_path / "hf"),
+           "TEST_MODE": "1", "TRAINING_STEPS": "1", "PRECISION": "fp32", "DEVICE": "cpu",
+           "LOG_DIR": str(tmp_path / "logs"), "CHECKPOINT_DIR": str(tmp_path / "ckpt"),
+           "RUN_NAME": "hub", "MAX_NEW_TOKENS": "0"}
+    proc = run_entrypoint(["-m", "lmtrain", "train"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ckpt = tmp_path / "ckpt" / "hub" / "step_0000001.pt"
+    ref = torch.load(ckpt, weights_only=True)["lora_base"]
+    assert (ref["name"], ref["resolved"], ref["revision"]) == (
+        "lmtrain-test/tiny-gpt2", "lmtrain-test/tiny-gpt2", commit)
+    (repo / "refs" / "main").write_text("f" * 40)  # the cache moved on: the revision still loads
+    proc = run_entrypoint(["-m", "lmtrain", "export", str(ckpt), "--adapter",
+                           str(tmp_path / "adapter")], {"HF_HOME": str(tmp_path / "hf")},
+                          tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == (
+        "lmtrain-test/tiny-gpt2", commit)

@@ -1,28 +1,47 @@
-"""``lmtrain export CKPT OUT_DIR``: a Hugging Face folder (LoRA merged, tokenizer included)."""
+"""``lmtrain export CKPT [OUT_DIR] [--adapter DIR]``: a Hugging Face folder (LoRA merged,
+tokenizer included) and/or a GPT-2 LoRA adapter in PEFT's layout."""
 
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "export", help="write a checkpoint as a Hugging Face model folder",
+        "export", help="write a checkpoint as a Hugging Face model folder or PEFT adapter",
         description="Write CKPT as a Hugging Face folder (GPT2LMHeadModel weights with any LoRA "
                     "adapter merged in, plus tokenizer files) that "
                     "AutoModelForCausalLM.from_pretrained(OUT_DIR) and "
                     "AutoTokenizer.from_pretrained(OUT_DIR) load. Works for GPT-2 runs and for "
-                    "from-scratch GPT runs with TOKENIZATION_METHOD=gpt2 or custom_bpe.")
+                    "from-scratch GPT runs with TOKENIZATION_METHOD=gpt2 or custom_bpe. With "
+                    "--adapter DIR, write a GPT-2 LoRA checkpoint's adapter for "
+                    "PeftModel.from_pretrained(base, DIR).")
     parser.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint written by lmtrain")
-    parser.add_argument("out_dir", metavar="OUT_DIR", help="folder to write (created if needed)")
+    parser.add_argument("out_dir", metavar="OUT_DIR", nargs="?", default=None,
+                        help="folder for the whole model (created if needed)")
+    parser.add_argument("--adapter", metavar="DIR", default=None,
+                        help="folder for the LoRA adapter in PEFT's layout (created if needed)")
+    parser.add_argument("--base", metavar="MODEL", default=None,
+                        help="where the GPT-2 base model lives now (folder or hub id) "
+                             "[env GPT2_MODEL_NAME; default: where the run found it]")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmtrain.models.export import export_checkpoint
+    from lmtrain.errors import UserError
+    from lmtrain.models.export import export_adapter, export_checkpoint
 
-    info = export_checkpoint(args.checkpoint, args.out_dir)
-    merged = ", LoRA merged" if info["lora_merged"] else ""
-    print(f"exported step {info['step']} ({info['model_type']}{merged}, {info['tokenizer']} "
-          f"tokenizer) to {info['out_dir']}")
+    if not args.out_dir and not args.adapter:
+        raise UserError("export: give OUT_DIR (the whole model), --adapter DIR, or both")
+    base = args.base or os.environ.get("GPT2_MODEL_NAME", "").strip() or None
+    if args.adapter:
+        info = export_adapter(args.checkpoint, args.adapter, base)
+        print(f"exported the LoRA adapter of step {info['step']} (base {info['base']}, "
+              f"n_positions {info['n_positions']}) to {info['out_dir']}")
+    if args.out_dir:
+        info = export_checkpoint(args.checkpoint, args.out_dir, base)
+        merged = ", LoRA merged" if info["lora_merged"] else ""
+        print(f"exported step {info['step']} ({info['model_type']}{merged}, {info['tokenizer']} "
+              f"tokenizer, n_positions {info['n_positions']}) to {info['out_dir']}")
     return 0

@@ -1,5 +1,7 @@
 """Turn an lmtrain checkpoint into a Hugging Face folder: ``GPT2LMHeadModel`` weights (LoRA
-merged in) plus tokenizer files, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``.
+merged in) plus tokenizer files, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``;
+or a GPT-2 LoRA checkpoint into a PEFT adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, folder)`` loads.
 
 The from-scratch GPT maps one to one onto GPT-2: same module names, pre-LayerNorm blocks,
 tanh GELU, tied embeddings, learned positions (``n_positions = BLOCK_SIZE``); only the
@@ -30,11 +32,20 @@ HF_TOKENIZER_KINDS = ("gpt2", "gpt2_files", "custom_bpe")
 CONV1D_LAYERS = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
 
 
-def merged_model(path: str | Path) -> tuple[nn.Module, TrainingConfig, Tokenizer, int]:
+ADAPTER_NEEDS_LORA = (
+    "--adapter: the checkpoint is a full fine-tune (USE_LORA=0) and has no adapter; export it "
+    "as a whole model (OUT_DIR) instead")
+ADAPTER_NEEDS_GPT2 = (
+    "--adapter: the checkpoint adapts a from-scratch GPT, whose base exists only inside "
+    "lmtrain; export it with the adapter merged (OUT_DIR) instead")
+
+
+def merged_model(path: str | Path, base: str | None = None
+                 ) -> tuple[nn.Module, TrainingConfig, Tokenizer, int]:
     """A checkpoint's model with any LoRA adapter merged into its (verified) base weights."""
     from lmtrain.inference import load_trained_model
 
-    loaded = load_trained_model(path)
+    loaded = load_trained_model(path, base=base)
     model, config = loaded.model, loaded.config
     if config.use_lora:
         model = model.merge_and_unload()
@@ -98,12 +109,13 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None
     hf_tok.save_pretrained(out_dir)
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None
+                      ) -> dict[str, Any]:
     """Write the Hugging Face folder for ``ckpt_path``; returns a short description."""
     from lmtrain.models.gpt2 import quiet_transformers
 
     with quiet_transformers():
-        model, config, tokenizer, step = merged_model(ckpt_path)
+        model, config, tokenizer, step = merged_model(ckpt_path, base)
         if tokenizer.kind not in HF_TOKENIZER_KINDS:  # before anything is written
             raise UserError(CHARACTER_ERROR)
         hf_model = to_hf_model(model, config, tokenizer)
@@ -112,4 +124,37 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path) -> dict[str, A
         hf_model.save_pretrained(out)
         save_tokenizer(tokenizer, out, hf_model.config.max_position_embeddings)
     return {"step": step, "model_type": config.model_type, "lora_merged": config.use_lora,
-            "tokenizer": tokenizer.kind, "out_dir": str(out)}
+            "tokenizer": tokenizer.kind, "out_dir": str(out),
+            "n_positions": hf_model.config.n_positions}
+
+
+def export_adapter(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None
+                   ) -> dict[str, Any]:
+    """Write a GPT-2 LoRA checkpoint's adapter in PEFT's layout (plus the tokenizer files).
+
+    The adapter config names the base as the checkpoint resolved it (absolute folder, or hub
+    id and revision).
+    """
+    from lmtrain.inference import load_trained_model
+    from lmtrain.models.gpt2 import quiet_transformers
+    from lmtrain.models.lora import base_reference
+
+    with quiet_transformers():
+        loaded = load_trained_model(ckpt_path, base=base)
+        config, model = loaded.config, loaded.model
+        if not config.use_lora:
+            raise UserError(ADAPTER_NEEDS_LORA)
+        if config.model_type != "gpt2":
+            raise UserError(ADAPTER_NEEDS_GPT2)
+        saved = dict(loaded.checkpoint.get("lora_base") or base_reference(model))
+        peft_config = model.peft_config["default"]
+        peft_config.base_model_name_or_path = saved.get("resolved") or saved["name"]
+        peft_config.revision = saved.get("revision") or None
+        peft_config.inference_mode = True
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out)
+        n_positions = model.config.n_positions
+        save_tokenizer(loaded.tokenizer, out, n_positions)
+    return {"step": int(loaded.checkpoint["step"]), "base": peft_config.base_model_name_or_path,
+            "tokenizer": loaded.tokenizer.kind, "out_dir": str(out), "n_positions": n_positions}

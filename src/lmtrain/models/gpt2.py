@@ -3,17 +3,19 @@
 ``GPT2_MODEL_NAME`` is a folder in ``save_pretrained`` layout or a hub id resolved from the
 local Hugging Face cache; nothing downloads unless ``ALLOW_DOWNLOAD=1``. The tokenizer is the
 folder's own ``vocab.json`` + ``merges.txt`` when it has them, else the shipped GPT-2 BPE.
+The model's shape (``N_LAYER``/``N_HEAD``/``N_EMBD``) is the folder's: the run records it, and
+an explicit different setting is refused (:func:`fit_shape`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtrain.config import TrainingConfig
+from lmtrain.config import LoadedConfig, TrainingConfig
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -79,6 +81,85 @@ def gpt2_config(config: TrainingConfig) -> GPT2Config:
                         f"{hf_config.model_type!r} model, not GPT-2; MODEL_TYPE=gpt2 needs GPT-2")
     check_block_size(config.block_size, hf_config.n_positions)
     return hf_config
+
+
+#: Settings that describe GPT-2's shape; the folder's model fixes them.
+SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
+#: Where a value comes from when the user did not set it.
+UNSET_SOURCES = ("default", "checkpoint")
+
+
+def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
+    """The config with GPT-2's real shape; an explicit different shape setting is refused.
+
+    Does nothing for the from-scratch model.
+    """
+    cfg = loaded.config
+    if cfg.model_type != "gpt2":
+        return loaded
+    hf_config = gpt2_config(cfg)
+    sources = dict(loaded.sources)
+    update = {}
+    for name in SHAPE_FIELDS:
+        real, src = getattr(hf_config, name), sources.get(name, "default")
+        explicit = src not in UNSET_SOURCES and not src.endswith("preset")
+        if explicit and getattr(cfg, name) != real:
+            raise UserError(
+                f"{name.upper()}={getattr(cfg, name)} (from {src}) does not match "
+                f"GPT2_MODEL_NAME={cfg.gpt2_model_name!r}, whose model has {name.upper()}="
+                f"{real}; unset {name.upper()}: MODEL_TYPE=gpt2 takes its shape from the model")
+        if getattr(cfg, name) != real or not explicit:
+            update[name], sources[name] = real, "GPT2_MODEL_NAME"
+    return LoadedConfig(cfg.model_copy(update=update), sources)
+
+
+def resolve_gpt2(loaded: LoadedConfig, ckpt: Mapping[str, Any] | None = None) -> LoadedConfig:
+    """A GPT-2 run's config as it will run: a resumed LoRA run finds its saved base model
+    (unless GPT2_MODEL_NAME is set), and the shape is the model's (:func:`fit_shape`)."""
+    cfg = loaded.config
+    if cfg.model_type != "gpt2":
+        return loaded
+    if (ckpt is not None and cfg.use_lora
+            and loaded.sources.get("gpt2_model_name", "default") in UNSET_SOURCES):
+        from lmtrain.models.lora import find_base
+
+        name = find_base(dict(ckpt.get("lora_base") or {}), None)
+        loaded = LoadedConfig(cfg.model_copy(update={"gpt2_model_name": name}),
+                              {**loaded.sources, "gpt2_model_name": "checkpoint's lora_base"})
+    return fit_shape(loaded)
+
+
+def model_positions(model: Any) -> int | None:
+    """A Hugging Face model's context limit (``n_positions``), or None for other models."""
+    return getattr(getattr(model, "config", None), "n_positions", None)
+
+
+def locate(name: str, allow_download: bool = False) -> dict[str, str]:
+    """Where ``GPT2_MODEL_NAME`` points now: ``{"resolved", "revision"}``: a folder's absolute
+    path (revision ""), or a hub id and the commit of its cached snapshot."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return {"resolved": str(path.resolve()), "revision": ""}
+    from transformers.utils import cached_file
+
+    try:
+        found = Path(cached_file(name, "config.json", local_files_only=not allow_download))
+    except (OSError, ValueError):
+        return {"resolved": name, "revision": ""}
+    snapshot = found.parent
+    return {"resolved": name,
+            "revision": snapshot.name if snapshot.parent.name == "snapshots" else ""}
+
+
+def snapshot_folder(repo_id: str, revision: str) -> str | None:
+    """The local folder of a hub model at ``revision`` in the Hugging Face cache, or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    except ValueError:  # not a valid repo id
+        return None
+    return str(Path(found).parent) if isinstance(found, str) else None
 
 
 def check_block_size(block_size: int, n_positions: int) -> None:
@@ -166,4 +247,6 @@ def load_gpt2(config: TrainingConfig, vocab_size: int) -> GPT2LMHeadModel:
                 **dropout_overrides(config.dropout))
     except (OSError, ValueError) as exc:
         raise _not_found(config, _first_line(exc)) from None
+    if config.gradient_checkpointing:  # recompute activations in backward: less memory
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model

@@ -1,11 +1,18 @@
 """LoRA adapters through ``peft`` for GPT-2 and the from-scratch GPT, and what their checkpoints
-hold: the adapter weights plus a reference to the base model (its name and a fingerprint of its
-weights), never the base weights themselves."""
+hold: the adapter weights plus a reference to the base model, never the base weights themselves.
+
+The reference (``lora_base``) holds the base as given (``name``), as resolved then (``resolved``:
+a folder's absolute path, or a hub id with the ``revision`` of its cached snapshot) and the
+``fingerprint`` of its weights. Whatever folder is loaded later, the fingerprint decides whether
+it is the adapter's base.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -43,6 +50,54 @@ def base_name(config: TrainingConfig) -> str:
             f"n_embd={config.n_embd}, block_size={config.block_size}, seed={config.seed})")
 
 
+def base_location(config: TrainingConfig) -> dict[str, str]:
+    """``{"resolved", "revision"}`` of the base model a run adapts (see the module doc)."""
+    if config.model_type != "gpt2":
+        return {"resolved": base_name(config), "revision": ""}
+    from lmtrain.models.gpt2 import locate
+
+    return locate(config.gpt2_model_name, config.allow_download)
+
+
+def find_base(saved: dict[str, str], override: str | None) -> str:
+    """The GPT-2 folder or hub id to load an adapter's base from.
+
+    ``override`` (``--base`` / ``GPT2_MODEL_NAME``) when given; else the first of the saved
+    absolute folder, the saved hub id's cached snapshot at the saved revision, and the name as
+    it was given, that exists. The caller checks the fingerprint of what it loads.
+    """
+    if override:
+        return override
+    from lmtrain.models.gpt2 import snapshot_folder
+
+    resolved, revision = saved.get("resolved") or "", saved.get("revision") or ""
+    candidates = [resolved if Path(resolved).is_absolute() else None,
+                  snapshot_folder(resolved, revision) if resolved and revision else None]
+    for folder in candidates:
+        if folder and Path(folder).is_dir():
+            return folder
+    name = saved.get("name") or ""
+    if Path(name).expanduser().is_dir() or (revision and not Path(name).is_absolute()):
+        return name  # a folder here, or the hub id at whatever revision the cache has
+    raise UserError(
+        f"the LoRA adapter's base model {name!r} (resolved {resolved or name!r}) is not found "
+        f"from {os.getcwd()!r}; pass --base (or set GPT2_MODEL_NAME) to the folder or hub id "
+        f"of that base model: its weights fingerprint decides whether it fits")
+
+
+def with_base(config: TrainingConfig, ckpt: dict[str, Any], override: str | None
+              ) -> TrainingConfig:
+    """A GPT-2 checkpoint's config with GPT2_MODEL_NAME set to where the base is found now:
+    ``override`` (``--base`` / ``GPT2_MODEL_NAME``) or, for an adapter, :func:`find_base`."""
+    if config.model_type != "gpt2":
+        return config
+    if config.use_lora:
+        name = find_base(dict(ckpt.get("lora_base") or {}), override)
+    else:
+        name = override or config.gpt2_model_name
+    return config.model_copy(update={"gpt2_model_name": name})
+
+
 def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on ``LORA_TARGETS``; only the adapters train."""
     from peft import LoraConfig, get_peft_model
@@ -67,12 +122,13 @@ def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
             f"LORA_TARGETS={config.lora_targets!r} matches no layer of the "
             f"{config.model_type} model ({str(exc).splitlines()[0][:120]}); use names such "
             f"as c_attn, c_proj, c_fc") from None
-    setattr(peft_model, BASE_ATTR, {"name": base_name(config), "fingerprint": fingerprint})
+    setattr(peft_model, BASE_ATTR, {"name": base_name(config), **base_location(config),
+                                    "fingerprint": fingerprint})
     return peft_model
 
 
 def base_reference(model: nn.Module) -> dict[str, str]:
-    """``{"name", "fingerprint"}`` of the base model under the adapters."""
+    """``{"name", "resolved", "revision", "fingerprint"}`` of the base under the adapters."""
     ref = getattr(model, BASE_ATTR, None)
     if ref is None:
         raise TypeError("the model was not built by lmtrain.models.lora.apply_lora")
@@ -89,8 +145,8 @@ def check_base_reference(model: nn.Module, saved: dict[str, str] | None, source:
         raise UserError(
             f"CHECKPOINT_PATH={source!r}: its LoRA adapter was trained on base model "
             f"{saved['name']!r} with weights fingerprint {saved['fingerprint'][:16]}, but the base "
-            f"loaded now ({now['name']!r}) has fingerprint {now['fingerprint'][:16]}; restore the "
-            f"original base weights to resume or export this checkpoint")
+            f"loaded now ({now['resolved']!r}) has fingerprint {now['fingerprint'][:16]}; pass "
+            f"--base (or set GPT2_MODEL_NAME) to the original base model")
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

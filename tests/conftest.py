@@ -52,7 +52,11 @@ def train_run(corpus: Path, run_dirs: dict[str, str]):
     from lmtrain.train.session import train
 
     def run(**overrides: Any):
-        flags = {**TINY, "training_data_source": str(corpus), **run_dirs, **overrides}
+        tiny = dict(TINY)
+        if overrides.get("model_type") == "gpt2" or overrides.get("checkpoint_path"):
+            for name in ("n_layer", "n_head", "n_embd"):  # the model's / the checkpoint's
+                tiny.pop(name)
+        flags = {**tiny, "training_data_source": str(corpus), **run_dirs, **overrides}
         values, sources = explicit_settings(flags=flags, env={})
         return train(values, sources)
 

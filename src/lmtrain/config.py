@@ -49,6 +49,8 @@ class TrainingConfig(BaseModel):
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
     lora_targets: str = Field("c_attn,c_proj,c_fc", description="comma-separated module names")
+    gradient_checkpointing: bool = Field(
+        False, description="MODEL_TYPE=gpt2: recompute activations in backward (less memory)")
 
     # data and tokenizer
     training_data_source: str = Field(
@@ -62,6 +64,10 @@ class TrainingConfig(BaseModel):
         False, description="on resume, drop characters outside the saved vocabulary")
     cache_dir: str | None = Field(None, description="token-array cache (default: user cache)")
     train_split: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens for training")
+    loss_on: Literal["all", "answers"] = Field(
+        "all", description="all | answers (loss only after ANSWER_PREFIX, up to end of text)")
+    answer_prefix: str = Field(
+        "ANSWER:", min_length=1, description="LOSS_ON=answers: text that starts an answer")
 
     # optimisation
     training_steps: int = Field(4000, ge=0, description="planned total optimizer steps")
@@ -130,6 +136,8 @@ class TrainingConfig(BaseModel):
                              f"N_EMBD / N_HEAD = {self.n_embd // self.n_head}")
         if self.qk_norm and self.arch != "llama":
             raise ValueError("QK_NORM=1 needs ARCH=llama")
+        if self.gradient_checkpointing and self.model_type != "gpt2":
+            raise ValueError("GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2")
         return self
 
     @property

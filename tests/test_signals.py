@@ -104,6 +104,23 @@ def test_second_signal_exits_at_once(tmp_path):
     assert "SIGINT again: exiting now" in proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("gap", [0.0, 0.01, 0.05, 0.2, 0.5, 1.0])
+def test_a_second_sigint_always_exits_at_once_and_cleanly(tmp_path, sig_env, gap):
+    """Whenever the second signal lands (while saving, while reporting, while the interpreter
+    shuts down): exit status 130, no traceback, every checkpoint on disk whole."""
+    proc = train_until_running(sig_env, tmp_path / "logs" / "sig" / "metrics.jsonl")
+    proc.send_signal(signal.SIGINT)
+    time.sleep(gap)
+    proc.send_signal(signal.SIGINT)  # no-op once the process is gone
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err + out and "KeyboardInterrupt" not in err + out
+    assert "SIGINT again: exiting now" in err or "resume it with:" in err
+    for step, path in list_checkpoints(tmp_path / "ckpt" / "sig"):
+        assert load_checkpoint(path)["step"] == step
+
+
 def test_handlers_are_restored_after_training(train_run):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     train_run(training_steps=2, max_new_tokens=0)

@@ -127,25 +127,34 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The ``lmtrain`` command; ``argv=None`` means it owns the process (see
-    :func:`lmtrain.signals.exit_on_signals`)."""
+    """The ``lmtrain`` command; ``argv=None`` means it owns the process (:func:`run_process`)."""
     if argv is None:
-        from lmtrain.signals import exit_on_signals
+        return run_process(lambda: _run_command(None))
+    return _run_command(argv)
 
-        exit_on_signals()
-    parser = build_parser()
-    args = parser.parse_args(argv)
+
+def _run_command(argv: Sequence[str] | None) -> int:
+    args = build_parser().parse_args(argv)
     return run_guarded(lambda: args.func(args))
+
+
+def run_process(fn: Callable[[], int]) -> int:
+    """Run ``fn`` as the whole process: a signal outside a run exits at once, and a process
+    stopped by a signal ends without the interpreter's teardown, during which a further
+    signal would kill it half-way or raise inside ``atexit`` code."""
+    from lmtrain.signals import exit_on_signals, exit_process
+
+    exit_on_signals()
+    code = run_guarded(fn)
+    if code >= 128:
+        exit_process(code)
+    return code
 
 
 def env_entrypoint() -> int:
     """``python training.py``: every setting from the environment."""
-    from lmtrain.signals import exit_on_signals
-
-    exit_on_signals()
-
     def go() -> int:
         values, sources = explicit_settings()
         return run_training_session(values, sources)
 
-    return run_guarded(go)
+    return run_process(go)

@@ -17,7 +17,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from lmtrain.errors import TrainingInterrupted
 
@@ -75,14 +75,19 @@ def _write_stderr(text: str) -> None:
         os.write(2, text.encode())  # unbuffered: safe inside a signal handler
 
 
-def _exit_now(signum: int, again: str = "") -> None:
-    """End the process with ``128 + signum``: no cleanup code runs, so no later signal can
-    interrupt it into a traceback; files on disk are whole (writes are atomic)."""
+def exit_process(code: int) -> NoReturn:
+    """End the process now with ``code``, stdout and stderr flushed: no cleanup code runs, so
+    no later signal can interrupt it into a traceback; files on disk are whole (writes are
+    atomic)."""
     for stream in (sys.stdout, sys.stderr):  # what was printed so far still arrives
         with contextlib.suppress(Exception):
             stream.flush()
+    os._exit(code)
+
+
+def _exit_now(signum: int, again: str = "") -> NoReturn:
     _write_stderr(f"\n{signal_name(signum)}{again}: exiting now\n")
-    os._exit(128 + signum)
+    exit_process(128 + signum)
 
 
 def exit_on_signals() -> None:

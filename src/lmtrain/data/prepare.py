@@ -350,8 +350,11 @@ def load_token_data(
 
     tokenizer, train, val = prepare_splits(config, tokenizer)
     if val is None:
-        return tokenizer, TokenData.split(
+        data = TokenData.split(
             train.load(), config.train_split, config.block_size, config.training_data_source)
-    data = TokenData(train.load(), val.load())
-    data.check(config.block_size, config.training_data_source)
+    else:
+        data = TokenData(train.load(), val.load())
+        data.check(config.block_size, config.training_data_source)
+    if config.loss_on == "answers":
+        data.mask_answers(tokenizer, config.answer_prefix)
     return tokenizer, data

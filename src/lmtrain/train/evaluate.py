@@ -15,9 +15,12 @@ EVAL_SEED_OFFSET = 10_007
 
 
 def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy."""
+    """Mean next-token cross-entropy over the targets that are not -100 (0 if there are none)."""
     logits = model_logits(model, x)
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+    targets = y.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets,
+                            reduction="sum")
+    return total / (targets != -100).sum().clamp(min=1)
 
 
 @torch.no_grad()

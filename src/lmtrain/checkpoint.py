@@ -217,6 +217,13 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     return removed
 
 
+def storage_error(setting: str, path: Path, exc: OSError) -> UserError:
+    """The one line for a write that failed under a setting's folder (a full disk, no
+    permission): what failed, why, and what to do; nothing written before it is lost."""
+    return UserError(f"{setting}: writing {str(path)!r} failed ({exc.strerror or exc}); free "
+                     f"space or set {setting} to a writable folder with room, then run again")
+
+
 def ensure_writable_dir(path: str | Path, setting: str) -> None:
     """Create ``path`` if needed and prove it takes files; a clear :class:`UserError` if not."""
     path = Path(path)

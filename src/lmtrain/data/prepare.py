@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmtrain.checkpoint import atomic_write
+from lmtrain.checkpoint import atomic_write, storage_error
 from lmtrain.config import TrainingConfig
 from lmtrain.data.hf_datasets import ArrowStream, is_dataset_source, resolve_dataset
 from lmtrain.data.sources import CorpusStream, empty_source_error, iter_chunks, source_digest
@@ -101,7 +101,10 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+    try:
+        atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
+    except OSError as exc:  # a full or read-only cache: one line, the source is untouched
+        raise storage_error("CACHE_DIR", path, exc) from None
 
 
 Stream = CorpusStream | ArrowStream
@@ -273,7 +276,10 @@ def _write_tokens(path: Path, tokenizer: Tokenizer, stream: Stream, progress: bo
         if counts["n_tokens"] == 0:
             raise empty_source_error(stream.source)
 
-    atomic_write(path, write)
+    try:
+        atomic_write(path, write)
+    except OSError as exc:
+        raise storage_error("CACHE_DIR", path, exc) from None
     return counts
 
 

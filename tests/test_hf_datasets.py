@@ -100,7 +100,7 @@ def test_a_folder_without_split_names_trains_on_every_file(tmp_path: Path) -> No
 def test_a_broken_parquet_file_is_one_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
-    with pytest.raises(UserError, match="bad.parquet is not a Parquet file"):
+    with pytest.raises(UserError, match=r"bad\.parquet is not a Parquet file"):
         prepare_tokens(config(bad, tmp_path))
 
 
@@ -147,7 +147,7 @@ def test_hf_source_reads_the_local_cache_offline(tmp_path: Path, hub_cache: Path
     assert tok.decode(data.val.tolist()) == "\n\n".join(VAL_DOCS)
     with pytest.raises(UserError, match=r"no split 'test'; it has train, validation"):
         prepare_tokens(config("hf:someone/tiny@test", tmp_path))
-    with pytest.raises(UserError, match="not found in the local datasets cache.*ALLOW_DOWNLOAD=1"):
+    with pytest.raises(UserError, match=r"not found in the local datasets cache.*ALLOW_DOWNLOAD=1"):
         prepare_tokens(config("hf:someone/absent", tmp_path))
 
 

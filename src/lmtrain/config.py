@@ -18,7 +18,14 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from lmtrain.errors import UserError
 
@@ -111,7 +118,8 @@ class TrainingConfig(BaseModel):
         None, description="checkpoint to resume from, or 'auto' for the run's newest")
     resume_steps: int | None = Field(None, ge=0, description="steps to run after resuming")
     log_dir: str = Field("logs", description="run logs, metrics and plots go to DIR/<run name>/")
-    metrics: Literal["jsonl", "tensorboard"] = Field("jsonl", description="jsonl | tensorboard")
+    metrics: str = Field(
+        "jsonl", description="comma list of jsonl (always on), tensorboard, wandb, mlflow")
     enable_output_to_file: bool = Field(False, description="write settings+losses+sample file")
     output_dir: str = Field("outputs", description="where ENABLE_OUTPUT_TO_FILE writes")
     run_name: str | None = Field(
@@ -124,6 +132,13 @@ class TrainingConfig(BaseModel):
         "auto", description="auto | fp32 | bf16 | fp16 (autocast)")
     compile: bool = Field(False, description="torch.compile the model")
     test_mode: bool = Field(False, description="tiny preset that finishes in seconds")
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _metrics_list(cls, value: Any) -> str:
+        from lmtrain.trackers import normalize_metrics
+
+        return normalize_metrics(value)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> TrainingConfig:

@@ -8,12 +8,13 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from lmtrain.config import TrainingConfig
-from lmtrain.errors import UserError
+from lmtrain.config import INVOCATION_FIELDS, TrainingConfig
+from lmtrain.trackers import Tracker, open_trackers, tracker_names
 
 log = logging.getLogger("lmtrain")
 
@@ -109,55 +110,76 @@ def close_logging() -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics.jsonl`` in the run's log folder.
+    """Appends one JSON object per line to ``metrics.jsonl`` in the run's log folder, and hands
+    each record's numbers to the experiment trackers (:mod:`lmtrain.trackers`).
 
-    With ``tensorboard=True`` the numeric values also go to TensorBoard event files in the same
-    folder (needs the ``tensorboard`` extra). A resumed run appends to its run's history. A
-    failed write (a full disk) is reported once and ends metrics for this run, not the run:
-    its checkpoints, not its metrics, are what a resume needs.
+    Numbers go to the trackers as ``<kind>/<name>`` (``train/train_loss``, ``eval/val_loss``,
+    ``final/val_perplexity``) at the record's step. A resumed run appends to its run's
+    history. A failed write (a full disk, a tracker's error) is reported once and ends that
+    destination for this run, not the run: its checkpoints, not its metrics, are what a resume
+    needs.
     """
 
-    def __init__(self, path: Path, tensorboard: bool = False) -> None:
+    def __init__(self, path: Path, trackers: Sequence[Tracker] = ()) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._tb = _tensorboard_writer(path.parent) if tensorboard else None
+        self.trackers = list(trackers)
         self._fh = path.open("a", encoding="utf-8")
         self._start = time.perf_counter()
 
     def write(self, **record: Any) -> None:
         record.setdefault("time", round(time.time(), 3))
         record.setdefault("elapsed", round(time.perf_counter() - self._start, 3))
-        if self._fh is None:
+        if self._fh is not None:
+            try:
+                self._fh.write(json.dumps(record) + "\n")
+                self._fh.flush()
+            except OSError as exc:
+                log.warning("could not write %s (%s); metrics stop here, training goes on",
+                            self.path, exc.strerror or exc)
+                self._fh = None
+        if "step" not in record:
             return
-        try:
-            self._fh.write(json.dumps(record) + "\n")
-            self._fh.flush()
-        except OSError as exc:
-            log.warning("could not write %s (%s); metrics stop here, training goes on",
-                        self.path, exc.strerror or exc)
-            self._fh = None
-            return
-        if self._tb is not None and "step" in record:
-            prefix = "eval" if record.get("kind") == "eval" else "train"
-            for key, value in record.items():
-                if key not in ("step", "time", "elapsed") and isinstance(value, int | float):
-                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
+        prefix = record.get("kind") if record.get("kind") in ("eval", "final") else "train"
+        scalars = {f"{prefix}/{key}": value for key, value in record.items()
+                   if key not in ("step", "time", "elapsed")
+                   and isinstance(value, int | float) and not isinstance(value, bool)}
+        if scalars:
+            self._each_tracker(lambda t: t.log_scalars(record["step"], scalars))
+
+    def text(self, key: str, text: str, step: int) -> None:
+        """A piece of text (the final sample): a ``kind: text`` record and each tracker's own."""
+        self.write(step=step, kind="text", key=key, text=text)
+        self._each_tracker(lambda t: t.log_text(key, text, step))
+
+    def _each_tracker(self, call: Callable[[Tracker], None]) -> None:
+        for tracker in list(self.trackers):
+            try:
+                call(tracker)
+            except Exception as exc:  # a tracker's failure must not end the training run
+                log.warning("%s: logging failed (%s); it stops here, training goes on",
+                            tracker.name, exc)
+                self.trackers.remove(tracker)
+                with contextlib.suppress(Exception):
+                    tracker.close()
 
     def close(self) -> None:
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
-        if self._tb is not None:
-            self._tb.close()
+        self._each_tracker(lambda t: t.close())
+        self.trackers = []
 
 
-def _tensorboard_writer(folder: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise UserError("METRICS=tensorboard needs the tensorboard extra: "
-                        "pip install 'lmtrain[tensorboard]'") from None
-    return SummaryWriter(log_dir=str(folder))
+def open_metrics(path: Path, config: TrainingConfig, run_name: str,
+                 run_ids: dict[str, str]) -> MetricsWriter:
+    """The run's metrics file plus the trackers ``METRICS`` names, continuing the tracker runs
+    in ``run_ids`` (from the checkpoint) and recording the ids of new ones there. A new
+    tracker run gets what the run *is* as its hyperparameters (not this invocation's paths)."""
+    settings = {k: v for k, v in config.model_dump().items() if k not in INVOCATION_FIELDS}
+    trackers = open_trackers(tracker_names(config.metrics), path.parent, run_name, run_ids,
+                             settings)
+    return MetricsWriter(path, trackers)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -30,15 +30,17 @@ from lmtrain.distributed import (
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.generate import default_prompt, generate_text, start_context
 from lmtrain.models import build_model, count_parameters
+from lmtrain.perplexity import perplexity
 from lmtrain.reporting import (
-    MetricsWriter,
     close_logging,
+    open_metrics,
     setup_logging,
     timestamp,
     write_output_file,
 )
 from lmtrain.run_folder import RunLock
 from lmtrain.signals import StopRequest, resume_commands, signal_name, stop_on_signals
+from lmtrain.trackers import check_installed, tracker_names
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
 from lmtrain.train.optim import build_optimizer
 from lmtrain.train.plan import RunPlan, resolve_plan
@@ -162,6 +164,7 @@ def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest)
 def _check_before_start(plan: RunPlan) -> None:
     """What can fail without touching the disk fails here, before any folder is created."""
     cfg = plan.config
+    check_installed(tracker_names(cfg.metrics))  # a missing extra fails before any work
     source = cfg.training_data_source
     if not source.startswith("hf:") and not any(c in source for c in "*?[") \
             and not Path(source).expanduser().exists():
@@ -269,7 +272,7 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
         run_name=ctx.run_name, start_step=start, end_step=start + n_steps,
         checkpoint_dir=ctx.checkpoint_dir, log_file=log_file,
         metrics_file=ctx.log_dir / "metrics.jsonl")
-    ctx.metrics = (MetricsWriter(summary.metrics_file, tensorboard=cfg.metrics == "tensorboard")
+    ctx.metrics = (open_metrics(summary.metrics_file, cfg, ctx.run_name, ctx.tracker_run_ids)
                    if ctx.is_main else None)
     try:
         if ctx.metrics:
@@ -288,10 +291,13 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
         fresh_eval = ctx.last_losses.get("step") == ctx.step
         summary.final_losses = dict(ctx.last_losses) if fresh_eval else evaluate(ctx)
         summary.final_losses.pop("step", None)
+        _report_perplexity(ctx, summary.final_losses)
         t_sample = time.perf_counter()
         summary.sample = _sample(ctx) if ctx.is_main else ""
         ctx.timings["sample"] = time.perf_counter() - t_sample
         log.info("sample:\n%s", summary.sample)
+        if ctx.metrics and summary.sample:
+            ctx.metrics.text("sample", summary.sample, ctx.step)
     finally:
         if ctx.metrics:
             ctx.metrics.close()
@@ -357,6 +363,17 @@ def _with_resume_command(exc: UserError, ctx: RunContext, start: int, end: int,
     plain = max(ctx.config.training_steps - step, 0)
     command = resume_commands(checkpoint, None if remaining == plain else remaining)[0]
     return UserError(f"{exc}; resume with: {command}")
+
+
+def _report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
+    """Val perplexity beside val loss at the end of the run: logged, recorded, summarized."""
+    losses["val_perplexity"] = perplexity(losses["val"])
+    if ctx.is_main:
+        log.info("final: val loss %.4f, val perplexity %.2f", losses["val"],
+                 losses["val_perplexity"])
+        if ctx.metrics:
+            ctx.metrics.write(step=ctx.step, val_loss=losses["val"],
+                              val_perplexity=losses["val_perplexity"], kind="final")
 
 
 def _plot(metrics_file: Path) -> Path | None:

@@ -1,0 +1,75 @@
+"""Loss and perplexity over a whole split: `lmtrain eval` and the end-of-run report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmtrain.cli import main
+from lmtrain.config import TrainingConfig
+from lmtrain.models import build_model, model_logits
+from lmtrain.perplexity import perplexity, split_loss
+
+
+@pytest.mark.parametrize(("n_tokens", "batch_size"), [(50, 3), (49, 1), (17, 8), (5, 2)])
+def test_split_loss_scores_every_target_once(n_tokens: int, batch_size: int) -> None:
+    torch.manual_seed(0)
+    cfg = TrainingConfig(n_layer=1, n_head=2, n_embd=16, block_size=16, dropout=0.0)
+    model = build_model(cfg, 40)
+    tokens = np.random.default_rng(0).integers(0, 40, n_tokens).astype(np.uint16)
+    loss, n = split_loss(model, tokens, cfg.block_size, batch_size, torch.device("cpu"))
+    assert n == n_tokens - 1
+    total = 0.0  # one window at a time, summed by hand
+    for start in range(0, n_tokens - 1, cfg.block_size):
+        window = torch.from_numpy(tokens[start:start + cfg.block_size + 1].astype(np.int64))
+        logits = model_logits(model, window[None, :-1])[0]
+        total += F.cross_entropy(logits, window[1:], reduction="sum").item()
+    assert loss == pytest.approx(total / (n_tokens - 1), rel=1e-5)
+    assert model.training  # left as it was found
+
+
+def test_perplexity_is_exp_of_the_loss() -> None:
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(7.5)) == pytest.approx(7.5)
+    assert perplexity(1e6) == math.inf
+
+
+def test_eval_scores_the_whole_validation_split(tiny_checkpoint, capsys) -> None:
+    from lmtrain.data.prepare import load_token_data
+    from lmtrain.inference import load_trained_model
+
+    assert main(["eval", str(tiny_checkpoint), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    loaded = load_trained_model(tiny_checkpoint)
+    _, data = load_token_data(loaded.config, loaded.tokenizer)
+    assert result["tokens"] == len(data.val) - 1 and result["split"] == "val"
+    expected, _ = split_loss(loaded.model, data.val, loaded.config.block_size, 4,
+                             torch.device("cpu"))
+    assert result["loss"] == pytest.approx(expected, rel=1e-6)
+    assert result["perplexity"] == pytest.approx(math.exp(expected))
+    assert main(["eval", str(tiny_checkpoint), "--split", "train"]) == 0
+    assert "train split" in capsys.readouterr().out
+
+
+def test_eval_on_other_data(tiny_checkpoint, tmp_path, capsys) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text("To be, or not to be, that is the question.\n" * 20, encoding="utf-8")
+    assert main(["eval", str(tiny_checkpoint), "--data", str(other), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"] == str(other) and result["tokens"] > 0
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("東京" * 200, encoding="utf-8")
+    assert main(["eval", str(tiny_checkpoint), "--data", str(unknown)]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_a_training_run_reports_val_perplexity(train_run) -> None:
+    summary = train_run(training_steps=3)
+    losses = summary.final_losses
+    assert losses["val_perplexity"] == pytest.approx(math.exp(losses["val"]))
+    assert f"val perplexity {losses['val_perplexity']:.2f}" in summary.log_file.read_text()

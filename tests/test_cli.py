@@ -183,3 +183,81 @@ def test_streamed_sample_equals_the_whole_decoded_sample(train_run, capsys):
     whole = generate_text(loaded.model, loaded.tokenizer, "Ay, ", 40, loaded.config.block_size,
                           torch.device("cpu"), 1.5, loaded.config.top_k, seed=5)
     assert streamed == whole + "\n"
+
+
+# command-line nits ---------------------------------------------------------------------------
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == "lmtrain 0.1.0"
+
+
+def test_an_unknown_train_flag_prints_the_train_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--n-layr", "3"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("usage: lmtrain train")
+    assert err.rstrip().endswith("unrecognized arguments: --n-layr 3 (did you mean --n-layer?)")
+
+
+def test_help_defaults_agree_and_show_the_presets(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "default: None" not in text and "(default:" not in text
+    assert "token-array cache [env CACHE_DIR; default: user cache]" in text
+    assert "[env LR_DECAY_STEPS; default: TRAINING_STEPS, saved with the run]" in text
+    assert "default: 4000; MODEL_TYPE=gpt2: 500; TEST_MODE: 20; TEST_MODE gpt2: 6]" in text
+    assert "[env USE_LORA; default: off]" in text
+
+
+def test_prepare_flags_come_from_the_settings(capsys):
+    assert main(["prepare", "--train-split", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: TRAIN_SPLIT='2' (from flag) is invalid")
+    with pytest.raises(SystemExit):
+        main(["prepare", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--tokenization-method TOKENIZATION_METHOD, --method TOKENIZATION_METHOD" in text
+    assert "[env CUSTOM_VOCAB_SIZE; default: 1024; TEST_MODE: 300]" in text
+
+
+def test_tokenize_honours_tokenization_method(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("Hello world\n", encoding="utf-8")
+    common = ["--data", str(data), "--cache-dir", str(tmp_path / "cache"), "Hello world"]
+    assert main(["tokenize", *common]) == 0  # the default: a character vocabulary
+    assert len(json.loads(capsys.readouterr().out)) == len("Hello world")
+    monkeypatch.setenv("TOKENIZATION_METHOD", "gpt2")
+    assert main(["tokenize", *common]) == 0
+    assert json.loads(capsys.readouterr().out) == [15496, 995]
+
+
+def test_tokenize_unknown_characters_advice_fits_the_command(tmp_path, capsys):
+    data = tmp_path / "d.txt"
+    data.write_text("hello there\n", encoding="utf-8")
+    assert main(["tokenize", "--data", str(data), "--cache-dir", str(tmp_path / "c"), "h€"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: TEXT holds 1 characters outside the vocabulary learned from")
+    assert "'€'" in err and "DROP_UNKNOWN_CHARS" not in err and "--method" in err
+
+
+def test_sample_uses_the_runs_max_new_tokens(tiny_checkpoint, capsys):
+    # the tiny run was trained with MAX_NEW_TOKENS=0: only the prompt comes back
+    assert main(["sample", str(tiny_checkpoint), "--prompt", "AB"]) == 0
+    assert capsys.readouterr().out == "AB\n"
+    assert main(["sample", str(tiny_checkpoint), "--prompt", "AB", "--max-new-tokens", "5"]) == 0
+    assert len(capsys.readouterr().out) == len("AB") + 5 + 1
+
+
+def test_checkpoint_errors_of_commands_name_their_argument(tmp_path, capsys):
+    from lmtrain.errors import UserError
+    from lmtrain.models.lora import check_base_reference
+
+    assert main(["sample", str(tmp_path / "none.pt")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: CKPT={str(tmp_path / 'none.pt')!r}")
+    assert main(["export", str(tmp_path / "none.pt"), str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith("error: CKPT=")
+    with pytest.raises(UserError, match=r"^CKPT='x.pt' is a LoRA checkpoint without"):
+        check_base_reference(None, None, "CKPT='x.pt'")

@@ -165,7 +165,7 @@ def test_start_context_ids_are_inside_the_vocabulary() -> None:
 def test_tokenize_command_prints_gpt2_ids(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tokenize", "--method", "gpt2", "Hello world"]) == 0
     assert json.loads(capsys.readouterr().out) == [15496, 995]
-    assert main(["tokenize", "--decode", "[15496, 995]"]) == 0
+    assert main(["tokenize", "--method", "gpt2", "--decode", "[15496, 995]"]) == 0
     assert capsys.readouterr().out == "Hello world\n"
 
 

@@ -4,12 +4,14 @@ so ``lmtrain --help`` stays fast."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+from lmtrain import __version__
 from lmtrain.config import (
     FIELDS,
     check_settings,
@@ -17,6 +19,7 @@ from lmtrain.config import (
     env_typos,
     explicit_settings,
     flag_name,
+    setting_help,
 )
 from lmtrain.errors import TrainingInterrupted, UserError
 
@@ -24,22 +27,26 @@ from lmtrain.errors import TrainingInterrupted, UserError
 FLAG_ALIASES = {"checkpoint_path": ["--resume"], "training_data_source": ["--data"]}
 
 
-def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainingConfig field, documented with its env-var twin and default."""
+def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
+                      aliases: Mapping[str, list[str]] = FLAG_ALIASES) -> None:
+    """One flag per setting (every TrainingConfig field, or ``names``), documented from
+    ``FIELDS``: what it does, its env twin, its default and the presets' values.
+
+    A flag left out is absent from the parsed namespace, so the env var, the presets and the
+    default fill in; values are validated with the settings (:func:`~lmtrain.config.load_fresh`),
+    so a bad one gets the same one-line error as its env var.
+    """
     groups: dict[str, argparse._ArgumentGroup] = {}
-    for name, info in FIELDS.items():
-        default = info.default
-        shown = "bundled corpus" if name == "training_data_source" else default
-        text = f"{info.description} [env {env_name(name)}; default: {shown}]"
-        group_name = _group_of(name)
-        group = groups.setdefault(group_name, parser.add_argument_group(group_name))
-        flags = [flag_name(name), *FLAG_ALIASES.get(name, [])]
-        if info.annotation is bool:
-            group.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=text)
+    for name in FIELDS if names is None else names:
+        target = (groups.setdefault(_group_of(name), parser.add_argument_group(_group_of(name)))
+                  if names is None else parser)
+        flags = [flag_name(name), *aliases.get(name, [])]
+        if FIELDS[name].annotation is bool:
+            target.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=setting_help(name))
         else:
-            group.add_argument(*flags, dest=name, metavar=env_name(name),
-                               default=argparse.SUPPRESS, help=text)
+            target.add_argument(*flags, dest=name, metavar=env_name(name),
+                                default=argparse.SUPPRESS, help=setting_help(name))
 
 
 def _group_of(name: str) -> str:
@@ -87,19 +94,23 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train small GPT-style language models: fresh runs and resumed runs "
                     "through one entrypoint. Every setting is also an environment variable.",
     )
+    parser.add_argument("--version", action="version", version=f"lmtrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     train_p = sub.add_parser(
         "train", help="train fresh, or resume with --resume CKPT",
-        description="Train a model. Precedence: defaults < --config file < env vars < flags. "
-                    "With --resume (CHECKPOINT_PATH) the run continues from the checkpoint.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train a model. Precedence: defaults < presets < --config file < env vars "
+                    "< flags; the presets (MODEL_TYPE=gpt2, USE_LORA with gpt2, TEST_MODE) "
+                    "change the defaults shown with each flag. With --resume (CHECKPOINT_PATH) "
+                    "the run continues from the checkpoint.")
     train_p.add_argument("--config", metavar="FILE.toml", default=None,
                          help="TOML file of settings (keys as in the env vars, any case)")
-    _add_setting_flags(train_p)
+    add_setting_flags(train_p)
     train_p.set_defaults(func=cmd_train)
     for name in COMMAND_MODULES:
         importlib.import_module(f"lmtrain.commands.{name}").register(sub)
+    for command_parser in sub.choices.values():  # its own usage for a flag it does not know
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
@@ -135,7 +146,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _run_command(argv: Sequence[str] | None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:  # argparse would show the top-level usage; the command's is the helpful one
+        known = [s for a in args.command_parser._actions for s in a.option_strings]
+        close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     return run_guarded(lambda: args.func(args))
 
 

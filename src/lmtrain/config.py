@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -202,6 +203,31 @@ GPT2_TEST_MODE_PRESET: dict[str, Any] = {
     "training_steps": 6, "batch_size": 2, "block_size": 32, "eval_interval": 3, "eval_iters": 2,
     "log_interval": 2, "checkpoint_interval": 3, "warmup_steps": 1, "max_new_tokens": 10,
 }
+
+
+#: The presets as ``lmtrain train --help`` names them, in the order they apply.
+PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
+    ("MODEL_TYPE=gpt2", GPT2_PRESET), ("gpt2 + USE_LORA", GPT2_LORA_PRESET),
+    ("TEST_MODE", TEST_MODE_PRESET), ("TEST_MODE gpt2", GPT2_TEST_MODE_PRESET))
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return "unset" if value is None else str(value)
+
+
+def setting_help(name: str) -> str:
+    """A setting's help: what it does, its env twin, its default and what presets set it to."""
+    info = FIELDS[name]
+    text = info.description or ""
+    default = _shown(info.default)
+    said = re.search(r"\s*\(default: ([^)]*)\)", text)  # a default the description explains
+    if said:
+        text, default = text[:said.start()] + text[said.end():], said.group(1)
+    presets = "".join(f"; {label}: {_shown(values[name])}" for label, values in PRESETS
+                      if name in values)
+    return f"{text} [env {env_name(name)}; default: {default}{presets}]"
 
 
 def env_name(name: str) -> str:

@@ -43,7 +43,7 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     if cfg.use_lora:  # the adapter only fits the base it was trained on
         from lmtrain.models.lora import check_base_reference
 
-        check_base_reference(model, ckpt.get("lora_base"), str(path))
+        check_base_reference(model, ckpt.get("lora_base"), f"{label}={str(path)!r}")
     load_model_state(model, cfg, ckpt["model_state_dict"])
     model.to(device or torch.device("cpu")).eval()
     return LoadedModel(model, tokenizer, cfg, ckpt)

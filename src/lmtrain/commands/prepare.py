@@ -10,35 +10,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from lmtrain.config import TrainingConfig
 
-#: (flag, setting) pairs: the data and tokenizer settings, each falling back to its env var.
-DATA_OPTIONS = [
-    ("--data", "training_data_source", "text file, folder, glob or .jsonl "
-                                       "[env TRAINING_DATA_SOURCE; default: bundled corpus]"),
-    ("--method", "tokenization_method", "character | gpt2 | custom_bpe "
-                                        "[env TOKENIZATION_METHOD; default: character]"),
-    ("--custom-vocab-size", "custom_vocab_size", "vocabulary size of the learned BPE "
-                                                 "[env CUSTOM_VOCAB_SIZE; default: 1024]"),
-    ("--text-field", "text_field", "field holding the text in .jsonl sources "
-                                   "[env TEXT_FIELD; default: text]"),
-    ("--train-split", "train_split", "fraction of the text a learned BPE trains on "
-                                     "[env TRAIN_SPLIT; default: 0.9]"),
-    ("--cache-dir", "cache_dir", "token-array cache [env CACHE_DIR; default: user cache]"),
-]
+#: The data and tokenizer settings, as flags that fall back to their env vars and defaults.
+DATA_SETTINGS = ("training_data_source", "tokenization_method", "custom_vocab_size",
+                 "text_field", "train_split", "cache_dir")
+#: Short flags beside the settings' own (``--training-data-source`` is also ``--data``).
+DATA_ALIASES = {"training_data_source": ["--data"], "tokenization_method": ["--method"]}
 
 
 def add_data_options(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
-    """Add the ``DATA_OPTIONS`` flags (all, or the settings named in ``only``)."""
-    for flag, name, text in DATA_OPTIONS:
-        if not only or name in only:
-            parser.add_argument(flag, dest=name, default=None, help=text)
+    """Add the ``DATA_SETTINGS`` flags (all, or the settings named in ``only``)."""
+    from lmtrain.cli import add_setting_flags
+
+    add_setting_flags(parser, [n for n in DATA_SETTINGS if not only or n in only], DATA_ALIASES)
 
 
 def config_from(args: argparse.Namespace, **overrides: Any) -> TrainingConfig:
-    """The TrainingConfig of a fresh run with these flags (env vars fill in the rest)."""
+    """The TrainingConfig of a fresh run with these flags (env vars fill in the rest); a bad
+    value is refused like the setting's env var."""
     from lmtrain.config import explicit_settings, load_fresh
 
-    flags = {name: getattr(args, name) for _, name, _ in DATA_OPTIONS
-             if getattr(args, name, None) is not None}
+    flags = {name: getattr(args, name) for name in DATA_SETTINGS if hasattr(args, name)}
     values, sources = explicit_settings(flags={**flags, **overrides})
     return load_fresh(values, sources).config
 

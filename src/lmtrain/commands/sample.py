@@ -9,7 +9,8 @@ import sys
 OPTIONS = [  # (flag, env twin, type, help)
     ("--prompt", "PROMPT", str, "text to continue [default: the run's PROMPT; 'QUESTION: ' for "
                                 "gpt2, empty otherwise]"),
-    ("--max-new-tokens", "MAX_NEW_TOKENS", int, "tokens to generate per sample [default: 200]"),
+    ("--max-new-tokens", "MAX_NEW_TOKENS", int, "tokens to generate per sample [default: the "
+                                                "run's]"),
     ("--temperature", "TEMPERATURE", float, "sampling temperature [default: the run's, 0.8]"),
     ("--top-k", "TOP_K", int, "sample from the k most likely tokens [default: the run's, 200]"),
     ("--top-p", "TOP_P", float, "sample from the most likely tokens holding this probability "
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
                                 base=_option(args, "--base", "GPT2_MODEL_NAME", str, None))
     cfg, tok = loaded.config, loaded.tokenizer
     prompt = _option(args, "--prompt", "PROMPT", str, default_prompt(cfg))
-    max_new = _option(args, "--max-new-tokens", "MAX_NEW_TOKENS", int, 200)
+    max_new = _option(args, "--max-new-tokens", "MAX_NEW_TOKENS", int, cfg.max_new_tokens)
     temperature = _option(args, "--temperature", "TEMPERATURE", float, cfg.temperature)
     top_k = _option(args, "--top-k", "TOP_K", int, cfg.top_k)
     top_p = _option(args, "--top-p", "TOP_P", float, cfg.top_p)

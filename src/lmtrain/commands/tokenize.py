@@ -14,8 +14,8 @@ def register(sub) -> None:
         "tokenize", help="encode text to token ids, or decode ids with --decode",
         description="Encode TEXT (or stdin) and print the ids as a JSON list; with --decode, read "
                     "a JSON list of ids and print the text. The tokenizer is a run's "
-                    "(--checkpoint) or a fresh one: GPT-2's, or one learned from --data as a "
-                    "fresh training run would.")
+                    "(--checkpoint) or the one a fresh training run with these settings would "
+                    "use (--method / TOKENIZATION_METHOD: GPT-2's, or one learned from --data).")
     p.add_argument("text", metavar="TEXT", nargs="?", default=None,
                    help="text to encode, or ids to decode (default: read stdin)")
     p.add_argument("--decode", action="store_true", help="TEXT is a JSON list of ids")
@@ -36,8 +36,7 @@ def load_tokenizer(args: argparse.Namespace):
         return tokenizer_from_state(ckpt["tokenizer"])
     from lmtrain.data.prepare import tokenizer_for
 
-    method = {} if args.tokenization_method else {"tokenization_method": "gpt2"}
-    return tokenizer_for(config_from(args, **method))
+    return tokenizer_for(config_from(args))
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:
@@ -60,6 +59,12 @@ def parse_ids(text: str, vocab_size: int) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     text = sys.stdin.read() if args.text in (None, "-") else args.text
     tokenizer = load_tokenizer(args)
+    if not args.decode and hasattr(tokenizer, "check_known"):  # a character vocabulary
+        vocabulary = ("the checkpoint's vocabulary" if args.checkpoint
+                      else "the vocabulary learned from the data")
+        tokenizer.check_known(text, where="TEXT", vocabulary=vocabulary,
+                              advice="remove them, or use a tokenizer that knows them "
+                                     "(--checkpoint, --method)")
     if args.decode:
         sys.stdout.write(tokenizer.decode(parse_ids(text, tokenizer.vocab_size)) + "\n")
     else:

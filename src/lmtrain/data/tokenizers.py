@@ -122,16 +122,19 @@ class CharTokenizer:
             ids = ids[known]
         return ids.astype(token_dtype(self.vocab_size))
 
-    def check_known(self, chars: Iterable[str]) -> None:
-        """Stop with a list of the characters outside the vocabulary (unless dropping them)."""
+    def check_known(self, chars: Iterable[str], where: str = "TRAINING_DATA_SOURCE",
+                    vocabulary: str = "the checkpoint's vocabulary",
+                    advice: str = "set DROP_UNKNOWN_CHARS=1 to drop them") -> None:
+        """Stop with a list of the characters outside the vocabulary (unless dropping them);
+        the message names the text (``where``), the ``vocabulary`` and what to do."""
         unknown = sorted(set(chars) - set(self.chars))
         if not unknown or self.drop_unknown:
             return
         shown = ", ".join(repr(c) for c in unknown[:20])
         more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""
         raise UserError(
-            f"TRAINING_DATA_SOURCE holds {len(unknown)} characters outside the checkpoint's "
-            f"vocabulary: {shown}{more}; set DROP_UNKNOWN_CHARS=1 to drop them")
+            f"{where} holds {len(unknown)} characters outside {vocabulary}: {shown}{more}; "
+            f"{advice}")
 
     def decode(self, ids: Iterable[int]) -> str:
         return "".join(self.chars[i] for i in ids)

@@ -135,15 +135,16 @@ def base_reference(model: nn.Module) -> dict[str, str]:
     return dict(ref)
 
 
-def check_base_reference(model: nn.Module, saved: dict[str, str] | None, source: str) -> None:
-    """A clear error when the rebuilt base model is not the one the adapter was trained on."""
+def check_base_reference(model: nn.Module, saved: dict[str, str] | None, where: str) -> None:
+    """A clear error when the rebuilt base model is not the one the adapter was trained on;
+    ``where`` names the checkpoint in messages (``CHECKPOINT_PATH='...'``, ``CKPT='...'``)."""
     if not saved:
-        raise UserError(f"CHECKPOINT_PATH={source!r} is a LoRA checkpoint without a base model "
+        raise UserError(f"{where} is a LoRA checkpoint without a base model "
                         f"reference; it was not written by this lmtrain")
     now = base_reference(model)
     if now["fingerprint"] != saved["fingerprint"]:
         raise UserError(
-            f"CHECKPOINT_PATH={source!r}: its LoRA adapter was trained on base model "
+            f"{where}: its LoRA adapter was trained on base model "
             f"{saved['name']!r} with weights fingerprint {saved['fingerprint'][:16]}, but the base "
             f"loaded now ({now['resolved']!r}) has fingerprint {now['fingerprint'][:16]}; pass "
             f"--base (or set GPT2_MODEL_NAME) to the original base model")

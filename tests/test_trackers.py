@@ -164,3 +164,21 @@ def test_wandb_offline_run_spans_fresh_and_resumed_sessions(train_run) -> None:
     assert any(c.get("learning_rate") == 0.001 for c in configs)
     tables = sorted(runs[1].parent.glob("files/media/table/sample_*.table.json"))
     assert json.loads(tables[-1].read_text())["data"] == [[10, second.sample]]
+
+
+def test_a_branched_resume_is_a_tracker_run_of_its_own(train_run, tmp_path) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    first = train_run(training_steps=6, checkpoint_interval=3, eval_interval=3, metrics="mlflow",
+                      max_new_tokens=0)
+    branch = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000003.pt"),
+                       resume_steps=2, metrics="mlflow", max_new_tokens=0)
+    assert branch.run_name != first.run_name  # later checkpoints exist: the resume branches
+    client = MlflowClient(tracking_uri=(tmp_path / "logs" / "mlruns").resolve().as_uri())
+    runs = {r.info.run_name: r for r in client.search_runs(
+        [e.experiment_id for e in client.search_experiments()])}
+    assert set(runs) == {first.run_name, branch.run_name}
+    steps = {name: [m.step for m in client.get_metric_history(r.info.run_id, "train/train_loss")]
+             for name, r in runs.items()}
+    assert steps == {first.run_name: [1, 2, 3, 4, 5, 6], branch.run_name: [4, 5]}

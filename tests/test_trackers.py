@@ -182,3 +182,20 @@ def test_a_branched_resume_is_a_tracker_run_of_its_own(train_run, tmp_path) -> N
     steps = {name: [m.step for m in client.get_metric_history(r.info.run_id, "train/train_loss")]
              for name, r in runs.items()}
     assert steps == {first.run_name: [1, 2, 3, 4, 5, 6], branch.run_name: [4, 5]}
+
+
+def test_the_users_own_tracker_settings_win(train_run, tmp_path, monkeypatch) -> None:
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    from mlflow.tracking import MlflowClient
+
+    elsewhere = (tmp_path / "elsewhere").resolve().as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", elsewhere)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "mine")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    summary = train_run(training_steps=2, metrics="wandb,mlflow", max_new_tokens=0)
+    assert not (tmp_path / "logs" / "mlruns").exists()
+    assert not list((summary.metrics_file.parent / "wandb").glob("offline-run-*"))
+    client = MlflowClient(tracking_uri=elsewhere)
+    (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
+    assert run.info.run_name == summary.run_name

@@ -1,6 +1,9 @@
 """Time one LoRA fine-tuning step of a GPT-2-small-shaped model: lmtrain's loop vs Hugging Face
 ``Trainer`` + ``peft``, on the same random weights, batch shape, LoRA and optimizer settings.
 
+The two sides alternate step by step (the Trainer runs in a thread that waits for its turn), so
+load from other processes falls on both alike; the first ``--warmup`` steps are not timed.
+
     python benchmarks/bench_lora.py            # GPT2Config() defaults: 124M parameters
     python benchmarks/bench_lora.py --quick    # a tiny model, a few steps (smoke run)
 
@@ -11,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import tempfile
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -35,89 +40,114 @@ def random_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, n, dtype=np.int64).astype(np.uint16)
 
 
-def time_lmtrain(folder: Path, args: argparse.Namespace, tokens: np.ndarray) -> float:
-    """Seconds per step through lmtrain's build_model + build_optimizer + run_training."""
-    from lmtrain.config import TrainingConfig
-    from lmtrain.data.dataset import TokenData
-    from lmtrain.data.tokenizers import GPT2Tokenizer
-    from lmtrain.device import autocast_dtype, select_device
-    from lmtrain.models import build_model
-    from lmtrain.train.loop import run_training
-    from lmtrain.train.optim import build_optimizer
-    from lmtrain.train.state import RunContext
+class LmtrainSide:
+    """lmtrain's build_model + build_optimizer + run_training, one step at a time."""
 
-    logging.getLogger("lmtrain").setLevel(logging.WARNING)
-    total = args.warmup + args.steps
-    cfg = TrainingConfig(
-        model_type="gpt2", use_lora=True, gpt2_model_name=str(folder), tokenization_method="gpt2",
-        block_size=args.block_size, batch_size=args.batch_size, learning_rate=LR,
-        weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, dropout=DROPOUT, training_steps=total,
-        warmup_steps=args.warmup, lr_decay_steps=total, enable_checkpoints=False,
-        eval_interval=10**9, log_interval=10**9, precision=args.precision, device=args.device,
-        seed=args.seed, **LORA)
-    device = select_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, 50257).to(device)
-    with tempfile.TemporaryDirectory() as tmp:
-        ctx = RunContext(
+    def __init__(self, folder: Path, args: argparse.Namespace, tokens: np.ndarray,
+                 tmp: Path) -> None:
+        from lmtrain.config import TrainingConfig
+        from lmtrain.data.dataset import TokenData
+        from lmtrain.data.tokenizers import GPT2Tokenizer
+        from lmtrain.device import autocast_dtype, select_device
+        from lmtrain.models import build_model
+        from lmtrain.train.optim import build_optimizer
+        from lmtrain.train.state import RunContext
+
+        logging.getLogger("lmtrain").setLevel(logging.WARNING)
+        total = args.warmup + args.steps
+        cfg = TrainingConfig(
+            model_type="gpt2", use_lora=True, gpt2_model_name=str(folder),
+            tokenization_method="gpt2", block_size=args.block_size, batch_size=args.batch_size,
+            learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, dropout=DROPOUT,
+            training_steps=total, warmup_steps=args.warmup, lr_decay_steps=total,
+            enable_checkpoints=False, eval_interval=10**9, log_interval=10**9,
+            precision=args.precision, device=args.device, seed=args.seed, **LORA)
+        device = select_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg, 50257).to(device)
+        self.ctx = RunContext(
             config=cfg, model=model, optimizer=build_optimizer(model, cfg, device),
             tokenizer=GPT2Tokenizer(), data=TokenData.split(tokens, 0.9, cfg.block_size),
             device=device, sampler=torch.Generator().manual_seed(cfg.seed), run_name="bench",
-            checkpoint_dir=Path(tmp), log_dir=Path(tmp),
-            autocast_dtype=autocast_dtype(cfg.precision, device))
-        run_training(ctx, 0, args.warmup)
-        _sync(device)
+            checkpoint_dir=tmp, log_dir=tmp, autocast_dtype=autocast_dtype(cfg.precision, device))
+        self.step = 0
+
+    def run_step(self) -> float:
+        from lmtrain.train.loop import run_training
+
+        _sync(self.ctx.device)
         t0 = time.perf_counter()
-        run_training(ctx, args.warmup, args.steps)
-        _sync(device)
-        return (time.perf_counter() - t0) / args.steps
+        run_training(self.ctx, self.step, 1)
+        _sync(self.ctx.device)
+        self.step += 1
+        return time.perf_counter() - t0
 
 
-def time_hf_trainer(folder: Path, args: argparse.Namespace, tokens: np.ndarray) -> float:
-    """Seconds per step of the same LoRA fine-tuning through transformers.Trainer + peft."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
-    from transformers.trainer_callback import PrinterCallback
+class TrainerSide:
+    """transformers.Trainer + peft running in a thread of its own, one step per go-ahead."""
 
-    block, n = args.block_size, args.warmup + args.steps
-    windows = torch.from_numpy(tokens.astype(np.int64))
-    starts = torch.randint(len(windows) - block, (n * args.batch_size,),
-                           generator=torch.Generator().manual_seed(args.seed))
-    data = [{"input_ids": windows[s:s + block], "labels": windows[s:s + block]} for s in starts]
-    torch.manual_seed(args.seed)
-    model = GPT2LMHeadModel.from_pretrained(
-        folder, attn_implementation="sdpa", dtype=torch.float32, use_cache=False,
-        resid_pdrop=DROPOUT, embd_pdrop=DROPOUT, attn_pdrop=DROPOUT)
-    model = get_peft_model(model, LoraConfig(
-        r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
-        target_modules=LORA["lora_targets"].split(","), fan_in_fan_out=True,
-        task_type="CAUSAL_LM"))
-    marks: dict[str, float] = {}
+    def __init__(self, folder: Path, args: argparse.Namespace, tokens: np.ndarray,
+                 tmp: Path) -> None:
+        from peft import LoraConfig, get_peft_model
+        from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+        from transformers.trainer_callback import PrinterCallback
 
-    class StepTimer(TrainerCallback):
-        def on_step_begin(self, targs, state, control, **kw):
-            if state.global_step == args.warmup:
+        block, n = args.block_size, args.warmup + args.steps
+        windows = torch.from_numpy(tokens.astype(np.int64))
+        starts = torch.randint(len(windows) - block, (n * args.batch_size,),
+                               generator=torch.Generator().manual_seed(args.seed))
+        data = [{"input_ids": windows[s:s + block], "labels": windows[s:s + block]}
+                for s in starts]
+        torch.manual_seed(args.seed)
+        model = GPT2LMHeadModel.from_pretrained(
+            folder, attn_implementation="sdpa", dtype=torch.float32, use_cache=False,
+            resid_pdrop=DROPOUT, embd_pdrop=DROPOUT, attn_pdrop=DROPOUT)
+        model = get_peft_model(model, LoraConfig(
+            r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+            target_modules=LORA["lora_targets"].split(","), fan_in_fan_out=True,
+            task_type="CAUSAL_LM"))
+        self.go, self.done = threading.Semaphore(0), threading.Semaphore(0)
+        self.seconds: list[float] = []
+        self.error: BaseException | None = None
+        side = self
+
+        class Gate(TrainerCallback):  # each step waits for the go-ahead and reports its time
+            def on_step_begin(self, targs, state, control, **kw):
+                side.go.acquire()
                 _sync(model.device)
-                marks["start"] = time.perf_counter()
+                side.t0 = time.perf_counter()
 
-        def on_step_end(self, targs, state, control, **kw):
-            if state.global_step == n:
+            def on_step_end(self, targs, state, control, **kw):
                 _sync(model.device)
-                marks["end"] = time.perf_counter()
+                side.seconds.append(time.perf_counter() - side.t0)
+                side.done.release()
 
-    with tempfile.TemporaryDirectory() as tmp:
         targs = TrainingArguments(
-            output_dir=tmp, per_device_train_batch_size=args.batch_size, max_steps=n,
+            output_dir=str(tmp), per_device_train_batch_size=args.batch_size, max_steps=n,
             learning_rate=LR, weight_decay=WEIGHT_DECAY, adam_beta1=BETAS[0],
             adam_beta2=BETAS[1], max_grad_norm=GRAD_CLIP, lr_scheduler_type="cosine",
             warmup_steps=args.warmup, logging_strategy="no", save_strategy="no",
             report_to=[], disable_tqdm=True, seed=args.seed, dataloader_num_workers=0,
             use_cpu=args.device == "cpu" or not torch.cuda.is_available(),
             bf16=args.precision == "bf16")
-        trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[StepTimer()])
-        trainer.remove_callback(PrinterCallback)  # keep the output to the table row
-        trainer.train()
-    return (marks["end"] - marks["start"]) / args.steps
+        self.trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[Gate()])
+        self.trainer.remove_callback(PrinterCallback)  # keep the output to the table
+        self.thread = threading.Thread(target=self._train, daemon=True)
+        self.thread.start()
+
+    def _train(self) -> None:
+        try:
+            self.trainer.train()
+        except BaseException as exc:  # reported by run_step
+            self.error = exc
+            self.done.release()
+
+    def run_step(self) -> float:
+        self.go.release()
+        self.done.acquire()
+        if self.error is not None:
+            raise RuntimeError("transformers.Trainer failed") from self.error
+        return self.seconds[-1]
 
 
 def _sync(device) -> None:
@@ -148,19 +178,34 @@ def main() -> None:
     warnings.simplefilter("ignore", FutureWarning)
     hf_logging.disable_progress_bar()
     tokens = random_tokens(200_000, 50257, args.seed)
+    ours, theirs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "gpt2"
         save_random_gpt2(folder, args.quick, args.seed)
-        ours = time_lmtrain(folder, args, tokens)
-        theirs = time_hf_trainer(folder, args, tokens)
+        lmtrain = LmtrainSide(folder, args, tokens, Path(tmp))
+        trainer = TrainerSide(folder, args, tokens, Path(tmp))
+        for i in range(args.warmup + args.steps):  # alternate, and alternate who goes first
+            pair = (lmtrain.run_step(), trainer.run_step()) if i % 2 == 0 else (
+                tuple(reversed((trainer.run_step(), lmtrain.run_step()))))
+            if i >= args.warmup:
+                ours.append(pair[0])
+                theirs.append(pair[1])
+        trainer.thread.join()
     shape = "tiny (2x64)" if args.quick else "GPT-2 small (124M)"
-    print("| model | batch x block | precision | device | lmtrain ms/step "
-          "| HF Trainer ms/step | ratio |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    threads = torch.get_num_threads() if args.device == "cpu" else "-"
+    print("| model | batch x block | precision | device (threads) | lmtrain ms/step "
+          "| HF Trainer ms/step | ratio (means) | ratio (medians) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     print(f"| {shape} LoRA r={LORA['lora_r']} | {args.batch_size} x {args.block_size} "
-          f"| {args.precision} | {args.device} | {ours * 1e3:.1f} | {theirs * 1e3:.1f} "
-          f"| {ours / theirs:.2f} |")
+          f"| {args.precision} | {args.device} ({threads}) | {_ms(ours)} | {_ms(theirs)} "
+          f"| {statistics.mean(ours) / statistics.mean(theirs):.2f} "
+          f"| {statistics.median(ours) / statistics.median(theirs):.2f} |")
 
+
+def _ms(seconds: list[float]) -> str:
+    """Mean ± standard deviation in milliseconds."""
+    spread = statistics.stdev(seconds) if len(seconds) > 1 else 0.0
+    return f"{statistics.mean(seconds) * 1e3:.0f} ± {spread * 1e3:.0f}"
 
 if __name__ == "__main__":
     main()

@@ -10,12 +10,17 @@ from torch import nn
 
 from lmtrain.data.dataset import TokenData
 from lmtrain.models import model_logits
+from lmtrain.train.lm_loss import chunked_lm_loss
 
 EVAL_SEED_OFFSET = 10_007
 
 
 def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets that are not -100 (0 if there are none)."""
+    """Mean next-token cross-entropy over the targets that are not -100 (0 if there are none);
+    GPT-2 in row chunks without materialising the logits (:mod:`lmtrain.train.lm_loss`)."""
+    loss = chunked_lm_loss(model, x, y)
+    if loss is not None:
+        return loss
     logits = model_logits(model, x)
     targets = y.reshape(-1)
     total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets,

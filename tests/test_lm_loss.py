@@ -1,0 +1,96 @@
+"""The chunked output-layer loss equals cross-entropy of the full logits, values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lmtrain.train.lm_loss import _cast_weight, chunked_lm_loss, linear_cross_entropy
+
+
+def _reference(h, w, y):
+    logits = F.linear(h, w).float()
+    total = F.cross_entropy(logits, y, reduction="sum")
+    return total / (y != -100).sum().clamp(min=1)
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_values_and_gradients_match_the_full_logits(bf16, train_head) -> None:
+    torch.manual_seed(0)
+    h = torch.randn(150, 16, requires_grad=True)
+    w = (torch.randn(300, 16) * 0.3).requires_grad_(train_head)
+    y = torch.randint(300, (150,))
+    y[::7] = -100
+    results = []
+    for fn in (_reference, lambda *a: linear_cross_entropy(*a, chunk=64)):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fn(h, w, y)
+        loss.backward()
+        results.append((loss.detach(), h.grad, w.grad))
+        h.grad = w.grad = None
+    (ref, ref_gh, ref_gw), (out, gh, gw) = results
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(gh, ref_gh, rtol=1e-5, atol=1e-7)
+    if train_head:
+        torch.testing.assert_close(gw, ref_gw, rtol=2e-2 if bf16 else 1e-5, atol=1e-4)
+    else:
+        assert gw is None
+
+
+def test_no_targets_gives_zero_and_no_gradient() -> None:
+    h = torch.randn(8, 4, requires_grad=True)
+    loss = linear_cross_entropy(h, torch.randn(10, 4), torch.full((8,), -100))
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.abs().sum().item() == 0.0
+
+
+def test_without_grad_mode_only_the_loss_is_computed() -> None:
+    h, w, y = torch.randn(8, 4), torch.randn(10, 4, requires_grad=True), torch.randint(10, (8,))
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, y)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, _reference(h, w, y).detach())
+
+
+def test_a_frozen_weight_is_cast_once_and_again_after_it_changes() -> None:
+    w = torch.randn(10, 4)
+    first = _cast_weight(w, torch.bfloat16)
+    assert _cast_weight(w, torch.bfloat16) is first
+    w.mul_(2)  # an in-place change (load_state_dict, merging) invalidates the copy
+    again = _cast_weight(w, torch.bfloat16)
+    assert again is not first and torch.equal(again, w.to(torch.bfloat16))
+    trained = torch.randn(10, 4, requires_grad=True)
+    assert _cast_weight(trained, torch.bfloat16) is not _cast_weight(trained, torch.bfloat16)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_gpt2_loss_and_gradients_equal_the_logits_path(tiny_gpt2_dir, lora) -> None:
+    from lmtrain.config import TrainingConfig
+    from lmtrain.models import build_model, model_logits
+
+    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=16,
+                         tokenization_method="gpt2", use_lora=lora, dropout=0.0,
+                         lora_dropout=0.0)
+    model = build_model(cfg, 50257)
+    x, y = torch.randint(50257, (2, 16)), torch.randint(50257, (2, 16))
+    params = [p for p in model.parameters() if p.requires_grad]
+    fast = chunked_lm_loss(model, x, y)
+    fast_grads = torch.autograd.grad(fast, params)
+    logits = model_logits(model, x)
+    slow = F.cross_entropy(logits.reshape(-1, logits.size(-1)), y.reshape(-1))
+    slow_grads = torch.autograd.grad(slow, params)
+    torch.testing.assert_close(fast, slow)
+    for a, b in zip(fast_grads, slow_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_other_models_keep_the_logits_path() -> None:
+    from lmtrain.models.gpt import GPTConfig, build_from_scratch
+
+    model = build_from_scratch(GPTConfig(vocab_size=20, block_size=8, n_layer=1, n_head=1,
+                                         n_embd=8))
+    assert chunked_lm_loss(model, torch.zeros(1, 8, dtype=torch.long),
+                           torch.zeros(1, 8, dtype=torch.long)) is None

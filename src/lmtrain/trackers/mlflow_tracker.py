@@ -18,11 +18,13 @@ def tracking_uri(log_dir: Path) -> str:
     """``MLFLOW_TRACKING_URI``, else the file store ``LOG_DIR/mlruns`` shared by all runs.
 
     MLflow 3 keeps its file store in maintenance mode behind ``MLFLOW_ALLOW_FILE_STORE``;
-    choosing it here opts in, unless the user set that variable themselves.
+    choosing it here opts in, and, the store being local, keeps MLflow's usage telemetry off
+    (``MLFLOW_DISABLE_TELEMETRY``), unless the user set those variables themselves.
     """
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return os.environ["MLFLOW_TRACKING_URI"]
     os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     return (log_dir.resolve() / "mlruns").as_uri()
 
 

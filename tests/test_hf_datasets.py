@@ -161,3 +161,17 @@ def test_save_to_disk_folders(tmp_path: Path) -> None:
     dd["train"].save_to_disk(str(tmp_path / "one"))
     assert "".join(ArrowStream("one", resolve_dataset(str(tmp_path / "one")).train)) == \
         "\n\n".join(TRAIN_DOCS)
+
+
+def test_a_missing_package_is_one_line_naming_the_extra(tmp_path: Path, monkeypatch) -> None:
+    import sys
+
+    path = write_parquet(tmp_path / "d.parquet", TRAIN_DOCS)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
+    with pytest.raises(UserError, match=r"needs the datasets extra: pip install "
+                                        r"'lmtrain\[datasets\]'"):
+        prepare_tokens(config("hf:someone/tiny", tmp_path))
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(UserError, match=r"Parquet/Arrow data sources need the datasets extra"):
+        prepare_tokens(config(path, tmp_path))

@@ -53,11 +53,11 @@ def test_resume_flags_mirror_the_env_contract():
 
 def test_metrics_resume_marker_plot_and_sample(train_run, capsys):
     first = train_run(training_steps=6, checkpoint_interval=3, eval_interval=3)
-    second = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000003.pt"),
-                       resume_steps=4)
+    second = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000006.pt"),
+                       resume_steps=1)  # the newest: the same run goes on, metrics appended
     records = read_metrics(second.metrics_file)
     kinds = [(r["kind"], r["step"]) for r in records if r["kind"] in ("start", "resume")]
-    assert kinds == [("start", 0), ("resume", 3)]
+    assert kinds == [("start", 0), ("resume", 6)]
     train_rec = next(r for r in records if r["kind"] == "train")
     for key in ("step", "train_loss", "lr", "tokens_per_s", "grad_norm", "elapsed"):
         assert key in train_rec
@@ -68,7 +68,7 @@ def test_metrics_resume_marker_plot_and_sample(train_run, capsys):
     assert main(["plot", str(second.metrics_file.parent), "-o", str(out_png), "--log-scale"]) == 0
     assert out_png.read_bytes()[:4] == b"\x89PNG"
 
-    ckpt = str(second.checkpoint_dir / "step_0000007.pt")
+    ckpt = str(second.checkpoint_dir / "step_0000007.pt")  # 6 + 1
     capsys.readouterr()
     args = ["sample", ckpt, "--prompt", "KING:", "--max-new-tokens", "12", "--seed", "3"]
     assert main([*args, "--num-samples", "2"]) == 0

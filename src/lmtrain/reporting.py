@@ -99,12 +99,13 @@ def setup_logging(log_file: Path | None, quiet: bool = False) -> None:
 
 
 def close_logging() -> None:
-    """Flush and close the log file (a failure to do so is already a warning)."""
+    """Flush and remove the session's handlers: the log file is closed (a failure to do so is
+    already a warning) and no console handler outlives the session's stdout."""
     for handler in list(log.handlers):
         with contextlib.suppress(OSError, ValueError):
             handler.flush()
+        log.removeHandler(handler)
         if isinstance(handler, logging.FileHandler):
-            log.removeHandler(handler)
             with contextlib.suppress(OSError, ValueError):
                 handler.close()
 

@@ -156,7 +156,8 @@ def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest)
                 close_logging()
         finally:
             lock.release()
-            _remove_unused(created)
+            if dist_info.is_main:
+                _remove_unused(created)
     finally:
         cleanup()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -63,13 +64,27 @@ def train_run(corpus: Path, run_dirs: dict[str, str]):
     return run
 
 
+def tiny_env(**overrides: Any) -> dict[str, str]:
+    """``TINY`` (with ``overrides``) as the environment variables of ``python training.py``."""
+    values = {**TINY, **overrides}
+    return {k.upper(): str(int(v)) if isinstance(v, bool) else str(v) for k, v in values.items()}
+
+
+#: What a child process keeps of this one's environment: no stray settings, and the test's own
+#: XDG_CACHE_HOME (see ``_private_user_cache``), so no child writes to the user's cache.
+CHILD_BASICS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE",
+                "OPENBLAS_L2_SIZE", "PYTHONPATH", "XDG_CACHE_HOME")
+
+
+def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for a child process: the basics of this one, then ``env``."""
+    return {**{k: v for k, v in os.environ.items() if k in CHILD_BASICS}, **(env or {})}
+
+
 def run_entrypoint(args: list[str], env: dict[str, str], cwd: Path,
                    timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``python <args>`` with only ``env`` (plus PATH-like basics) set."""
-    base = {k: v for k, v in os.environ.items()
-            if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE",
-                     "OPENBLAS_L2_SIZE", "PYTHONPATH", "XDG_CACHE_HOME")}
-    return subprocess.run([sys.executable, *args], env={**base, **env}, cwd=cwd,
+    """Run ``python <args>`` with only ``env`` (plus :func:`child_env`'s basics) set."""
+    return subprocess.run([sys.executable, *args], env=child_env(env), cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from lmtrain.cli import build_parser, main
 from lmtrain.reporting import read_metrics
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, child_env, run_entrypoint
 
 SUBCOMMANDS = ["train", "sample", "export", "inspect", "prepare", "tokenize", "plot"]
 
@@ -109,7 +109,7 @@ def _run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     proc = subprocess.Popen([sys.executable, *args], cwd=ROOT, stdin=slave, stdout=slave,
-                            stderr=slave, env={**os.environ, **env}, close_fds=True)
+                            stderr=slave, env=child_env(env), close_fds=True)
     os.close(slave)
     chunks = []
     while True:

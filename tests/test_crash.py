@@ -21,20 +21,16 @@ from lmtrain.checkpoint import (
     remove_stale_temp_files,
 )
 from lmtrain.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import ROOT, child_env, tiny_env
 
-CRASH_ENV = {
-    "N_LAYER": "1", "N_HEAD": "2", "N_EMBD": "16", "BLOCK_SIZE": "16", "BATCH_SIZE": "2",
-    "EVAL_ITERS": "1", "EVAL_INTERVAL": "1000000", "MAX_NEW_TOKENS": "0", "PRECISION": "fp32",
-    "DEVICE": "cpu", "TRAINING_STEPS": "1000000", "CHECKPOINT_INTERVAL": "1",
-    "LOG_INTERVAL": "1000", "WARMUP_STEPS": "1", "KEEP_LAST_CHECKPOINTS": "3",
-    "CHECKPOINT_PATH": "auto", "RUN_NAME": "crash",
-}
+CRASH_ENV = tiny_env(batch_size=2, eval_iters=1, eval_interval=1_000_000, max_new_tokens=0,
+                     training_steps=1_000_000, checkpoint_interval=1, log_interval=1000,
+                     warmup_steps=1, keep_last_checkpoints=3, checkpoint_path="auto",
+                     run_name="crash")
 
 
 def start_training(env: dict[str, str]) -> subprocess.Popen:
-    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
-    return subprocess.Popen([sys.executable, "training.py"], env={**base, **env}, cwd=ROOT,
+    return subprocess.Popen([sys.executable, "training.py"], env=child_env(env), cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 

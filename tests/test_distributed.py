@@ -3,7 +3,6 @@ sampler, resumes bit for bit, and a resume with another world size falls back cl
 
 from __future__ import annotations
 
-import os
 import re
 import socket
 import subprocess
@@ -15,7 +14,7 @@ import torch
 
 from lmtrain.distributed import DistInfo, env_info
 from lmtrain.errors import UserError
-from tests.conftest import ROOT, TINY
+from tests.conftest import ROOT, TINY, child_env
 
 #: Output that marks a launch killed by a transient gloo / rendezvous failure, not by lmtrain.
 TRANSIENT = re.compile(r"gloo|connection (reset|refused|closed)|broken pipe|rendezvous|"
@@ -32,13 +31,11 @@ def torchrun(env: dict[str, str], cwd: Path, nproc: int = 2,
              timeout: float = 240) -> subprocess.CompletedProcess[str]:
     """``torchrun --nproc_per_node=nproc training.py`` on a free port; one retry when the
     launch died of a transient gloo / connection failure."""
-    base = {k: v for k, v in os.environ.items()
-            if k in ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "XDG_CACHE_HOME")}
     for attempt in range(2):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1",
                f"--nproc_per_node={nproc}", "--rdzv-backend=c10d",
                f"--rdzv-endpoint=localhost:{_free_port()}", str(ROOT / "training.py")]
-        proc = subprocess.run(cmd, env={**base, "OMP_NUM_THREADS": "1", **env}, cwd=cwd,
+        proc = subprocess.run(cmd, env=child_env({"OMP_NUM_THREADS": "1", **env}), cwd=cwd,
                               capture_output=True, text=True, timeout=timeout)
         output = proc.stdout + proc.stderr
         proc.attempts = attempt + 1  # each launch writes its own log file

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from lmtrain.checkpoint import list_checkpoints
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, run_entrypoint, tiny_env
 
-TINY_ENV = {"N_LAYER": "1", "N_HEAD": "2", "N_EMBD": "16", "BLOCK_SIZE": "16", "BATCH_SIZE": "2",
-            "EVAL_ITERS": "1", "MAX_NEW_TOKENS": "5", "PRECISION": "fp32", "DEVICE": "cpu"}
+TINY_ENV = tiny_env(batch_size=2, eval_iters=1)
 
 
 @pytest.fixture

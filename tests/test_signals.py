@@ -17,23 +17,16 @@ from lmtrain.cli import run_guarded
 from lmtrain.errors import TrainingInterrupted
 from lmtrain.reporting import read_metrics
 from lmtrain.signals import interruption_report, resume_commands
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, child_env, run_entrypoint, tiny_env
 
-SIG_ENV = {
-    "N_LAYER": "1", "N_HEAD": "2", "N_EMBD": "16", "BLOCK_SIZE": "16", "BATCH_SIZE": "2",
-    "EVAL_ITERS": "1", "EVAL_INTERVAL": "1000000", "MAX_NEW_TOKENS": "0", "PRECISION": "fp32",
-    "DEVICE": "cpu", "TRAINING_STEPS": "1000000", "CHECKPOINT_INTERVAL": "1000000",
-    "LOG_INTERVAL": "1", "WARMUP_STEPS": "1", "RUN_NAME": "sig",
-}
-
-
-def base_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG", "TMPDIR")}
+SIG_ENV = tiny_env(batch_size=2, eval_iters=1, eval_interval=1_000_000, max_new_tokens=0,
+                   training_steps=1_000_000, checkpoint_interval=1_000_000, warmup_steps=1,
+                   run_name="sig")
 
 
 def train_until_running(env: dict[str, str], metrics: Path) -> subprocess.Popen:
     """Start ``python training.py`` and return once it has logged a training step."""
-    proc = subprocess.Popen([sys.executable, "training.py"], env={**base_env(), **env},
+    proc = subprocess.Popen([sys.executable, "training.py"], env=child_env(env),
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 90
     while not (metrics.exists() and any(r.get("kind") == "train"

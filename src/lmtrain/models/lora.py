@@ -68,7 +68,7 @@ def find_base(saved: dict[str, str], override: str | None) -> str:
     """
     if override:
         return override
-    from lmtrain.models.gpt2 import snapshot_folder
+    from lmtrain.models.gpt2 import locate, snapshot_folder
 
     resolved, revision = saved.get("resolved") or "", saved.get("revision") or ""
     candidates = [resolved if Path(resolved).is_absolute() else None,
@@ -77,8 +77,8 @@ def find_base(saved: dict[str, str], override: str | None) -> str:
         if folder and Path(folder).is_dir():
             return folder
     name = saved.get("name") or ""
-    if Path(name).expanduser().is_dir() or (revision and not Path(name).is_absolute()):
-        return name  # a folder here, or the hub id at whatever revision the cache has
+    if Path(name).expanduser().is_dir() or locate(name)["revision"]:
+        return name  # a folder here, or a hub id at whatever revision the cache holds
     raise UserError(
         f"the LoRA adapter's base model {name!r} (resolved {resolved or name!r}) is not found "
         f"from {os.getcwd()!r}; pass --base (or set GPT2_MODEL_NAME) to the folder or hub id "

@@ -84,8 +84,8 @@ class _Recorder(Tracker):
     def log_text(self, key, text, step):
         self.calls.append(("text", key, text, step))
 
-    def close(self):
-        self.calls.append(("close",))
+    def close(self, status="finished"):
+        self.calls.append(("close", status))
 
 
 def test_metrics_writer_dispatches_numbers_and_survives_a_failing_tracker(tmp_path, caplog):
@@ -98,8 +98,8 @@ def test_metrics_writer_dispatches_numbers_and_survives_a_failing_tracker(tmp_pa
     writer.close()
     assert good.calls == [("scalars", 5, {"train/train_loss": 2.5, "train/lr": 1e-3}),
                           ("scalars", 5, {"eval/train_loss": 2.4, "eval/val_loss": 2.6}),
-                          ("text", "sample", "To be", 5), ("close",)]
-    assert bad.calls == [("close",)]  # dropped after its first failure, closed once
+                          ("text", "sample", "To be", 5), ("close", "finished")]
+    assert bad.calls == [("close", "failed")]  # dropped after its first failure, closed once
     assert caplog.text.count("service unavailable") == 1
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert [r["kind"] for r in records] == ["start", "train", "eval", "text"]
@@ -201,3 +201,31 @@ def test_the_users_own_tracker_settings_win(train_run, tmp_path, monkeypatch) ->
     client = MlflowClient(tracking_uri=elsewhere)
     (run,) = client.search_runs([client.get_experiment_by_name("mine").experiment_id])
     assert run.info.run_name == summary.run_name
+
+
+def test_trackers_end_a_stopped_or_failed_run_as_such(tmp_path, train_run, monkeypatch) -> None:
+    from lmtrain.errors import TrainingInterrupted
+
+    recorder = _Recorder()
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", [recorder])
+    with pytest.raises(TrainingInterrupted):
+        try:
+            raise TrainingInterrupted(2)
+        finally:
+            writer.close()
+    assert recorder.calls == [("close", "stopped")]
+
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    import lmtrain.train.session as session
+
+    def broken_sample(ctx):
+        raise UserError("PROMPT: cannot sample")
+
+    monkeypatch.setattr(session, "_sample", broken_sample)
+    with pytest.raises(UserError):
+        train_run(training_steps=2, metrics="mlflow")
+    client = MlflowClient(tracking_uri=(tmp_path / "logs" / "mlruns").resolve().as_uri())
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED"

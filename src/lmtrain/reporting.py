@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.config import INVOCATION_FIELDS, TrainingConfig
+from lmtrain.errors import TrainingInterrupted
 from lmtrain.trackers import Tracker, open_trackers, tracker_names
 
 log = logging.getLogger("lmtrain")
@@ -162,14 +163,24 @@ class MetricsWriter:
                             tracker.name, exc)
                 self.trackers.remove(tracker)
                 with contextlib.suppress(Exception):
-                    tracker.close()
+                    tracker.close("failed")
 
     def close(self) -> None:
+        """Close the file and end each tracker's part of the run; called while an exception
+        propagates (a ``finally``), the trackers record the run as stopped or failed."""
         if self._fh is not None:
             with contextlib.suppress(OSError):
                 self._fh.close()
-        self._each_tracker(lambda t: t.close())
+        status = run_status(sys.exc_info()[1])
+        self._each_tracker(lambda t: t.close(status))
         self.trackers = []
+
+
+def run_status(exc: BaseException | None) -> str:
+    """``finished``, ``stopped`` (a signal: the run will resume) or ``failed``."""
+    if exc is None:
+        return "finished"
+    return "stopped" if isinstance(exc, TrainingInterrupted | KeyboardInterrupt) else "failed"
 
 
 def open_metrics(path: Path, config: TrainingConfig, run_name: str,

@@ -68,8 +68,9 @@ class Tracker:
     def log_text(self, key: str, text: str, step: int) -> None:
         """A piece of text (the final sample) at ``step``."""
 
-    def close(self) -> None:
-        """Flush and end this process's part of the run."""
+    def close(self, status: str = "finished") -> None:
+        """Flush and end this process's part of the run: ``finished``, ``stopped`` (by a
+        signal; a resume continues it) or ``failed``."""
 
 
 def open_trackers(names: list[str], folder: Path, run_name: str, run_ids: dict[str, str],
@@ -97,7 +98,7 @@ def open_trackers(names: list[str], folder: Path, run_name: str, run_ids: dict[s
                 run_ids[name] = tracker.run_id
     except BaseException:
         for tracker in trackers:
-            tracker.close()
+            tracker.close("failed")
         raise
     return trackers
 

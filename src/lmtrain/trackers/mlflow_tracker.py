@@ -11,6 +11,7 @@ from typing import Any
 from lmtrain.trackers import Tracker, flat_params
 
 DEFAULT_EXPERIMENT = "lmtrain"
+STATUS = {"finished": "FINISHED", "stopped": "KILLED", "failed": "FAILED"}
 BATCH = 1000  # MLflow accepts at most 1000 metrics and 100 params per log_batch
 
 
@@ -67,8 +68,8 @@ class MlflowTracker(Tracker):
     def log_text(self, key: str, text: str, step: int) -> None:
         self.client.log_text(self.run_id, text, f"{key}-step-{step:07d}.txt")
 
-    def close(self) -> None:
-        self.client.set_terminated(self.run_id)
+    def close(self, status: str = "finished") -> None:
+        self.client.set_terminated(self.run_id, status=STATUS[status])
 
 
 def open_tracker(folder: Path, run_name: str, run_id: str | None) -> Tracker:

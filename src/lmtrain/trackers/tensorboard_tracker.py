@@ -35,7 +35,7 @@ class TensorBoardTracker(Tracker):
     def log_text(self, key: str, text: str, step: int) -> None:
         self.writer.add_text(key, text, step)
 
-    def close(self) -> None:
+    def close(self, status: str = "finished") -> None:
         self.writer.close()
 
 

@@ -44,8 +44,8 @@ class WandbTracker(Tracker):
         self.run.log({"step": step, key: wandb.Table(columns=["step", "text"],
                                                       data=[[step, text]])})
 
-    def close(self) -> None:
-        self.run.finish()
+    def close(self, status: str = "finished") -> None:
+        self.run.finish(exit_code=0 if status == "finished" else 1)
 
 
 def open_tracker(folder: Path, run_name: str, run_id: str | None) -> Tracker:

@@ -145,6 +145,8 @@ def test_hf_source_reads_the_local_cache_offline(tmp_path: Path, hub_cache: Path
     tok, data = load_token_data(config("hf:someone/tiny", tmp_path))
     assert tok.decode(data.train.tolist()) == "\n\n".join(TRAIN_DOCS)
     assert tok.decode(data.val.tolist()) == "\n\n".join(VAL_DOCS)
+    only_val = resolve_dataset("hf:someone/tiny@validation")  # trains on it: TRAIN_SPLIT cut
+    assert len(only_val.train) == 1 and only_val.validation == []
     with pytest.raises(UserError, match=r"no split 'test'; it has train, validation"):
         prepare_tokens(config("hf:someone/tiny@test", tmp_path))
     with pytest.raises(UserError, match=r"not found in the local datasets cache.*ALLOW_DOWNLOAD=1"):

@@ -177,3 +177,17 @@ def test_a_missing_package_is_one_line_naming_the_extra(tmp_path: Path, monkeypa
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r"Parquet/Arrow data sources need the datasets extra"):
         prepare_tokens(config(path, tmp_path))
+
+
+def test_prepare_command_reports_the_validation_split(tmp_path: Path, capsys) -> None:
+    import json
+
+    from lmtrain.cli import main
+
+    folder = tmp_path / "ds"
+    write_parquet(folder / "train.parquet", TRAIN_DOCS)
+    write_parquet(folder / "validation.parquet", VAL_DOCS)
+    assert main(["prepare", "--data", str(folder), "--cache-dir", str(tmp_path / "c")]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["validation"]["n_tokens"] == len("\n\n".join(VAL_DOCS))  # characters
+    assert summary["n_tokens"] == len("\n\n".join(TRAIN_DOCS))

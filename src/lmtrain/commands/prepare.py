@@ -48,15 +48,17 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmtrain.data.prepare import prepare_tokens
+    from lmtrain.data.prepare import prepare_splits
 
     config = config_from(args)
     started = time.perf_counter()
-    tokenizer, tokens = prepare_tokens(config, progress=args.progress)
+    tokenizer, tokens, val = prepare_splits(config, progress=args.progress)
     seconds = time.perf_counter() - started
     print(json.dumps({
         "path": str(tokens.path), "cached": tokens.cached, "n_tokens": tokens.meta["n_tokens"],
         "dtype": tokens.meta["dtype"], "tokenizer": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size, "source_bytes": tokens.meta["source_bytes"],
+        "validation": ({"path": str(val.path), "n_tokens": val.meta["n_tokens"]}
+                       if val is not None else None),  # a dataset's own validation split
         "seconds": round(seconds, 3)}))
     return 0

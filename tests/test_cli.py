@@ -86,6 +86,7 @@ def test_plot_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
 
 
 def test_tensorboard_metrics(train_run):
+    pytest.importorskip("tensorboard")
     summary = train_run(training_steps=3, metrics="tensorboard")
     assert list(summary.metrics_file.parent.glob("events.out.tfevents.*"))
 

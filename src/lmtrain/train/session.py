@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lmtrain.advice import run_warnings
+from lmtrain.advice import run_warnings, steps_to_run
 from lmtrain.checkpoint import checkpoint_filename, ensure_writable_dir, remove_stale_temp_files
 from lmtrain.checkpoint_schema import restore
 from lmtrain.config import FIELDS
@@ -105,13 +105,6 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     if cfg.compile:
         ctx.model = torch.compile(ctx.model)
     return ctx
-
-
-def steps_to_run(cfg, start: int, resumed: bool) -> int:
-    """``RESUME_STEPS`` more steps when given on resume, else up to ``TRAINING_STEPS``."""
-    if resumed and cfg.resume_steps is not None:
-        return cfg.resume_steps
-    return max(cfg.training_steps - start, 0)
 
 
 def train(values: dict[str, Any], sources: dict[str, str]) -> RunSummary:

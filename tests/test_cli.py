@@ -262,3 +262,14 @@ def test_checkpoint_errors_of_commands_name_their_argument(tmp_path, capsys):
     assert capsys.readouterr().err.startswith("error: CKPT=")
     with pytest.raises(UserError, match=r"^CKPT='x.pt' is a LoRA checkpoint without"):
         check_base_reference(None, None, "CKPT='x.pt'")
+
+
+@pytest.mark.parametrize(("flag", "value", "words"), [
+    ("--temperature", "1e-45", "--temperature=1e-45 is invalid: input should be greater than"),
+    ("--top-p", "nan", "--top-p=nan is invalid: input should be a finite number"),
+    ("--max-new-tokens", "-1", "--max-new-tokens=-1 is invalid"),
+])
+def test_sample_refuses_values_training_would_refuse(tiny_checkpoint, capsys, flag, value, words):
+    assert main(["sample", str(tiny_checkpoint), flag, value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {words}") and err.count("\n") == 1

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -331,6 +331,21 @@ def _explain(exc: ValidationError, values: dict[str, Any], sources: dict[str, st
         return (f"{env_name(name)}={shown!r} (from {src}) is invalid: {err['msg'].lower()}; "
                 f"expected {_expected(name)} — {hint}")
     return f"invalid settings: {err['msg'].removeprefix('Value error, ')}"
+
+
+def check_value(name: str, value: Any, label: str) -> Any:
+    """``value`` checked against setting ``name``'s field alone (type, bounds, finiteness) and
+    converted; otherwise its one-line error, naming ``label`` (a flag or env var)."""
+    from pydantic import TypeAdapter
+
+    info = FIELDS[name]
+    adapter = TypeAdapter(Annotated[info.annotation, *info.metadata],
+                          config=ConfigDict(allow_inf_nan=False))
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as exc:
+        raise UserError(f"{label}={value!r} is invalid: {exc.errors()[0]['msg'].lower()}; "
+                        f"expected {_expected(name)} — {info.description}") from None
 
 
 def _expected(name: str) -> str:

@@ -67,6 +67,7 @@ def _option(args: argparse.Namespace, flag: str, env: str, typ, fallback):
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lmtrain.config import check_value, flag_name
     from lmtrain.device import select_device
     from lmtrain.errors import UserError
     from lmtrain.generate import Sampling, default_prompt, start_context, stream_sample
@@ -84,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
     top_p = _option(args, "--top-p", "TOP_P", float, cfg.top_p)
     stop_at_eot = _option(args, "--stop-at-eot", "STOP_AT_EOT", _flag, cfg.stop_at_eot)
     seed = _option(args, "--seed", "SEED", int, cfg.seed)
-    if (temperature <= 0 or max_new < 0 or (top_k is not None and top_k < 1)
-            or not 0 < top_p <= 1 or args.num_samples < 1):
-        raise UserError("--temperature must be > 0, --max-new-tokens >= 0, --top-k >= 1, "
-                        "--top-p in (0, 1] and --num-samples >= 1")
+    for name, value in (("temperature", temperature), ("max_new_tokens", max_new),
+                        ("top_k", top_k), ("top_p", top_p), ("seed", seed)):
+        check_value(name, value, flag_name(name))  # the bounds of the training setting
+    if args.num_samples < 1:
+        raise UserError("--num-samples must be at least 1")
     sampling = Sampling(temperature, top_k, top_p, stop_at_eot)
     generator = torch.Generator().manual_seed(seed)
     start_context(tok, prompt)  # an unencodable prompt fails before any output

@@ -125,7 +125,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | No
         save_tokenizer(tokenizer, out, hf_model.config.max_position_embeddings)
     return {"step": step, "model_type": config.model_type, "lora_merged": config.use_lora,
             "tokenizer": tokenizer.kind, "out_dir": str(out),
-            "n_positions": hf_model.config.n_positions}
+            "n_positions": hf_model.config.max_position_embeddings}  # GPT-2: n_positions
 
 
 def export_adapter(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None

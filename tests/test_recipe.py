@@ -122,3 +122,21 @@ def test_bad_recipe_settings_are_one_line_errors():
         values, sources = explicit_settings(flags={"arch": "gpt2", **flags}, env={})
         with pytest.raises(UserError, match=match):
             load_fresh(values, sources)
+
+
+@pytest.mark.slow
+def test_ddp_llama_muon_resumes_bit_for_bit(corpus, tmp_path):
+    from tests.test_distributed import _env, _load, torchrun
+
+    recipe = dict(arch="llama", optimizer="muon", qk_norm=True, training_steps=8)
+    full = torchrun(_env(corpus, tmp_path, checkpoint_dir=tmp_path / "full", **recipe), tmp_path)
+    assert full.returncode == 0, full.stdout + full.stderr
+    mid = tmp_path / "full" / "ddp" / "step_0000004.pt"
+    resumed = torchrun(_env(corpus, tmp_path, checkpoint_path=mid, resume_steps=4,
+                            checkpoint_dir=tmp_path / "resumed", **recipe), tmp_path)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    a = _load(tmp_path / "full" / "ddp" / "step_0000008.pt")
+    b = _load(tmp_path / "resumed" / "ddp" / "step_0000008.pt")
+    assert a["world_size"] == 2 and set(a["optimizer_state_dict"]) == {"adamw", "muon"}
+    for name, tensor in a["model_state_dict"].items():
+        assert torch.equal(tensor, b["model_state_dict"][name]), name

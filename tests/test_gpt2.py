@@ -198,7 +198,8 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir)
         model = load_gpt2(gpt2_settings(tiny_gpt2_dir, gradient_checkpointing=checkpointing),
                           50257)
         model.train()
-        assert model.is_gradient_checkpointing is checkpointing
+        assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) \
+            is checkpointing
         x = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(1))
         model(x, labels=x).loss.backward()
         return {n: p.grad for n, p in model.named_parameters()}
@@ -211,3 +212,11 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir)
 def test_gradient_checkpointing_needs_gpt2():
     with pytest.raises(ValueError, match="GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2"):
         TrainingConfig(gradient_checkpointing=True)
+
+
+def test_gradient_checkpointing_runs_a_lora_fine_tune(train_run, tiny_gpt2_dir, qa_corpus):
+    summary = train_run(model_type="gpt2", use_lora=True, gpt2_model_name=str(tiny_gpt2_dir),
+                        gradient_checkpointing=True, training_data_source=str(qa_corpus),
+                        training_steps=2, checkpoint_interval=2, learning_rate=1e-2)
+    ckpt = torch.load(summary.checkpoint_dir / "step_0000002.pt", weights_only=True)
+    assert any(v.abs().sum() > 0 for k, v in ckpt["model_state_dict"].items() if "lora_B" in k)

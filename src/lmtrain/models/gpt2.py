@@ -248,5 +248,14 @@ def load_gpt2(config: TrainingConfig, vocab_size: int) -> GPT2LMHeadModel:
     except (OSError, ValueError) as exc:
         raise _not_found(config, _first_line(exc)) from None
     if config.gradient_checkpointing:  # recompute activations in backward: less memory
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     return model
+
+
+def enable_checkpointing(model: GPT2LMHeadModel) -> None:
+    """Non-reentrant activation checkpointing of every block (dropout replays on recompute)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

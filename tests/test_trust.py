@@ -25,7 +25,7 @@ from lmtrain.checkpoint import (
 from lmtrain.checkpoint_schema import DIGEST_KEY, config_of, model_state
 from lmtrain.cli import main
 from lmtrain.errors import UserError
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, run_entrypoint, tiny_env
 
 _DELETE = object()
 
@@ -307,11 +307,9 @@ def test_a_full_checkpoint_disk_stops_with_the_previous_checkpoint_and_the_resum
 
 def test_a_full_log_disk_is_a_warning_and_the_run_ends_well(tmpfs, tmp_path, corpus):
     logs = tmpfs("logs", "16k")
-    env = {"TRAINING_DATA_SOURCE": str(corpus), "N_LAYER": "1", "N_HEAD": "2", "N_EMBD": "16",
-           "BLOCK_SIZE": "16", "BATCH_SIZE": "2", "EVAL_ITERS": "1", "MAX_NEW_TOKENS": "5",
-           "DEVICE": "cpu", "TRAINING_STEPS": "300", "LOG_INTERVAL": "1",
-           "CHECKPOINT_INTERVAL": "150", "CHECKPOINT_DIR": str(tmp_path / "ckpt"),
-           "LOG_DIR": str(logs), "CACHE_DIR": str(tmp_path / "cache"), "RUN_NAME": "logfull"}
+    env = tiny_env(batch_size=2, eval_iters=1, eval_interval=250, training_steps=300,
+                   checkpoint_interval=150, run_name="logfull", training_data_source=corpus,
+                   checkpoint_dir=tmp_path / "ckpt", log_dir=logs, cache_dir=tmp_path / "cache")
     proc = run_entrypoint(["training.py"], env, ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "could not write" in proc.stderr + proc.stdout

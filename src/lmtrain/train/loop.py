@@ -189,8 +189,8 @@ class LossWindow:
         """Bring the pending losses (and ``extra``) to the host in one transfer; a non-finite
         loss stops the run under ``ON_NAN=stop`` before its weights are evaluated or saved.
         Returns ``extra`` as a float."""
-        tensors = [*self.pending, *([] if extra is None else [extra.to(torch.float32)])]
-        values = torch.stack([t.to(torch.float32) for t in tensors]).tolist() if tensors else []
+        tensors = [*self.pending, *([] if extra is None else [extra])]
+        values = torch.stack([t.float() for t in tensors]).tolist() if tensors else []
         extra_value = values.pop() if extra is not None else None
         self.values += values
         self.pending.clear()

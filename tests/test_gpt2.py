@@ -186,8 +186,29 @@ def test_the_run_records_the_real_shape_and_context(train_run, tiny_gpt2_dir, qa
         "n_layer": 2, "n_head": 2, "n_embd": 64, "n_positions": 64}
     resumed = train_run(checkpoint_path=str(ckpt), resume_steps=1, n_layer=2)  # the true depth
     assert resumed.end_step == 3
-    with pytest.raises(UserError, match=r"N_LAYER=4 .* contradicts the checkpoint"):
+    with pytest.raises(UserError, match=r"^N_LAYER=4 \(from flag\) does not match GPT2_MODEL"):
         train_run(checkpoint_path=str(ckpt), resume_steps=1, n_layer=4)
+
+
+def test_an_older_checkpoint_with_the_default_shape_resumes_with_the_true_one(
+        train_run, tiny_gpt2_dir, qa_corpus, tmp_path):
+    from lmtrain.checkpoint import save_checkpoint
+    from lmtrain.checkpoint_schema import DIGEST_KEY
+
+    first = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                      training_data_source=str(qa_corpus), training_steps=2,
+                      checkpoint_interval=2, run_name="old")
+    ckpt = torch.load(first.checkpoint_dir / "step_0000002.pt", weights_only=True)
+    ckpt.pop(DIGEST_KEY)
+    hp = ckpt["hyperparameters"]
+    del hp["n_positions"]
+    hp.update(n_layer=4, n_head=4, n_embd=128)  # what older releases recorded
+    old = save_checkpoint(tmp_path / "old.pt", ckpt)
+    resumed = train_run(checkpoint_path=str(old), resume_steps=1, n_layer=2, n_embd=64,
+                        run_name="old-resumed")
+    hp = torch.load(resumed.checkpoint_dir / "step_0000003.pt", weights_only=True)[
+        "hyperparameters"]
+    assert (hp["n_layer"], hp["n_head"], hp["n_embd"], hp["n_positions"]) == (2, 2, 64, 64)
 
 
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir):

@@ -175,6 +175,8 @@ ARCHITECTURE_FIELDS = frozenset({
     "optimizer",
     "lora_r", "lora_alpha", "lora_targets", "tokenization_method", "custom_vocab_size",
 })
+#: A GPT-2 run's shape: its model decides it (``lmtrain.models.gpt2.fit_shape``).
+GPT2_SHAPE_FIELDS = frozenset({"n_layer", "n_head", "n_embd"})
 #: Run settings added with the llama/Muon recipe, as every checkpoint without them was trained.
 SETTINGS_BEFORE_RECIPE: dict[str, Any] = {"arch": "gpt2", "qk_norm": False, "optimizer": "adamw"}
 #: Where *this invocation* works, never what the run *is*: what to resume, every path lmtrain
@@ -426,7 +428,9 @@ def load_resumed(
         merged_src.setdefault(k, "default")
     merged = dict(base)
     for k, v in values.items():
-        if k in ARCHITECTURE_FIELDS and k in base:
+        if k in GPT2_SHAPE_FIELDS and base.get("model_type") == "gpt2":
+            pass  # checked against the model itself (older checkpoints saved the defaults)
+        elif k in ARCHITECTURE_FIELDS and k in base:
             wanted = _validate({**base, k: v}, {**merged_src, k: sources[k]})
             if getattr(wanted, k) != base[k]:
                 raise UserError(

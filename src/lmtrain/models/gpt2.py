@@ -83,7 +83,7 @@ def gpt2_config(config: TrainingConfig) -> GPT2Config:
     return hf_config
 
 
-#: Settings that describe GPT-2's shape; the folder's model fixes them.
+#: Settings that describe GPT-2's shape (``config.GPT2_SHAPE_FIELDS``); the model fixes them.
 SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
 #: Where a value comes from when the user did not set it.
 UNSET_SOURCES = ("default", "checkpoint")

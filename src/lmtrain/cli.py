@@ -140,28 +140,31 @@ def run_guarded(fn: Callable[[], int]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``lmtrain`` command; ``argv=None`` means it owns the process (:func:`run_process`)."""
+    args = _parse(argv)
     if argv is None:
-        return run_process(lambda: _run_command(None))
-    return _run_command(argv)
+        return run_process(lambda: args.func(args), exit_on_signal=args.func is cmd_train)
+    return run_guarded(lambda: args.func(args))
 
 
-def _run_command(argv: Sequence[str] | None) -> int:
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:  # argparse would show the top-level usage; the command's is the helpful one
         known = [s for a in args.command_parser._actions for s in a.option_strings]
         close = difflib.get_close_matches(unknown[0].split("=")[0], known, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
         args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    return run_guarded(lambda: args.func(args))
+    return args
 
 
-def run_process(fn: Callable[[], int]) -> int:
-    """Run ``fn`` as the whole process: a signal outside a run exits at once, and a process
-    stopped by a signal ends without the interpreter's teardown, during which a further
-    signal would kill it half-way or raise inside ``atexit`` code."""
+def run_process(fn: Callable[[], int], exit_on_signal: bool) -> int:
+    """Run ``fn`` as the whole process. One stopped by a signal ends without the interpreter's
+    teardown, during which a further signal would kill it half-way or raise inside ``atexit``
+    code. With ``exit_on_signal`` (training: its state is safe in atomic checkpoints) a signal
+    outside the run's own handling exits at once too; other commands unwind as usual."""
     from lmtrain.signals import exit_on_signals, exit_process
 
-    exit_on_signals()
+    if exit_on_signal:
+        exit_on_signals()
     code = run_guarded(fn)
     if code >= 128:
         exit_process(code)
@@ -174,4 +177,4 @@ def env_entrypoint() -> int:
         values, sources = explicit_settings()
         return run_training_session(values, sources)
 
-    return run_process(go)
+    return run_process(go, exit_on_signal=True)

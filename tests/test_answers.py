@@ -100,8 +100,11 @@ def test_character_vocabulary_and_missing_prefix_are_refused() -> None:
         TokenData(ids, ids).mask_answers(CharTokenizer.train(["abcde"]), "ANSWER:")
     tok = GPT2Tokenizer()
     ids = np.array(tok.encode("no answers here " * 20), dtype=np.uint16)
-    with pytest.raises(UserError, match=r"^ANSWER_PREFIX='A:' never occurs"):
+    with pytest.raises(UserError, match=r"^ANSWER_PREFIX='A:' never occurs in the training"):
         TokenData(ids, ids).mask_answers(tok, "A:")
+    answers = np.array(tok.encode("Q: x A: y<|endoftext|>"), dtype=np.uint16)
+    with pytest.raises(UserError, match=r"never occurs in the validation split.*TRAIN_SPLIT"):
+        TokenData(answers, ids).mask_answers(tok, "A:")
 
 
 def test_answers_only_training_resumes_exactly(train_run, tmp_path) -> None:

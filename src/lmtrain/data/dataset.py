@@ -117,10 +117,13 @@ class TokenData:
         variants = prefix_variants(tokenizer, prefix)
         self.train_mask = answer_mask(self.train, variants, eot)
         self.val_mask = answer_mask(self.val, variants, eot)
-        if not self.train_mask.any():
-            raise UserError(
-                f"ANSWER_PREFIX={prefix!r} never occurs in the training text, so LOSS_ON=answers "
-                f"has nothing to learn; set ANSWER_PREFIX to the text that starts each answer")
+        for name, mask in (("training", self.train_mask), ("validation", self.val_mask)):
+            if not mask.any():
+                raise UserError(
+                    f"ANSWER_PREFIX={prefix!r} never occurs in the {name} split, so "
+                    f"LOSS_ON=answers has nothing to {'learn' if name == 'training' else 'score'}"
+                    f"; set ANSWER_PREFIX to the text that starts each answer, or change "
+                    f"TRAIN_SPLIT")
 
     def get_batch(self, split: str, batch_size: int, block_size: int,
                   generator: torch.Generator, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -178,7 +178,7 @@ def test_a_format_1_checkpoint_without_digest_or_tracker_ids_still_loads(tmp_pat
 def test_tracker_run_ids_are_saved_and_restored(train_run, tmp_path, tiny_checkpoint):
     assert load_checkpoint(tiny_checkpoint)["tracker_run_ids"] == {}
     start = crafted(tiny_checkpoint, tmp_path / "ids.pt", tracker_run_ids={"wandb": "abc123"})
-    summary = train_run(checkpoint_path=str(start), resume_steps=1, run_name="ids")
+    summary = train_run(checkpoint_path=str(start), resume_steps=1, run_name="tiny")
     saved = load_checkpoint(summary.checkpoint_dir / checkpoint_filename(5))
     assert saved["tracker_run_ids"] == {"wandb": "abc123"}
 

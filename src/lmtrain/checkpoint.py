@@ -158,13 +158,18 @@ def rotate_checkpoints(folder: str | Path, keep_last: int, protect: set[int],
     Only steps up to ``upto`` (the run's current step) count: files of later steps, left by an
     abandoned branch or skipped as corrupt, are neither kept in place of new ones nor deleted
     (the run overwrites them when it gets there). Called only after the newest checkpoint is
-    safely on disk. Returns the deleted paths.
+    safely on disk. Returns the deleted paths; a file that cannot be deleted stays.
     """
     found = [(s, p) for s, p in list_checkpoints(folder) if upto is None or s <= upto]
     doomed = [p for step, p in found[:-keep_last] if step not in protect] if keep_last else []
+    deleted = []
     for p in doomed:
-        p.unlink(missing_ok=True)
-    return doomed
+        try:
+            p.unlink(missing_ok=True)
+        except OSError:  # not ours to delete (permissions): kept, tried again next time
+            continue
+        deleted.append(p)
+    return deleted
 
 
 def find_resumable(folder: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:

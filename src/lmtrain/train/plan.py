@@ -71,11 +71,13 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
         if path is None:
             notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
                          f"{run_name} fresh")
-            return _plan(fresh, run_name, None, notes)
+            return _plan(fresh, run_name, None, notes, None if fresh.config.run_name else
+                         "CHECKPOINT_PATH=auto: <model>-<data>")
         notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
         loaded = load_resumed(ckpt["hyperparameters"], {**values, "checkpoint_path": str(path)},
                               {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
-        return _plan(loaded, run_name, ResumeSource(path, int(ckpt["step"]), ckpt), notes)
+        return _plan(loaded, run_name, ResumeSource(path, int(ckpt["step"]), ckpt), notes,
+                     None if loaded.config.run_name else "CHECKPOINT_PATH=auto: <model>-<data>")
     if not resume:
         fresh = _load_fresh(values, sources)
         return _plan(fresh, agree(fresh.config.run_name or default_run_name(fresh.config)), None,
@@ -85,7 +87,11 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
     loaded = load_resumed(ckpt["hyperparameters"], values, sources)
     source = ResumeSource(path, int(ckpt["step"]), ckpt)
     cfg = loaded.config
-    run_name = cfg.run_name or _run_folder_of(path, cfg) or agree(default_run_name(cfg))
+    run_name, name_source = cfg.run_name, None
+    if not run_name:
+        run_name = _run_folder_of(path, cfg)
+        name_source = "the checkpoint's run folder" if run_name else "new name"
+        run_name = run_name or agree(default_run_name(cfg))
     if cfg.enable_checkpoints:
         later = [s for s, _ in list_checkpoints(_paths(cfg, run_name).checkpoints)
                  if s > source.step]
@@ -95,8 +101,8 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
             notes.append(f"run {run_name} already has checkpoints after step {source.step} "
                          f"(up to step {max(later)}); this resume continues as run {branch} "
                          f"and leaves them untouched")
-            run_name = branch
-    return _plan(loaded, run_name, source, notes)
+            run_name, name_source = branch, f"branch of {run_name} at step {source.step}"
+    return _plan(loaded, run_name, source, notes, name_source)
 
 
 def _run_folder_of(path: Path, cfg: TrainingConfig) -> str | None:
@@ -122,13 +128,15 @@ def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig
 
 
 def _plan(loaded: LoadedConfig, run_name: str, resume: ResumeSource | None,
-          notes: list[str]) -> RunPlan:
-    """The final plan: the config names its run and resume file; checkpoint made read-only."""
+          notes: list[str], name_source: str | None = None) -> RunPlan:
+    """The final plan: the config names its run (and where that name came from, when lmtrain
+    chose it) and its resume file; the checkpoint is made read-only."""
     check_run_name(run_name)
     loaded = resolve_gpt2(loaded, resume.checkpoint if resume else None)  # base, real shape
     cfg = loaded.config.model_copy(update={
         "run_name": run_name, "checkpoint_path": str(resume.path) if resume else None})
-    loaded = LoadedConfig(cfg, dict(loaded.sources))
+    loaded = LoadedConfig(cfg, {**loaded.sources,
+                                **({"run_name": name_source} if name_source else {})})
     if resume is not None:
         resume = ResumeSource(resume.path, resume.step, MappingProxyType(resume.checkpoint))
         if loaded.sources.get("training_data_source") == "checkpoint":

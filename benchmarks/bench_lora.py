@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--plain-loss", action="store_true",
+                        help="lmtrain computes the loss from full logits (the pre-chunking path)")
     args = parser.parse_args()
     args.steps = args.steps or (4 if args.quick else 20)
     args.batch_size = args.batch_size or (2 if args.quick else 8)
@@ -177,6 +179,10 @@ def main() -> None:
     hf_logging.set_verbosity_error()
     warnings.simplefilter("ignore", FutureWarning)
     hf_logging.disable_progress_bar()
+    if args.plain_loss:
+        import lmtrain.train.evaluate
+
+        lmtrain.train.evaluate.chunked_lm_loss = lambda *a: None
     tokens = random_tokens(200_000, 50257, args.seed)
     ours, theirs = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +202,8 @@ def main() -> None:
     print("| model | batch x block | precision | device (threads) | lmtrain ms/step "
           "| HF Trainer ms/step | ratio (means) | ratio (medians) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    print(f"| {shape} LoRA r={LORA['lora_r']} | {args.batch_size} x {args.block_size} "
+    loss = " (plain loss)" if args.plain_loss else ""
+    print(f"| {shape} LoRA r={LORA['lora_r']}{loss} | {args.batch_size} x {args.block_size} "
           f"| {args.precision} | {args.device} ({threads}) | {_ms(ours)} | {_ms(theirs)} "
           f"| {statistics.mean(ours) / statistics.mean(theirs):.2f} "
           f"| {statistics.median(ours) / statistics.median(theirs):.2f} |")

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -265,6 +266,53 @@ def test_a_second_process_on_one_run_is_refused_and_kill_9_frees_the_run(train_r
         holder.stdout.close()
     summary = train_run(training_steps=2, run_name="shared", checkpoint_path="auto")
     assert summary.end_step == 2
+
+
+def test_two_training_processes_on_one_run_one_is_refused(tmp_path, corpus):
+    env = {"TRAINING_DATA_SOURCE": str(corpus), "N_LAYER": "1", "N_HEAD": "2", "N_EMBD": "16",
+           "BLOCK_SIZE": "16", "BATCH_SIZE": "2", "EVAL_ITERS": "1", "MAX_NEW_TOKENS": "0",
+           "DEVICE": "cpu", "TRAINING_STEPS": "100000", "CHECKPOINT_INTERVAL": "50",
+           "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "LOG_DIR": str(tmp_path / "logs"),
+           "CACHE_DIR": str(tmp_path / "cache"), "RUN_NAME": "one",
+           "CHECKPOINT_PATH": "auto"}
+    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "XDG_CACHE_HOME")}
+    first = subprocess.Popen([sys.executable, "training.py"], env={**base, **env}, cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not list_checkpoints(tmp_path / "ckpt" / "one"):  # it holds the run now
+            assert first.poll() is None and time.monotonic() < deadline
+            time.sleep(0.1)
+        second = run_entrypoint(["training.py"], env, ROOT)
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        assert second.stderr.startswith("error: run folder") and f"pid {first.pid}" in \
+            second.stderr
+        assert len(list((tmp_path / "logs" / "one").glob("*.log"))) == 1  # only the first's
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+
+
+def test_the_plan_and_its_checkpoint_are_read_only(tiny_checkpoint, run_dirs):
+    from dataclasses import FrozenInstanceError
+
+    from lmtrain.config import explicit_settings
+    from lmtrain.train.plan import resolve_plan
+
+    flags = {**run_dirs, "checkpoint_path": str(tiny_checkpoint), "resume_steps": 1}
+    plan = resolve_plan(*explicit_settings(flags=flags, env={}))
+    with pytest.raises(FrozenInstanceError):
+        plan.run_name = "elsewhere"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        plan.resume.checkpoint["run_name"] = "elsewhere"  # type: ignore[index]
+    assert plan.paths.checkpoints == Path(run_dirs["checkpoint_dir"]) / plan.run_name
+
+
+def test_inspect_tells_a_run_extended_past_its_plan(tmp_path, tiny_checkpoint, capsys):
+    extended = crafted(tiny_checkpoint, tmp_path / "long.pt", step=60,
+                       hyperparameters={"training_steps": 30})
+    assert main(["inspect", str(extended)]) == 0
+    assert "60 (planned 30; extended with RESUME_STEPS)" in capsys.readouterr().out
 
 
 # --- 7. storage failures ----------------------------------------------------------------------

@@ -39,7 +39,8 @@ def test_unrelated_env_vars_and_real_settings_pass_quietly():
 def test_a_toml_typo_is_still_refused(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("trainng_steps = 3\n")
-    with pytest.raises(UserError, match="unknown setting 'trainng_steps'"):
+    with pytest.raises(UserError, match=r"unknown setting 'trainng_steps'; did you mean "
+                                        r"training_steps\?"):
         read_config_file(path)
 
 

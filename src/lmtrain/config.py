@@ -310,7 +310,10 @@ def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     for key, value in raw.items():
         name = key.lower().replace("-", "_")
         if name not in FIELDS:
-            raise UserError(f"--config {path}: unknown setting '{key}'; see `lmtrain train --help`")
+            close = difflib.get_close_matches(name, list(FIELDS), n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise UserError(f"--config {path}: unknown setting '{key}'; {hint}"
+                            f"see `lmtrain train --help`")
         out[name] = value
     return out
 

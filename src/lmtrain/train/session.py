@@ -127,7 +127,7 @@ def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest)
         plan = resolve_plan(values, sources, agree=broadcast_object)
         _check_before_start(plan)
         created = [p for p in (plan.paths.checkpoints, plan.paths.logs) if not p.exists()]
-        lock = _lock_run(plan, dist_info)
+        locks = _lock_run(plan, dist_info)
         try:
             _check_storage(plan)
             kind = f"resume-{plan.resume.step:07d}" if plan.resume else "train"
@@ -148,7 +148,8 @@ def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest)
             finally:
                 close_logging()
         finally:
-            lock.release()
+            for lock in locks:
+                lock.release()
             if dist_info.is_main:
                 _remove_unused(created)
     finally:
@@ -167,23 +168,27 @@ def _check_before_start(plan: RunPlan) -> None:
         resolve_files(source)  # raises the one-line error for a missing source
 
 
-def _lock_run(plan: RunPlan, dist_info: DistInfo) -> RunLock:
-    """The run folder's lock, taken by rank 0 for all ranks of the run (one writer)."""
-    cfg = plan.config
-    folder, setting = ((plan.paths.checkpoints, "CHECKPOINT_DIR") if cfg.enable_checkpoints
-                       else (plan.paths.logs, "LOG_DIR"))
-    lock = RunLock(folder)
+def _lock_run(plan: RunPlan, dist_info: DistInfo) -> list[RunLock]:
+    """The run folders' locks (checkpoints, then logs), taken by rank 0 for all ranks of the
+    run: one writer per run."""
+    folders = [(plan.paths.logs, "LOG_DIR")]
+    if plan.config.enable_checkpoints:
+        folders.insert(0, (plan.paths.checkpoints, "CHECKPOINT_DIR"))
+    locks: list[RunLock] = []
     error = None
     if dist_info.is_main:
         try:
-            lock.acquire(setting)
+            for folder, setting in folders:
+                locks.append(RunLock(folder).acquire(setting))
         except UserError as exc:
             error = str(exc)
+            for lock in locks:
+                lock.release()
     if dist_info.world_size > 1:
         error = broadcast_object(error)
     if error:
         raise UserError(error)
-    return lock
+    return locks
 
 
 def _remove_unused(created: list[Path]) -> None:

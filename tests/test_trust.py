@@ -110,6 +110,33 @@ def test_unsafe_run_names_are_refused_before_anything_is_written(train_run, tmp_
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.parametrize("name", ["shakespeare-small", "run.v2_1", "A-from-10-2", "…ünï"])
+def test_ordinary_run_names_are_one_folder_below_the_settings(name):
+    from lmtrain.run_folder import RunPaths, check_run_name
+
+    assert check_run_name(name) == name
+    paths = RunPaths.of("ck", "lg", "out", name)
+    assert (paths.checkpoints, paths.logs) == (Path("ck") / name, Path("lg") / name)
+
+
+def test_rotation_keeps_a_file_it_may_not_delete(tmp_path, monkeypatch):
+    from lmtrain.checkpoint import rotate_checkpoints
+
+    for step in range(1, 5):
+        (tmp_path / checkpoint_filename(step)).write_bytes(b"x")
+    real_unlink = Path.unlink
+
+    def unlink(self, missing_ok=False):
+        if self.name == checkpoint_filename(1):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_unlink(self, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    deleted = rotate_checkpoints(tmp_path, keep_last=2, protect=set())
+    assert [p.name for p in deleted] == [checkpoint_filename(2)]
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [1, 3, 4]
+
+
 # --- 4. history is never rewritten ----------------------------------------------------------
 
 def test_resuming_an_older_checkpoint_branches_and_replaces_nothing(train_run, tmp_path):

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_speed.py           # the figures for the README (~15 min on 2 cores)
     python benchmarks/bench_speed.py --quick   # a few steps of each part (smoke run, ~1 min)
+    python benchmarks/bench_speed.py --device cuda --precision bf16 [--compile]   # on a GPU
 
 Four parts, each printed as a markdown table:
 
@@ -65,10 +66,17 @@ class Side:
         torch.set_rng_state(self.rng)  # each side has its own dropout stream
         t0 = time.perf_counter()
         self.run(n)
+        synchronize()
         if timed:
             self.seconds += time.perf_counter() - t0
             self.steps += n
         self.rng = torch.get_rng_state()
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so that wall-clock time covers it."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Path,
@@ -80,7 +88,7 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
 
     flags = {**shape, "learning_rate": LR, "lr_scheduler": "none", "warmup_steps": 0,
              "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "dropout": args.dropout,
-             "seed": args.seed, "precision": args.precision, "device": "cpu",
+             "seed": args.seed, "precision": args.precision, "device": args.device,
              "compile": compile_model, "enable_checkpoints": False, "eval_interval": 10**9,
              "log_interval": 10**9, "max_new_tokens": 0, "training_steps": 10**6,
              "run_name": "bench", "checkpoint_dir": str(workdir / "ckpt"),
@@ -106,19 +114,22 @@ def bare_side(name: str, ctx: Any, dtype: torch.dtype | None, lmtrain_optimizer:
     from lmtrain.train.optim import build_optimizer
 
     cfg = ctx.config
+    device = ctx.device
     torch.manual_seed(seed)  # the same initial weights as lmtrain's side
-    model = GPT(ctx.raw_model.config)
+    model = GPT(ctx.raw_model.config).to(device)
     if lmtrain_optimizer:
-        opt = build_optimizer(model, cfg, torch.device("cpu"))
+        opt = build_optimizer(model, cfg, device)
     else:  # torch's defaults: the per-tensor loop on the CPU
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": WEIGHT_DECAY},
-                                 {"params": rest, "weight_decay": 0.0}], lr=LR, betas=BETAS)
+                                 {"params": rest, "weight_decay": 0.0}], lr=LR, betas=BETAS,
+                                fused=device.type == "cuda" or None)
     train = ctx.data.train
     gen = torch.Generator().manual_seed(seed)
     B, T = cfg.batch_size, cfg.block_size
-    autocast = (lambda: torch.autocast("cpu", dtype=dtype)) if dtype else contextlib.nullcontext
+    autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype
+                else contextlib.nullcontext)
 
     def run(n: int) -> None:
         model.train()
@@ -127,6 +138,7 @@ def bare_side(name: str, ctx: Any, dtype: torch.dtype | None, lmtrain_optimizer:
             x = torch.stack([torch.from_numpy(train[i:i + T].astype(np.int64)) for i in ix])
             y = torch.stack([torch.from_numpy(train[i + 1:i + 1 + T].astype(np.int64))
                              for i in ix])
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             with autocast():
                 logits = model(x)
             loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
@@ -157,7 +169,7 @@ def val_loss(model: torch.nn.Module, ctx: Any, iters: int) -> float:
 
     cfg = ctx.config
     return estimate_loss(model, ctx.data, cfg.batch_size, cfg.block_size, iters,
-                         torch.device("cpu"), cfg.seed)["val"]
+                         ctx.device, cfg.seed)["val"]
 
 
 # ---------------------------------------------------------------- FLOPs and matmul peak
@@ -170,11 +182,13 @@ def flops_per_token(model: Any) -> float:
     return 6 * n + 12 * c.n_layer * c.n_embd * c.block_size
 
 
-def matmul_tflops(dtype: torch.dtype, n: int, repeats: int) -> float:
+def matmul_tflops(dtype: torch.dtype, n: int, repeats: int, device: str = "cpu") -> float:
     """Best-of-``repeats`` TFLOPS of an n x n matmul in ``dtype``."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
     a @ b
-    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    synchronize()
+    best = min(_timed(lambda: (a @ b, synchronize())) for _ in range(repeats))
     return 2 * n**3 / best / 1e12
 
 
@@ -248,6 +262,8 @@ def machine() -> str:
                 break
     from lmtrain.device import cpu_supports_bf16
 
+    if torch.cuda.is_available():
+        cpu = f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}); host {cpu}"
     return (f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, native bf16: {cpu_supports_bf16()}")
 
@@ -267,6 +283,7 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="COMPILE=1 on lmtrain's side")
     parser.add_argument("--dropout", type=float, default=0.1, help="DROPOUT, both sides [0.1]")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
     parser.add_argument("--seed", type=int, default=1337)
     args = parser.parse_args()
     q = args.quick
@@ -282,8 +299,9 @@ def main() -> None:
         workdir = Path(tmp)
         six, six_ctx, losses = part_six(args, workdir)
         four = part_four(args, workdir)
-        peak = {"fp32": matmul_tflops(torch.float32, 1024 if q else 2048, 3 if q else 10),
-                "bfloat16": matmul_tflops(torch.bfloat16, 1024 if q else 2048, 3 if q else 10)}
+        n = 1024 if q else (8192 if args.device.startswith("cuda") else 2048)
+        peak = {"fp32": matmul_tflops(torch.float32, n, 3 if q else 10, args.device),
+                "bfloat16": matmul_tflops(torch.bfloat16, n, 3 if q else 10, args.device)}
         save_s, resume_s = part_checkpoint(six_ctx, workdir, 2 if q else 5)
 
     print(f"\nmachine: {machine()}" + ("  (--quick: smoke run, not a measurement)" if q else ""))

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Every GPU check in one go (under 8 minutes on one H100): the CUDA tests, then the speed,
+# recipe, LoRA and sampling benchmarks on the GPU. Run from the repository root on a machine
+# with a CUDA build of torch:
+#
+#     bash benchmarks/gpu_check.sh [OUT_DIR]
+#
+# Missing pure-Python dependencies may be put as wheels in .gpu/wheels (an offline machine).
+# Each part has its own time limit, so one slow part cannot starve the others; the figures go
+# to OUT_DIR (default: gpu-check/) as markdown, one file per part, plus the recipe plot.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-${OUT:-gpu-check}}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+
+part() {  # part NAME SECONDS COMMAND...: run one part with a limit, keep its output
+    local name=$1 limit=$2
+    shift 2
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.md" 2>"$OUT/$name.err"
+    local rc=$?
+    echo "=== $name: exit $rc after $((SECONDS - t0))s"
+    tail -n 40 "$OUT/$name.md"
+    [ $rc -eq 0 ] || tail -n 20 "$OUT/$name.err"
+}
+
+if [ -d .gpu/wheels ]; then
+    "$PY" -m pip install --quiet --no-deps --no-index .gpu/wheels/*.whl 2>&1 | tail -n 3
+fi
+{
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda",
+torch.version.cuda, "|", torch.cuda.get_device_name(0), "| transformers",
+transformers.__version__, "| peft", peft.__version__)'
+} | tee "$OUT/machine.md"
+
+part tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py
+part speed 60 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --steps 60 \
+    --ref-steps 200 --eval-iters 10
+part speed_compile 80 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --compile \
+    --steps 60 --ref-steps 200 --eval-iters 10
+part recipe 140 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 --out "$OUT"
+part lora 40 "$PY" benchmarks/bench_lora.py --device cuda --precision bf16 --steps 20
+part sample 30 "$PY" benchmarks/bench_sample.py --device cuda
+echo "=== done in ${SECONDS}s"

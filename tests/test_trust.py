@@ -263,6 +263,22 @@ def test_an_optimizer_state_of_another_model_fails_inspect_and_resume(tmp_path,
         train_run(checkpoint_path=str(bad), resume_steps=1, run_name="mixed")
 
 
+def test_inspect_fits_a_gpt2_checkpoint_to_its_base(tmp_path, tiny_gpt2_dir, qa_corpus,
+                                                    train_run, capsys):
+    run = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                    training_data_source=str(qa_corpus), training_steps=1, block_size=32,
+                    batch_size=2, n_layer=2, n_head=2, n_embd=64, max_new_tokens=0)
+    good = run.checkpoint_dir / checkpoint_filename(1)
+    assert main(["inspect", str(good)]) == 0
+    capsys.readouterr()
+    weights = torch.load(good, weights_only=True)["model_state_dict"]
+    key = "transformer.h.0.mlp.c_fc.weight"
+    bad = crafted(good, tmp_path / "reshaped.pt",
+                  model_state_dict={**weights, key: torch.zeros(64, 8)})
+    assert main(["inspect", str(bad)]) == 2
+    assert "do not fit the model" in capsys.readouterr().err
+
+
 # --- 6. one writer per run ------------------------------------------------------------------
 
 HOLD_LOCK = """

@@ -429,20 +429,18 @@ LORA_KEYS = ("lora_r", "lora_alpha", "lora_dropout", "lora_targets")
 
 
 def check_fits(ckpt: Mapping[str, Any], where: str) -> None:
-    """For a from-scratch run: build its model and optimizer on the ``meta`` device (no memory,
-    no weights) and check that the saved weights and optimizer state fit them."""
+    """Build the run's model and optimizer on the ``meta`` device (no memory, no weights read)
+    and check that the saved weights and optimizer state fit them. A LoRA adapter is checked
+    against its base when it is loaded; a GPT-2 run whose base model is not here is skipped."""
     import torch
 
-    from lmtrain.models import build_model
     from lmtrain.train.optim import build_optimizer
 
     cfg = config_of(ckpt)
-    if cfg.model_type != "from_scratch":
-        return  # a GPT-2 run's model needs its base weights; resume checks it against them
-    with torch.device("meta"):
-        torch.manual_seed(cfg.seed)
-        model = build_model(cfg, int(ckpt["vocab_size"]))
     if cfg.use_lora:
+        return
+    model = _model_on_meta(cfg, int(ckpt["vocab_size"]))
+    if model is None:
         return
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     saved = {k: tuple(v.shape) for k, v in ckpt["model_state_dict"].items()}
@@ -456,6 +454,27 @@ def check_fits(ckpt: Mapping[str, Any], where: str) -> None:
                         f"({detail}); the file is damaged")
     load_optimizer_state(build_optimizer(model, cfg, torch.device("meta")),
                          ckpt["optimizer_state_dict"], where)
+
+
+def _model_on_meta(cfg: TrainingConfig, vocab_size: int) -> nn.Module | None:
+    """The model ``cfg`` describes, with ``meta`` tensors; None for a GPT-2 base not found."""
+    import torch
+
+    if cfg.model_type == "gpt2":
+        from transformers import GPT2LMHeadModel
+
+        from lmtrain.models.gpt2 import gpt2_config
+
+        try:
+            hf_config = gpt2_config(cfg)
+        except UserError:
+            return None
+        with torch.device("meta"):
+            return GPT2LMHeadModel(hf_config)
+    from lmtrain.models import build_model
+
+    with torch.device("meta"):
+        return build_model(cfg, vocab_size)
 
 
 def describe(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
-"""Checkpoints are data: one ``torch.save`` dict per file, written atomically, loaded with
-``weights_only=True`` so that a checkpoint can never run code."""
+"""Checkpoint files: one ``torch.save`` dict per file, written atomically, loaded with
+``weights_only=True`` so that a checkpoint can never run code, found and rotated in a run's
+folder. What a checkpoint holds is :mod:`lmtrain.checkpoint_schema`'s."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lmtrain.checkpoint_schema import FORMAT_VERSION, REQUIRED_KEYS, seal, validate
+from lmtrain.checkpoint_schema import FORMAT_VERSION as FORMAT_VERSION  # re-exported
+from lmtrain.checkpoint_schema import REQUIRED_KEYS as REQUIRED_KEYS  # re-exported
+from lmtrain.checkpoint_schema import seal, validate
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where it is used, so atomic_write stays light
     import torch
 
-__all__ = ["FORMAT_VERSION", "REQUIRED_KEYS"]  # the format itself: lmtrain.checkpoint_schema
 AUTO_RESUME = "auto"  # CHECKPOINT_PATH value: the run's newest valid checkpoint
 CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
 TMP_PREFIX = ".tmp-"

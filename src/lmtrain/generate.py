@@ -9,6 +9,7 @@ filled from them, so cached and uncached decoding see the same tokens at the sam
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -151,12 +152,15 @@ def sample_tokens(
     allowed = (torch.tensor(first_allowed, dtype=torch.long, device=device)
                if first_allowed is not None else None)
     decoder = Decoder(model, block_size, device, use_cache)
+    low = _low_precision(model)
     ids = list(context)
     was_training = model.training
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            token = pick_token(decoder.next_logits(ids), sampling, generator, allowed)
+            with (torch.autocast(device.type, dtype=low) if low else contextlib.nullcontext()):
+                logits = decoder.next_logits(ids)
+            token = pick_token(logits, sampling, generator, allowed)
             allowed = None
             if token == stop_id:
                 return
@@ -164,6 +168,13 @@ def sample_tokens(
             yield token
     finally:
         model.train(was_training)
+
+
+def _low_precision(model: nn.Module) -> torch.dtype | None:
+    """The dtype to autocast to when the model holds bf16/fp16 weights (a bf16 LoRA run keeps
+    its frozen base in bf16: :mod:`lmtrain.train.frozen`); ``None`` for an fp32 model."""
+    low = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    return low.pop() if low else None
 
 
 def eot_id(tokenizer: Tokenizer) -> int | None:

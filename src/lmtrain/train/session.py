@@ -41,6 +41,7 @@ from lmtrain.reporting import (
 from lmtrain.run_folder import RunLock
 from lmtrain.signals import StopRequest, resume_commands, signal_name, stop_on_signals
 from lmtrain.trackers import check_installed, tracker_names
+from lmtrain.train.frozen import store_frozen_base_in
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
 from lmtrain.train.optim import build_optimizer
 from lmtrain.train.plan import RunPlan, resolve_plan
@@ -101,6 +102,7 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     )
     if plan.resume is not None:
         restore(ctx, plan.resume.checkpoint, f"CHECKPOINT_PATH={str(plan.resume.path)!r}")
+    store_frozen_base_in(ctx.model, dtype)  # LoRA: cast the frozen base once, not every step
     ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
     if cfg.compile:
         ctx.model = torch.compile(ctx.model)

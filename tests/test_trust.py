@@ -322,14 +322,15 @@ def test_two_training_processes_on_one_run_one_is_refused(tmp_path, corpus):
     first = subprocess.Popen([sys.executable, "training.py"], env={**base, **env}, cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not list_checkpoints(tmp_path / "ckpt" / "one"):  # it holds the run now
-            assert first.poll() is None and time.monotonic() < deadline
+            assert first.poll() is None, "the first run ended early"
+            assert time.monotonic() < deadline, "the first run saved nothing in time"
             time.sleep(0.1)
-        second = run_entrypoint(["training.py"], env, ROOT)
-        assert second.returncode == 2 and "Traceback" not in second.stderr
-        assert second.stderr.startswith("error: run folder") and f"pid {first.pid}" in \
-            second.stderr
+        second = run_entrypoint(["training.py"], env, ROOT, timeout=300)
+        assert second.returncode == 2 and "Traceback" not in second.stderr, second.stderr
+        assert f"error: run folder {str(tmp_path / 'ckpt' / 'one')!r} is in use by pid " \
+               f"{first.pid}" in second.stderr
         assert len(list((tmp_path / "logs" / "one").glob("*.log"))) == 1  # only the first's
     finally:
         first.send_signal(signal.SIGKILL)

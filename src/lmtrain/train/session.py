@@ -5,6 +5,7 @@ everything after :func:`prepare_run` is the same code."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -121,41 +122,41 @@ def train(values: dict[str, Any], sources: dict[str, str]) -> RunSummary:
 
 def _session(values: dict[str, Any], sources: dict[str, str], stop: StopRequest) -> RunSummary:
     """Join the process group once, resolve the plan, check what can be checked before
-    anything is created, then lock the run folder, open the log and run the plan."""
+    anything is created, then claim the run's folders, open the log and run the plan."""
     placement = init_distributed(select_device(str(values.get("device") or
                                                    FIELDS["device"].default)))
     dist_info = placement[0]
-    try:
+    with contextlib.ExitStack() as stack:  # undone in reverse: log, folders, process group
+        stack.callback(cleanup)
         plan = resolve_plan(values, sources, agree=broadcast_object)
         _check_before_start(plan)
-        created = [p for p in (plan.paths.checkpoints, plan.paths.logs) if not p.exists()]
-        locks = _lock_run(plan, dist_info)
+        _claim_run_folders(stack, plan, dist_info)
+        _check_storage(plan)
+        kind = f"resume-{plan.resume.step:07d}" if plan.resume else "train"
+        log_file = plan.paths.logs / f"{kind}-{timestamp()}.log"
+        # only rank 0 writes the log; the other ranks stay quiet (errors still reach stderr)
+        setup_logging(log_file if dist_info.is_main else None, quiet=not dist_info.is_main)
+        stack.callback(close_logging)
         try:
-            _check_storage(plan)
-            kind = f"resume-{plan.resume.step:07d}" if plan.resume else "train"
-            log_file = plan.paths.logs / f"{kind}-{timestamp()}.log"
-            # only rank 0 writes the log; the other ranks stay quiet (errors still reach stderr)
-            setup_logging(log_file if dist_info.is_main else None, quiet=not dist_info.is_main)
-            try:
-                for note in plan.notes:
-                    log.warning(note)
-                if dist_info.is_main:
-                    for leftover in remove_stale_temp_files(plan.paths.checkpoints):
-                        log.warning("removed %s, left by an interrupted checkpoint write",
-                                    leftover)
-                return _train(plan, placement, log_file, stop)
-            except UserError as exc:  # the log, once created, holds the error too
-                log.error("error: %s", exc, extra={"file_only": True})
-                raise
-            finally:
-                close_logging()
-        finally:
-            for lock in locks:
-                lock.release()
+            for note in plan.notes:
+                log.warning(note)
             if dist_info.is_main:
-                _remove_unused(created)
-    finally:
-        cleanup()
+                for leftover in remove_stale_temp_files(plan.paths.checkpoints):
+                    log.warning("removed %s, left by an interrupted checkpoint write", leftover)
+            return _train(plan, placement, log_file, stop)
+        except UserError as exc:  # the log, once created, holds the error too
+            log.error("error: %s", exc, extra={"file_only": True})
+            raise
+
+
+def _claim_run_folders(stack: contextlib.ExitStack, plan: RunPlan, dist_info: DistInfo) -> None:
+    """Lock the run's folders for this run (rank 0, for all ranks) until ``stack`` closes;
+    then a folder this session created and left empty but for its lock is removed again."""
+    created = [p for p in (plan.paths.checkpoints, plan.paths.logs) if not p.exists()]
+    if dist_info.is_main:
+        stack.callback(_remove_unused, created)
+    for lock in _lock_run(plan, dist_info):
+        stack.callback(lock.release)
 
 
 def _check_before_start(plan: RunPlan) -> None:

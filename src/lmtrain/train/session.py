@@ -398,4 +398,5 @@ def _sample(ctx: RunContext) -> str:
     if cfg.max_new_tokens == 0:
         return ""
     return generate_text(ctx.raw_model, ctx.tokenizer, default_prompt(cfg), cfg.max_new_tokens,
-                         cfg.block_size, ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed)
+                         cfg.block_size, ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed,
+                         top_p=cfg.top_p, stop_at_eot=cfg.stop_at_eot)

@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_speed.py
 	$(PY) benchmarks/bench_tokenize.py --sizes 30,300
 	$(PY) benchmarks/bench_lora.py
+	$(PY) benchmarks/bench_sample.py
 
 clean:
 	rm -rf $(VENV) checkpoints logs outputs

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -88,6 +89,8 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
 
 def _hf_model(model: nn.Module) -> nn.Module | None:
     """The ``transformers`` model under ``model`` (a peft wrapper, perhaps), else ``None``."""
+    if "transformers" not in sys.modules:  # not imported: no such model exists here
+        return None
     from transformers import PreTrainedModel
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model

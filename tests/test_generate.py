@@ -76,12 +76,13 @@ def test_gpt2_greedy_is_the_same_with_and_without_the_cache(tiny_gpt2_dir, lora)
     assert len(set(cached)) > 1
 
 
-def test_gpt_greedy_is_the_same_with_and_without_the_cache() -> None:
+@pytest.mark.parametrize("n_layer", [2, 0])  # the GPT and the bigram model
+def test_gpt_greedy_is_the_same_with_and_without_the_cache(n_layer) -> None:
     from lmtrain.models.gpt import GPTConfig, build_from_scratch
 
     torch.manual_seed(0)
-    model = build_from_scratch(GPTConfig(vocab_size=50, block_size=12, n_layer=2, n_head=2,
-                                         n_embd=32))
+    model = build_from_scratch(GPTConfig(vocab_size=50, block_size=12, n_layer=n_layer,
+                                         n_head=2, n_embd=32))
     for p in model.parameters():  # random weights big enough that greedy paths vary
         p.data.normal_(0, 0.5)
     assert Decoder(model, 12, CPU).kind == "gpt"

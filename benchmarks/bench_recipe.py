@@ -46,22 +46,27 @@ EVAL_EVERY, EVAL_BATCHES = 100, 40
 REFERENCE_STEPS = 2000
 
 DEFAULTS = TrainingConfig()
-#: name -> (what it changes, TrainingConfig settings over lmtrain's defaults).
+#: name -> (what it changes, TrainingConfig settings over lmtrain's defaults). Runs in
+#: ``RUNS`` make the default invocation (~11 min on the 2-core machine, quiet); the others run
+#: when named in ``--only``.
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "default": ("lmtrain's defaults (`make run`)", {}),
-    "gpt2-adamw": ("first release: gpt2 arch, AdamW, 4000 steps",
-                   {"arch": "gpt2", "optimizer": "adamw", "training_steps": 4000,
-                    "learning_rate": 1e-3, "dropout": 0.0}),
-    "gpt2-muon": ("gpt2 arch, Muon", {"arch": "gpt2", "optimizer": "muon"}),
-    "llama-adamw": ("llama arch, AdamW", {"arch": "llama", "optimizer": "adamw",
-                                          "learning_rate": 1e-3}),
-    "llama-muon-qknorm": ("llama + Muon + QK-norm", {"arch": "llama", "optimizer": "muon",
-                                                     "qk_norm": True}),
-    "muon-lr-half": ("Muon lr x0.5", {"muon_learning_rate": DEFAULTS.muon_learning_rate / 2}),
-    "muon-lr-double": ("Muon lr x2", {"muon_learning_rate": DEFAULTS.muon_learning_rate * 2}),
+    "gpt2-adamw": ("gpt2 arch, AdamW", {"arch": "gpt2", "optimizer": "adamw"}),
+    "gpt2-muon": ("gpt2 arch", {"arch": "gpt2"}),
+    "llama-adamw": ("AdamW", {"optimizer": "adamw"}),
+    "muon-lr-half": ("half Muon lr", {"muon_learning_rate": DEFAULTS.muon_learning_rate / 2}),
+    "2x128": ("2 layers", {"n_layer": 2}),
+    "qk-norm": ("QK-norm", {"qk_norm": True}),
+    "muon-lr-double": ("double Muon lr", {"muon_learning_rate": DEFAULTS.muon_learning_rate * 2}),
+    "4x96": ("width 96, 3 heads", {"n_embd": 96, "n_head": 3}),
     "6x192": ("6 layers, 6 heads, width 192", {"n_layer": 6, "n_head": 6, "n_embd": 192}),
-    "2x128": ("2 layers, width 128", {"n_layer": 2}),
+    "batch-12": ("batch 12, 2000 steps", {"batch_size": 12, "training_steps": 2000}),
+    "first-release": ("first release's `make run`",
+                      {"arch": "gpt2", "optimizer": "adamw", "learning_rate": 1e-3,
+                       "batch_size": 12, "training_steps": 4000, "warmup_steps": 100,
+                       "dropout": 0.1}),
 }
+RUNS = ("default", "gpt2-adamw", "gpt2-muon", "llama-adamw", "muon-lr-half", "2x128")
 
 
 @dataclass
@@ -88,9 +93,9 @@ def load_data() -> tuple[torch.Tensor, torch.Tensor, int]:
     return ids[:n], ids[n:], len(chars)
 
 
-def batch(data: torch.Tensor, gen: torch.Generator, device: torch.device
+def batch(data: torch.Tensor, gen: torch.Generator, device: torch.device, size: int = BATCH
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    ix = torch.randint(len(data) - BLOCK - 1, (BATCH,), generator=gen)
+    ix = torch.randint(len(data) - BLOCK - 1, (size,), generator=gen)
     offsets = torch.arange(BLOCK + 1)
     chunk = data[ix[:, None] + offsets]
     return chunk[:, :-1].to(device), chunk[:, 1:].to(device)
@@ -151,7 +156,7 @@ def lmtrain_run(name: str, recipe: str, settings: dict[str, Any], train: torch.T
                 vocab: int, device: torch.device, precision: str, compile_: bool,
                 scale: float) -> Run:
     """A run built from lmtrain's own model, optimizer, schedule and precision choice."""
-    cfg = TrainingConfig(**{**DEFAULTS.model_dump(), "block_size": BLOCK, "batch_size": BATCH,
+    cfg = TrainingConfig(**{**DEFAULTS.model_dump(), "block_size": BLOCK,
                             "precision": precision, "compile": compile_, **settings})
     steps = max(int(cfg.training_steps * scale), 10)
     cfg = cfg.model_copy(update={"training_steps": steps,
@@ -166,7 +171,7 @@ def lmtrain_run(name: str, recipe: str, settings: dict[str, Any], train: torch.T
 
     def step(it: int) -> float:
         set_learning_rate(opt, it, cfg)
-        x, y = batch(train, gen, device)
+        x, y = batch(train, gen, device, cfg.batch_size)
         with autocast():
             loss = compute_loss(fwd, x, y)
         loss.backward()
@@ -176,7 +181,7 @@ def lmtrain_run(name: str, recipe: str, settings: dict[str, Any], train: torch.T
         opt.zero_grad(set_to_none=True)
         return loss
 
-    shape = f"{cfg.arch} {cfg.n_layer}x{cfg.n_embd}, {cfg.optimizer}"
+    shape = f"{cfg.arch} {cfg.n_layer}x{cfg.n_embd}, batch {cfg.batch_size}, {cfg.optimizer}"
     lr = (f"lr {cfg.learning_rate:g}" + (f", muon lr {cfg.muon_learning_rate:g}"
                                          if cfg.optimizer == "muon" else ""))
     return Run(name, f"{recipe}: {shape}, {lr}, {cfg.training_steps} steps", steps, model,
@@ -252,21 +257,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto", help="lmtrain runs' PRECISION")
     ap.add_argument("--compile", action="store_true", help="torch.compile every model")
-    ap.add_argument("--quick", action="store_true", help="a tenth of the steps, 5 eval batches")
-    ap.add_argument("--only", default="", help="comma-separated run names (reference is kept)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a twentieth of the steps, 5 eval batches")
+    ap.add_argument("--only", default="", help="comma-separated run names (the reference "
+                    "always runs); default: " + ",".join(RUNS))
     ap.add_argument("--out", default="bench-recipe", help="folder for table, json and plot")
     args = ap.parse_args(argv)
     torch.set_float32_matmul_precision("high")
     device = select_device(args.device)
-    scale = 0.1 if args.quick else 1.0
-    names = ["default", *[n for n in VARIANTS if n != "default"]]
+    scale = 0.05 if args.quick else 1.0
+    names = list(RUNS)
     if args.only:
-        wanted = [n.strip() for n in args.only.split(",") if n.strip()]
-        unknown = set(wanted) - set(names) - {"reference"}
+        names = [n.strip() for n in args.only.split(",") if n.strip() not in ("", "reference")]
+        unknown = set(names) - set(VARIANTS)
         if unknown:
             ap.error(f"--only: unknown runs {sorted(unknown)}; choose from reference, "
-                     f"{', '.join(names)}")
-        names = [n for n in names if n in wanted]
+                     f"{', '.join(VARIANTS)}")
     train, val, vocab = load_data()
     gen = torch.Generator().manual_seed(SEED + 1)
     batches = [batch(val, gen, device) for _ in range(5 if args.quick else EVAL_BATCHES)]

@@ -86,7 +86,9 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
     from lmtrain.train.plan import resolve_plan
     from lmtrain.train.session import prepare_run
 
-    flags = {**shape, "learning_rate": LR, "lr_scheduler": "none", "warmup_steps": 0,
+    # the GPT-2 architecture and AdamW on every side: this measures the trainer, not the recipe
+    flags = {**shape, "arch": "gpt2", "optimizer": "adamw",
+             "learning_rate": LR, "lr_scheduler": "none", "warmup_steps": 0,
              "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "dropout": args.dropout,
              "seed": args.seed, "precision": args.precision, "device": args.device,
              "compile": compile_model, "enable_checkpoints": False, "eval_interval": 10**9,

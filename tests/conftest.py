@@ -20,6 +20,8 @@ TINY: dict[str, Any] = {
     "n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "batch_size": 4,
     "eval_iters": 2, "eval_interval": 5, "log_interval": 1, "checkpoint_interval": 5,
     "max_new_tokens": 5, "warmup_steps": 2, "precision": "fp32", "device": "cpu",
+    # the first release's recipe; tests of ARCH=llama / OPTIMIZER=muon set them
+    "arch": "gpt2", "optimizer": "adamw", "dropout": 0.1,
 }
 
 

@@ -41,7 +41,7 @@ def test_train_help_documents_env_twin_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = " ".join(capsys.readouterr().out.split())
-    for needle in ("--training-steps TRAINING_STEPS", "env TRAINING_STEPS; default: 4000",
+    for needle in ("--training-steps TRAINING_STEPS", "env TRAINING_STEPS; default: 800",
                    "--resume CHECKPOINT_PATH", "env RESUME_STEPS", "--use-lora, --no-use-lora"):
         assert needle in text
 
@@ -209,7 +209,7 @@ def test_help_defaults_agree_and_show_the_presets(capsys):
     assert "default: None" not in text and "(default:" not in text
     assert "token-array cache [env CACHE_DIR; default: user cache]" in text
     assert "[env LR_DECAY_STEPS; default: TRAINING_STEPS, saved with the run]" in text
-    assert "default: 4000; MODEL_TYPE=gpt2: 500; TEST_MODE: 20; TEST_MODE gpt2: 6]" in text
+    assert "default: 800; MODEL_TYPE=gpt2: 500; TEST_MODE: 20; TEST_MODE gpt2: 6]" in text
     assert "[env USE_LORA; default: off]" in text
 
 

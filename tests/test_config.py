@@ -36,7 +36,7 @@ def test_env_values_are_parsed_and_typed():
 
 
 def test_empty_env_values_count_as_unset():
-    assert fresh(env={"TRAINING_STEPS": ""}).config.training_steps == 4000
+    assert fresh(env={"TRAINING_STEPS": ""}).config.training_steps == 800
 
 
 def test_precedence_defaults_file_env_flags(tmp_path):

@@ -54,7 +54,7 @@ def test_combined_state_refuses_another_optimizers_state():
     cfg = small(optimizer="muon")
     model = build_model(cfg, 40)
     opt = build_optimizer(model, cfg, torch.device("cpu"))
-    plain = build_optimizer(model, small(), torch.device("cpu"))
+    plain = build_optimizer(model, small(optimizer="adamw"), torch.device("cpu"))
     with pytest.raises(ValueError, match="expected the states"):
         opt.load_state_dict(plain.state_dict())
 

@@ -138,7 +138,7 @@ def test_mlflow_run_spans_fresh_and_resumed_sessions(train_run, tmp_path) -> Non
     losses = [r["train_loss"] for r in read_metrics(second.metrics_file) if r["kind"] == "train"]
     assert [m.value for m in history] == pytest.approx(losses)
     assert set(run.data.metrics) >= SCALARS
-    assert run.data.params["learning_rate"] == "0.001"
+    assert run.data.params["learning_rate"] == "0.003"
     assert "checkpoint_dir" not in run.data.params  # where a run writes is not what it is
     sample = client.download_artifacts(run.info.run_id, "sample-step-0000010.txt",
                                        str(tmp_path / "dl"))
@@ -164,7 +164,7 @@ def test_wandb_offline_run_spans_fresh_and_resumed_sessions(train_run) -> None:
     assert train_steps == jsonl_steps(second.metrics_file, "train") == list(range(1, 11))
     assert {k for h in history for k in h} >= SCALARS
     configs = [r["config"]["update"] for r in records[0] if r["type"] == "config"]
-    assert any(c.get("learning_rate") == 0.001 for c in configs)
+    assert any(c.get("learning_rate") == 0.003 for c in configs)
     tables = sorted(runs[1].parent.glob("files/media/table/sample_*.table.json"))
     assert json.loads(tables[-1].read_text())["data"] == [[10, second.sample]]
 

@@ -43,13 +43,13 @@ class TrainingConfig(BaseModel):
         "from_scratch", description="from_scratch GPT or pretrained gpt2")
     use_lora: bool = Field(False, description="train LoRA adapters instead of all weights")
     arch: Literal["gpt2", "llama"] = Field(
-        "gpt2", description="from-scratch architecture: gpt2 | llama (rotary, RMSNorm, SwiGLU)")
+        "llama", description="from-scratch architecture: gpt2 | llama (rotary, RMSNorm, SwiGLU)")
     qk_norm: bool = Field(False, description="ARCH=llama: RMSNorm on queries and keys")
     n_layer: int = Field(4, ge=0, description="transformer blocks (0 = bigram model)")
     n_head: int = Field(4, ge=1, description="attention heads")
     n_embd: int = Field(128, ge=1, description="embedding width")
     block_size: int = Field(64, ge=1, description="context length in tokens")
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="dropout probability")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     gpt2_model_name: str = Field(
         "gpt2", description="GPT-2 folder (save_pretrained layout) or hub id in the local cache")
     allow_download: bool = Field(False, description="let MODEL_TYPE=gpt2 download from the hub")
@@ -78,18 +78,19 @@ class TrainingConfig(BaseModel):
         "ANSWER:", min_length=1, description="LOSS_ON=answers: text that starts an answer")
 
     # optimisation
-    training_steps: int = Field(4000, ge=0, description="planned total optimizer steps")
-    learning_rate: float = Field(1e-3, gt=0.0, description="peak learning rate")
+    training_steps: int = Field(800, ge=0, description="planned total optimizer steps")
+    learning_rate: float = Field(
+        3e-3, gt=0.0, description="peak learning rate (AdamW; with Muon: embeddings, head, norms)")
     optimizer: Literal["adamw", "muon"] = Field(
-        "adamw", description="adamw | muon (Muon for hidden matrices, AdamW for the rest)")
+        "muon", description="adamw | muon (Muon for hidden matrices, AdamW for the rest)")
     muon_learning_rate: float = Field(
         0.02, gt=0.0, description="OPTIMIZER=muon: peak learning rate of the Muon matrices")
-    batch_size: int = Field(12, ge=1, description="sequences per step (per process)")
+    batch_size: int = Field(32, ge=1, description="sequences per step (per process)")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only)")
     grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 = off)")
     lr_scheduler: Literal["none", "cosine"] = Field("cosine", description="none | cosine")
-    warmup_steps: int = Field(100, ge=0, description="linear warmup steps")
+    warmup_steps: int = Field(50, ge=0, description="linear warmup steps")
     lr_decay_steps: int | None = Field(
         None, ge=1, description="cosine horizon (default: TRAINING_STEPS, saved with the run)")
     min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0, description="final lr / peak lr (cosine)")

@@ -48,9 +48,11 @@ def cpu_supports_bf16() -> bool:
 
 
 #: On the CPU, bf16 autocast pays once matrix products dominate a step. Measured on an AMD EPYC
-#: with AVX512-BF16 (forward + backward + AdamW, bf16 vs fp32 step time): 0.77x at width 32,
-#: ~1.07x at 64, 1.2-1.6x from 128 up. ``PRECISION=auto`` uses bf16 from this width on.
-CPU_BF16_MIN_WIDTH = 128
+#: with AVX512-BF16, fp32 / bf16 step time of the default recipe (4 layers, llama, Muon, batch
+#: 32, block 64; interleaved on a loaded 2-core machine): 1.02x at width 64, 1.14x at 96,
+#: 1.36x at 128 (the first release's GPT-2 + AdamW step: 0.77x at 32, ~1.07x at 64, 1.2-1.6x
+#: from 128 up). ``PRECISION=auto`` uses bf16 from this width on.
+CPU_BF16_MIN_WIDTH = 96
 
 
 def matmul_width(model: nn.Module) -> int:

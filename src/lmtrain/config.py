@@ -84,7 +84,7 @@ class TrainingConfig(BaseModel):
     optimizer: Literal["adamw", "muon"] = Field(
         "muon", description="adamw | muon (Muon for hidden matrices, AdamW for the rest)")
     muon_learning_rate: float = Field(
-        0.02, gt=0.0, description="OPTIMIZER=muon: peak learning rate of the Muon matrices")
+        0.01, gt=0.0, description="OPTIMIZER=muon: peak learning rate of the Muon matrices")
     batch_size: int = Field(32, ge=1, description="sequences per step (per process)")
     grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only)")

@@ -50,16 +50,28 @@ def tiny_model(**values) -> torch.nn.Module:
     return build_model(cfg, vocab_size=11)
 
 
-def test_gpt_parameter_count_matches_its_shapes():
+def test_gpt2_arch_parameter_count_matches_its_shapes():
     c, v, t, layers = 16, 11, 8, 2
     block = (2 * c) + (c * 3 * c + 3 * c) + (c * c + c) + (2 * c) + (c * 4 * c + 4 * c) \
         + (4 * c * c + c)
     expected = v * c + t * c + layers * block + 2 * c  # the head shares the embedding
-    assert count_parameters(tiny_model()) == (expected, expected)
+    assert count_parameters(tiny_model(arch="gpt2")) == (expected, expected)
+
+
+def test_llama_arch_parameter_count_matches_its_shapes():
+    """No biases, no position table, RMSNorm weights only, SwiGLU, an untied head."""
+    c, v, layers = 16, 11, 2
+    hidden = 64  # 8/3 * 16 = 42.7, rounded up to a multiple of 32
+    block = c + (c * 3 * c) + (c * c) + c + (c * 2 * hidden) + (hidden * c)
+    expected = v * c + layers * block + c + c * v
+    model = tiny_model(arch="llama")
+    assert count_parameters(model) == (expected, expected)
+    assert model.lm_head.weight is not model.transformer.wte.weight
+    assert not any(name.endswith(".bias") for name, _ in model.named_parameters())
 
 
 def test_the_head_is_the_embedding_and_learns_as_one_tensor():
-    model = tiny_model()
+    model = tiny_model(arch="gpt2")
     head, wte = model.lm_head.weight, model.transformer.wte.weight
     assert head is wte and head.shape == (11, 16)
     logits = model(torch.tensor([[1, 2, 3]]))

@@ -56,7 +56,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "llama-adamw": ("AdamW", {"optimizer": "adamw"}),
     "muon-lr-half": ("half Muon lr", {"muon_learning_rate": DEFAULTS.muon_learning_rate / 2}),
     "2x128": ("2 layers", {"n_layer": 2}),
-    "qk-norm": ("QK-norm", {"qk_norm": True}),
+    "no-qk-norm": ("no QK-norm", {"qk_norm": False}),
     "muon-lr-double": ("double Muon lr", {"muon_learning_rate": DEFAULTS.muon_learning_rate * 2}),
     "4x96": ("width 96, 3 heads", {"n_embd": 96, "n_head": 3}),
     "6x192": ("6 layers, 6 heads, width 192", {"n_layer": 6, "n_head": 6, "n_embd": 192}),
@@ -66,7 +66,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
                        "batch_size": 12, "training_steps": 4000, "warmup_steps": 100,
                        "dropout": 0.1}),
 }
-RUNS = ("default", "gpt2-adamw", "gpt2-muon", "llama-adamw", "muon-lr-half", "2x128", "qk-norm")
+RUNS = ("default", "gpt2-adamw", "gpt2-muon", "llama-adamw", "muon-lr-half", "2x128", "no-qk-norm")
 
 
 @dataclass

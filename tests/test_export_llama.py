@@ -41,8 +41,9 @@ def test_lmtrain_export_of_a_llama_lora_run(train_run, tmp_path):
     from lmtrain.inference import load_trained_model
     from lmtrain.models import model_logits
 
-    summary = train_run(arch="llama", use_lora=True, tokenization_method="custom_bpe",
-                        training_steps=3, checkpoint_interval=3, learning_rate=1e-2)
+    summary = train_run(arch="llama", qk_norm=False, use_lora=True,
+                        tokenization_method="custom_bpe", training_steps=3,
+                        checkpoint_interval=3, learning_rate=1e-2)
     ckpt, out = summary.checkpoint_dir / "step_0000003.pt", tmp_path / "hf"
     assert main(["export", str(ckpt), str(out)]) == 0
     loaded = load_trained_model(ckpt)

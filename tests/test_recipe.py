@@ -105,6 +105,13 @@ def test_a_checkpoint_without_the_recipe_settings_resumes_as_gpt2_adamw():
     assert (cfg.arch, cfg.qk_norm, cfg.optimizer) == ("gpt2", False, "adamw")
 
 
+def test_qk_norm_applies_to_llama_only():
+    names = [n for n, _ in build_model(small(arch="gpt2", qk_norm=True), 40).named_parameters()]
+    assert not [n for n in names if "q_norm" in n]
+    names = [n for n, _ in build_model(small(arch="llama", qk_norm=True), 40).named_parameters()]
+    assert [n for n in names if "q_norm" in n]
+
+
 def test_lora_on_llama_trains_only_adapters(train_run):
     summary = train_run(training_steps=4, arch="llama", use_lora=True, optimizer="muon")
     ckpt = load(summary.checkpoint_dir / "step_0000004.pt")
@@ -117,8 +124,7 @@ def test_bad_recipe_settings_are_one_line_errors():
     from lmtrain.config import explicit_settings, load_fresh
     from lmtrain.errors import UserError
 
-    for flags, match in (({"qk_norm": True}, "QK_NORM=1 needs ARCH=llama"),
-                         ({"arch": "llama", "n_embd": 18, "n_head": 2}, "even head width")):
+    for flags, match in (({"arch": "llama", "n_embd": 18, "n_head": 2}, "even head width"),):
         values, sources = explicit_settings(flags={"arch": "gpt2", **flags}, env={})
         with pytest.raises(UserError, match=match):
             load_fresh(values, sources)

@@ -44,7 +44,7 @@ class TrainingConfig(BaseModel):
     use_lora: bool = Field(False, description="train LoRA adapters instead of all weights")
     arch: Literal["gpt2", "llama"] = Field(
         "llama", description="from-scratch architecture: gpt2 | llama (rotary, RMSNorm, SwiGLU)")
-    qk_norm: bool = Field(False, description="ARCH=llama: RMSNorm on queries and keys")
+    qk_norm: bool = Field(True, description="ARCH=llama: RMSNorm on queries and keys")
     n_layer: int = Field(4, ge=0, description="transformer blocks (0 = bigram model)")
     n_head: int = Field(4, ge=1, description="attention heads")
     n_embd: int = Field(128, ge=1, description="embedding width")
@@ -151,8 +151,6 @@ class TrainingConfig(BaseModel):
                 and (self.n_embd // self.n_head) % 2):
             raise ValueError(f"ARCH=llama needs an even head width for rotary positions; "
                              f"N_EMBD / N_HEAD = {self.n_embd // self.n_head}")
-        if self.qk_norm and self.arch != "llama":
-            raise ValueError("QK_NORM=1 needs ARCH=llama")
         if self.gradient_checkpointing and self.model_type != "gpt2":
             raise ValueError("GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2")
         return self

@@ -19,7 +19,7 @@ def build_model(config: TrainingConfig, vocab_size: int) -> nn.Module:
         model = build_from_scratch(GPTConfig(
             vocab_size=vocab_size, block_size=config.block_size, n_layer=config.n_layer,
             n_head=config.n_head, n_embd=config.n_embd, dropout=config.dropout,
-            arch=config.arch, qk_norm=config.qk_norm))
+            arch=config.arch, qk_norm=config.qk_norm and config.arch == "llama"))
     if config.use_lora:
         from lmtrain.models.lora import apply_lora
 

@@ -109,8 +109,9 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
+        if hasattr(self, "q_norm"):  # in fp32, as Hugging Face's RMSNorm computes it
+            q = self.q_norm(q.float()).to(v.dtype)
+            k = self.k_norm(k.float()).to(v.dtype)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         past = 0 if cache is None else cache.length

@@ -13,19 +13,13 @@ import codecs
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from lmtrain.data.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer, Tokenizer
-
-
-def _byte_level_decoding() -> dict[str, int]:
-    """GPT-2's printable-unicode character -> byte table (the inverse of ``bytes_to_unicode``)."""
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    table = {chr(b): b for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + n)] = b
-            n += 1
-    return table
+from lmtrain.data.tokenizers import (
+    BPETokenizer,
+    CharTokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    byte_level_decoding,
+)
 
 
 def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
@@ -36,7 +30,7 @@ def token_bytes(tokenizer: Tokenizer) -> list[bytes]:
     if isinstance(tokenizer, CharTokenizer):
         return [c.encode("utf-8", "surrogatepass") for c in tokenizer.chars]
     if isinstance(tokenizer, BPETokenizer):  # byte-level BPE; added tokens are plain text
-        table = _byte_level_decoding()
+        table = byte_level_decoding()
         out = []
         for i in range(tokenizer.vocab_size):
             piece = tokenizer.tok.id_to_token(i) or ""

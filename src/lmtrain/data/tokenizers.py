@@ -155,6 +155,20 @@ def gpt2_file(name: str) -> bytes:
 
 
 @functools.cache
+def byte_level_decoding() -> dict[str, int]:
+    """GPT-2's printable-unicode character -> byte table (the inverse of ``bytes_to_unicode``;
+    the same one tiktoken's data_gym loader uses)."""
+    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
+    table = {chr(b): b for b in printable}
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + n)] = b
+            n += 1
+    return table
+
+
+@functools.cache
 def gpt2_encoding() -> tiktoken.Encoding:
     """tiktoken's GPT-2 encoding built offline from the packaged, hash-checked GPT-2 files."""
     import tiktoken
@@ -162,14 +176,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
 
     encoder = json.loads(gpt2_file("encoder.json"))
     merges = gpt2_file("vocab.bpe").decode("utf-8").split("\n")
-    # GPT-2's byte <-> printable-unicode table (the same one tiktoken's data_gym loader uses).
-    printable = [b for b in range(256) if chr(b).isprintable() and chr(b) != " "]
-    byte_of = {chr(b): b for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in printable:
-            byte_of[chr(256 + n)] = b
-            n += 1
+    byte_of = byte_level_decoding()
     ranks = {bytes(byte_of[c] for c in tok): idx for tok, idx in encoder.items()
              if tok not in ("<|endoftext|>", "<|startoftext|>")}
     if len(merges) < 2 or len(ranks) != GPT2_VOCAB_SIZE - 1:

@@ -403,9 +403,7 @@ def restore(ctx: RunContext, ckpt: Mapping[str, Any], where: str) -> None:
         torch.cuda.set_rng_state_all(cuda_states)
     saved_world = int(ckpt.get("world_size") or 1)
     if saved_world != ctx.world_size:
-        from lmtrain.train.state import reseed_for_new_world
-
-        reseed_for_new_world(ctx, saved_world)
+        _reseed_for_new_world(ctx, saved_world)
         return
     sampler_state = ckpt["sampler_state"]
     if isinstance(sampler_state, list):  # one state per rank (distributed runs)
@@ -513,3 +511,21 @@ def _finite(value: Any) -> float | None:
         return None
     value = float(value)
     return value if math.isfinite(value) else None
+
+
+def _reseed_for_new_world(ctx: RunContext, saved_world: int) -> None:
+    """Batch order and dropout for a resume with another number of processes: seeded from
+    (SEED, rank, step), so ranks differ and no rank replays the run's first batches."""
+    import numpy as np
+    import torch
+
+    seed = int(np.random.SeedSequence([ctx.config.seed, ctx.rank, ctx.step]).generate_state(1)[0])
+    ctx.sampler.manual_seed(seed)
+    torch.manual_seed(seed)
+    if ctx.is_main:
+        log.warning(
+            "the checkpoint was written by %d process(es), this run has %d: weights and "
+            "optimizer continue, but batch order and dropout are freshly seeded and a step "
+            "now takes %d× BATCH_SIZE sequences instead of %d×, so this is not a bit-exact "
+            "continuation (resume with the same number of processes for that)", saved_world,
+            ctx.world_size, ctx.world_size, saved_world)

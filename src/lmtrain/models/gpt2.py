@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -121,8 +122,6 @@ def resolve_gpt2(loaded: LoadedConfig, ckpt: Mapping[str, Any] | None = None) ->
         return loaded
     if (ckpt is not None and cfg.use_lora
             and loaded.sources.get("gpt2_model_name", "default") in UNSET_SOURCES):
-        from lmtrain.models.lora import find_base
-
         name = find_base(dict(ckpt.get("lora_base") or {}), None)
         loaded = LoadedConfig(cfg.model_copy(update={"gpt2_model_name": name}),
                               {**loaded.sources, "gpt2_model_name": "checkpoint's lora_base"})
@@ -259,3 +258,27 @@ def enable_checkpointing(model: GPT2LMHeadModel) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def find_base(saved: dict[str, str], override: str | None) -> str:
+    """The GPT-2 folder or hub id to load an adapter's base from.
+
+    ``override`` (``--base`` / ``GPT2_MODEL_NAME``) when given; else the first of the saved
+    absolute folder, the saved hub id's cached snapshot at the saved revision, and the name as
+    it was given, that exists. The caller checks the fingerprint of what it loads.
+    """
+    if override:
+        return override
+    resolved, revision = saved.get("resolved") or "", saved.get("revision") or ""
+    candidates = [resolved if Path(resolved).is_absolute() else None,
+                  snapshot_folder(resolved, revision) if resolved and revision else None]
+    for folder in candidates:
+        if folder and Path(folder).is_dir():
+            return folder
+    name = saved.get("name") or ""
+    if Path(name).expanduser().is_dir() or locate(name)["revision"]:
+        return name  # a folder here, or a hub id at whatever revision the cache holds
+    raise UserError(
+        f"the LoRA adapter's base model {name!r} (resolved {resolved or name!r}) is not found "
+        f"from {os.getcwd()!r}; pass --base (or set GPT2_MODEL_NAME) to the folder or hub id "
+        f"of that base model: its weights fingerprint decides whether it fits")

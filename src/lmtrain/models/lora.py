@@ -10,9 +10,7 @@ it is the adapter's base.
 from __future__ import annotations
 
 import hashlib
-import os
 import warnings
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -59,36 +57,12 @@ def base_location(config: TrainingConfig) -> dict[str, str]:
     return locate(config.gpt2_model_name, config.allow_download)
 
 
-def find_base(saved: dict[str, str], override: str | None) -> str:
-    """The GPT-2 folder or hub id to load an adapter's base from.
-
-    ``override`` (``--base`` / ``GPT2_MODEL_NAME``) when given; else the first of the saved
-    absolute folder, the saved hub id's cached snapshot at the saved revision, and the name as
-    it was given, that exists. The caller checks the fingerprint of what it loads.
-    """
-    if override:
-        return override
-    from lmtrain.models.gpt2 import locate, snapshot_folder
-
-    resolved, revision = saved.get("resolved") or "", saved.get("revision") or ""
-    candidates = [resolved if Path(resolved).is_absolute() else None,
-                  snapshot_folder(resolved, revision) if resolved and revision else None]
-    for folder in candidates:
-        if folder and Path(folder).is_dir():
-            return folder
-    name = saved.get("name") or ""
-    if Path(name).expanduser().is_dir() or locate(name)["revision"]:
-        return name  # a folder here, or a hub id at whatever revision the cache holds
-    raise UserError(
-        f"the LoRA adapter's base model {name!r} (resolved {resolved or name!r}) is not found "
-        f"from {os.getcwd()!r}; pass --base (or set GPT2_MODEL_NAME) to the folder or hub id "
-        f"of that base model: its weights fingerprint decides whether it fits")
-
-
 def with_base(config: TrainingConfig, ckpt: dict[str, Any], override: str | None
               ) -> TrainingConfig:
     """A GPT-2 checkpoint's config with GPT2_MODEL_NAME set to where the base is found now:
     ``override`` (``--base`` / ``GPT2_MODEL_NAME``) or, for an adapter, :func:`find_base`."""
+    from lmtrain.models.gpt2 import find_base
+
     if config.model_type != "gpt2":
         return config
     if config.use_lora:

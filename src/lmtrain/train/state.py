@@ -8,7 +8,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,7 +17,9 @@ from lmtrain.config import TrainingConfig
 from lmtrain.data.dataset import TokenData
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.distributed import all_gather_objects
-from lmtrain.reporting import MetricsWriter
+
+if TYPE_CHECKING:
+    from lmtrain.reporting import MetricsWriter
 
 log = logging.getLogger("lmtrain")
 
@@ -76,20 +78,3 @@ def gather_rank_states(ctx: RunContext) -> dict[str, Any]:
     states = all_gather_objects(mine)
     return {"sampler_state": [s["sampler"] for s in states],
             "rank_rng_states": [{"cpu": s["cpu"], "cuda": s["cuda"]} for s in states]}
-
-
-def reseed_for_new_world(ctx: RunContext, saved_world: int) -> None:
-    """Batch order and dropout for a resume with another number of processes: seeded from
-    (SEED, rank, step), so ranks differ and no rank replays the run's first batches."""
-    import numpy as np
-
-    seed = int(np.random.SeedSequence([ctx.config.seed, ctx.rank, ctx.step]).generate_state(1)[0])
-    ctx.sampler.manual_seed(seed)
-    torch.manual_seed(seed)
-    if ctx.is_main:
-        log.warning(
-            "the checkpoint was written by %d process(es), this run has %d: weights and "
-            "optimizer continue, but batch order and dropout are freshly seeded and a step "
-            "now takes %d× BATCH_SIZE sequences instead of %d×, so this is not a bit-exact "
-            "continuation (resume with the same number of processes for that)", saved_world,
-            ctx.world_size, ctx.world_size, saved_world)

@@ -64,7 +64,8 @@ class LmtrainSide:
             learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, dropout=DROPOUT,
             training_steps=total, warmup_steps=args.warmup, lr_decay_steps=total,
             enable_checkpoints=False, eval_interval=10**9, log_interval=10**9,
-            precision=args.precision, device=args.device, seed=args.seed, **LORA)
+            precision=args.precision, device=args.device, seed=args.seed,
+            optimizer="adamw", **LORA)  # the Trainer's optimizer (lmtrain's default is Muon)
         device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
         model = build_model(cfg, 50257).to(device)

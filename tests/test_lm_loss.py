@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmtrain.train.lm_loss import _cast_weight, chunked_lm_loss, linear_cross_entropy
+from lmtrain.train.lm_loss import (
+    _cast_weight,
+    _softmax_grad_,
+    chunked_lm_loss,
+    linear_cross_entropy,
+)
 
 
 def _reference(h, w, y):
@@ -94,3 +99,21 @@ def test_other_models_keep_the_logits_path() -> None:
                                          n_embd=8))
     assert chunked_lm_loss(model, torch.zeros(1, 8, dtype=torch.long),
                            torch.zeros(1, 8, dtype=torch.long)) is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 3, 16, 64])
+def test_softmax_gradient_in_row_blocks_equals_softmax_minus_one_hot(dtype, rows) -> None:
+    torch.manual_seed(0)
+    logits = (torch.randn(21, 37) * 4).to(dtype)
+    targets = torch.randint(37, (21,))
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    expected = (logp.exp() - F.one_hot(targets, 37)).to(dtype)
+    out = logits.clone()
+    picked = _softmax_grad_(out, targets, True, rows)
+    assert picked.dtype == torch.float32
+    torch.testing.assert_close(picked, logp[torch.arange(21), targets], rtol=0, atol=1e-6)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    untouched = logits.clone()
+    _softmax_grad_(untouched, targets, False, rows)
+    assert torch.equal(untouched, logits)

@@ -5,7 +5,7 @@ the ``(tokens, vocab)`` logits in bf16, an fp32 copy, the fp32 log-softmax and, 
 backward pass, the fp32 and bf16 gradients of the logits. Here each chunk of rows is projected,
 reduced to its loss and turned into its gradient at once (softmax minus one-hot), so only one
 ``(chunk, vocab)`` block exists at a time and the backward pass is a multiplication by the saved
-input gradient. The matrix products are the same ones, in the same precision as autocast's.
+input gradient. The softmax and its gradient run over a few rows at a time, in the cache. The matrix products are the same ones, in the same precision as autocast's.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from torch import nn
 #: Rows per chunk: a (1024 x 50,257) fp32 block is ~206 MB, one batch of 8 x 128 tokens (larger
 #: matrix products were faster than 256- or 512-row chunks on the CPU).
 CHUNK_ROWS = 1024
+#: Rows per step of the softmax and its gradient: a (16 x 50,257) fp32 block is ~3 MB
+SOFTMAX_ROWS = 16
 IGNORE_INDEX = -100
 
 
@@ -47,6 +49,23 @@ def _cast_weight(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cached[1]
 
 
+def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, grad: bool,
+                   rows: int = SOFTMAX_ROWS) -> torch.Tensor:
+    """The fp32 log-probabilities of ``targets`` under ``logits`` (chunk, vocab); with ``grad``,
+    ``logits`` is overwritten in place by softmax minus one-hot. A few rows at a time, so each
+    block is read from memory once and its fp32 copy, log-sum-exp and exponentials stay in the
+    cache."""
+    picked = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+    for a in range(0, len(logits), rows):
+        logp = torch.log_softmax(logits[a:a + rows].float(), dim=-1)
+        at = (torch.arange(len(logp), device=logp.device), targets[a:a + rows])
+        picked[a:a + rows] = logp[at]
+        if grad:
+            logp.exp_()[at] -= 1.0
+            logits[a:a + rows] = logp
+    return picked
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """``cross_entropy(hidden @ weight.T, targets)`` (mean over targets != -100), with the
     gradients computed during the forward pass, chunk by chunk."""
@@ -64,18 +83,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
             for s in range(0, h.shape[0], chunk):
                 rows, tgt, ok = h[s:s + chunk], targets[s:s + chunk], valid[s:s + chunk]
-                logp = torch.log_softmax((rows @ w.t()).float(), dim=-1)
-                safe = tgt.masked_fill(~ok, 0)
-                at = (torch.arange(len(safe), device=logp.device), safe)
-                picked = logp[at]  # log-probabilities of the targets
+                g = rows @ w.t()  # the logits, overwritten with d loss / d logits
+                picked = _softmax_grad_(g, tgt.masked_fill(~ok, 0), need_h or need_w)
                 total -= (picked * ok).sum()
                 if not (need_h or need_w):
                     continue
                 # d loss / d logits = (softmax - one-hot) * ok / count; the per-row factor is
                 # applied to the (chunk, C) products, not to the (chunk, vocab) block
-                g = torch.exp(logp, out=logp if compute_dtype == logp.dtype else
-                              torch.empty_like(logp, dtype=compute_dtype))
-                g[at] = (picked.exp() - 1.0).to(compute_dtype)
                 scale = (ok.to(torch.float32) / count)[:, None]
                 if need_h:
                     grad_h[s:s + chunk] = (g @ w).to(hidden.dtype) * scale

@@ -5,7 +5,8 @@ the ``(tokens, vocab)`` logits in bf16, an fp32 copy, the fp32 log-softmax and, 
 backward pass, the fp32 and bf16 gradients of the logits. Here each chunk of rows is projected,
 reduced to its loss and turned into its gradient at once (softmax minus one-hot), so only one
 ``(chunk, vocab)`` block exists at a time and the backward pass is a multiplication by the saved
-input gradient. The softmax and its gradient run over a few rows at a time, in the cache. The matrix products are the same ones, in the same precision as autocast's.
+input gradient. The softmax and its gradient run over a few rows at a time, in the cache. The
+matrix products are the same ones, in the same precision as autocast's.
 """
 
 from __future__ import annotations

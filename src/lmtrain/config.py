@@ -52,7 +52,8 @@ class TrainingConfig(BaseModel):
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="dropout probability")
     gpt2_model_name: str = Field(
         "gpt2", description="GPT-2 folder (save_pretrained layout) or hub id in the local cache")
-    allow_download: bool = Field(False, description="let MODEL_TYPE=gpt2 download from the hub")
+    allow_download: bool = Field(
+        False, description="let MODEL_TYPE=gpt2 and hf: data sources download from the hub")
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r)")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout")
@@ -62,8 +63,11 @@ class TrainingConfig(BaseModel):
 
     # data and tokenizer
     training_data_source: str = Field(
-        DEFAULT_CORPUS, description="text file, folder, glob or .jsonl (default: bundled corpus)")
-    text_field: str = Field("text", description="field holding the text in .jsonl sources")
+        DEFAULT_CORPUS, description="text file, folder, glob, .jsonl, .parquet/.arrow file or "
+                                    "folder, or hf:NAME[:CONFIG][@SPLIT] (default: bundled "
+                                    "corpus)")
+    text_field: str = Field(
+        "text", description="field (column) holding the text in .jsonl and dataset sources")
     tokenization_method: Literal["character", "gpt2", "custom_bpe"] = Field(
         "character", description="character | gpt2 | custom_bpe (from-scratch model)")
     custom_vocab_size: int = Field(

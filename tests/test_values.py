@@ -58,13 +58,16 @@ def test_gpt2_arch_parameter_count_matches_its_shapes():
     assert count_parameters(tiny_model(arch="gpt2")) == (expected, expected)
 
 
-def test_llama_arch_parameter_count_matches_its_shapes():
-    """No biases, no position table, RMSNorm weights only, SwiGLU, an untied head."""
-    c, v, layers = 16, 11, 2
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_llama_arch_parameter_count_matches_its_shapes(qk_norm):
+    """No biases, no position table, RMSNorm weights only, SwiGLU, an untied head; QK-norm adds
+    one RMSNorm weight per head dimension for queries and one for keys in each block."""
+    c, v, layers, head_dim = 16, 11, 2, 8
     hidden = 64  # 8/3 * 16 = 42.7, rounded up to a multiple of 32
     block = c + (c * 3 * c) + (c * c) + c + (c * 2 * hidden) + (hidden * c)
+    block += 2 * head_dim if qk_norm else 0
     expected = v * c + layers * block + c + c * v
-    model = tiny_model(arch="llama")
+    model = tiny_model(arch="llama", qk_norm=qk_norm)
     assert count_parameters(model) == (expected, expected)
     assert model.lm_head.weight is not model.transformer.wte.weight
     assert not any(name.endswith(".bias") for name, _ in model.named_parameters())

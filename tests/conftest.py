@@ -25,6 +25,31 @@ TINY: dict[str, Any] = {
 }
 
 
+def load_file(path: Path) -> dict[str, Any]:
+    """A checkpoint file as plain data (``weights_only``), on the CPU."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_losses(metrics_file: Path, since: int = 0) -> dict[int, float]:
+    """Step -> logged training loss, for the steps after ``since``."""
+    from lmtrain.reporting import read_metrics
+
+    return {r["step"]: r["train_loss"] for r in read_metrics(metrics_file)
+            if r.get("kind") == "train" and r["step"] > since}
+
+
+def whole_and_resumed(train_run, total: int = 14, split: int = 6, **common: Any):
+    """``total`` steps in one run, and ``split`` steps then a resume of the rest:
+    (whole, part, resumed) run summaries, for exact-resume tests."""
+    whole = train_run(training_steps=total, run_name="whole", **common)
+    part = train_run(training_steps=split, run_name="part", **common)
+    resumed = train_run(checkpoint_path=str(part.checkpoint_dir / f"step_{split:07d}.pt"),
+                        resume_steps=total - split, **common)
+    return whole, part, resumed
+
+
 @pytest.fixture(autouse=True)
 def _private_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Keep the default token cache (under the user cache dir) inside the test's tmp_path."""

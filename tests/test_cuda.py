@@ -12,17 +12,11 @@ import sys
 import pytest
 import torch
 
-from lmtrain.reporting import read_metrics
-from tests.conftest import ROOT
+from tests.conftest import ROOT, train_losses
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 GPU = {"device": "cuda", "precision": "bf16"}
-
-
-def train_losses(metrics_file, since: int = 0) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_metrics(metrics_file)
-            if r.get("kind") == "train" and r["step"] > since}
 
 
 def test_bf16_run_on_cuda_uses_the_gpu_and_fused_adamw(train_run):

@@ -8,17 +8,9 @@ import torch
 
 from lmtrain.config import TrainingConfig
 from lmtrain.models import build_model
-from lmtrain.reporting import read_metrics
 from lmtrain.train.optim import CombinedOptimizer, build_optimizer, set_learning_rate
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def train_losses(metrics_file, since: int = 0) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_metrics(metrics_file)
-            if r.get("kind") == "train" and r["step"] > since}
+from tests.conftest import load_file as load
+from tests.conftest import train_losses, whole_and_resumed
 
 
 def small(**kw) -> TrainingConfig:
@@ -66,10 +58,7 @@ def test_exact_resume_is_bitwise(train_run, arch, optimizer):
     common = dict(dropout=0.2, warmup_steps=3, lr_decay_steps=14, eval_interval=4,
                   checkpoint_interval=100, n_layer=2, arch=arch, optimizer=optimizer,
                   qk_norm=arch == "llama")
-    whole = train_run(training_steps=14, run_name="whole", **common)
-    part = train_run(training_steps=6, run_name="part", **common)
-    resumed = train_run(checkpoint_path=str(part.checkpoint_dir / "step_0000006.pt"),
-                        resume_steps=8, **common)
+    whole, part, resumed = whole_and_resumed(train_run, **common)
     a = load(whole.checkpoint_dir / "step_0000014.pt")
     b = load(resumed.checkpoint_dir / "step_0000014.pt")
     assert b["hyperparameters"]["arch"] == arch and b["hyperparameters"]["optimizer"] == optimizer

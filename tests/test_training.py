@@ -9,15 +9,8 @@ import torch
 
 from lmtrain.checkpoint import REQUIRED_KEYS, list_checkpoints
 from lmtrain.reporting import read_metrics
-
-
-def train_losses(metrics_file, since: int = 0) -> dict[int, float]:
-    return {r["step"]: r["train_loss"] for r in read_metrics(metrics_file)
-            if r.get("kind") == "train" and r["step"] > since}
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+from tests.conftest import load_file as load
+from tests.conftest import train_losses, whole_and_resumed
 
 
 def test_fresh_run_writes_checkpoints_logs_and_metrics(train_run):
@@ -63,10 +56,7 @@ def test_exact_resume_is_bitwise(train_run, tmp_path, n_layer):
     """N+M steps in one go == N steps, then M resumed steps: same weights, same losses."""
     common = dict(dropout=0.2, lr_scheduler="cosine", warmup_steps=3, lr_decay_steps=14,
                   eval_interval=4, checkpoint_interval=100, n_layer=n_layer)
-    whole = train_run(training_steps=14, run_name="whole", **common)
-    part = train_run(training_steps=6, run_name="part", **common)
-    resumed = train_run(checkpoint_path=str(part.checkpoint_dir / "step_0000006.pt"),
-                        resume_steps=8, **common)
+    whole, part, resumed = whole_and_resumed(train_run, **common)
     a = load(whole.checkpoint_dir / "step_0000014.pt")
     b = load(resumed.checkpoint_dir / "step_0000014.pt")
     for key, tensor in a["model_state_dict"].items():

@@ -117,7 +117,7 @@ class Decoder:
     def next_logits(self, ids: list[int]) -> torch.Tensor:
         """Logits ``(vocab,)`` for the token after ``ids`` (seeing its last ``block_size``)."""
         start = max(len(ids) - self.block_size, 0)
-        if self.cache is None or start != self.start or self.kind in ("plain", "hf_nocache"):
+        if self.cache is None or start != self.start:  # only "hf" and "gpt" keep a cache
             self.cache, self.start, self.length = None, start, 0  # crop: prefill a fresh cache
         new = ids[start + self.length:]
         idx = torch.tensor([new], dtype=torch.long, device=self.device)
@@ -180,11 +180,6 @@ def _low_precision(model: nn.Module) -> torch.dtype | None:
     return low.pop() if low else None
 
 
-def eot_id(tokenizer: Tokenizer) -> int | None:
-    """The tokenizer's end-of-text id, if it has one."""
-    return getattr(tokenizer, "eot_id", None)
-
-
 def stream_sample(
     model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, block_size: int,
     device: torch.device, sampling: Sampling, generator: torch.Generator | None = None,
@@ -195,14 +190,13 @@ def stream_sample(
     The prompt is token-healed; pass ``table`` (:func:`token_bytes`) to reuse it across samples.
     """
     table = table if table is not None else token_bytes(tokenizer)
-    healed = heal_prompt(start_context(tokenizer, prompt), table) if prompt else None
-    context = healed.context if healed else start_context(tokenizer, prompt)
+    healed = heal_prompt(start_context(tokenizer, prompt), table)  # one id: left as it is
     ids = sample_tokens(
-        model, context, max_new_tokens, block_size, device, sampling.temperature,
+        model, healed.context, max_new_tokens, block_size, device, sampling.temperature,
         sampling.top_k, generator, top_p=sampling.top_p,
-        stop_id=eot_id(tokenizer) if sampling.stop_at_eot else None,
-        first_allowed=healed.allowed if healed else None)
-    yield from stream_text(ids, table, healed.prefix if healed else b"")
+        stop_id=tokenizer.eot_id if sampling.stop_at_eot else None,
+        first_allowed=healed.allowed)
+    yield from stream_text(ids, table, healed.prefix)
 
 
 def generate_text(

@@ -203,6 +203,21 @@ def test_a_format_1_checkpoint_without_digest_or_tracker_ids_still_loads(tmp_pat
     assert load_checkpoint(old)["step"] == 4
 
 
+def test_a_checkpoint_from_before_the_recipe_settings_loads_as_what_it_was(tmp_path,
+                                                                            tiny_checkpoint):
+    """Hyperparameters without ARCH/QK_NORM/OPTIMIZER were a gpt2 + AdamW run: validation,
+    sampling/export loading and resuming all read them so (not as today's defaults)."""
+    from lmtrain.inference import load_trained_model
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    for key in ("arch", "qk_norm", "optimizer"):
+        ckpt["hyperparameters"].pop(key)
+    old = save_checkpoint(tmp_path / "before-recipe.pt", ckpt)
+    cfg = config_of(load_checkpoint(old))
+    assert (cfg.arch, cfg.qk_norm, cfg.optimizer) == ("gpt2", False, "adamw")
+    assert load_trained_model(old).config.arch == "gpt2"
+
+
 def test_tracker_run_ids_are_saved_and_restored(train_run, tmp_path, tiny_checkpoint):
     assert load_checkpoint(tiny_checkpoint)["tracker_run_ids"] == {}
     start = crafted(tiny_checkpoint, tmp_path / "ids.pt", tracker_run_ids={"wandb": "abc123"})

@@ -207,11 +207,9 @@ def config_of(ckpt: Mapping[str, Any]) -> TrainingConfig:
     """What the run *is*, as saved: its hyperparameters minus everything about where an
     invocation works (paths, run name, rotation, downloads, outputs), which always come from
     the user or the defaults."""
-    from lmtrain.config import FIELDS, INVOCATION_FIELDS, TrainingConfig
+    from lmtrain.config import TrainingConfig, saved_run_settings
 
-    saved = {k: v for k, v in ckpt["hyperparameters"].items()
-             if k in FIELDS and k not in INVOCATION_FIELDS}
-    return TrainingConfig.model_validate(saved)
+    return TrainingConfig.model_validate(saved_run_settings(ckpt["hyperparameters"]))
 
 
 def _problems(ckpt: dict[str, Any]) -> list[str]:

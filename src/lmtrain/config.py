@@ -422,13 +422,21 @@ def check_settings(values: dict[str, Any], sources: dict[str, str]) -> None:
             raise UserError(_explain(exc, values, sources)) from None
 
 
+def saved_run_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """What a checkpoint's hyperparameters say the run *is*: every setting but this
+    invocation's (:data:`INVOCATION_FIELDS`); a checkpoint from before the llama/Muon recipe
+    gets the settings it was trained with (:data:`SETTINGS_BEFORE_RECIPE`)."""
+    base = {k: v for k, v in saved.items() if k in FIELDS and k not in INVOCATION_FIELDS}
+    for k, v in SETTINGS_BEFORE_RECIPE.items():
+        base.setdefault(k, v)
+    return base
+
+
 def load_resumed(
     saved: Mapping[str, Any], values: dict[str, Any], sources: dict[str, str],
 ) -> LoadedConfig:
     """Resume: the checkpoint's hyperparameters, then allowed explicit overrides."""
-    base = {k: v for k, v in saved.items() if k in FIELDS and k not in INVOCATION_FIELDS}
-    for k, v in SETTINGS_BEFORE_RECIPE.items():  # older checkpoints: what they were trained with
-        base.setdefault(k, v)
+    base = saved_run_settings(saved)
     merged_src = {k: "checkpoint" for k in base}
     for k in FIELDS:
         merged_src.setdefault(k, "default")

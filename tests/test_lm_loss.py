@@ -117,3 +117,22 @@ def test_softmax_gradient_in_row_blocks_equals_softmax_minus_one_hot(dtype, rows
     untouched = logits.clone()
     _softmax_grad_(untouched, targets, False, rows)
     assert torch.equal(untouched, logits)
+
+
+def test_the_from_scratch_loss_never_imports_transformers():
+    """The per-step check for a Hugging Face output layer costs a from-scratch run nothing."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\n"
+            "from lmtrain.config import TrainingConfig\n"
+            "from lmtrain.models import build_model\n"
+            "from lmtrain.train.evaluate import compute_loss\n"
+            "cfg = TrainingConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)\n"
+            "model = build_model(cfg, 11)\n"
+            "x = torch.zeros(2, 8, dtype=torch.long)\n"
+            "compute_loss(model, x, x).backward()\n"
+            "print('transformers' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert out.stdout.strip() == "False"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from lmtrain.config import TrainingConfig
 from lmtrain.data.tokenizers import GPT2_EOT, CharTokenizer, GPT2FilesTokenizer, Tokenizer
 from lmtrain.errors import UserError
 from lmtrain.healing import heal_prompt, stream_text, token_bytes
-from lmtrain.models import model_logits
+from lmtrain.models import hf_model, model_logits
 
 
 def start_context(tokenizer: Tokenizer, prompt: str) -> list[int]:
@@ -87,23 +86,13 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def _hf_model(model: nn.Module) -> nn.Module | None:
-    """The ``transformers`` model under ``model`` (a peft wrapper, perhaps), else ``None``."""
-    if "transformers" not in sys.modules:  # not imported: no such model exists here
-        return None
-    from transformers import PreTrainedModel
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return base if isinstance(base, PreTrainedModel) else None
-
-
 class Decoder:
     """Next-token logits for a growing sequence, reusing a KV cache where the model has one."""
 
     def __init__(self, model: nn.Module, block_size: int, device: torch.device,
                  use_cache: bool = True) -> None:
         self.model, self.block_size, self.device = model, block_size, device
-        hf = _hf_model(model)
+        hf = hf_model(model)
         self.kind = ("hf" if hf is not None else "gpt" if hasattr(model, "make_kv_cache")
                      else "plain")
         if not use_cache:

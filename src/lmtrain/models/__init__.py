@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -31,6 +33,17 @@ def model_logits(model: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """Logits from either our GPT (returns a tensor) or a Hugging Face model (returns an object)."""
     out = model(idx)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def hf_model(model: nn.Module) -> nn.Module | None:
+    """The ``transformers`` model under ``model`` (a peft wrapper, perhaps), else ``None``
+    (our GPT, a DDP wrapper). Cheap for from-scratch runs: transformers is not imported."""
+    if "transformers" not in sys.modules:  # not imported: no such model exists here
+        return None
+    from transformers import PreTrainedModel
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base if isinstance(base, PreTrainedModel) else None
 
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:

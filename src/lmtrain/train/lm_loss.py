@@ -16,6 +16,8 @@ import weakref
 import torch
 from torch import nn
 
+from lmtrain.models import hf_model
+
 #: Rows per chunk: a (1024 x 50,257) fp32 block is ~206 MB, one batch of 8 x 128 tokens (larger
 #: matrix products were faster than 256- or 512-row chunks on the CPU).
 CHUNK_ROWS = 1024
@@ -123,11 +125,11 @@ def split_output_layer(model: nn.Module):
     """``(body, head weight)`` for a Hugging Face causal LM, bare or under peft adapters, where
     ``body(x)`` gives the final hidden states; ``None`` for any other model (or wrapper, such as
     DistributedDataParallel, whose forward must run)."""
+    base = hf_model(model)  # peft's forward only calls the base model
+    if base is None:  # our GPT, or a wrapper whose forward must run: checked with no import
+        return None
     from transformers import GPT2LMHeadModel
 
-    base = model
-    if type(model).__name__.startswith("PeftModel") and hasattr(model, "get_base_model"):
-        base = model.get_base_model()  # peft's forward only calls the base model
     if not isinstance(base, GPT2LMHeadModel):
         return None
 

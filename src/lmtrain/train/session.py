@@ -39,7 +39,7 @@ from lmtrain.reporting import (
     timestamp,
     write_output_file,
 )
-from lmtrain.run_folder import RunLock
+from lmtrain.run_folder import LOCK_NAME, RunLock
 from lmtrain.signals import StopRequest, resume_commands, signal_name, stop_on_signals
 from lmtrain.trackers import check_installed, tracker_names
 from lmtrain.train.frozen import store_frozen_base_in
@@ -199,7 +199,7 @@ def _remove_unused(created: list[Path]) -> None:
     for folder in created:
         try:
             entries = list(folder.iterdir())
-            if all(p.name == ".lock" for p in entries):
+            if all(p.name == LOCK_NAME for p in entries):
                 for p in entries:
                     p.unlink()
                 folder.rmdir()
@@ -229,9 +229,7 @@ def _interrupted(exc: TrainingInterrupted, ctx: RunContext, start: int, end: int
     elif ctx.step == start:
         exc.step = None  # nothing trained yet
     if exc.checkpoint is not None:
-        remaining = max(end - exc.step, 0)
-        plain = max(ctx.config.training_steps - exc.step, 0)
-        exc.resume_steps = None if remaining == plain else remaining
+        exc.resume_steps = _resume_steps(ctx, exc.step, end)
     log.warning("interrupted by %s at step %d; checkpoint: %s", signal_name(exc.signum),
                 ctx.step, exc.checkpoint or "none")
     return exc
@@ -256,7 +254,8 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
         start_context(ctx.tokenizer, default_prompt(cfg))
     trainable, total = count_parameters(ctx.raw_model)
     log.info("lmtrain %s run %s", "resuming" if resumed else "starting", ctx.run_name)
-    for line in _settings_lines(plan):
+    settings = _settings_lines(plan)
+    for line in settings:
         log.info("  %s", line)
     log.info("device %s, precision %s, %s tokenizer (%d tokens), %d train / %d val tokens",
              ctx.device, ctx.autocast_dtype or "fp32", ctx.tokenizer.kind,
@@ -319,7 +318,7 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
     if cfg.enable_output_to_file and ctx.is_main:
         try:
             summary.output_file = write_output_file(
-                cfg, plan.paths.outputs, ctx.run_name, _settings_lines(plan), results,
+                cfg, plan.paths.outputs, ctx.run_name, settings, results,
                 summary.sample)
             log.info("wrote %s", summary.output_file)
         except OSError as exc:  # the run is trained and saved: a missing report is a warning
@@ -337,9 +336,8 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
 def _settings_lines(plan: RunPlan) -> list[str]:
     """``name = value  (source)`` for a fresh run's non-default settings; on resume only those
     that differ from the checkpoint (the rest is the checkpoint's, see ``lmtrain inspect``)."""
-    lines = plan.loaded.describe()
     if plan.resume is None:
-        return lines
+        return plan.loaded.describe()
     saved, sources = plan.resume.checkpoint["hyperparameters"], plan.loaded.sources
     lines, same = [], 0
     for name, value in sorted(plan.config.model_dump().items()):
@@ -363,10 +361,16 @@ def _with_resume_command(exc: UserError, ctx: RunContext, start: int, end: int,
         step, checkpoint = start, resume_path
     else:
         return exc
+    command = resume_commands(checkpoint, _resume_steps(ctx, step, end))[0]
+    return UserError(f"{exc}; resume with: {command}")
+
+
+def _resume_steps(ctx: RunContext, step: int, end: int) -> int | None:
+    """The RESUME_STEPS that finishes this session from ``step``; ``None`` when a plain resume
+    (up to TRAINING_STEPS) does the same."""
     remaining = max(end - step, 0)
     plain = max(ctx.config.training_steps - step, 0)
-    command = resume_commands(checkpoint, None if remaining == plain else remaining)[0]
-    return UserError(f"{exc}; resume with: {command}")
+    return None if remaining == plain else remaining
 
 
 def _report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:

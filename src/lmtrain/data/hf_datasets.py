@@ -188,7 +188,7 @@ class ArrowStream:
         self.separator = separator
         self.bytes_read = 0
         self.rows_read = 0
-        self._rows: int | None = None
+        self._file_rows: dict[Path, int] = {}  # counted once: an Arrow stream is walked to count
 
     @property
     def total_bytes(self) -> int:
@@ -197,9 +197,7 @@ class ArrowStream:
     @property
     def total_rows(self) -> int:
         """Rows in all files (from Parquet metadata / Arrow batch headers)."""
-        if self._rows is None:
-            self._rows = sum(self._count_rows(p) for p in self.files)
-        return self._rows
+        return sum(self._rows_of(p) for p in self.files)
 
     def digest(self) -> str:
         """sha256 of the files' contents, in order, and of ``TEXT_FIELD``."""
@@ -210,7 +208,7 @@ class ArrowStream:
         self.bytes_read = self.rows_read = 0
         first = True
         for path in self.files:
-            size, rows = path.stat().st_size, max(self._count_rows(path), 1)
+            size, rows = path.stat().st_size, max(self._rows_of(path), 1)
             done_before, rows_before = self.bytes_read, self.rows_read
             for texts in self._batches(path):
                 for text in texts:
@@ -223,6 +221,11 @@ class ArrowStream:
                 self.rows_read += len(texts)
                 self.bytes_read = done_before + size * (self.rows_read - rows_before) // rows
             self.bytes_read = done_before + size
+
+    def _rows_of(self, path: Path) -> int:
+        if path not in self._file_rows:
+            self._file_rows[path] = self._count_rows(path)
+        return self._file_rows[path]
 
     def _count_rows(self, path: Path) -> int:
         if path.suffix == ".parquet":

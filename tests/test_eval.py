@@ -73,3 +73,11 @@ def test_a_training_run_reports_val_perplexity(train_run) -> None:
     losses = summary.final_losses
     assert losses["val_perplexity"] == pytest.approx(math.exp(losses["val"]))
     assert f"val perplexity {losses['val_perplexity']:.2f}" in summary.log_file.read_text()
+
+
+def test_eval_reads_allow_download_as_training_does(tiny_checkpoint, monkeypatch, capsys):
+    monkeypatch.setenv("ALLOW_DOWNLOAD", "maybe")
+    assert main(["eval", str(tiny_checkpoint)]) == 2
+    assert "ALLOW_DOWNLOAD='maybe' is invalid" in capsys.readouterr().err
+    monkeypatch.setenv("ALLOW_DOWNLOAD", "off")
+    assert main(["eval", str(tiny_checkpoint), "--json"]) == 0

@@ -347,8 +347,8 @@ def check_value(name: str, value: Any, label: str) -> Any:
     from pydantic import TypeAdapter
 
     info = FIELDS[name]
-    adapter = TypeAdapter(Annotated[info.annotation, *info.metadata],
-                          config=ConfigDict(allow_inf_nan=False))
+    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    adapter = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:

@@ -40,6 +40,7 @@ def _env(name: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmtrain.config import check_value
     from lmtrain.data.prepare import load_token_data
     from lmtrain.device import autocast_dtype, select_device
     from lmtrain.errors import UserError
@@ -56,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
         "training_data_source": args.data or cfg.training_data_source,
         "text_field": args.text_field or _env("TEXT_FIELD") or cfg.text_field,
         "cache_dir": args.cache_dir or _env("CACHE_DIR"),
-        "allow_download": (_env("ALLOW_DOWNLOAD") or "").lower() in ("1", "true", "yes"),
+        "allow_download": check_value("allow_download", _env("ALLOW_DOWNLOAD") or False,
+                                      "ALLOW_DOWNLOAD"),  # read as training reads it
     })
     _, data = load_token_data(data_cfg, loaded.tokenizer)
     tokens = data.val if args.split == "val" else data.train

@@ -81,3 +81,19 @@ def test_eval_reads_allow_download_as_training_does(tiny_checkpoint, monkeypatch
     assert "ALLOW_DOWNLOAD='maybe' is invalid" in capsys.readouterr().err
     monkeypatch.setenv("ALLOW_DOWNLOAD", "off")
     assert main(["eval", str(tiny_checkpoint), "--json"]) == 0
+
+
+def test_split_loss_of_gpt2_equals_its_full_logits_loss(tiny_gpt2_dir) -> None:
+    """GPT-2 is scored through training's chunked loss (no full logits); same value."""
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    tokens = np.random.default_rng(0).integers(0, 50257, 70).astype(np.uint32)
+    loss, n = split_loss(model, tokens, 32, 2, torch.device("cpu"))
+    total = 0.0
+    for start in range(0, n, 32):
+        window = torch.from_numpy(tokens[start:start + 33].astype(np.int64))
+        with torch.no_grad():
+            logits = model(window[None, :-1]).logits[0]
+        total += F.cross_entropy(logits, window[1:], reduction="sum").item()
+    assert n == 69 and loss == pytest.approx(total / n, rel=1e-5)

@@ -33,6 +33,8 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_tokenize.py --sizes 30,300
 	$(PY) benchmarks/bench_lora.py
 	$(PY) benchmarks/bench_sample.py
+	$(PY) benchmarks/bench_recipe.py --out bench-recipe
+	$(PY) benchmarks/bench_step_parts.py
 
 clean:
 	rm -rf $(VENV) checkpoints logs outputs

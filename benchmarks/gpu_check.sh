@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-${OUT:-gpu-check}}"
 mkdir -p "$OUT"
 PY="${PYTHON:-python3}"
-export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD:$PWD/benchmarks${PYTHONPATH:+:$PYTHONPATH}"
 
 part() {  # part NAME SECONDS COMMAND...: run one part with a limit, keep its output
     local name=$1 limit=$2
@@ -30,6 +30,9 @@ part() {  # part NAME SECONDS COMMAND...: run one part with a limit, keep its ou
 if [ -d .gpu/wheels ]; then
     "$PY" -m pip install --quiet --no-deps --no-index .gpu/wheels/*.whl 2>&1 | tail -n 3
 fi
+if ! "$PY" -c 'import pytest' 2>/dev/null && [ -d .gpu/test-wheels ]; then
+    "$PY" -m pip install --quiet --no-deps --no-index .gpu/test-wheels/*.whl 2>&1 | tail -n 3
+fi
 {
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
     "$PY" -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda",
@@ -37,12 +40,17 @@ torch.version.cuda, "|", torch.cuda.get_device_name(0), "| transformers",
 transformers.__version__, "| peft", peft.__version__)'
 } | tee "$OUT/machine.md"
 
-part tests 100 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py
-part speed 60 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --steps 60 \
+part tests 85 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py
+# all seven recipe runs take ~150 s on an H100; three give the README's GPU table in ~75 s
+part recipe 95 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 \
+    --only default,llama-adamw,gpt2-adamw --out "$OUT/recipe"
+part recipe_compile 90 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 --compile \
+    --only default --out "$OUT/recipe_compile"
+part step_parts 30 "$PY" benchmarks/bench_step_parts.py --device cuda --steps 40
+part speed 40 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --steps 60 \
     --ref-steps 200 --eval-iters 10
-part speed_compile 80 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --compile \
+part speed_compile 60 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --compile \
     --steps 60 --ref-steps 200 --eval-iters 10
-part recipe 140 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 --out "$OUT"
-part lora 40 "$PY" benchmarks/bench_lora.py --device cuda --precision bf16 --steps 20
-part sample 30 "$PY" benchmarks/bench_sample.py --device cuda
+part lora 35 "$PY" benchmarks/bench_lora.py --device cuda --precision bf16 --steps 20
+part sample 35 "$PY" benchmarks/bench_sample.py --device cuda
 echo "=== done in ${SECONDS}s"

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -33,12 +33,16 @@ from lmtrain.errors import UserError
 DEFAULT_CORPUS = str(resources.files("lmtrain") / "corpus" / "shakespeare.txt")
 
 
-class TrainingConfig(BaseModel):
-    """Every setting of a run. Field ``x`` is env var ``X`` and flag ``--x`` (``_`` -> ``-``)."""
+class Settings(BaseModel):
+    """What every settings group shares: unknown names, non-finite numbers and changes after
+    validation are refused."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
-    # model
+
+class ModelSettings(Settings):
+    """What the network is: architecture, shape, the pretrained base and its LoRA adapters."""
+
     model_type: Literal["from_scratch", "gpt2"] = Field(
         "from_scratch", description="from_scratch GPT or pretrained gpt2")
     use_lora: bool = Field(False, description="train LoRA adapters instead of all weights")
@@ -61,7 +65,27 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="MODEL_TYPE=gpt2: recompute activations in backward (less memory)")
 
-    # data and tokenizer
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelSettings:
+        if self.model_type == "from_scratch" and self.n_layer > 0 and self.n_embd % self.n_head:
+            raise ValueError(
+                f"N_EMBD={self.n_embd} must be divisible by N_HEAD={self.n_head}")
+        if (self.model_type == "from_scratch" and self.arch == "llama" and self.n_layer > 0
+                and (self.n_embd // self.n_head) % 2):
+            raise ValueError(f"ARCH=llama needs an even head width for rotary positions; "
+                             f"N_EMBD / N_HEAD = {self.n_embd // self.n_head}")
+        if self.gradient_checkpointing and self.model_type != "gpt2":
+            raise ValueError("GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2")
+        return self
+
+    @property
+    def lora_target_list(self) -> list[str]:
+        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+
+
+class DataSettings(Settings):
+    """What the model reads: the source, its tokenizer, the token cache and the split."""
+
     training_data_source: str = Field(
         DEFAULT_CORPUS, description="text file, folder, glob, .jsonl, .parquet/.arrow file or "
                                     "folder, or hf:NAME[:CONFIG][@SPLIT] (default: bundled "
@@ -81,7 +105,10 @@ class TrainingConfig(BaseModel):
     answer_prefix: str = Field(
         "ANSWER:", min_length=1, description="LOSS_ON=answers: text that starts an answer")
 
-    # optimisation
+
+class OptimizationSettings(Settings):
+    """How the weights move: steps, batch, optimizer, schedule, seed and the NaN policy."""
+
     training_steps: int = Field(800, ge=0, description="planned total optimizer steps")
     learning_rate: float = Field(
         3e-3, gt=0.0, description="peak learning rate (AdamW; with Muon: embeddings, head, norms)")
@@ -101,10 +128,22 @@ class TrainingConfig(BaseModel):
     seed: int = Field(1337, ge=0, lt=2**63, description="random seed")
     on_nan: Literal["stop", "skip"] = Field("stop", description="non-finite loss: stop | skip")
 
-    # evaluation, generation
+    @property
+    def decay_horizon(self) -> int:
+        return self.lr_decay_steps or max(self.training_steps, 1)
+
+
+class EvaluationSettings(Settings):
+    """How often a run measures itself and says so."""
+
     eval_interval: int = Field(250, ge=1, description="steps between evaluations")
     eval_iters: int = Field(50, ge=1, description="batches per evaluation")
     log_interval: int = Field(50, ge=1, description="steps between progress lines")
+
+
+class GenerationSettings(Settings):
+    """How text is sampled at the end of a run and by ``lmtrain sample``."""
+
     max_new_tokens: int = Field(300, ge=0, description="tokens generated at the end")
     prompt: str | None = Field(
         None, description="generation prompt (gpt2 default 'QUESTION: ', else empty)")
@@ -115,7 +154,10 @@ class TrainingConfig(BaseModel):
                                          "probability mass (nucleus; 1 = off)")
     stop_at_eot: bool = Field(True, description="generation stops at the end-of-text token")
 
-    # checkpoints, logs, outputs
+
+class CheckpointSettings(Settings):
+    """Whether, where and how often checkpoints are written, and what to resume from."""
+
     enable_checkpoints: bool = Field(True, description="write checkpoints")
     checkpoint_interval: int = Field(500, ge=1, description="steps between checkpoints")
     checkpoint_dir: str = Field("checkpoints", description="checkpoints go to DIR/<run name>/")
@@ -123,6 +165,11 @@ class TrainingConfig(BaseModel):
     checkpoint_path: str | None = Field(
         None, description="checkpoint to resume from, or 'auto' for the run's newest")
     resume_steps: int | None = Field(None, ge=0, description="steps to run after resuming")
+
+
+class RunSettings(Settings):
+    """Where this run reports (name, logs, trackers, outputs) and the machine it runs on."""
+
     log_dir: str = Field("logs", description="run logs, metrics and plots go to DIR/<run name>/")
     metrics: str = Field(
         "jsonl", description="comma list of jsonl (always on), tensorboard, wandb, mlflow")
@@ -132,7 +179,6 @@ class TrainingConfig(BaseModel):
         None, description="run name (default: model-data-timestamp; model-data with "
                           "CHECKPOINT_PATH=auto)")
 
-    # machine
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto | fp32 | bf16 | fp16 (autocast)")
@@ -146,29 +192,61 @@ class TrainingConfig(BaseModel):
 
         return normalize_metrics(value)
 
-    @model_validator(mode="after")
-    def _check_shapes(self) -> TrainingConfig:
-        if self.model_type == "from_scratch" and self.n_layer > 0 and self.n_embd % self.n_head:
-            raise ValueError(
-                f"N_EMBD={self.n_embd} must be divisible by N_HEAD={self.n_head}")
-        if (self.model_type == "from_scratch" and self.arch == "llama" and self.n_layer > 0
-                and (self.n_embd // self.n_head) % 2):
-            raise ValueError(f"ARCH=llama needs an even head width for rotary positions; "
-                             f"N_EMBD / N_HEAD = {self.n_embd // self.n_head}")
-        if self.gradient_checkpointing and self.model_type != "gpt2":
-            raise ValueError("GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2")
-        return self
+
+S = TypeVar("S", bound=Settings)
+
+#: The settings groups in the order ``--help`` and the README list them. Each module takes the
+#: group(s) it needs (``config.model``, ``config.optimization``...), never the whole config.
+GROUPS: dict[str, type[Settings]] = {
+    "model": ModelSettings, "data": DataSettings, "optimization": OptimizationSettings,
+    "evaluation": EvaluationSettings, "generation": GenerationSettings,
+    "checkpointing": CheckpointSettings, "run": RunSettings,
+}
+
+
+class TrainingConfig(RunSettings, CheckpointSettings, GenerationSettings, EvaluationSettings,
+                     OptimizationSettings, DataSettings, ModelSettings):
+    """Every setting of a run, flat: field ``x`` is env var ``X`` and flag ``--x`` (``_`` ->
+    ``-``). The groups it is made of (:data:`GROUPS`) are its slices: ``config.model`` is a
+    :class:`ModelSettings` holding just those values."""
+
+    def _slice(self, group: type[S]) -> S:
+        return group.model_construct(**{name: getattr(self, name) for name in group.model_fields})
 
     @property
-    def lora_target_list(self) -> list[str]:
-        return [t.strip() for t in self.lora_targets.split(",") if t.strip()]
+    def model(self) -> ModelSettings:
+        return self._slice(ModelSettings)
 
     @property
-    def decay_horizon(self) -> int:
-        return self.lr_decay_steps or max(self.training_steps, 1)
+    def data(self) -> DataSettings:
+        return self._slice(DataSettings)
+
+    @property
+    def optimization(self) -> OptimizationSettings:
+        return self._slice(OptimizationSettings)
+
+    @property
+    def evaluation(self) -> EvaluationSettings:
+        return self._slice(EvaluationSettings)
+
+    @property
+    def generation(self) -> GenerationSettings:
+        return self._slice(GenerationSettings)
+
+    @property
+    def checkpointing(self) -> CheckpointSettings:
+        return self._slice(CheckpointSettings)
+
+    @property
+    def run(self) -> RunSettings:
+        return self._slice(RunSettings)
 
 
-FIELDS = TrainingConfig.model_fields
+#: Every setting, group by group (model first), as pydantic ``FieldInfo``s.
+FIELDS = {name: TrainingConfig.model_fields[name] for group in GROUPS.values()
+          for name in group.model_fields}
+#: Each setting's group name.
+GROUP_OF = {name: label for label, group in GROUPS.items() for name in group.model_fields}
 
 #: Settings fixed by the checkpoint: an explicit different value on resume is an error.
 #: (GPT2_MODEL_NAME may change, e.g. a moved folder: LoRA checks the base's fingerprint and a

@@ -43,8 +43,8 @@ def run_steps(folder: str, checkpointing: bool, steps: int, batch: int, block: i
     cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=folder, tokenization_method="gpt2",
                          block_size=block, batch_size=batch, learning_rate=5e-5,
                          gradient_checkpointing=checkpointing, device=device_name)
-    model = load_gpt2(cfg, 50257).to(device).train()
-    optimizer = build_optimizer(model, cfg, device)
+    model = load_gpt2(cfg.model, 50257).to(device).train()
+    optimizer = build_optimizer(model, cfg.optimization, device)
     gen = torch.Generator().manual_seed(0)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

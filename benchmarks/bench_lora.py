@@ -68,12 +68,12 @@ class LmtrainSide:
             optimizer="adamw", **LORA)  # the Trainer's optimizer (lmtrain's default is Muon)
         device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
-        model = build_model(cfg, 50257).to(device)
+        model = build_model(cfg.model, 50257).to(device)
         dtype = autocast_dtype(cfg.precision, device)
         if not args.without_speedups:  # as the session does (lmtrain.train.session.prepare_run)
             store_frozen_base_in(model, dtype)
         self.ctx = RunContext(
-            config=cfg, model=model, optimizer=build_optimizer(model, cfg, device),
+            config=cfg, model=model, optimizer=build_optimizer(model, cfg.optimization, device),
             tokenizer=GPT2Tokenizer(), data=TokenData.split(tokens, 0.9, cfg.block_size),
             device=device, sampler=torch.Generator().manual_seed(cfg.seed), run_name="bench",
             checkpoint_dir=tmp, log_dir=tmp, autocast_dtype=dtype)

@@ -163,15 +163,16 @@ def lmtrain_run(name: str, recipe: str, settings: dict[str, Any], train: torch.T
     cfg = cfg.model_copy(update={"training_steps": steps,
                                  "warmup_steps": int(cfg.warmup_steps * scale)})
     torch.manual_seed(SEED)
-    model = build_model(cfg, vocab).to(device)
-    opt = build_optimizer(model, cfg, device)
+    model = build_model(cfg.model, vocab).to(device)
+    optimization = cfg.optimization
+    opt = build_optimizer(model, optimization, device)
     autocast = autocast_for(autocast_dtype(cfg.precision, device, model), device)
     fwd = torch.compile(model) if compile_ else model
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(SEED)
 
     def step(it: int) -> float:
-        set_learning_rate(opt, it, cfg)
+        set_learning_rate(opt, it, optimization)
         x, y = batch(train, gen, device, cfg.batch_size)
         with autocast():
             loss = compute_loss(fwd, x, y)

@@ -120,7 +120,7 @@ def bare_side(name: str, ctx: Any, dtype: torch.dtype | None, lmtrain_optimizer:
     torch.manual_seed(seed)  # the same initial weights as lmtrain's side
     model = GPT(ctx.raw_model.config).to(device)
     if lmtrain_optimizer:
-        opt = build_optimizer(model, cfg, device)
+        opt = build_optimizer(model, cfg.optimization, device)
     else:  # torch's defaults: the per-tensor loop on the CPU
         decay = [p for p in model.parameters() if p.dim() >= 2]
         rest = [p for p in model.parameters() if p.dim() < 2]

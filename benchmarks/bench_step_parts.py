@@ -49,8 +49,8 @@ def build(name: str, vocab: int, device: torch.device, precision: str):
         return model, opt, autocast, BATCH, 1.0, loss_of
     cfg = TrainingConfig(**{**DEFAULTS.model_dump(), "block_size": 64, "precision": precision,
                             **VARIANTS[name][1]})
-    model = build_model(cfg, vocab).to(device)
-    opt = build_optimizer(model, cfg, device)
+    model = build_model(cfg.model, vocab).to(device)
+    opt = build_optimizer(model, cfg.optimization, device)
     autocast = autocast_for(autocast_dtype(cfg.precision, device, model), device)
     return model, opt, autocast, cfg.batch_size, cfg.grad_clip, compute_loss
 

@@ -46,7 +46,8 @@ def test_eval_scores_the_whole_validation_split(tiny_checkpoint, capsys) -> None
     assert main(["eval", str(tiny_checkpoint), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     loaded = load_trained_model(tiny_checkpoint)
-    _, data = load_token_data(loaded.config, loaded.tokenizer)
+    _, data = load_token_data(loaded.config.data, loaded.tokenizer,
+                              block_size=loaded.config.block_size)
     assert result["tokens"] == len(data.val) - 1 and result["split"] == "val"
     expected, _ = split_loss(loaded.model, data.val, loaded.config.block_size, 4,
                              torch.device("cpu"))

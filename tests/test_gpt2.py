@@ -20,6 +20,10 @@ def gpt2_settings(model_dir: Path, **over) -> TrainingConfig:
                           tokenization_method="gpt2", block_size=32, **over)
 
 
+def tokenizer_of(cfg: TrainingConfig):
+    return gpt2_tokenizer(cfg.model, cfg.data)
+
+
 def write_genuine_bpe_files(folder: Path) -> None:
     from lmtrain.data.tokenizers import gpt2_file
 
@@ -59,8 +63,8 @@ def test_folder_with_genuine_files_uses_shipped_tokenizer(tmp_path, tiny_gpt2_di
     folder = tmp_path / "model"
     shutil.copytree(tiny_gpt2_dir, folder)
     write_genuine_bpe_files(folder)
-    assert gpt2_tokenizer(gpt2_settings(folder)).kind == "gpt2"
-    assert gpt2_tokenizer(gpt2_settings(tiny_gpt2_dir)).kind == "gpt2"  # no files: shipped
+    assert tokenizer_of(gpt2_settings(folder)).kind == "gpt2"
+    assert tokenizer_of(gpt2_settings(tiny_gpt2_dir)).kind == "gpt2"  # no files: shipped
 
 
 def test_folder_with_its_own_bpe_trains_and_resumes(tmp_path, train_run, qa_corpus):
@@ -69,7 +73,7 @@ def test_folder_with_its_own_bpe_trains_and_resumes(tmp_path, train_run, qa_corp
     folder = save_tiny_gpt2(tmp_path / "model", vocab_size=300)
     own = BPETokenizer.train([qa_corpus.read_text()], 300)
     own.tok.model.save(str(folder))  # vocab.json + merges.txt
-    tokenizer = gpt2_tokenizer(gpt2_settings(folder))
+    tokenizer = tokenizer_of(gpt2_settings(folder))
     assert tokenizer.kind == "gpt2_files" and tokenizer.vocab_size == 300
     text = "QUESTION: Who wrote Hamlet?"
     assert tokenizer.encode(text) == own.encode(text)
@@ -85,7 +89,7 @@ def test_folder_with_its_own_bpe_trains_and_resumes(tmp_path, train_run, qa_corp
 def test_tokenizer_must_match_the_model_vocabulary(tmp_path):
     folder = save_tiny_gpt2(tmp_path / "model", vocab_size=300)  # no files: shipped 50,257
     with pytest.raises(UserError, match=r"300 token embeddings .* 50257 tokens"):
-        gpt2_tokenizer(gpt2_settings(folder))
+        tokenizer_of(gpt2_settings(folder))
 
 
 def test_other_tokenization_method_is_refused(train_run, tiny_gpt2_dir, qa_corpus):

@@ -19,6 +19,11 @@ TRAIN_DOCS = ["First document.\nIt has two lines.", "Second one, ¿qué? 東京"
 VAL_DOCS = ["A validation document.", "And another: zebra quiz."] * 20
 
 
+
+def token_data(cfg):
+    """The run's token data for ``cfg``, as a training run loads it."""
+    return load_token_data(cfg.data, block_size=cfg.block_size)
+
 def config(source: Path | str, tmp_path: Path, **kw) -> TrainingConfig:
     return TrainingConfig(**{"training_data_source": str(source), "block_size": 8,
                              "cache_dir": str(tmp_path / "cache"), **kw})
@@ -82,7 +87,7 @@ def test_a_validation_split_replaces_the_train_split_cut(tmp_path: Path) -> None
     splits = resolve_dataset(str(folder))
     assert [p.name for p in splits.train] == ["train-00000-of-00001.parquet"]
     assert [p.name for p in splits.validation] == ["validation-00000-of-00001.parquet"]
-    tok, data = load_token_data(config(folder, tmp_path))
+    tok, data = token_data(config(folder, tmp_path))
     assert data.train.tolist() == tok.encode("\n\n".join(TRAIN_DOCS))
     assert data.val.tolist() == tok.encode("\n\n".join(VAL_DOCS))
     assert set("zbq") <= set(tok.decode(data.val.tolist()))  # the vocabulary covers validation
@@ -92,7 +97,7 @@ def test_a_folder_without_split_names_trains_on_every_file(tmp_path: Path) -> No
     write_parquet(tmp_path / "ds" / "a.parquet", TRAIN_DOCS[:30])
     write_parquet(tmp_path / "ds" / "b.parquet", TRAIN_DOCS[30:])
     cfg = config(tmp_path / "ds", tmp_path, train_split=0.75)
-    tok, data = load_token_data(cfg)
+    tok, data = token_data(cfg)
     n = len(tok.encode("\n\n".join(TRAIN_DOCS)))
     assert len(data.train) == int(n * 0.75) and len(data.train) + len(data.val) == n
 
@@ -142,7 +147,7 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_hf_source_reads_the_local_cache_offline(tmp_path: Path, hub_cache: Path) -> None:
-    tok, data = load_token_data(config("hf:someone/tiny", tmp_path))
+    tok, data = token_data(config("hf:someone/tiny", tmp_path))
     assert tok.decode(data.train.tolist()) == "\n\n".join(TRAIN_DOCS)
     assert tok.decode(data.val.tolist()) == "\n\n".join(VAL_DOCS)
     only_val = resolve_dataset("hf:someone/tiny@validation")  # trains on it: TRAIN_SPLIT cut
@@ -158,7 +163,7 @@ def test_save_to_disk_folders(tmp_path: Path) -> None:
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TRAIN_DOCS}),
                                "validation": datasets.Dataset.from_dict({"text": VAL_DOCS})})
     dd.save_to_disk(str(tmp_path / "saved"))
-    tok, data = load_token_data(config(tmp_path / "saved", tmp_path))
+    tok, data = token_data(config(tmp_path / "saved", tmp_path))
     assert tok.decode(data.val.tolist()) == "\n\n".join(VAL_DOCS)
     dd["train"].save_to_disk(str(tmp_path / "one"))
     assert "".join(ArrowStream("one", resolve_dataset(str(tmp_path / "one")).train)) == \

@@ -19,6 +19,10 @@ from lmtrain.data.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer
 from lmtrain.errors import UserError
 
 
+def token_data(cfg):
+    """The run's token data for ``cfg``, as a training run loads it."""
+    return load_token_data(cfg.data, block_size=cfg.block_size)
+
 def config(corpus: Path, tmp_path: Path, **kw) -> TrainingConfig:
     return TrainingConfig(training_data_source=str(corpus), cache_dir=str(tmp_path / "cache"),
                           **kw)
@@ -91,7 +95,7 @@ def test_large_vocabularies_use_uint32(tmp_path) -> None:
 
 def test_split_is_on_the_token_array(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="gpt2", train_split=0.8)
-    tok, data = load_token_data(cfg)
+    tok, data = token_data(cfg)
     n = len(tok.encode(read_corpus(str(corpus))))
     assert len(data.train) == int(n * 0.8) and len(data.train) + len(data.val) == n
     x, y = data.get_batch("train", 3, 8, torch.Generator().manual_seed(0), torch.device("cpu"))

@@ -448,7 +448,7 @@ def check_fits(ckpt: Mapping[str, Any], where: str) -> None:
                   else f"{shaped[0]} has shape {saved[shaped[0]]}, not {expected[shaped[0]]}")
         raise UserError(f"{where}: its weights do not fit the model its settings describe "
                         f"({detail}); the file is damaged")
-    load_optimizer_state(build_optimizer(model, cfg, torch.device("meta")),
+    load_optimizer_state(build_optimizer(model, cfg.optimization, torch.device("meta")),
                          ckpt["optimizer_state_dict"], where)
 
 
@@ -462,7 +462,7 @@ def _model_on_meta(cfg: TrainingConfig, vocab_size: int) -> nn.Module | None:
         from lmtrain.models.gpt2 import gpt2_config
 
         try:
-            hf_config = gpt2_config(cfg)
+            hf_config = gpt2_config(cfg.model)
         except UserError:
             return None
         with torch.device("meta"):
@@ -470,7 +470,7 @@ def _model_on_meta(cfg: TrainingConfig, vocab_size: int) -> nn.Module | None:
     from lmtrain.models import build_model
 
     with torch.device("meta"):
-        return build_model(cfg, vocab_size)
+        return build_model(cfg.model, vocab_size)
 
 
 def describe(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:

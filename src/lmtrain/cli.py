@@ -14,6 +14,8 @@ from typing import Any
 from lmtrain import __version__
 from lmtrain.config import (
     FIELDS,
+    GROUP_OF,
+    GROUPS,
     check_settings,
     env_name,
     env_typos,
@@ -38,8 +40,12 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str] | No
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name in FIELDS if names is None else names:
-        target = (groups.setdefault(_group_of(name), parser.add_argument_group(_group_of(name)))
-                  if names is None else parser)
+        target: argparse._ActionsContainer = parser
+        if names is None:  # every setting: one --help section per settings group
+            label = GROUP_OF[name]
+            if label not in groups:
+                groups[label] = _settings_group(parser, label)
+            target = groups[label]
         flags = [flag_name(name), *aliases.get(name, [])]
         if FIELDS[name].annotation is bool:
             target.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
@@ -49,16 +55,10 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str] | No
                                 default=argparse.SUPPRESS, help=setting_help(name))
 
 
-def _group_of(name: str) -> str:
-    order = list(FIELDS)
-    boundaries = [("model", "lora_targets"), ("data and tokenizer", "train_split"),
-                  ("optimisation", "on_nan"), ("evaluation and generation", "top_k"),
-                  ("checkpoints, logs and outputs", "run_name"), ("machine", "test_mode")]
-    idx = order.index(name)
-    for group, last in boundaries:
-        if idx <= order.index(last):
-            return group
-    return "other"
+def _settings_group(parser: argparse.ArgumentParser, label: str) -> argparse._ArgumentGroup:
+    """A ``--help`` section for one settings group, described by its class's docstring."""
+    doc = (GROUPS[label].__doc__ or "").replace("``", "")
+    return parser.add_argument_group(f"{label} settings", " ".join(doc.split()))
 
 
 def cmd_train(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtrain.config import TrainingConfig
+from lmtrain.config import GenerationSettings
 from lmtrain.data.tokenizers import GPT2_EOT, CharTokenizer, GPT2FilesTokenizer, Tokenizer
 from lmtrain.errors import UserError
 from lmtrain.healing import heal_prompt, stream_text, token_bytes
@@ -43,11 +43,11 @@ def start_context(tokenizer: Tokenizer, prompt: str) -> list[int]:
     return [0]
 
 
-def default_prompt(config: TrainingConfig) -> str:
+def default_prompt(config: GenerationSettings, model_type: str) -> str:
     """``PROMPT`` when set; else GPT-2 runs start in-domain (``QUESTION: ``), others empty."""
     if config.prompt is not None:
         return config.prompt
-    return "QUESTION: " if config.model_type == "gpt2" else ""
+    return "QUESTION: " if model_type == "gpt2" else ""
 
 
 @dataclass(frozen=True)
@@ -58,10 +58,6 @@ class Sampling:
     top_k: int | None = None
     top_p: float = 1.0
     stop_at_eot: bool = True
-
-    @classmethod
-    def of(cls, config: TrainingConfig) -> Sampling:
-        return cls(config.temperature, config.top_k, config.top_p, config.stop_at_eot)
 
 
 def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,

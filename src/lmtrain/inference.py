@@ -39,7 +39,7 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     cfg = with_base(config_of(ckpt), ckpt, base)  # GPT-2: where its base model is now
     tokenizer = check_tokenizer(ckpt["tokenizer"], ckpt["vocab_size"])
     torch.manual_seed(cfg.seed)  # a from-scratch LoRA base is rebuilt from the run's seed
-    model = build_model(cfg, tokenizer.vocab_size)
+    model = build_model(cfg.model, tokenizer.vocab_size)
     if cfg.use_lora:  # the adapter only fits the base it was trained on
         from lmtrain.models.lora import check_base_reference
 

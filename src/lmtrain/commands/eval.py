@@ -53,14 +53,15 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_trained_model(args.checkpoint, device,
                                 base=args.base or _env("GPT2_MODEL_NAME"))
     cfg = loaded.config
-    data_cfg = cfg.model_copy(update={
+    data_cfg = cfg.data.model_copy(update={
         "training_data_source": args.data or cfg.training_data_source,
         "text_field": args.text_field or _env("TEXT_FIELD") or cfg.text_field,
         "cache_dir": args.cache_dir or _env("CACHE_DIR"),
-        "allow_download": check_value("allow_download", _env("ALLOW_DOWNLOAD") or False,
-                                      "ALLOW_DOWNLOAD"),  # read as training reads it
     })
-    _, data = load_token_data(data_cfg, loaded.tokenizer)
+    allow_download = check_value("allow_download", _env("ALLOW_DOWNLOAD") or False,
+                                 "ALLOW_DOWNLOAD")  # read as training reads it
+    _, data = load_token_data(data_cfg, loaded.tokenizer, block_size=cfg.block_size,
+                              allow_download=allow_download)
     tokens = data.val if args.split == "val" else data.train
     dtype = autocast_dtype(cfg.precision, device, loaded.model)
     autocast = None

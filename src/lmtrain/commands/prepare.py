@@ -52,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
 
     config = config_from(args)
     started = time.perf_counter()
-    tokenizer, tokens, val = prepare_splits(config, progress=args.progress)
+    tokenizer, tokens, val = prepare_splits(config.data, progress=args.progress,
+                                            allow_download=config.allow_download)
     seconds = time.perf_counter() - started
     print(json.dumps({
         "path": str(tokens.path), "cached": tokens.cached, "n_tokens": tokens.meta["n_tokens"],

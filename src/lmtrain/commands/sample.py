@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     loaded = load_trained_model(args.checkpoint, device,
                                 base=_option(args, "--base", "GPT2_MODEL_NAME", str, None))
     cfg, tok = loaded.config, loaded.tokenizer
-    prompt = _option(args, "--prompt", "PROMPT", str, default_prompt(cfg))
+    prompt = _option(args, "--prompt", "PROMPT", str,
+                     default_prompt(cfg.generation, cfg.model_type))
     max_new = _option(args, "--max-new-tokens", "MAX_NEW_TOKENS", int, cfg.max_new_tokens)
     temperature = _option(args, "--temperature", "TEMPERATURE", float, cfg.temperature)
     top_k = _option(args, "--top-k", "TOP_K", int, cfg.top_k)

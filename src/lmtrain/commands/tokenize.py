@@ -36,7 +36,8 @@ def load_tokenizer(args: argparse.Namespace):
         return tokenizer_from_state(ckpt["tokenizer"])
     from lmtrain.data.prepare import tokenizer_for
 
-    return tokenizer_for(config_from(args))
+    config = config_from(args)
+    return tokenizer_for(config.data, config.allow_download)
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from lmtrain.checkpoint import atomic_write, storage_error
-from lmtrain.config import TrainingConfig
+from lmtrain.config import DataSettings
 from lmtrain.data.hf_datasets import ArrowStream, is_dataset_source, resolve_dataset
 from lmtrain.data.sources import CorpusStream, empty_source_error, iter_chunks, source_digest
 from lmtrain.data.tokenizers import (
@@ -77,7 +77,7 @@ def default_cache_dir() -> Path:
     return Path(user_cache_dir("lmtrain")) / "tokens"
 
 
-def cache_folder(config: TrainingConfig) -> Path:
+def cache_folder(config: DataSettings) -> Path:
     """``CACHE_DIR`` (or the default), created and checked for writing."""
     folder = Path(config.cache_dir).expanduser() if config.cache_dir else default_cache_dir()
     try:
@@ -110,12 +110,13 @@ def _write_json(path: Path, obj: Any) -> None:
 Stream = CorpusStream | ArrowStream
 
 
-def open_streams(config: TrainingConfig) -> tuple[Stream, Stream | None]:
+def open_streams(config: DataSettings, allow_download: bool = False
+                 ) -> tuple[Stream, Stream | None]:
     """The training text of ``TRAINING_DATA_SOURCE`` and, for a dataset with a ``validation``
     split, that split's text (see :mod:`lmtrain.data.hf_datasets`)."""
     source = config.training_data_source
     if is_dataset_source(source):
-        splits = resolve_dataset(source, config.allow_download)
+        splits = resolve_dataset(source, allow_download)
         val = (ArrowStream(source, splits.validation, config.text_field)
                if splits.validation else None)
         return ArrowStream(source, splits.train, config.text_field), val
@@ -185,7 +186,7 @@ def _head(chunks: Iterable[str], n_chars: int) -> Iterator[str]:
         n_chars -= len(chunk)
 
 
-def fresh_tokenizer(config: TrainingConfig, stream: Stream, source_sha: str, cache: Path,
+def fresh_tokenizer(config: DataSettings, stream: Stream, source_sha: str, cache: Path,
                     val_stream: Stream | None = None, progress: bool = False) -> Tokenizer:
     """The tokenizer a fresh run asks for: GPT-2's, or one learned from the source (cached).
 
@@ -222,11 +223,11 @@ def fresh_tokenizer(config: TrainingConfig, stream: Stream, source_sha: str, cac
     return tokenizer
 
 
-def tokenizer_for(config: TrainingConfig) -> Tokenizer:
+def tokenizer_for(config: DataSettings, allow_download: bool = False) -> Tokenizer:
     """The tokenizer a fresh run on ``config`` would use (without tokenizing the source)."""
     if config.tokenization_method == "gpt2":
         return train_tokenizer("gpt2", [], config.custom_vocab_size)
-    stream, val_stream = open_streams(config)
+    stream, val_stream = open_streams(config, allow_download)
     return fresh_tokenizer(config, stream, splits_digest(stream, val_stream), cache_folder(config),
                            val_stream)
 
@@ -283,20 +284,23 @@ def _write_tokens(path: Path, tokenizer: Tokenizer, stream: Stream, progress: bo
     return counts
 
 
-def prepare_tokens(config: TrainingConfig, tokenizer: Tokenizer | None = None,
-                   progress: bool | None = None) -> tuple[Tokenizer, TokenArray]:
+def prepare_tokens(config: DataSettings, tokenizer: Tokenizer | None = None,
+                   progress: bool | None = None, *, allow_download: bool = False
+                   ) -> tuple[Tokenizer, TokenArray]:
     """The tokenizer (given, cached or learned) and the cached token array of the source (of a
     dataset's training split)."""
-    tokenizer, train, _ = prepare_splits(config, tokenizer, progress)
+    tokenizer, train, _ = prepare_splits(config, tokenizer, progress,
+                                         allow_download=allow_download)
     return tokenizer, train
 
 
-def prepare_splits(config: TrainingConfig, tokenizer: Tokenizer | None = None,
-                   progress: bool | None = None,
+def prepare_splits(config: DataSettings, tokenizer: Tokenizer | None = None,
+                   progress: bool | None = None, *, allow_download: bool = False,
                    ) -> tuple[Tokenizer, TokenArray, TokenArray | None]:
     """The tokenizer and the cached token arrays of the training split and, for a dataset with a
-    validation split, of that split (else ``None``: the ``TRAIN_SPLIT`` cut applies)."""
-    stream, val_stream = open_streams(config)
+    validation split, of that split (else ``None``: the ``TRAIN_SPLIT`` cut applies).
+    ``allow_download``: an ``hf:`` source not in the local cache may be downloaded."""
+    stream, val_stream = open_streams(config, allow_download)
     if stream.total_bytes == 0:
         raise empty_source_error(stream.source)
     cache = cache_folder(config)
@@ -311,7 +315,7 @@ def prepare_splits(config: TrainingConfig, tokenizer: Tokenizer | None = None,
     return tokenizer, train, val
 
 
-def _cached_tokens(config: TrainingConfig, stream: Stream, tokenizer: Tokenizer, cache: Path,
+def _cached_tokens(config: DataSettings, stream: Stream, tokenizer: Tokenizer, cache: Path,
                    check_chars: bool, progress: bool, desc: str) -> TokenArray:
     """The token array of ``stream`` from the cache, or encoded into it now."""
     stream.separator = document_separator(tokenizer)
@@ -345,22 +349,24 @@ def _cached_tokens(config: TrainingConfig, stream: Stream, tokenizer: Tokenizer,
 
 
 def load_token_data(
-    config: TrainingConfig, tokenizer: Tokenizer | None = None,
+    config: DataSettings, tokenizer: Tokenizer | None = None, *, block_size: int,
+    allow_download: bool = False,
 ) -> tuple[Tokenizer, TokenData]:
     """Tokenize ``TRAINING_DATA_SOURCE`` through the cache; learn the tokenizer when none is given.
 
     A dataset's own ``validation`` split validates; otherwise the split is on the token array:
-    the first ``TRAIN_SPLIT`` of the tokens train, the rest validate.
+    the first ``TRAIN_SPLIT`` of the tokens train, the rest validate. Each split must hold more
+    than ``block_size`` tokens.
     """
     from lmtrain.data.dataset import TokenData  # imports torch
 
-    tokenizer, train, val = prepare_splits(config, tokenizer)
+    tokenizer, train, val = prepare_splits(config, tokenizer, allow_download=allow_download)
     if val is None:
         data = TokenData.split(
-            train.load(), config.train_split, config.block_size, config.training_data_source)
+            train.load(), config.train_split, block_size, config.training_data_source)
     else:
         data = TokenData(train.load(), val.load())
-        data.check(config.block_size, config.training_data_source)
+        data.check(block_size, config.training_data_source)
     if config.loss_on == "answers":
         data.mask_answers(tokenizer, config.answer_prefix)
     return tokenizer, data

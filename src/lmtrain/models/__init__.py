@@ -7,11 +7,11 @@ import sys
 import torch
 from torch import nn
 
-from lmtrain.config import TrainingConfig
+from lmtrain.config import ModelSettings
 from lmtrain.models.gpt import GPTConfig, build_from_scratch
 
 
-def build_model(config: TrainingConfig, vocab_size: int) -> nn.Module:
+def build_model(config: ModelSettings, vocab_size: int) -> nn.Module:
     """The from-scratch GPT (or bigram) or pretrained GPT-2, with LoRA when asked."""
     if config.model_type == "gpt2":
         from lmtrain.models.gpt2 import load_gpt2

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lmtrain.config import TrainingConfig
+from lmtrain.config import ModelSettings, TrainingConfig
 from lmtrain.data.tokenizers import EOT_TEXT, Tokenizer, gpt2_file
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT
@@ -52,7 +52,7 @@ def merged_model(path: str | Path, base: str | None = None
     return model.eval(), config, loaded.tokenizer, int(loaded.checkpoint["step"])
 
 
-def gpt_to_hf(model: GPT, config: TrainingConfig, tokenizer: Tokenizer) -> GPT2LMHeadModel:
+def gpt_to_hf(model: GPT, config: ModelSettings, tokenizer: Tokenizer) -> GPT2LMHeadModel:
     """The from-scratch GPT as a ``GPT2LMHeadModel`` with the same weights."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -72,7 +72,7 @@ def gpt_to_hf(model: GPT, config: TrainingConfig, tokenizer: Tokenizer) -> GPT2L
     return hf_model.eval()
 
 
-def to_hf_model(model: nn.Module, config: TrainingConfig, tokenizer: Tokenizer
+def to_hf_model(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer
                 ) -> GPT2LMHeadModel:
     """A ``GPT2LMHeadModel`` ready for ``save_pretrained`` (KV cache on for generation)."""
     from transformers import GPT2LMHeadModel
@@ -118,7 +118,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | No
         model, config, tokenizer, step = merged_model(ckpt_path, base)
         if tokenizer.kind not in HF_TOKENIZER_KINDS:  # before anything is written
             raise UserError(CHARACTER_ERROR)
-        hf_model = to_hf_model(model, config, tokenizer)
+        hf_model = to_hf_model(model, config.model, tokenizer)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(out)

@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtrain.config import LoadedConfig, TrainingConfig
+from lmtrain.config import DataSettings, LoadedConfig, ModelSettings
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def _not_found(config: TrainingConfig, detail: str) -> UserError:
+def _not_found(config: ModelSettings, detail: str) -> UserError:
     name = config.gpt2_model_name
     return UserError(
         f"GPT2_MODEL_NAME={name!r}: no GPT-2 model found ({detail}); give a folder written by "
@@ -50,7 +50,7 @@ def _not_found(config: TrainingConfig, detail: str) -> UserError:
         f"the local Hugging Face cache (set ALLOW_DOWNLOAD=1 to download it once)")
 
 
-def _why_missing(config: TrainingConfig, exc: BaseException) -> str:
+def _why_missing(config: ModelSettings, exc: BaseException) -> str:
     path = Path(config.gpt2_model_name).expanduser()
     if path.is_dir():
         return "the folder has no config.json" if not (path / "config.json").is_file() else (
@@ -67,7 +67,7 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
-def gpt2_config(config: TrainingConfig) -> GPT2Config:
+def gpt2_config(config: ModelSettings) -> GPT2Config:
     """The model's ``GPT2Config``, checked against ``BLOCK_SIZE``."""
     from transformers import GPT2Config
 
@@ -98,7 +98,7 @@ def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
     cfg = loaded.config
     if cfg.model_type != "gpt2":
         return loaded
-    hf_config = gpt2_config(cfg)
+    hf_config = gpt2_config(cfg.model)
     sources = dict(loaded.sources)
     update = {}
     for name in SHAPE_FIELDS:
@@ -168,7 +168,7 @@ def check_block_size(block_size: int, n_positions: int) -> None:
                         f"positions; set BLOCK_SIZE to {n_positions} or less")
 
 
-def _model_file(config: TrainingConfig, filename: str) -> str | None:
+def _model_file(config: ModelSettings, filename: str) -> str | None:
     from transformers.utils import cached_file
 
     try:
@@ -195,16 +195,16 @@ def _is_genuine_gpt2(vocab_file: str, merges_file: str) -> bool:
     return merges == merge_lines(gpt2_file("vocab.bpe").decode("utf-8"))
 
 
-def gpt2_tokenizer(config: TrainingConfig) -> Tokenizer:
+def gpt2_tokenizer(config: ModelSettings, data: DataSettings) -> Tokenizer:
     """The GPT-2 BPE of a fresh ``MODEL_TYPE=gpt2`` run: the folder's own, else the shipped one.
 
     Also checks ``TOKENIZATION_METHOD`` and ``BLOCK_SIZE`` before any data is tokenized.
     """
     from lmtrain.data.tokenizers import GPT2FilesTokenizer, GPT2Tokenizer
 
-    if config.tokenization_method != "gpt2":
+    if data.tokenization_method != "gpt2":
         raise UserError(
-            f"TOKENIZATION_METHOD={config.tokenization_method!r} does not apply to "
+            f"TOKENIZATION_METHOD={data.tokenization_method!r} does not apply to "
             f"MODEL_TYPE=gpt2, which always uses GPT-2's own BPE; unset TOKENIZATION_METHOD or "
             f"set it to gpt2")
     hf_config = gpt2_config(config)
@@ -217,7 +217,7 @@ def gpt2_tokenizer(config: TrainingConfig) -> Tokenizer:
     return tokenizer
 
 
-def check_vocab_size(config: TrainingConfig, tokenizer_size: int, model_size: int) -> None:
+def check_vocab_size(config: ModelSettings, tokenizer_size: int, model_size: int) -> None:
     """A clear error when the tokenizer and the model's embeddings differ in size."""
     if tokenizer_size != model_size:
         raise UserError(
@@ -231,7 +231,7 @@ def dropout_overrides(dropout: float) -> dict[str, Any]:
     return {"resid_pdrop": dropout, "embd_pdrop": dropout, "attn_pdrop": dropout}
 
 
-def load_gpt2(config: TrainingConfig, vocab_size: int) -> GPT2LMHeadModel:
+def load_gpt2(config: ModelSettings, vocab_size: int) -> GPT2LMHeadModel:
     """``GPT2LMHeadModel`` in fp32 with SDPA attention, ready to train (no KV cache)."""
     import torch
     from transformers import GPT2LMHeadModel

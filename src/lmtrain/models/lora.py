@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtrain.config import TrainingConfig
+from lmtrain.config import ModelSettings, TrainingConfig
 from lmtrain.errors import UserError
 
 #: Attribute of the adapted model that holds its base reference (see :func:`base_reference`).
@@ -40,15 +40,15 @@ def weights_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def base_name(config: TrainingConfig) -> str:
+def base_name(config: ModelSettings) -> str:
     """How a LoRA checkpoint names its base model."""
     if config.model_type == "gpt2":
         return config.gpt2_model_name
-    return (f"from_scratch(n_layer={config.n_layer}, n_head={config.n_head}, "
-            f"n_embd={config.n_embd}, block_size={config.block_size}, seed={config.seed})")
+    return (f"from_scratch(arch={config.arch}, n_layer={config.n_layer}, "
+            f"n_head={config.n_head}, n_embd={config.n_embd}, block_size={config.block_size})")
 
 
-def base_location(config: TrainingConfig) -> dict[str, str]:
+def base_location(config: ModelSettings) -> dict[str, str]:
     """``{"resolved", "revision"}`` of the base model a run adapts (see the module doc)."""
     if config.model_type != "gpt2":
         return {"resolved": base_name(config), "revision": ""}
@@ -72,7 +72,7 @@ def with_base(config: TrainingConfig, ckpt: dict[str, Any], override: str | None
     return config.model_copy(update={"gpt2_model_name": name})
 
 
-def apply_lora(model: nn.Module, config: TrainingConfig) -> nn.Module:
+def apply_lora(model: nn.Module, config: ModelSettings) -> nn.Module:
     """Wrap ``model`` with LoRA adapters on ``LORA_TARGETS``; only the adapters train."""
     from peft import LoraConfig, get_peft_model
 

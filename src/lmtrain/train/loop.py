@@ -246,6 +246,7 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     every ``CHECKPOINT_INTERVAL`` steps and at the end; all step numbers are absolute.
     """
     cfg = ctx.config
+    optimization = cfg.optimization
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     end = start_step + n_steps
     ctx.model.train()
@@ -254,7 +255,7 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     with contextlib.ExitStack() as stack:
         bar = _progress(ctx, stack, start_step, end)
         for step in range(start_step, end):
-            lr = set_learning_rate(ctx.optimizer, step, cfg)
+            lr = set_learning_rate(ctx.optimizer, step, optimization)
             window.add(*train_step(ctx, step, params))
             ctx.step = step + 1
             if bar is not None:

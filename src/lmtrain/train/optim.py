@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtrain.config import TrainingConfig
+from lmtrain.config import OptimizationSettings
 
 #: Param-group key naming the setting that holds the group's peak learning rate.
 LR_SETTING = "lr_setting"
@@ -62,7 +62,7 @@ def adamw_only_params(model: nn.Module) -> set[int]:
     return ids
 
 
-def build_optimizer(model: nn.Module, config: TrainingConfig, device: torch.device
+def build_optimizer(model: nn.Module, config: OptimizationSettings, device: torch.device
                     ) -> torch.optim.AdamW | CombinedOptimizer:
     """AdamW over the trainable parameters (2-D+ tensors decay, biases and norms do not); with
     ``OPTIMIZER=muon``, the hidden matrices go to Muon at ``MUON_LEARNING_RATE`` instead."""
@@ -81,7 +81,7 @@ def build_optimizer(model: nn.Module, config: TrainingConfig, device: torch.devi
         weight_decay=config.weight_decay)})
 
 
-def _adamw(params: list[torch.Tensor], config: TrainingConfig,
+def _adamw(params: list[torch.Tensor], config: OptimizationSettings,
            device: torch.device) -> torch.optim.AdamW:
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
@@ -97,7 +97,7 @@ def _adamw(params: list[torch.Tensor], config: TrainingConfig,
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(0.9, 0.95), fused=fused)
 
 
-def lr_multiplier(step: int, config: TrainingConfig) -> float:
+def lr_multiplier(step: int, config: OptimizationSettings) -> float:
     """Factor on the peak learning rate for optimizer step ``step`` (0-based)."""
     if config.lr_scheduler == "none":
         return 1.0
@@ -113,7 +113,7 @@ def lr_multiplier(step: int, config: TrainingConfig) -> float:
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer | CombinedOptimizer, step: int,
-                      config: TrainingConfig) -> float:
+                      config: OptimizationSettings) -> float:
     """Set every group's lr for ``step`` from its peak (``LEARNING_RATE``, or
     ``MUON_LEARNING_RATE`` for Muon's matrices); returns the ``LEARNING_RATE`` one.
 

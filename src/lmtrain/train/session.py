@@ -87,14 +87,15 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
         if tokenizer is None and cfg.model_type == "gpt2":  # GPT-2's own BPE, checked early
             from lmtrain.models.gpt2 import gpt2_tokenizer
 
-            tokenizer = gpt2_tokenizer(cfg)
-        tokenizer, data = load_token_data(cfg, tokenizer)
-        model = build_model(cfg, tokenizer.vocab_size).to(device)
+            tokenizer = gpt2_tokenizer(cfg.model, cfg.data)
+        tokenizer, data = load_token_data(cfg.data, tokenizer, block_size=cfg.block_size,
+                                          allow_download=cfg.allow_download)
+        model = build_model(cfg.model, tokenizer.vocab_size).to(device)
     if dist_info.world_size > 1:
         torch.manual_seed(cfg.seed + dist_info.rank)  # dropout differs between ranks
     dtype = autocast_dtype(cfg.precision, device, model)
     ctx = RunContext(
-        config=cfg, model=model, optimizer=build_optimizer(model, cfg, device),
+        config=cfg, model=model, optimizer=build_optimizer(model, cfg.optimization, device),
         tokenizer=tokenizer, data=data, device=device,
         sampler=torch.Generator().manual_seed(cfg.seed + dist_info.rank),
         run_name=plan.run_name, checkpoint_dir=plan.paths.checkpoints, log_dir=plan.paths.logs,
@@ -251,7 +252,7 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
         raise _interrupted(TrainingInterrupted(ctx.stop_signal), ctx, start, start + n_steps,
                            resume_path)
     if cfg.max_new_tokens:  # a prompt the tokenizer cannot encode fails now, not after training
-        start_context(ctx.tokenizer, default_prompt(cfg))
+        start_context(ctx.tokenizer, default_prompt(cfg.generation, cfg.model_type))
     trainable, total = count_parameters(ctx.raw_model)
     log.info("lmtrain %s run %s", "resuming" if resumed else "starting", ctx.run_name)
     settings = _settings_lines(plan)
@@ -401,6 +402,7 @@ def _sample(ctx: RunContext) -> str:
     cfg = ctx.config
     if cfg.max_new_tokens == 0:
         return ""
-    return generate_text(ctx.raw_model, ctx.tokenizer, default_prompt(cfg), cfg.max_new_tokens,
-                         cfg.block_size, ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed,
-                         top_p=cfg.top_p, stop_at_eot=cfg.stop_at_eot)
+    prompt = default_prompt(cfg.generation, cfg.model_type)
+    return generate_text(ctx.raw_model, ctx.tokenizer, prompt, cfg.max_new_tokens, cfg.block_size,
+                         ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed, top_p=cfg.top_p,
+                         stop_at_eot=cfg.stop_at_eot)

@@ -265,9 +265,9 @@ def test_checkpoint_errors_of_commands_name_their_argument(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("flag", "value", "words"), [
-    ("--temperature", "1e-45", "--temperature=1e-45 is invalid: input should be greater than"),
-    ("--top-p", "nan", "--top-p=nan is invalid: input should be a finite number"),
-    ("--max-new-tokens", "-1", "--max-new-tokens=-1 is invalid"),
+    ("--temperature", "1e-45", "--temperature='1e-45' is invalid: input should be greater than"),
+    ("--top-p", "nan", "--top-p='nan' is invalid: input should be a finite number"),
+    ("--max-new-tokens", "-1", "--max-new-tokens='-1' is invalid"),
 ])
 def test_sample_refuses_values_training_would_refuse(tiny_checkpoint, capsys, flag, value, words):
     assert main(["sample", str(tiny_checkpoint), flag, value]) == 2

@@ -150,4 +150,4 @@ def test_sample_command_takes_top_p_and_no_stop(tiny_checkpoint, capsys) -> None
     out = capsys.readouterr().out
     assert out.startswith("KING") and len(out) == len("KING") + 12 + 1  # characters + newline
     assert main(["sample", str(tiny_checkpoint), "--top-p", "1.5"]) == 2
-    assert "--top-p=1.5 is invalid" in capsys.readouterr().err
+    assert "--top-p='1.5' is invalid" in capsys.readouterr().err

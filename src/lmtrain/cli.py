@@ -30,13 +30,15 @@ FLAG_ALIASES = {"checkpoint_path": ["--resume"], "training_data_source": ["--dat
 
 
 def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str] | None = None,
-                      aliases: Mapping[str, list[str]] = FLAG_ALIASES) -> None:
+                      aliases: Mapping[str, list[str]] = FLAG_ALIASES,
+                      default_text: str | None = None) -> None:
     """One flag per setting (every TrainingConfig field, or ``names``), documented from
     ``FIELDS``: what it does, its env twin, its default and the presets' values.
 
     A flag left out is absent from the parsed namespace, so the env var, the presets and the
     default fill in; values are validated with the settings (:func:`~lmtrain.config.load_fresh`),
-    so a bad one gets the same one-line error as its env var.
+    so a bad one gets the same one-line error as its env var. ``default_text`` replaces the
+    defaults in the help (``lmtrain sample``'s settings default to the run's values).
     """
     groups: dict[str, argparse._ArgumentGroup] = {}
     for name in FIELDS if names is None else names:
@@ -49,10 +51,12 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str] | No
         flags = [flag_name(name), *aliases.get(name, [])]
         if FIELDS[name].annotation is bool:
             target.add_argument(*flags, dest=name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS, help=setting_help(name))
+                                default=argparse.SUPPRESS,
+                                help=setting_help(name, default_text))
         else:
             target.add_argument(*flags, dest=name, metavar=env_name(name),
-                                default=argparse.SUPPRESS, help=setting_help(name))
+                                default=argparse.SUPPRESS,
+                                help=setting_help(name, default_text))
 
 
 def _settings_group(parser: argparse.ArgumentParser, label: str) -> argparse._ArgumentGroup:

@@ -144,7 +144,8 @@ class EvaluationSettings(Settings):
 class GenerationSettings(Settings):
     """How text is sampled at the end of a run and by ``lmtrain sample``."""
 
-    max_new_tokens: int = Field(300, ge=0, description="tokens generated at the end")
+    max_new_tokens: int = Field(
+        300, ge=0, description="tokens generated per sample (at the end of a run; lmtrain sample)")
     prompt: str | None = Field(
         None, description="generation prompt (gpt2 default 'QUESTION: ', else empty)")
     temperature: float = Field(0.8, ge=1e-3, description="sampling temperature")
@@ -300,14 +301,17 @@ def _shown(value: Any) -> str:
     return "unset" if value is None else str(value)
 
 
-def setting_help(name: str) -> str:
-    """A setting's help: what it does, its env twin, its default and what presets set it to."""
+def setting_help(name: str, default_text: str | None = None) -> str:
+    """A setting's help: what it does, its env twin, its default and what presets set it to;
+    ``default_text`` replaces the default and presets (``lmtrain sample``: "the run's")."""
     info = FIELDS[name]
     text = info.description or ""
     default = _shown(info.default)
     said = re.search(r"\s*\(default: ([^)]*)\)", text)  # a default the description explains
     if said:
         text, default = text[:said.start()] + text[said.end():], said.group(1)
+    if default_text is not None:
+        return f"{text} [env {env_name(name)}; default: {default_text}]"
     presets = "".join(f"; {label}: {_shown(values[name])}" for label, values in PRESETS
                       if name in values)
     return f"{text} [env {env_name(name)}; default: {default}{presets}]"

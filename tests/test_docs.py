@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 from lmtrain.cli import COMMAND_MODULES
 from lmtrain.config import FIELDS, env_name, flag_name
 from tests.conftest import ROOT
@@ -19,6 +21,14 @@ def test_every_setting_is_in_the_settings_table():
     missing = [name for name in FIELDS
                if f"| `{env_name(name)}` | `{flag_name(name)}` |" not in README]
     assert not missing, f"README lacks {missing}: run python tools/env_table.py"
+
+
+def test_the_settings_table_is_the_generated_one():
+    spec = importlib.util.spec_from_file_location("env_table", ROOT / "tools" / "env_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.table() in README, "the README's settings table is stale: run python " \
+                                     "tools/env_table.py"
 
 
 def test_every_subcommand_appears_in_the_examples():

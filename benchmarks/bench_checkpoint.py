@@ -18,8 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch
 
 from lmtrain import checkpoint_schema
-from lmtrain.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 from lmtrain.config import explicit_settings
+from lmtrain.durable import atomic_write
 from lmtrain.train.loop import run_training
 from lmtrain.train.plan import resolve_plan
 from lmtrain.train.session import prepare_run

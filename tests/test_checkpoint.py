@@ -16,11 +16,11 @@ from lmtrain.checkpoint import (
     find_resumable,
     list_checkpoints,
     load_checkpoint,
-    remove_stale_temp_files,
     rotate_checkpoints,
     save_checkpoint,
 )
 from lmtrain.cli import main
+from lmtrain.durable import remove_stale_temp_files
 from lmtrain.errors import UserError
 from tests.conftest import ROOT, run_entrypoint
 
@@ -129,7 +129,7 @@ def test_stale_temp_files_are_ignored_and_removed(tmp_path, tiny_checkpoint):
     dead = tmp_path / ".tmp-999999999-abc.part"  # no such process
     legacy = tmp_path / ".tmp-xyz.part"
     live = tmp_path / f".tmp-{os.getppid()}-abc.part"  # a writer that is still running
-    from lmtrain.checkpoint import _host_tag
+    from lmtrain.durable import _host_tag
 
     dead_here = tmp_path / f".tmp-999999999@{_host_tag()}-abc.part"
     other_host = tmp_path / ".tmp-999999999@some_other_node-abc.part"  # cannot be checked

@@ -18,8 +18,8 @@ from lmtrain.checkpoint import (
     find_resumable,
     list_checkpoints,
     load_checkpoint,
-    remove_stale_temp_files,
 )
+from lmtrain.durable import remove_stale_temp_files
 from lmtrain.errors import UserError
 from tests.conftest import ROOT, child_env, tiny_env
 
@@ -82,7 +82,7 @@ def test_kill_9_in_the_middle_of_a_write_keeps_the_old_file(tmp_path, tiny_check
     script = (
         "import os, signal, sys\n"
         "from pathlib import Path\n"
-        "from lmtrain.checkpoint import atomic_write\n"
+        "from lmtrain.durable import atomic_write\n"
         "def write(fh):\n"
         "    fh.write(b'PK\\x03\\x04 half of a new checkpoint')\n"
         "    fh.flush()\n"

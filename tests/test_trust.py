@@ -425,16 +425,16 @@ def test_a_full_log_disk_is_a_warning_and_the_run_ends_well(tmpfs, tmp_path, cor
 
 
 def test_a_failing_output_file_is_a_warning(train_run, monkeypatch):
-    import lmtrain.checkpoint as checkpoint
+    import lmtrain.durable as durable
 
-    real = checkpoint.atomic_write
+    real = durable.atomic_write
 
     def no_space_for_outputs(path, write):
         if "out" in Path(path).parts[-2:-1]:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(path, write)
 
-    monkeypatch.setattr(checkpoint, "atomic_write", no_space_for_outputs)
+    monkeypatch.setattr(durable, "atomic_write", no_space_for_outputs)
     summary = train_run(training_steps=2, enable_output_to_file=True)
     assert summary.output_file is None
     assert "could not write the output file" in summary.log_file.read_text()

@@ -1,4 +1,5 @@
-"""TrainingConfig and the two loaders that build it: fresh and from a checkpoint.
+"""The settings: seven groups (:data:`GROUPS`), ``TrainingConfig`` made of them with flat
+names, and the two loaders that build it: fresh and from a checkpoint.
 
 Fresh precedence, lowest first: field defaults < presets (GPT-2 fine-tuning, ``TEST_MODE``)
 < config file (TOML) < environment variables < command-line flags. On resume the checkpoint's

@@ -209,7 +209,7 @@ def write_output_file(config: TrainingConfig, output_dir: Path, run_name: str,
                       settings: list[str], results: dict[str, Any], sample: str) -> Path:
     """The ENABLE_OUTPUT_TO_FILE report ``<run>_<time>.txt``: the run, its settings, losses
     (with their changes on resume) and the generated sample; written atomically."""
-    from lmtrain.checkpoint import atomic_write
+    from lmtrain.durable import atomic_write
 
     path = output_dir / f"{run_name}_{timestamp()}.txt"
     lines = [f"# lmtrain run {run_name}", "", f"model: {config.model_type}"

@@ -31,7 +31,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from lmtrain.checkpoint import atomic_write, storage_error
 from lmtrain.config import DataSettings
 from lmtrain.data.hf_datasets import ArrowStream, is_dataset_source, resolve_dataset
 from lmtrain.data.sources import CorpusStream, empty_source_error, iter_chunks, source_digest
@@ -44,6 +43,7 @@ from lmtrain.data.tokenizers import (
     tokenizer_from_state,
     train_tokenizer,
 )
+from lmtrain.durable import atomic_write, storage_error
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:

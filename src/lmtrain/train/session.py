@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from lmtrain.advice import run_warnings, steps_to_run
-from lmtrain.checkpoint import checkpoint_filename, ensure_writable_dir, remove_stale_temp_files
+from lmtrain.checkpoint import checkpoint_filename
 from lmtrain.checkpoint_schema import restore
 from lmtrain.config import FIELDS
 from lmtrain.data.prepare import load_token_data
@@ -28,6 +28,7 @@ from lmtrain.distributed import (
     main_process_first,
     wrap_model,
 )
+from lmtrain.durable import ensure_writable_dir, remove_stale_temp_files
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.generate import default_prompt, generate_text, start_context
 from lmtrain.models import build_model, count_parameters

@@ -1,0 +1,107 @@
+"""Durable file writes: a file is replaced whole or not at all (temp file, fsync, rename),
+a killed writer's temp files are recognised and removed, and a failed write is one line that
+names the setting whose folder failed. Checkpoints, the token cache, logs and output files all
+write through :func:`atomic_write`."""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO
+
+from lmtrain.errors import UserError
+
+TMP_PREFIX = ".tmp-"
+TMP_SUFFIX = ".part"
+#: ``.tmp-<pid>@<host>-<random>.part``: the writer's pid and host tell a dead writer's leftover
+#: (removed at the next start) from a live one's, on this machine or another sharing the folder.
+TMP_RE = re.compile(r"^\.tmp-(?:(\d+)(?:@(\w+))?-)?.*\.part$")
+
+
+def _host_tag() -> str:
+    return re.sub(r"\W", "_", socket.gethostname()) or "host"
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Call ``write(file)`` on a temp file in ``path``'s folder, fsync, then ``os.replace``.
+
+    The temp file is named after this process (see :func:`remove_stale_temp_files`) and
+    created with the umask's permissions, as a plain ``open`` would (``mkstemp`` gives 0600).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / (f"{TMP_PREFIX}{os.getpid()}@{_host_tag()}-{secrets.token_hex(6)}"
+                         f"{TMP_SUFFIX}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (it may belong to another user)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder: str | Path) -> list[Path]:
+    """Delete temp files that a killed writer left in ``folder``; returns what was removed.
+
+    Files of a writer that is still running (another process), and files written from another
+    host (whose processes cannot be checked from here), are left alone.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = TMP_RE.match(p.name)
+        if not m or not p.is_file():
+            continue
+        pid = int(m.group(1)) if m.group(1) else None
+        if m.group(2) and m.group(2) != _host_tag():
+            continue
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+            continue
+        p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def storage_error(setting: str, path: Path, exc: OSError) -> UserError:
+    """The one line for a write that failed under a setting's folder (a full disk, no
+    permission): what failed, why, and what to do; nothing written before it is lost."""
+    return UserError(f"{setting}: writing {str(path)!r} failed ({exc.strerror or exc}); free "
+                     f"space or set {setting} to a writable folder with room, then run again")
+
+
+def ensure_writable_dir(path: str | Path, setting: str) -> None:
+    """Create ``path`` if needed and prove it takes files; a clear :class:`UserError` if not."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path, prefix=TMP_PREFIX):
+            pass
+    except OSError as exc:
+        raise UserError(f"{setting}={str(path)!r} cannot be written ({exc.strerror or exc}); "
+                        f"pick a folder you can write to") from None

@@ -98,3 +98,44 @@ def test_split_loss_of_gpt2_equals_its_full_logits_loss(tiny_gpt2_dir) -> None:
             logits = model(window[None, :-1]).logits[0]
         total += F.cross_entropy(logits, window[1:], reduction="sum").item()
     assert n == 69 and loss == pytest.approx(total / n, rel=1e-5)
+
+
+def test_split_loss_with_a_mask_scores_only_the_masked_targets() -> None:
+    torch.manual_seed(0)
+    cfg = TrainingConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, dropout=0.0)
+    model = build_model(cfg.model, 30)
+    tokens = np.random.default_rng(1).integers(0, 30, 37).astype(np.uint16)
+    mask = np.zeros(37, dtype=bool)
+    mask[[3, 4, 9, 20, 36]] = True  # target positions; 36 lies in the shorter tail window
+    loss, n = split_loss(model, tokens, cfg.block_size, 2, torch.device("cpu"), mask=mask)
+    assert n == 5
+    total = 0.0
+    for start in range(0, 36, cfg.block_size):
+        window = torch.from_numpy(tokens[start:start + cfg.block_size + 1].astype(np.int64))
+        per_token = F.cross_entropy(model_logits(model, window[None, :-1])[0], window[1:],
+                                    reduction="none")
+        keep = torch.from_numpy(mask[start + 1:start + 1 + len(per_token)])
+        total += per_token[keep].sum().item()
+    assert loss == pytest.approx(total / 5, rel=1e-5)
+    assert split_loss(model, tokens, 8, 2, torch.device("cpu"), mask=np.zeros(37, bool)) == (
+        pytest.approx(math.nan, nan_ok=True), 0)
+
+
+def test_eval_of_an_answers_run_scores_its_answers(train_run, tmp_path, capsys) -> None:
+    from lmtrain.data.prepare import load_token_data
+    from lmtrain.inference import load_trained_model
+    from tests.test_answers import qa_jsonl
+
+    summary = train_run(training_data_source=str(qa_jsonl(tmp_path)),
+                        tokenization_method="gpt2", loss_on="answers", training_steps=2)
+    ckpt = summary.checkpoint_dir / "step_0000002.pt"
+    capsys.readouterr()  # the training run's own output
+    assert main(["eval", str(ckpt), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    loaded = load_trained_model(ckpt)
+    _, data = load_token_data(loaded.config.data, loaded.tokenizer,
+                              block_size=loaded.config.block_size)
+    assert result["scored"] == "answers"
+    assert result["tokens"] == int(data.val_mask[1:].sum()) < len(data.val) - 1
+    assert main(["eval", str(ckpt)]) == 0
+    assert "answer tokens (LOSS_ON=answers)" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lmtrain.data.dataset import IGNORE_INDEX
 from lmtrain.train.evaluate import compute_loss
 
 
@@ -23,14 +24,18 @@ def perplexity(loss: float) -> float:
 @torch.no_grad()
 def split_loss(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
                device: torch.device,
-               autocast: contextlib.AbstractContextManager | None = None) -> tuple[float, int]:
-    """(mean cross-entropy per predicted token, number of predicted tokens) over ``tokens``.
+               autocast: contextlib.AbstractContextManager | None = None,
+               mask: np.ndarray | None = None) -> tuple[float, int]:
+    """(mean cross-entropy per scored token, number of scored tokens) over ``tokens``.
 
     The split is cut into consecutive, non-overlapping windows of ``block_size`` inputs (the
-    last one shorter), so each of its ``len(tokens) - 1`` next-token targets counts once.
+    last one shorter), so each of its ``len(tokens) - 1`` next-token targets counts once. With
+    ``mask`` (``LOSS_ON=answers``: True at the answer tokens) only those targets are scored,
+    as training scores them; the inputs stay whole.
     """
     n_targets = len(tokens) - 1
-    if n_targets < 1:
+    n_scored = int(mask[1:].sum()) if mask is not None else n_targets
+    if n_targets < 1 or n_scored < 1:
         return math.nan, 0
     was_training = model.training
     model.eval()
@@ -40,20 +45,32 @@ def split_loss(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size
     try:
         for i in range(0, len(full), batch_size):
             batch = np.asarray(full[i:i + batch_size])
-            windows = tokens[batch[:, None] + np.arange(block_size + 1)].astype(np.int64)
-            total += _summed_loss(model, torch.from_numpy(windows).to(device), autocast)
+            index = batch[:, None] + np.arange(block_size + 1)
+            total += _summed_loss(model, _windows(tokens, mask, index, device), autocast)
         if starts and starts[-1] + block_size > n_targets:  # the shorter tail window
-            tail = torch.from_numpy(tokens[starts[-1]:].astype(np.int64))[None].to(device)
-            total += _summed_loss(model, tail, autocast)
+            index = np.arange(starts[-1], len(tokens))[None]
+            total += _summed_loss(model, _windows(tokens, mask, index, device), autocast)
     finally:
         model.train(was_training)
-    return (total / n_targets).item(), n_targets
+    return (total / n_scored).item(), n_scored
 
 
-def _summed_loss(model: nn.Module, windows: torch.Tensor,
+def _windows(tokens: np.ndarray, mask: np.ndarray | None, index: np.ndarray,
+             device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets of the windows at ``index`` (rows of ``block_size + 1`` positions);
+    targets outside ``mask`` are ``IGNORE_INDEX``."""
+    rows = tokens[index].astype(np.int64)
+    targets = rows[:, 1:]
+    if mask is not None:
+        targets = np.where(mask[index[:, 1:]], targets, IGNORE_INDEX)
+    return (torch.from_numpy(rows[:, :-1]).to(device),
+            torch.from_numpy(np.ascontiguousarray(targets)).to(device))
+
+
+def _summed_loss(model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor],
                  autocast: contextlib.AbstractContextManager | None) -> torch.Tensor:
     """Summed next-token loss of the windows: training's loss (GPT-2 without materialising the
-    logits) times its targets, none of which is ignored here."""
-    x, y = windows[:, :-1], windows[:, 1:]
+    logits, ignored targets skipped) times the targets it scored."""
+    x, y = windows
     with autocast or contextlib.nullcontext():
-        return compute_loss(model, x, y).double() * y.numel()
+        return compute_loss(model, x, y).double() * (y != IGNORE_INDEX).sum()

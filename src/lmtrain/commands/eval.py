@@ -13,7 +13,8 @@ def register(sub) -> None:
         description="Score every token of the validation split once (consecutive windows of "
                     "BLOCK_SIZE, not a sample of batches) and print the mean loss per token and "
                     "the perplexity. The split is the run's: a dataset's own validation split, "
-                    "else the tokens after the TRAIN_SPLIT cut.")
+                    "else the tokens after the TRAIN_SPLIT cut. A LOSS_ON=answers run is scored "
+                    "on its answer tokens only, as it was trained.")
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint written by lmtrain")
     p.add_argument("--data", metavar="SOURCE", default=None,
                    help="data source to score [default: the run's TRAINING_DATA_SOURCE]")
@@ -62,7 +63,8 @@ def run(args: argparse.Namespace) -> int:
                                  "ALLOW_DOWNLOAD")  # read as training reads it
     _, data = load_token_data(data_cfg, loaded.tokenizer, block_size=cfg.block_size,
                               allow_download=allow_download)
-    tokens = data.val if args.split == "val" else data.train
+    tokens, mask = (data.val, data.val_mask) if args.split == "val" else (data.train,
+                                                                           data.train_mask)
     dtype = autocast_dtype(cfg.precision, device, loaded.model)
     autocast = None
     if dtype is not None:
@@ -70,13 +72,18 @@ def run(args: argparse.Namespace) -> int:
 
         autocast = torch.autocast(device_type=device.type, dtype=dtype)
     loss, n_tokens = split_loss(loaded.model, tokens, cfg.block_size,
-                                args.batch_size or cfg.batch_size, device, autocast)
+                                args.batch_size or cfg.batch_size, device, autocast, mask)
+    if n_tokens == 0:
+        raise UserError(f"the {args.split} split of {data_cfg.training_data_source!r} has no "
+                        f"token to score" + (" after ANSWER_PREFIX" if mask is not None else ""))
     result = {"checkpoint": str(args.checkpoint), "step": int(loaded.checkpoint["step"]),
               "data": data_cfg.training_data_source, "split": args.split,
+              "scored": "answers" if mask is not None else "all",
               "tokens": n_tokens, "loss": loss, "perplexity": perplexity(loss)}
     if args.json:
         print(json.dumps(result))
     else:
+        what = "answer tokens (LOSS_ON=answers)" if mask is not None else "tokens"
         print(f"step {result['step']}, {args.split} split of {result['data']}: "
-              f"{n_tokens:,} tokens, loss {loss:.4f}, perplexity {result['perplexity']:.2f}")
+              f"{n_tokens:,} {what}, loss {loss:.4f}, perplexity {result['perplexity']:.2f}")
     return 0

@@ -210,7 +210,11 @@ class TrainingConfig(RunSettings, CheckpointSettings, GenerationSettings, Evalua
                      OptimizationSettings, DataSettings, ModelSettings):
     """Every setting of a run, flat: field ``x`` is env var ``X`` and flag ``--x`` (``_`` ->
     ``-``). The groups it is made of (:data:`GROUPS`) are its slices: ``config.model`` is a
-    :class:`ModelSettings` holding just those values."""
+    :class:`ModelSettings` holding just those values.
+
+    The bases are listed last group first because pydantic collects fields from the last base
+    first; :data:`FIELDS` gives the groups' order. Cross-group rules live in the loaders.
+    """
 
     def _slice(self, group: type[S]) -> S:
         return group.model_construct(**{name: getattr(self, name) for name in group.model_fields})

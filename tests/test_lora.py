@@ -222,3 +222,12 @@ def test_a_hub_base_is_recorded_with_its_revision(tmp_path, tiny_gpt2_dir, qa_co
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == (
         "lmtrain-test/tiny-gpt2", commit)
+    # a resume finds the base in the cache's snapshot folder and still records it by hub id
+    env = {**env, "CHECKPOINT_PATH": str(ckpt), "RESUME_STEPS": "1", "RUN_NAME": "hub2"}
+    del env["GPT2_MODEL_NAME"]
+    proc = run_entrypoint(["-m", "lmtrain", "train"], env, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ref = torch.load(tmp_path / "ckpt" / "hub2" / "step_0000002.pt", weights_only=True)[
+        "lora_base"]
+    assert (ref["name"], ref["resolved"], ref["revision"]) == (
+        "lmtrain-test/tiny-gpt2", "lmtrain-test/tiny-gpt2", commit)

@@ -133,11 +133,25 @@ def model_positions(model: Any) -> int | None:
     return getattr(getattr(model, "config", None), "n_positions", None)
 
 
+def hub_snapshot(folder: str | Path) -> tuple[str, str] | None:
+    """``(repo_id, commit)`` when ``folder`` is a snapshot in a Hugging Face cache
+    (``.../models--ORG--NAME/snapshots/COMMIT``), else None."""
+    path = Path(folder).expanduser().resolve()
+    repo = path.parent.parent.name
+    if path.parent.name != "snapshots" or not repo.startswith("models--"):
+        return None
+    return repo.removeprefix("models--").replace("--", "/"), path.name
+
+
 def locate(name: str, allow_download: bool = False) -> dict[str, str]:
     """Where ``GPT2_MODEL_NAME`` points now: ``{"resolved", "revision"}``: a folder's absolute
-    path (revision ""), or a hub id and the commit of its cached snapshot."""
+    path (revision ""), or a hub id and the commit of its cached snapshot (also when the name is
+    that snapshot's folder, as a resumed adapter finds its base: the record stays portable)."""
     path = Path(name).expanduser()
     if path.is_dir():
+        hub = hub_snapshot(path)
+        if hub is not None:
+            return {"resolved": hub[0], "revision": hub[1]}
         return {"resolved": str(path.resolve()), "revision": ""}
     from transformers.utils import cached_file
 

@@ -43,7 +43,10 @@ def weights_fingerprint(model: nn.Module) -> str:
 def base_name(config: ModelSettings) -> str:
     """How a LoRA checkpoint names its base model."""
     if config.model_type == "gpt2":
-        return config.gpt2_model_name
+        from lmtrain.models.gpt2 import hub_snapshot
+
+        hub = hub_snapshot(config.gpt2_model_name)  # a cached hub model: by its hub id
+        return hub[0] if hub is not None else config.gpt2_model_name
     return (f"from_scratch(arch={config.arch}, n_layer={config.n_layer}, "
             f"n_head={config.n_head}, n_embd={config.n_embd}, block_size={config.block_size})")
 

@@ -73,3 +73,26 @@ def test_a_bf16_lora_session_trains_samples_and_resumes(train_run, tiny_gpt2_dir
     again = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000002.pt"),
                       resume_steps=1, **common)
     assert again.end_step == 3
+
+
+def test_a_from_scratch_bf16_run_never_imports_peft_or_transformers(tmp_path, corpus) -> None:
+    """Looking for LoRA layers to cast costs a run without LoRA nothing (peft pulls in
+    transformers: ~1.5 s of every bf16 start)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import child_env, tiny_env
+
+    env = tiny_env(precision="bf16", training_data_source=str(corpus),
+                   checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "lg"))
+    code = ("import sys\n"
+            "from lmtrain.cli import env_entrypoint\n"
+            "try:\n"
+            "    env_entrypoint()\n"
+            "finally:\n"
+            "    print(sorted(m for m in ('peft', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], env=child_env(env), cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "bfloat16" in out.stdout + out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"

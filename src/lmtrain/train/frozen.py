@@ -8,6 +8,8 @@ dtype once gives bit-identical results under autocast: the layer sees the same b
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -19,11 +21,13 @@ def store_frozen_base_in(model: nn.Module, dtype: torch.dtype | None) -> int:
     and :mod:`lmtrain.generate` do); LoRA checkpoints hold only the adapters."""
     if dtype is None or dtype == torch.float32:
         return 0
-    from peft.tuners.lora import LoraLayer
+    lora = sys.modules.get("peft.tuners.lora")
+    if lora is None:  # peft was never imported, so no LoRA layer exists (and peft costs ~1.5 s)
+        return 0
 
     changed = 0
     for module in model.modules():
-        if not isinstance(module, LoraLayer):
+        if not isinstance(module, lora.LoraLayer):
             continue
         for param in module.get_base_layer().parameters(recurse=False):
             if not param.requires_grad and param.dtype == torch.float32:

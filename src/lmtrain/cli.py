@@ -17,6 +17,7 @@ from lmtrain.config import (
     GROUP_OF,
     GROUPS,
     check_settings,
+    check_value,
     env_name,
     env_typos,
     explicit_settings,
@@ -57,6 +58,16 @@ def add_setting_flags(parser: argparse.ArgumentParser, names: Iterable[str] | No
             target.add_argument(*flags, dest=name, metavar=env_name(name),
                                 default=argparse.SUPPRESS,
                                 help=setting_help(name, default_text))
+
+
+def setting_value(args: argparse.Namespace, name: str, fallback: Any) -> Any:
+    """Setting ``name`` for a command on a trained run: its flag (from :func:`add_setting_flags`),
+    else its env var, else ``fallback`` (the run's own value); a given value is checked against
+    the setting's field, as training checks it."""
+    if hasattr(args, name):
+        return check_value(name, getattr(args, name), flag_name(name))
+    raw = os.environ.get(env_name(name), "").strip()
+    return check_value(name, raw, env_name(name)) if raw else fallback
 
 
 def _settings_group(parser: argparse.ArgumentParser, label: str) -> argparse._ArgumentGroup:

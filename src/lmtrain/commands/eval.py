@@ -6,8 +6,13 @@ import argparse
 import json
 import os
 
+#: ``--data`` beside ``--training-data-source``, as for ``lmtrain train``.
+DATA_ALIASES = {"training_data_source": ["--data"]}
+
 
 def register(sub) -> None:
+    from lmtrain.cli import add_setting_flags
+
     p = sub.add_parser(
         "eval", help="loss and perplexity of a checkpoint over a whole split",
         description="Score every token of the validation split once (consecutive windows of "
@@ -16,19 +21,13 @@ def register(sub) -> None:
                     "else the tokens after the TRAIN_SPLIT cut. A LOSS_ON=answers run is scored "
                     "on its answer tokens only, as it was trained.")
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint written by lmtrain")
-    p.add_argument("--data", metavar="SOURCE", default=None,
-                   help="data source to score [default: the run's TRAINING_DATA_SOURCE]")
-    p.add_argument("--text-field", default=None,
-                   help="column / field of the text in dataset and .jsonl sources "
-                        "[env TEXT_FIELD; default: the run's]")
+    add_setting_flags(p, ["training_data_source", "text_field"], DATA_ALIASES,
+                      default_text="the run's")
+    add_setting_flags(p, ["cache_dir", "device"], aliases={})
     p.add_argument("--split", choices=["val", "train"], default="val",
                    help="which split to score [default: val]")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows scored at a time [default: the run's BATCH_SIZE]")
-    p.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N | mps "
-                                                  "[env DEVICE; default: auto]")
-    p.add_argument("--cache-dir", default=None,
-                   help="token-array cache [env CACHE_DIR; default: user cache]")
     p.add_argument("--base", metavar="MODEL", default=None,
                    help="where the GPT-2 base model lives now (folder or hub id) "
                         "[env GPT2_MODEL_NAME; default: the run's]")
@@ -36,12 +35,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _env(name: str) -> str | None:
-    return os.environ.get(name, "").strip() or None
-
-
 def run(args: argparse.Namespace) -> int:
-    from lmtrain.config import check_value
+    from lmtrain.cli import setting_value
     from lmtrain.data.prepare import load_token_data
     from lmtrain.device import autocast_dtype, select_device
     from lmtrain.errors import UserError
@@ -50,17 +45,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
-    device = select_device(args.device or _env("DEVICE") or "auto")
-    loaded = load_trained_model(args.checkpoint, device,
-                                base=args.base or _env("GPT2_MODEL_NAME"))
+    device = select_device(setting_value(args, "device", "auto"))
+    base = args.base or os.environ.get("GPT2_MODEL_NAME", "").strip() or None
+    loaded = load_trained_model(args.checkpoint, device, base=base)
     cfg = loaded.config
-    data_cfg = cfg.data.model_copy(update={
-        "training_data_source": args.data or cfg.training_data_source,
-        "text_field": args.text_field or _env("TEXT_FIELD") or cfg.text_field,
-        "cache_dir": args.cache_dir or _env("CACHE_DIR"),
-    })
-    allow_download = check_value("allow_download", _env("ALLOW_DOWNLOAD") or False,
-                                 "ALLOW_DOWNLOAD")  # read as training reads it
+    data_cfg = cfg.data.model_copy(update={  # the run's data settings, as this command sets them
+        name: setting_value(args, name, fallback) for name, fallback in (
+            ("training_data_source", cfg.training_data_source),
+            ("text_field", cfg.text_field), ("cache_dir", None))})
+    allow_download = setting_value(args, "allow_download", False)  # env only, as training
     _, data = load_token_data(data_cfg, loaded.tokenizer, block_size=cfg.block_size,
                               allow_download=allow_download)
     tokens, mask = (data.val, data.val_mask) if args.split == "val" else (data.train,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
 
 from lmtrain.config import GenerationSettings
 
@@ -33,33 +32,23 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _setting(args: argparse.Namespace, name: str, fallback: Any) -> Any:
-    """Setting ``name`` from its flag, else its env var, else ``fallback``; a given value is
-    checked against the setting's field (as training checks it)."""
-    from lmtrain.config import check_value, env_name, flag_name
-
-    if hasattr(args, name):
-        return check_value(name, getattr(args, name), flag_name(name))
-    raw = os.environ.get(env_name(name), "").strip()
-    return check_value(name, raw, env_name(name)) if raw else fallback
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from lmtrain.cli import setting_value
     from lmtrain.device import select_device
     from lmtrain.errors import UserError
     from lmtrain.generate import Sampling, default_prompt, start_context, stream_sample
     from lmtrain.healing import token_bytes
     from lmtrain.inference import load_trained_model
 
-    device = select_device(_setting(args, "device", "auto"))
+    device = select_device(setting_value(args, "device", "auto"))
     base = args.base or os.environ.get("GPT2_MODEL_NAME", "").strip() or None
     loaded = load_trained_model(args.checkpoint, device, base=base)
     cfg, tok = loaded.config, loaded.tokenizer
     run_values = {**cfg.generation.model_dump(), "seed": cfg.seed,
                   "prompt": default_prompt(cfg.generation, cfg.model_type)}
-    value = {name: _setting(args, name, run_values[name]) for name in SAMPLE_SETTINGS}
+    value = {name: setting_value(args, name, run_values[name]) for name in SAMPLE_SETTINGS}
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
     prompt, max_new = value["prompt"], value["max_new_tokens"]

@@ -86,3 +86,16 @@ def test_on_nan_stop_names_the_first_bad_step_between_progress_lines(train_run, 
     with pytest.raises(UserError, match=r"loss became nan at step 6.*ON_NAN=skip"):
         train_run(training_steps=20, log_interval=10, checkpoint_interval=4, run_name="stop")
     assert [s for s, _ in list_checkpoints(tmp_path / "ckpt" / "stop")] == [4]
+
+
+def test_the_final_checkpoint_holds_the_final_losses(train_run):
+    # 23 is not an evaluation step (every 10)
+    summary = train_run(training_steps=23, eval_interval=10, checkpoint_interval=10)
+    final = load_checkpoint(summary.checkpoint_dir / checkpoint_filename(23))
+    assert final["last_losses"]["step"] == 23
+    assert final["last_losses"]["val"] == summary.final_losses["val"]
+    evals = [r for r in read_metrics(summary.metrics_file) if r.get("kind") == "eval"]
+    assert [r["step"] for r in evals] == [10, 20, 23]  # the end is evaluated once, not twice
+    vals = {r["step"]: r["val_loss"] for r in evals}  # every evaluated step was checkpointed
+    best = min(vals, key=vals.get)
+    assert (final["best_step"], final["best_val_loss"]) == (best, vals[best])

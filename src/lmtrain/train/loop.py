@@ -242,7 +242,8 @@ def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int
 def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     """Advance ``ctx`` from ``start_step`` by ``n_steps`` optimizer steps.
 
-    Logs every ``LOG_INTERVAL`` steps, evaluates every ``EVAL_INTERVAL`` steps, checkpoints
+    Logs every ``LOG_INTERVAL`` steps, evaluates every ``EVAL_INTERVAL`` steps and at the end
+    (before the final checkpoint, which then holds its own losses), checkpoints
     every ``CHECKPOINT_INTERVAL`` steps and at the end; all step numbers are absolute.
     """
     cfg = ctx.config
@@ -273,4 +274,6 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 window.check()
                 raise TrainingInterrupted(ctx.stop_signal, save(ctx))
     if n_steps > 0:
+        if ctx.last_losses.get("step") != ctx.step:  # the final checkpoint holds its own losses
+            evaluate(ctx)
         save(ctx)

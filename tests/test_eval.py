@@ -139,3 +139,14 @@ def test_eval_of_an_answers_run_scores_its_answers(train_run, tmp_path, capsys) 
     assert result["tokens"] == int(data.val_mask[1:].sum()) < len(data.val) - 1
     assert main(["eval", str(ckpt)]) == 0
     assert "answer tokens (LOSS_ON=answers)" in capsys.readouterr().out
+
+
+def test_eval_shows_progress_in_tokens_when_asked(tiny_checkpoint, capsys) -> None:
+    assert main(["eval", str(tiny_checkpoint), "--json", "--no-progress"]) == 0
+    quiet = capsys.readouterr()
+    assert quiet.err == ""
+    assert main(["eval", str(tiny_checkpoint), "--json", "--progress"]) == 0
+    shown = capsys.readouterr()
+    result = json.loads(shown.out)
+    assert json.loads(quiet.out)["loss"] == result["loss"]
+    assert "eval" in shown.err and "tok" in shown.err and "100%" in shown.err

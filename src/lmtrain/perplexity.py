@@ -25,14 +25,16 @@ def perplexity(loss: float) -> float:
 def split_loss(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
                device: torch.device,
                autocast: contextlib.AbstractContextManager | None = None,
-               mask: np.ndarray | None = None) -> tuple[float, int]:
+               mask: np.ndarray | None = None, progress: bool = False) -> tuple[float, int]:
     """(mean cross-entropy per scored token, number of scored tokens) over ``tokens``.
 
     The split is cut into consecutive, non-overlapping windows of ``block_size`` inputs (the
     last one shorter), so each of its ``len(tokens) - 1`` next-token targets counts once. With
     ``mask`` (``LOSS_ON=answers``: True at the answer tokens) only those targets are scored,
-    as training scores them; the inputs stay whole.
+    as training scores them; the inputs stay whole. ``progress``: a bar on stderr, in tokens.
     """
+    from tqdm import tqdm
+
     n_targets = len(tokens) - 1
     n_scored = int(mask[1:].sum()) if mask is not None else n_targets
     if n_targets < 1 or n_scored < 1:
@@ -40,17 +42,20 @@ def split_loss(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size
     was_training = model.training
     model.eval()
     total = torch.zeros((), dtype=torch.float64, device=device)
-    starts = list(range(0, n_targets, block_size))
-    full = [s for s in starts if s + block_size <= n_targets]
+    full = np.arange(0, n_targets - block_size + 1, block_size)  # whole windows' first tokens
+    tail = n_targets - n_targets % block_size  # a shorter last window starts here, if any
+    bar = tqdm(total=n_targets, unit="tok", unit_scale=True, desc="eval", disable=not progress)
     try:
         for i in range(0, len(full), batch_size):
-            batch = np.asarray(full[i:i + batch_size])
-            index = batch[:, None] + np.arange(block_size + 1)
+            index = full[i:i + batch_size, None] + np.arange(block_size + 1)
             total += _summed_loss(model, _windows(tokens, mask, index, device), autocast)
-        if starts and starts[-1] + block_size > n_targets:  # the shorter tail window
-            index = np.arange(starts[-1], len(tokens))[None]
+            bar.update(len(index) * block_size)
+        if tail < n_targets:
+            index = np.arange(tail, len(tokens))[None]
             total += _summed_loss(model, _windows(tokens, mask, index, device), autocast)
+            bar.update(n_targets - tail)
     finally:
+        bar.close()
         model.train(was_training)
     return (total / n_scored).item(), n_scored
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 #: ``--data`` beside ``--training-data-source``, as for ``lmtrain train``.
 DATA_ALIASES = {"training_data_source": ["--data"]}
@@ -32,6 +33,8 @@ def register(sub) -> None:
                    help="where the GPT-2 base model lives now (folder or hub id) "
                         "[env GPT2_MODEL_NAME; default: the run's]")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="show a progress bar [default: when stderr is a terminal]")
     p.set_defaults(func=run)
 
 
@@ -65,7 +68,9 @@ def run(args: argparse.Namespace) -> int:
 
         autocast = torch.autocast(device_type=device.type, dtype=dtype)
     loss, n_tokens = split_loss(loaded.model, tokens, cfg.block_size,
-                                args.batch_size or cfg.batch_size, device, autocast, mask)
+                                args.batch_size or cfg.batch_size, device, autocast, mask,
+                                progress=sys.stderr.isatty() if args.progress is None
+                                else args.progress)
     if n_tokens == 0:
         raise UserError(f"the {args.split} split of {data_cfg.training_data_source!r} has no "
                         f"token to score" + (" after ANSWER_PREFIX" if mask is not None else ""))

@@ -8,6 +8,7 @@ import torch
 
 from lmtrain.checkpoint import FORMAT_VERSION, save_checkpoint
 from lmtrain.cli import main
+from lmtrain.config import GROUPS
 
 
 def test_inspect_shows_the_checkpoint(tiny_checkpoint, capsys):
@@ -33,8 +34,14 @@ def test_inspect_json(tiny_checkpoint, capsys):
     assert info["size_bytes"] == tiny_checkpoint.stat().st_size
     assert (info["step"], info["model_type"], info["run_name"]) == (4, "from_scratch", "tiny")
     assert info["format_version"] == FORMAT_VERSION
-    assert info["architecture"] == {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16,
-                                    "dropout": 0.1}
+    assert info["architecture"] == {"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
+                                    "block_size": 16, "dropout": 0.1}
+    assert info["optimizer"] == "adamw"
+    saved = ckpt["hyperparameters"]
+    flat = {k: v for group in info["settings"].values() for k, v in group.items()}
+    assert flat["n_layer"] == 1 and flat["learning_rate"] == saved["learning_rate"]
+    assert "checkpoint_dir" not in flat and "device" not in flat  # invocation, not the run
+    assert list(info["settings"]) == [g for g in GROUPS if g in info["settings"]]
     assert info["tokenizer"] == {"kind": "character", "vocab_size": ckpt["vocab_size"]}
     assert info["last_losses"] == ckpt["last_losses"]
     assert (info["best_step"], info["best_val_loss"]) == (4, ckpt["last_losses"]["val"])
@@ -59,3 +66,20 @@ def test_inspect_bad_files_exit_2_with_the_reason(tmp_path, tiny_checkpoint, cap
         assert main(["inspect", "--json", str(path)]) == 2
         report = json.loads(capsys.readouterr().out)
         assert report["valid"] is False and reason in report["error"]
+
+
+def test_inspect_shows_the_recipe_and_every_setting_by_group(train_run, capsys):
+    summary = train_run(arch="llama", qk_norm=True, optimizer="muon", muon_learning_rate=0.02,
+                        training_steps=2)
+    ckpt = summary.checkpoint_dir / "step_0000002.pt"
+    capsys.readouterr()
+    assert main(["inspect", "--settings", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "arch=llama, qk_norm=True" in out
+    assert "muon (lr 0.02) + adamw (lr " in out
+    model_part = out.split("\nmodel settings\n")[1].split("\n\n")[0]
+    assert "  N_LAYER = 1" in model_part and "LEARNING_RATE" not in model_part
+    assert "\noptimization settings\n" in out and "  MUON_LEARNING_RATE = 0.02" in out
+    assert "CHECKPOINT_DIR" not in out  # where this invocation wrote is not the run
+    assert main(["inspect", str(ckpt)]) == 0
+    assert "model settings" not in capsys.readouterr().out  # only when asked

@@ -417,7 +417,8 @@ def restore(ctx: RunContext, ckpt: Mapping[str, Any], where: str) -> None:
 # --- describe ---------------------------------------------------------------------------------
 
 ARCHITECTURE_KEYS = {
-    "from_scratch": ("n_layer", "n_head", "n_embd", "block_size", "dropout"),
+    "from_scratch": ("arch", "qk_norm", "n_layer", "n_head", "n_embd", "block_size",
+                     "dropout"),
     "gpt2": ("gpt2_model_name", "n_layer", "n_head", "n_embd", "block_size", "n_positions",
              "dropout"),
 }
@@ -474,8 +475,15 @@ def _model_on_meta(cfg: TrainingConfig, vocab_size: int) -> nn.Module | None:
 
 
 def describe(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
-    """The facts ``lmtrain inspect`` shows about a validated checkpoint, JSON-ready."""
-    hp = ckpt["hyperparameters"]
+    """The facts ``lmtrain inspect`` shows about a validated checkpoint, JSON-ready; its
+    ``settings`` are what the run *is*, group by group (a pre-recipe checkpoint's ``arch``,
+    ``qk_norm`` and ``optimizer`` as it was trained)."""
+    from lmtrain.config import GROUP_OF, GROUPS, saved_run_settings
+
+    hp = {**ckpt["hyperparameters"], **saved_run_settings(ckpt["hyperparameters"])}
+    settings: dict[str, dict[str, Any]] = {label: {} for label in GROUPS}
+    for name, value in saved_run_settings(hp).items():
+        settings[GROUP_OF[name]][name] = value
     model_type = ckpt.get("model_type") or hp.get("model_type", "from_scratch")
     use_lora = bool(hp.get("use_lora"))
     keys = ARCHITECTURE_KEYS.get(model_type, ()) + (LORA_KEYS if use_lora else ())
@@ -490,7 +498,9 @@ def describe(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
         "planned_steps": hp.get("training_steps"),
         "model_type": model_type,
         "use_lora": use_lora,
-        "architecture": {k: hp.get(k) for k in keys},
+        "architecture": {k: hp.get(k) for k in keys
+                         if k != "qk_norm" or hp.get("arch") == "llama"},
+        "optimizer": hp.get("optimizer"),
         "parameters_saved": sum(int(t.numel()) for t in ckpt["model_state_dict"].values()),
         "tokenizer": {"kind": tokenizer.get("kind"), "vocab_size": int(ckpt["vocab_size"])},
         "batch_size": int(ckpt["batch_size"]),
@@ -500,6 +510,7 @@ def describe(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
         "best_step": ckpt.get("best_step"),
         "digest": ckpt.get(DIGEST_KEY),
         "tracker_run_ids": dict(ckpt.get("tracker_run_ids") or {}),
+        "settings": {label: values for label, values in settings.items() if values},
     }
 
 

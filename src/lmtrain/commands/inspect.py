@@ -15,10 +15,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "inspect", help="show what a checkpoint holds and check that it is valid",
         description="Validate a checkpoint (safely: it is never allowed to run code) and show "
-                    "its step, model, tokenizer, last losses, size and format version. "
+                    "its step, model, optimizer, tokenizer, last losses, size and format version "
+                    "(--settings: every setting it was trained with). "
                     "Exit status 2 when the file is not a usable checkpoint.")
     parser.add_argument("checkpoint", metavar="CKPT", help="a step_*.pt file written by lmtrain")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--settings", action="store_true",
+                        help="also list every setting the run was trained with, by group")
     parser.set_defaults(func=run)
 
 
@@ -56,6 +59,7 @@ def format_text(info: dict[str, Any]) -> str:
         ("step", _step_text(info)),
         ("model", model),
         ("architecture", arch),
+        ("optimizer", _optimizer_text(info)),
         ("weights saved", f"{info['parameters_saved']:,} values"),
         ("tokenizer", f"{info['tokenizer']['kind']}, {info['tokenizer']['vocab_size']} tokens"),
         ("data", info["training_data_source"]),
@@ -66,6 +70,26 @@ def format_text(info: dict[str, Any]) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+def _optimizer_text(info: dict[str, Any]) -> str:
+    """``muon (lr 0.01) + adamw (lr 0.003)`` or ``adamw (lr 0.001)``: peak learning rates."""
+    optimization = info["settings"].get("optimization", {})
+    adamw = f"adamw (lr {optimization.get('learning_rate')})"
+    if info["optimizer"] == "muon":
+        return f"muon (lr {optimization.get('muon_learning_rate')}) + {adamw}"
+    return adamw
+
+
+def settings_text(info: dict[str, Any]) -> str:
+    """Every saved setting as ``ENV_NAME = value`` lines under one heading per group."""
+    from lmtrain.config import env_name
+
+    lines = []
+    for label, values in info["settings"].items():
+        lines += ["", f"{label} settings"]
+        lines += [f"  {env_name(name)} = {value!r}" for name, value in values.items()]
+    return "\n".join(lines)
 
 
 def _step_text(info: dict[str, Any]) -> str:
@@ -96,5 +120,10 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"path": args.checkpoint, "valid": False, "error": str(exc)}))
         raise
-    print(json.dumps({"valid": True, **info}, indent=2) if args.json else format_text(info))
+    if args.json:
+        print(json.dumps({"valid": True, **info}, indent=2))
+    else:
+        print(format_text(info))
+        if args.settings:
+            print(settings_text(info))
     return 0

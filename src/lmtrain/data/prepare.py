@@ -130,11 +130,10 @@ def stream_digest(stream: Stream) -> str:
     return source_digest(stream.files, stream.text_field)
 
 
-def splits_digest(stream: Stream, val_stream: Stream | None) -> str:
-    """The digest of a source's training split, or of both splits when it has two."""
-    if val_stream is None:
-        return stream_digest(stream)
-    return _digest([stream_digest(stream), stream_digest(val_stream)])
+def splits_digest(train_sha: str, val_sha: str | None) -> str:
+    """The digest of a source from its splits' digests: the training split's alone, or both
+    when it has two."""
+    return train_sha if val_sha is None else _digest([train_sha, val_sha])
 
 
 class _Progress:
@@ -228,8 +227,9 @@ def tokenizer_for(config: DataSettings, allow_download: bool = False) -> Tokeniz
     if config.tokenization_method == "gpt2":
         return train_tokenizer("gpt2", [], config.custom_vocab_size)
     stream, val_stream = open_streams(config, allow_download)
-    return fresh_tokenizer(config, stream, splits_digest(stream, val_stream), cache_folder(config),
-                           val_stream)
+    sha = splits_digest(stream_digest(stream),
+                        stream_digest(val_stream) if val_stream is not None else None)
+    return fresh_tokenizer(config, stream, sha, cache_folder(config), val_stream)
 
 
 def _read_meta(meta_path: Path, bin_path: Path) -> dict[str, Any] | None:
@@ -306,20 +306,23 @@ def prepare_splits(config: DataSettings, tokenizer: Tokenizer | None = None,
     cache = cache_folder(config)
     show = sys.stderr.isatty() if progress is None else progress
     fresh = tokenizer is None
+    train_sha = stream_digest(stream)  # each split's files are read for their digest once
+    val_sha = stream_digest(val_stream) if val_stream is not None else None
     if tokenizer is None:
-        tokenizer = fresh_tokenizer(config, stream, splits_digest(stream, val_stream), cache,
+        tokenizer = fresh_tokenizer(config, stream, splits_digest(train_sha, val_sha), cache,
                                     val_stream, show)
-    train = _cached_tokens(config, stream, tokenizer, cache, not fresh, show, "tokenizing")
-    val = (_cached_tokens(config, val_stream, tokenizer, cache, not fresh, show,
+    train = _cached_tokens(config, stream, train_sha, tokenizer, cache, not fresh, show,
+                           "tokenizing")
+    val = (_cached_tokens(config, val_stream, val_sha, tokenizer, cache, not fresh, show,
                           "tokenizing validation") if val_stream is not None else None)
     return tokenizer, train, val
 
 
-def _cached_tokens(config: DataSettings, stream: Stream, tokenizer: Tokenizer, cache: Path,
-                   check_chars: bool, progress: bool, desc: str) -> TokenArray:
-    """The token array of ``stream`` from the cache, or encoded into it now."""
+def _cached_tokens(config: DataSettings, stream: Stream, source_sha: str, tokenizer: Tokenizer,
+                   cache: Path, check_chars: bool, progress: bool, desc: str) -> TokenArray:
+    """The token array of ``stream`` (whose digest is ``source_sha``) from the cache, or
+    encoded into it now."""
     stream.separator = document_separator(tokenizer)
-    source_sha = stream_digest(stream)
     tok_sha = tokenizer_digest(tokenizer)
     key = _digest({"format": CACHE_FORMAT, "source": source_sha, "tokenizer": tok_sha,
                    "chunk_chars": CHUNK_CHARS})[:32]

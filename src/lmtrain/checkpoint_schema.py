@@ -392,7 +392,9 @@ def restore(ctx: RunContext, ckpt: Mapping[str, Any], where: str) -> None:
     ctx.best_val_loss = math.inf if best is None else float(best)
     ctx.best_step = ckpt.get("best_step")
     ctx.last_losses = dict(ckpt.get("last_losses") or {})
-    ctx.tracker_run_ids = dict(ckpt.get("tracker_run_ids") or {})
+    # a branch (or a renamed run) is a tracker run of its own
+    same_run = ckpt.get("run_name") == ctx.run_name
+    ctx.tracker_run_ids = dict(ckpt.get("tracker_run_ids") or {}) if same_run else {}
     if ctx.grad_scaler is not None and ckpt.get("grad_scaler_state_dict"):
         ctx.grad_scaler.load_state_dict(ckpt["grad_scaler_state_dict"])
     torch.set_rng_state(ckpt["rng_state"])
@@ -480,9 +482,10 @@ def describe(ckpt: Mapping[str, Any], path: Path) -> dict[str, Any]:
     ``qk_norm`` and ``optimizer`` as it was trained)."""
     from lmtrain.config import GROUP_OF, GROUPS, saved_run_settings
 
-    hp = {**ckpt["hyperparameters"], **saved_run_settings(ckpt["hyperparameters"])}
+    run = saved_run_settings(ckpt["hyperparameters"])
+    hp = {**ckpt["hyperparameters"], **run}
     settings: dict[str, dict[str, Any]] = {label: {} for label in GROUPS}
-    for name, value in saved_run_settings(hp).items():
+    for name, value in run.items():
         settings[GROUP_OF[name]][name] = value
     model_type = ckpt.get("model_type") or hp.get("model_type", "from_scratch")
     use_lora = bool(hp.get("use_lora"))

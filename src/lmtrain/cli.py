@@ -70,6 +70,18 @@ def setting_value(args: argparse.Namespace, name: str, fallback: Any) -> Any:
     return check_value(name, raw, env_name(name)) if raw else fallback
 
 
+def add_base_flag(parser: argparse.ArgumentParser) -> None:
+    """``--base MODEL``: where a GPT-2 run's base model lives now (:func:`base_override`)."""
+    parser.add_argument("--base", metavar="MODEL", default=None,
+                        help="where the GPT-2 base model lives now (folder or hub id) "
+                             "[env GPT2_MODEL_NAME; default: where the run found it]")
+
+
+def base_override(args: argparse.Namespace) -> str | None:
+    """``--base``, else ``GPT2_MODEL_NAME``, else ``None`` (the run's own base)."""
+    return args.base or os.environ.get("GPT2_MODEL_NAME", "").strip() or None
+
+
 def _settings_group(parser: argparse.ArgumentParser, label: str) -> argparse._ArgumentGroup:
     """A ``--help`` section for one settings group, described by its class's docstring."""
     doc = (GROUPS[label].__doc__ or "").replace("``", "")

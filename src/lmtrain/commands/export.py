@@ -4,10 +4,11 @@ tokenizer included) and/or a GPT-2 LoRA adapter in PEFT's layout."""
 from __future__ import annotations
 
 import argparse
-import os
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from lmtrain.cli import add_base_flag
+
     parser = subparsers.add_parser(
         "export", help="write a checkpoint as a Hugging Face model folder or PEFT adapter",
         description="Write CKPT as a Hugging Face folder (GPT2LMHeadModel weights with any LoRA "
@@ -22,19 +23,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder for the whole model (created if needed)")
     parser.add_argument("--adapter", metavar="DIR", default=None,
                         help="folder for the LoRA adapter in PEFT's layout (created if needed)")
-    parser.add_argument("--base", metavar="MODEL", default=None,
-                        help="where the GPT-2 base model lives now (folder or hub id) "
-                             "[env GPT2_MODEL_NAME; default: where the run found it]")
+    add_base_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmtrain.cli import base_override
     from lmtrain.errors import UserError
     from lmtrain.models.export import export_adapter, export_checkpoint
 
     if not args.out_dir and not args.adapter:
         raise UserError("export: give OUT_DIR (the whole model), --adapter DIR, or both")
-    base = args.base or os.environ.get("GPT2_MODEL_NAME", "").strip() or None
+    base = base_override(args)
     if args.adapter:
         info = export_adapter(args.checkpoint, args.adapter, base)
         print(f"exported the LoRA adapter of step {info['step']} (base {info['base']}, "

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from lmtrain.config import GenerationSettings
@@ -15,7 +14,7 @@ SAMPLE_SETTINGS = (*GenerationSettings.model_fields, "seed")
 
 
 def register(sub) -> None:
-    from lmtrain.cli import add_setting_flags
+    from lmtrain.cli import add_base_flag, add_setting_flags
 
     p = sub.add_parser(
         "sample", help="generate text from a checkpoint",
@@ -23,11 +22,9 @@ def register(sub) -> None:
                     "Each setting falls back to its environment variable, then to the run's "
                     "own value (a GPT-2 run's prompt: 'QUESTION: ').")
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint written by lmtrain")
-    add_setting_flags(p, SAMPLE_SETTINGS, aliases={}, default_text="the run's")
-    add_setting_flags(p, ["device"], aliases={})
-    p.add_argument("--base", default=None,
-                   help="where the GPT-2 base model lives now (folder or hub id) [env "
-                        "GPT2_MODEL_NAME; default: where the run found it]")
+    add_setting_flags(p, SAMPLE_SETTINGS, default_text="the run's")
+    add_setting_flags(p, ["device"])
+    add_base_flag(p)
     p.add_argument("--num-samples", type=int, default=1, help="how many samples [default: 1]")
     p.set_defaults(func=run)
 
@@ -35,7 +32,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from lmtrain.cli import setting_value
+    from lmtrain.cli import base_override, setting_value
     from lmtrain.device import select_device
     from lmtrain.errors import UserError
     from lmtrain.generate import Sampling, default_prompt, start_context, stream_sample
@@ -43,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from lmtrain.inference import load_trained_model
 
     device = select_device(setting_value(args, "device", "auto"))
-    base = args.base or os.environ.get("GPT2_MODEL_NAME", "").strip() or None
+    base = base_override(args)
     loaded = load_trained_model(args.checkpoint, device, base=base)
     cfg, tok = loaded.config, loaded.tokenizer
     run_values = {**cfg.generation.model_dump(), "seed": cfg.seed,

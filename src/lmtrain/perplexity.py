@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmtrain.data.dataset import IGNORE_INDEX
+from lmtrain.data.dataset import IGNORE_INDEX, windows
 from lmtrain.train.evaluate import compute_loss
 
 
@@ -62,20 +62,15 @@ def split_loss(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size
 
 def _windows(tokens: np.ndarray, mask: np.ndarray | None, index: np.ndarray,
              device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets of the windows at ``index`` (rows of ``block_size + 1`` positions);
-    targets outside ``mask`` are ``IGNORE_INDEX``."""
-    rows = tokens[index].astype(np.int64)
-    targets = rows[:, 1:]
-    if mask is not None:
-        targets = np.where(mask[index[:, 1:]], targets, IGNORE_INDEX)
-    return (torch.from_numpy(rows[:, :-1]).to(device),
-            torch.from_numpy(np.ascontiguousarray(targets)).to(device))
+    """:func:`lmtrain.data.dataset.windows` on ``device``."""
+    x, y = windows(tokens, mask, index)
+    return x.to(device), y.to(device)
 
 
-def _summed_loss(model: nn.Module, windows: tuple[torch.Tensor, torch.Tensor],
+def _summed_loss(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
                  autocast: contextlib.AbstractContextManager | None) -> torch.Tensor:
     """Summed next-token loss of the windows: training's loss (GPT-2 without materialising the
     logits, ignored targets skipped) times the targets it scored."""
-    x, y = windows
+    x, y = batch
     with autocast or contextlib.nullcontext():
         return compute_loss(model, x, y).double() * (y != IGNORE_INDEX).sum()

@@ -78,6 +78,21 @@ def answer_mask(tokens: np.ndarray, variants: Sequence[Sequence[int]], eot_id: i
     return mask
 
 
+def windows(tokens: np.ndarray, mask: np.ndarray | None,
+            index: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets (contiguous int64 CPU tensors) of the windows at ``index``
+    (rows of ``block_size + 1`` positions); targets outside ``mask`` are ``IGNORE_INDEX``.
+
+    One gather of the rows' ids: only those pages of a memory map are read.
+    """
+    rows = tokens[index].astype(np.int64)
+    targets = rows[:, 1:]
+    if mask is not None:
+        targets = np.where(mask[index[:, 1:]], targets, IGNORE_INDEX)
+    return (torch.from_numpy(np.ascontiguousarray(rows[:, :-1])),
+            torch.from_numpy(np.ascontiguousarray(targets)))
+
+
 @dataclass
 class TokenData:
     """The train and validation token arrays (in memory or memory-mapped)."""
@@ -132,15 +147,8 @@ class TokenData:
         arr, mask = (self.train, self.train_mask) if split == "train" else (self.val,
                                                                             self.val_mask)
         starts = torch.randint(len(arr) - block_size, (batch_size,), generator=generator).numpy()
-        # one gather of (batch, block + 1) ids: only those pages of a memory map are read
-        index = starts[:, None] + np.arange(block_size + 1)
-        windows = arr[index].astype(np.int64)
-        x = torch.from_numpy(windows[:, :-1])
-        targets = windows[:, 1:]
-        if mask is not None:
-            targets = np.where(mask[index[:, 1:]], targets, IGNORE_INDEX)
-        y = torch.from_numpy(targets)
+        x, y = windows(arr, mask, starts[:, None] + np.arange(block_size + 1))
         if device.type == "cuda":
             return (x.pin_memory().to(device, non_blocking=True),
                     y.pin_memory().to(device, non_blocking=True))
-        return x.contiguous().to(device), y.contiguous().to(device)
+        return x.to(device), y.to(device)

@@ -275,8 +275,6 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
         run_name=ctx.run_name, start_step=start, end_step=start + n_steps,
         checkpoint_dir=ctx.checkpoint_dir, log_file=log_file,
         metrics_file=ctx.log_dir / "metrics.jsonl")
-    if plan.resume and plan.resume.checkpoint.get("run_name") != ctx.run_name:
-        ctx.tracker_run_ids.clear()  # a branch (or a renamed run) is a tracker run of its own
     ctx.metrics = (open_metrics(summary.metrics_file, cfg, ctx.run_name, ctx.tracker_run_ids)
                    if ctx.is_main else None)
     try:

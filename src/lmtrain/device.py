@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -91,6 +92,14 @@ def autocast_dtype(precision: str, device: torch.device,
         wide = model is None or matmul_width(model) >= CPU_BF16_MIN_WIDTH
         return torch.bfloat16 if wide else None
     return None
+
+
+def autocast_context(device: torch.device,
+                     dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """``torch.autocast`` to ``dtype`` on ``device``'s type; plain fp32 when ``dtype`` is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def make_grad_scaler(dtype: torch.dtype | None, device: torch.device) -> Any:

@@ -9,7 +9,6 @@ filled from them, so cached and uncached decoding see the same tokens at the sam
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from torch import nn
 
 from lmtrain.config import GenerationSettings
 from lmtrain.data.tokenizers import GPT2_EOT, CharTokenizer, GPT2FilesTokenizer, Tokenizer
+from lmtrain.device import autocast_context
 from lmtrain.errors import UserError
 from lmtrain.healing import heal_prompt, stream_text, token_bytes
 from lmtrain.models import hf_model, model_logits
@@ -146,7 +146,7 @@ def sample_tokens(
     model.eval()
     try:
         for _ in range(max_new_tokens):
-            with (torch.autocast(device.type, dtype=low) if low else contextlib.nullcontext()):
+            with autocast_context(device, low):
                 logits = decoder.next_logits(ids)
             token = pick_token(logits, sampling, generator, allowed)
             allowed = None

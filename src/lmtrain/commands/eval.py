@@ -41,7 +41,7 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmtrain.cli import setting_value
     from lmtrain.data.prepare import load_token_data
-    from lmtrain.device import autocast_dtype, select_device
+    from lmtrain.device import autocast_context, autocast_dtype, select_device
     from lmtrain.errors import UserError
     from lmtrain.inference import load_trained_model
     from lmtrain.perplexity import perplexity, split_loss
@@ -61,12 +61,7 @@ def run(args: argparse.Namespace) -> int:
                               allow_download=allow_download)
     tokens, mask = (data.val, data.val_mask) if args.split == "val" else (data.train,
                                                                            data.train_mask)
-    dtype = autocast_dtype(cfg.precision, device, loaded.model)
-    autocast = None
-    if dtype is not None:
-        import torch
-
-        autocast = torch.autocast(device_type=device.type, dtype=dtype)
+    autocast = autocast_context(device, autocast_dtype(cfg.precision, device, loaded.model))
     loss, n_tokens = split_loss(loaded.model, tokens, cfg.block_size,
                                 args.batch_size or cfg.batch_size, device, autocast, mask,
                                 progress=sys.stderr.isatty() if args.progress is None

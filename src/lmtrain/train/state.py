@@ -16,6 +16,7 @@ from torch import nn
 from lmtrain.config import TrainingConfig
 from lmtrain.data.dataset import TokenData
 from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.device import autocast_context
 from lmtrain.distributed import all_gather_objects
 
 if TYPE_CHECKING:
@@ -63,9 +64,7 @@ class RunContext:
         return getattr(m, "_orig_mod", m)
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast_context(self.device, self.autocast_dtype)
 
 
 def gather_rank_states(ctx: RunContext) -> dict[str, Any]:

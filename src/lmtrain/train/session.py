@@ -223,11 +223,10 @@ def _interrupted(exc: TrainingInterrupted, ctx: RunContext, start: int, end: int
                  resume_path: str | None) -> TrainingInterrupted:
     """Complete a stop request with the checkpoint to resume from; logged in the run's log."""
     exc.checkpoint, exc.step = None, ctx.step
-    if ctx.saved_steps:
-        exc.step = ctx.saved_steps[-1]
-        exc.checkpoint = ctx.checkpoint_dir / checkpoint_filename(exc.step)
-    elif resume_path and ctx.step == start:  # nothing newer: resume where this one began
-        exc.checkpoint = resume_path
+    on_disk = _checkpoint_on_disk(ctx, start, resume_path)
+    # with nothing saved, where this one began only while nothing was trained since
+    if on_disk is not None and (ctx.saved_steps or ctx.step == start):
+        exc.step, exc.checkpoint = on_disk
     elif ctx.step == start:
         exc.step = None  # nothing trained yet
     if exc.checkpoint is not None:
@@ -354,15 +353,24 @@ def _with_resume_command(exc: UserError, ctx: RunContext, start: int, end: int,
                          resume_path: str | None) -> UserError:
     """A training-time error, completed with the command that resumes from the last
     checkpoint on disk (one line)."""
-    if ctx.saved_steps:
-        step = ctx.saved_steps[-1]
-        checkpoint: object = ctx.checkpoint_dir / checkpoint_filename(step)
-    elif resume_path:
-        step, checkpoint = start, resume_path
-    else:
+    on_disk = _checkpoint_on_disk(ctx, start, resume_path)
+    if on_disk is None:
         return exc
+    step, checkpoint = on_disk
     command = resume_commands(checkpoint, _resume_steps(ctx, step, end))[0]
     return UserError(f"{exc}; resume with: {command}")
+
+
+def _checkpoint_on_disk(ctx: RunContext, start: int, resume_path: str | None,
+                        ) -> tuple[int, object] | None:
+    """(step, file) of the newest checkpoint on disk: the last this session saved, else the
+    one it resumed from (at ``start``); ``None`` when there is neither."""
+    if ctx.saved_steps:
+        step = ctx.saved_steps[-1]
+        return step, ctx.checkpoint_dir / checkpoint_filename(step)
+    if resume_path:
+        return start, resume_path
+    return None
 
 
 def _resume_steps(ctx: RunContext, step: int, end: int) -> int | None:

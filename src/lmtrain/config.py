@@ -14,7 +14,7 @@ import difflib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -263,7 +263,7 @@ ARCHITECTURE_FIELDS = frozenset({
     "lora_r", "lora_alpha", "lora_targets", "tokenization_method", "custom_vocab_size",
 })
 #: A GPT-2 run's shape: its model decides it (``lmtrain.models.gpt2.fit_shape``).
-GPT2_SHAPE_FIELDS = frozenset({"n_layer", "n_head", "n_embd"})
+GPT2_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
 #: Run settings added with the llama/Muon recipe, as every checkpoint without them was trained.
 SETTINGS_BEFORE_RECIPE: dict[str, Any] = {"arch": "gpt2", "qk_norm": False, "optimizer": "adamw"}
 #: Where *this invocation* works, never what the run *is*: what to resume, every path lmtrain
@@ -294,10 +294,25 @@ GPT2_TEST_MODE_PRESET: dict[str, Any] = {
 }
 
 
-#: The presets as ``lmtrain train --help`` names them, in the order they apply.
-PRESETS: tuple[tuple[str, dict[str, Any]], ...] = (
-    ("MODEL_TYPE=gpt2", GPT2_PRESET), ("gpt2 + USE_LORA", GPT2_LORA_PRESET),
-    ("TEST_MODE", TEST_MODE_PRESET), ("TEST_MODE gpt2", GPT2_TEST_MODE_PRESET))
+@dataclass(frozen=True)
+class Preset:
+    """Defaults a fresh run takes when ``applies`` to its explicit settings."""
+
+    label: str  #: how ``lmtrain train --help`` names it
+    source: str  #: where a value it sets came from, in the run's settings lines
+    values: dict[str, Any]
+    applies: Callable[[TrainingConfig], bool]
+
+
+#: The presets, in the order they apply (a later one wins).
+PRESETS: tuple[Preset, ...] = (
+    Preset("MODEL_TYPE=gpt2", "gpt2 preset", GPT2_PRESET, lambda c: c.model_type == "gpt2"),
+    Preset("gpt2 + USE_LORA", "gpt2 lora preset", GPT2_LORA_PRESET,
+           lambda c: c.model_type == "gpt2" and c.use_lora),
+    Preset("TEST_MODE", "test_mode preset", TEST_MODE_PRESET, lambda c: c.test_mode),
+    Preset("TEST_MODE gpt2", "test_mode preset", GPT2_TEST_MODE_PRESET,
+           lambda c: c.test_mode and c.model_type == "gpt2"),
+)
 
 
 def _shown(value: Any) -> str:
@@ -317,8 +332,8 @@ def setting_help(name: str, default_text: str | None = None) -> str:
         text, default = text[:said.start()] + text[said.end():], said.group(1)
     if default_text is not None:
         return f"{text} [env {env_name(name)}; default: {default_text}]"
-    presets = "".join(f"; {label}: {_shown(values[name])}" for label, values in PRESETS
-                      if name in values)
+    presets = "".join(f"; {p.label}: {_shown(p.values[name])}" for p in PRESETS
+                      if name in p.values)
     return f"{text} [env {env_name(name)}; default: {default}{presets}]"
 
 
@@ -420,12 +435,17 @@ def _explain(exc: ValidationError, values: dict[str, Any], sources: dict[str, st
     loc = err.get("loc") or ()
     name = str(loc[0]) if loc else ""
     if name in FIELDS:
-        src = sources.get(name, "default")
         shown = values.get(name, FIELDS[name].default)
-        hint = FIELDS[name].description or ""
-        return (f"{env_name(name)}={shown!r} (from {src}) is invalid: {err['msg'].lower()}; "
-                f"expected {_expected(name)} — {hint}")
+        return _invalid(name, f"{env_name(name)}={shown!r} (from {sources.get(name, 'default')})",
+                        err["msg"])
     return f"invalid settings: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _invalid(name: str, given: str, msg: str) -> str:
+    """The one line for a bad value of setting ``name``: ``given`` (``X=value``, and where it
+    came from), pydantic's ``msg``, what the setting expects and what it does."""
+    return (f"{given} is invalid: {msg.lower()}; expected {_expected(name)} — "
+            f"{FIELDS[name].description or ''}")
 
 
 def check_value(name: str, value: Any, label: str) -> Any:
@@ -439,8 +459,7 @@ def check_value(name: str, value: Any, label: str) -> Any:
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
-        raise UserError(f"{label}={value!r} is invalid: {exc.errors()[0]['msg'].lower()}; "
-                        f"expected {_expected(name)} — {info.description}") from None
+        raise UserError(_invalid(name, f"{label}={value!r}", exc.errors()[0]["msg"])) from None
 
 
 def _expected(name: str) -> str:
@@ -478,15 +497,9 @@ def load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
     explicit = _validate(values, sources)  # early, clear errors on bad explicit values
     merged: dict[str, Any] = {}
     merged_src: dict[str, str] = {k: "default" for k in FIELDS}
-    for preset, name, active in (
-        (GPT2_PRESET, "gpt2 preset", explicit.model_type == "gpt2"),
-        (GPT2_LORA_PRESET, "gpt2 lora preset", explicit.model_type == "gpt2" and explicit.use_lora),
-        (TEST_MODE_PRESET, "test_mode preset", explicit.test_mode),
-        (GPT2_TEST_MODE_PRESET, "test_mode preset",
-         explicit.test_mode and explicit.model_type == "gpt2"),
-    ):
-        if active:
-            _layer(merged, merged_src, preset, name)
+    for preset in PRESETS:
+        if preset.applies(explicit):
+            _layer(merged, merged_src, preset.values, preset.source)
     _layer(merged, merged_src, values, "")
     for k in values:
         merged_src[k] = sources[k]

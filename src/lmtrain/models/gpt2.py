@@ -16,7 +16,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtrain.config import DataSettings, LoadedConfig, ModelSettings
+from lmtrain.config import GPT2_SHAPE_FIELDS, DataSettings, LoadedConfig, ModelSettings
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -84,8 +84,6 @@ def gpt2_config(config: ModelSettings) -> GPT2Config:
     return hf_config
 
 
-#: Settings that describe GPT-2's shape (``config.GPT2_SHAPE_FIELDS``); the model fixes them.
-SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
 #: Where a value comes from when the user did not set it.
 UNSET_SOURCES = ("default", "checkpoint")
 
@@ -101,7 +99,7 @@ def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
     hf_config = gpt2_config(cfg.model)
     sources = dict(loaded.sources)
     update = {}
-    for name in SHAPE_FIELDS:
+    for name in GPT2_SHAPE_FIELDS:  # GPT-2's shape: the model fixes it
         real, src = getattr(hf_config, name), sources.get(name, "default")
         explicit = src not in UNSET_SOURCES and not src.endswith("preset")
         if explicit and getattr(cfg, name) != real:

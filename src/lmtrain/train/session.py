@@ -6,6 +6,7 @@ everything after :func:`prepare_run` is the same code."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import logging
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from lmtrain.advice import run_warnings, steps_to_run
 from lmtrain.checkpoint import checkpoint_filename
 from lmtrain.checkpoint_schema import restore
 from lmtrain.config import FIELDS
+from lmtrain.data.hf_datasets import HF_PREFIX
 from lmtrain.data.prepare import load_token_data
 from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import (
@@ -166,7 +168,7 @@ def _check_before_start(plan: RunPlan) -> None:
     cfg = plan.config
     check_installed(tracker_names(cfg.metrics))  # a missing extra fails before any work
     source = cfg.training_data_source
-    if not source.startswith("hf:") and not any(c in source for c in "*?[") \
+    if not source.startswith(HF_PREFIX) and not glob.has_magic(source) \
             and not Path(source).expanduser().exists():
         from lmtrain.data.sources import resolve_files
 

@@ -16,6 +16,7 @@ import weakref
 import torch
 from torch import nn
 
+from lmtrain.data.dataset import IGNORE_INDEX
 from lmtrain.models import hf_model
 
 #: Rows per chunk: a (1024 x 50,257) fp32 block is ~206 MB, one batch of 8 x 128 tokens (larger
@@ -23,7 +24,6 @@ from lmtrain.models import hf_model
 CHUNK_ROWS = 1024
 #: Rows per step of the softmax and its gradient: a (16 x 50,257) fp32 block is ~3 MB
 SOFTMAX_ROWS = 16
-IGNORE_INDEX = -100
 
 
 def _compute_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
@@ -70,8 +70,8 @@ def _softmax_grad_(logits: torch.Tensor, targets: torch.Tensor, grad: bool,
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """``cross_entropy(hidden @ weight.T, targets)`` (mean over targets != -100), with the
-    gradients computed during the forward pass, chunk by chunk."""
+    """``cross_entropy(hidden @ weight.T, targets)`` (mean over targets != ``IGNORE_INDEX``),
+    with the gradients computed during the forward pass, chunk by chunk."""
 
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,

@@ -18,6 +18,7 @@ from pathlib import Path
 from lmtrain.errors import UserError
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
+#: What separates documents for a tokenizer without an end-of-text token: a blank line.
 DOC_SEPARATOR = "\n\n"
 BLOCK_BYTES = 1 << 22  # bytes read from a file at a time
 

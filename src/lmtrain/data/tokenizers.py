@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from lmtrain.data.sources import DOC_SEPARATOR
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
 #: The end-of-text string: GPT-2's, and the reserved special token of a learned BPE.
 EOT_TEXT = "<|endoftext|>"
-#: What separates documents for a tokenizer without an end-of-text token.
-BLANK_LINE = "\n\n"
 GPT2_FILE_SHA256 = {
     "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -77,7 +76,7 @@ class Tokenizer(Protocol):
 
 def document_separator(tokenizer: Tokenizer) -> str:
     """The text between two documents: end of text where the tokenizer has it, else a blank line."""
-    return EOT_TEXT if tokenizer.eot_id is not None else BLANK_LINE
+    return EOT_TEXT if tokenizer.eot_id is not None else DOC_SEPARATOR
 
 
 class CharTokenizer:

@@ -78,9 +78,9 @@ def open_trackers(names: list[str], folder: Path, run_name: str, run_ids: dict[s
     """Start (or, with a saved id in ``run_ids``, continue) each named tracker in ``folder``.
 
     A new tracker run gets ``params`` as its hyperparameters; ``run_ids`` receives every
-    tracker's run id, for the checkpoint.
+    tracker's run id, for the checkpoint. The packages were checked before the run started
+    (:func:`check_installed`, in the session's checks before any work).
     """
-    check_installed(names)
     trackers: list[Tracker] = []
     try:
         for name in names:

@@ -13,15 +13,16 @@ if TYPE_CHECKING:
 #: The data and tokenizer settings, as flags that fall back to their env vars and defaults.
 DATA_SETTINGS = ("training_data_source", "tokenization_method", "custom_vocab_size",
                  "text_field", "train_split", "cache_dir")
-#: Short flags beside the settings' own (``--training-data-source`` is also ``--data``).
-DATA_ALIASES = {"training_data_source": ["--data"], "tokenization_method": ["--method"]}
+#: A short flag these commands add to the settings' common aliases (``--data``, ...).
+METHOD_ALIAS = {"tokenization_method": ["--method"]}
 
 
 def add_data_options(parser: argparse.ArgumentParser, only: tuple[str, ...] = ()) -> None:
     """Add the ``DATA_SETTINGS`` flags (all, or the settings named in ``only``)."""
-    from lmtrain.cli import add_setting_flags
+    from lmtrain.cli import FLAG_ALIASES, add_setting_flags
 
-    add_setting_flags(parser, [n for n in DATA_SETTINGS if not only or n in only], DATA_ALIASES)
+    add_setting_flags(parser, [n for n in DATA_SETTINGS if not only or n in only],
+                      {**FLAG_ALIASES, **METHOD_ALIAS})
 
 
 def config_from(args: argparse.Namespace, **overrides: Any) -> TrainingConfig:

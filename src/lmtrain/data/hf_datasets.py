@@ -180,12 +180,11 @@ class ArrowStream:
     ``total_bytes``, ``bytes_read``, ``separator``), plus rows for progress.
     """
 
-    def __init__(self, source: str, files: list[Path], text_field: str = "text",
-                 separator: str = DOC_SEPARATOR) -> None:
+    def __init__(self, source: str, files: list[Path], text_field: str = "text") -> None:
         self.source = source
         self.files = files
         self.text_field = text_field
-        self.separator = separator
+        self.separator = DOC_SEPARATOR
         self.bytes_read = 0
         self.rows_read = 0
         self._file_rows: dict[Path, int] = {}  # counted once: an Arrow stream is walked to count

@@ -24,10 +24,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -100,11 +100,17 @@ def tokenizer_digest(tokenizer: Tokenizer) -> str:
     return _digest({**tokenizer.state(), "drop_unknown": getattr(tokenizer, "drop_unknown", False)})
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def _cache_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """:func:`atomic_write` into the cache; a full or read-only cache stops with one line (the
+    source is untouched)."""
     try:
-        atomic_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
-    except OSError as exc:  # a full or read-only cache: one line, the source is untouched
+        atomic_write(path, write)
+    except OSError as exc:
         raise storage_error("CACHE_DIR", path, exc) from None
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _cache_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
 
 
 Stream = CorpusStream | ArrowStream
@@ -148,7 +154,6 @@ class _Progress:
                  else sum(s.total_bytes for s in streams))
         self.bar = tqdm(total=total, unit="rows" if self.rows else "B",
                         unit_scale=True, desc=desc, disable=not enabled, dynamic_ncols=True)
-        self._done_before = 0  # units of the streams already read through
 
     def _done(self, stream: Stream) -> int:
         return stream.rows_read if self.rows else stream.bytes_read
@@ -277,10 +282,7 @@ def _write_tokens(path: Path, tokenizer: Tokenizer, stream: Stream, progress: bo
         if counts["n_tokens"] == 0:
             raise empty_source_error(stream.source)
 
-    try:
-        atomic_write(path, write)
-    except OSError as exc:
-        raise storage_error("CACHE_DIR", path, exc) from None
+    _cache_write(path, write)
     return counts
 
 

@@ -80,12 +80,11 @@ def source_digest(files: list[Path], text_field: str) -> str:
 class CorpusStream:
     """The corpus text of a source, iterated in pieces; counts the raw bytes read so far."""
 
-    def __init__(self, source: str, text_field: str = "text", block_bytes: int = BLOCK_BYTES,
-                 separator: str = DOC_SEPARATOR):
+    def __init__(self, source: str, text_field: str = "text", block_bytes: int = BLOCK_BYTES):
         self.source = source
         self.text_field = text_field
         self.block_bytes = block_bytes
-        self.separator = separator  # between two documents
+        self.separator = DOC_SEPARATOR  # between two documents
         self.files = resolve_files(source)
         self.bytes_read = 0
 

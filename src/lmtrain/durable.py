@@ -95,6 +95,12 @@ def storage_error(setting: str, path: Path, exc: OSError) -> UserError:
                      f"space or set {setting} to a writable folder with room, then run again")
 
 
+def unwritable_dir_error(setting: str, path: Path, exc: OSError) -> UserError:
+    """The one line for a setting's folder that cannot be created or written to."""
+    return UserError(f"{setting}={str(path)!r} cannot be written ({exc.strerror or exc}); "
+                     f"pick a folder you can write to")
+
+
 def ensure_writable_dir(path: str | Path, setting: str) -> None:
     """Create ``path`` if needed and prove it takes files; a clear :class:`UserError` if not."""
     path = Path(path)
@@ -103,5 +109,4 @@ def ensure_writable_dir(path: str | Path, setting: str) -> None:
         with tempfile.TemporaryFile(dir=path, prefix=TMP_PREFIX):
             pass
     except OSError as exc:
-        raise UserError(f"{setting}={str(path)!r} cannot be written ({exc.strerror or exc}); "
-                        f"pick a folder you can write to") from None
+        raise unwritable_dir_error(setting, path, exc) from None

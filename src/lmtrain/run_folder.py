@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from lmtrain.durable import unwritable_dir_error
 from lmtrain.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -84,8 +85,7 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = self.path.open("a+", encoding="utf-8")
         except OSError as exc:
-            raise UserError(f"{setting}={str(self.path.parent)!r} cannot be written "
-                            f"({exc.strerror or exc}); pick a folder you can write to") from None
+            raise unwritable_dir_error(setting, self.path.parent, exc) from None
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:

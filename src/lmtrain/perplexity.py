@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 
 import numpy as np
 import torch
@@ -25,13 +26,15 @@ def perplexity(loss: float) -> float:
 def split_loss(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size: int,
                device: torch.device,
                autocast: contextlib.AbstractContextManager | None = None,
-               mask: np.ndarray | None = None, progress: bool = False) -> tuple[float, int]:
+               mask: np.ndarray | None = None, progress: bool | None = False,
+               ) -> tuple[float, int]:
     """(mean cross-entropy per scored token, number of scored tokens) over ``tokens``.
 
     The split is cut into consecutive, non-overlapping windows of ``block_size`` inputs (the
     last one shorter), so each of its ``len(tokens) - 1`` next-token targets counts once. With
     ``mask`` (``LOSS_ON=answers``: True at the answer tokens) only those targets are scored,
-    as training scores them; the inputs stay whole. ``progress``: a bar on stderr, in tokens.
+    as training scores them; the inputs stay whole. ``progress``: a bar on stderr, in tokens
+    (``None``: when stderr is a terminal).
     """
     from tqdm import tqdm
 
@@ -44,6 +47,8 @@ def split_loss(model: nn.Module, tokens: np.ndarray, block_size: int, batch_size
     total = torch.zeros((), dtype=torch.float64, device=device)
     full = np.arange(0, n_targets - block_size + 1, block_size)  # whole windows' first tokens
     tail = n_targets - n_targets % block_size  # a shorter last window starts here, if any
+    if progress is None:
+        progress = sys.stderr.isatty()
     bar = tqdm(total=n_targets, unit="tok", unit_scale=True, desc="eval", disable=not progress)
     try:
         for i in range(0, len(full), batch_size):

@@ -4,15 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-
-#: ``--data`` beside ``--training-data-source``, as for ``lmtrain train``.
-DATA_ALIASES = {"training_data_source": ["--data"]}
 
 
 def register(sub) -> None:
-    from lmtrain.cli import add_setting_flags
+    from lmtrain.cli import add_base_flag, add_setting_flags
 
     p = sub.add_parser(
         "eval", help="loss and perplexity of a checkpoint over a whole split",
@@ -22,16 +17,13 @@ def register(sub) -> None:
                     "else the tokens after the TRAIN_SPLIT cut. A LOSS_ON=answers run is scored "
                     "on its answer tokens only, as it was trained.")
     p.add_argument("checkpoint", metavar="CKPT", help="a .pt checkpoint written by lmtrain")
-    add_setting_flags(p, ["training_data_source", "text_field"], DATA_ALIASES,
-                      default_text="the run's")
-    add_setting_flags(p, ["cache_dir", "device"], aliases={})
+    add_setting_flags(p, ["training_data_source", "text_field"], default_text="the run's")
+    add_setting_flags(p, ["cache_dir", "device"])
     p.add_argument("--split", choices=["val", "train"], default="val",
                    help="which split to score [default: val]")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows scored at a time [default: the run's BATCH_SIZE]")
-    p.add_argument("--base", metavar="MODEL", default=None,
-                   help="where the GPT-2 base model lives now (folder or hub id) "
-                        "[env GPT2_MODEL_NAME; default: the run's]")
+    add_base_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                    help="show a progress bar [default: when stderr is a terminal]")
@@ -39,7 +31,7 @@ def register(sub) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lmtrain.cli import setting_value
+    from lmtrain.cli import base_override, setting_value
     from lmtrain.data.prepare import load_token_data
     from lmtrain.device import autocast_context, autocast_dtype, select_device
     from lmtrain.errors import UserError
@@ -49,8 +41,7 @@ def run(args: argparse.Namespace) -> int:
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     device = select_device(setting_value(args, "device", "auto"))
-    base = args.base or os.environ.get("GPT2_MODEL_NAME", "").strip() or None
-    loaded = load_trained_model(args.checkpoint, device, base=base)
+    loaded = load_trained_model(args.checkpoint, device, base=base_override(args))
     cfg = loaded.config
     data_cfg = cfg.data.model_copy(update={  # the run's data settings, as this command sets them
         name: setting_value(args, name, fallback) for name, fallback in (
@@ -64,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     autocast = autocast_context(device, autocast_dtype(cfg.precision, device, loaded.model))
     loss, n_tokens = split_loss(loaded.model, tokens, cfg.block_size,
                                 args.batch_size or cfg.batch_size, device, autocast, mask,
-                                progress=sys.stderr.isatty() if args.progress is None
-                                else args.progress)
+                                progress=args.progress)
     if n_tokens == 0:
         raise UserError(f"the {args.split} split of {data_cfg.training_data_source!r} has no "
                         f"token to score" + (" after ANSWER_PREFIX" if mask is not None else ""))

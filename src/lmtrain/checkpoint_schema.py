@@ -352,6 +352,17 @@ def load_model_state(model: nn.Module, config: TrainingConfig, sd: dict[str, Any
             f"the run was trained from") from None
 
 
+def load_weights(model: nn.Module, config: TrainingConfig, ckpt: Mapping[str, Any],
+                 where: str) -> None:
+    """Put a checkpoint's weights into ``model``; a LoRA adapter only once the base it was
+    trained on is verified."""
+    if config.use_lora:  # the adapter only fits the base it was trained on
+        from lmtrain.models.lora import check_base_reference
+
+        check_base_reference(model, ckpt.get("lora_base"), where)
+    load_model_state(model, config, ckpt["model_state_dict"])
+
+
 def load_optimizer_state(optimizer: torch.optim.Optimizer, sd: dict[str, Any],
                          where: str) -> None:
     """Load a saved optimizer state into the freshly built optimizer, whatever its kind;
@@ -381,11 +392,7 @@ def restore(ctx: RunContext, ckpt: Mapping[str, Any], where: str) -> None:
     """
     import torch
 
-    if ctx.config.use_lora:
-        from lmtrain.models.lora import check_base_reference
-
-        check_base_reference(ctx.raw_model, ckpt.get("lora_base"), where)
-    load_model_state(ctx.raw_model, ctx.config, ckpt["model_state_dict"])
+    load_weights(ctx.raw_model, ctx.config, ckpt, where)
     load_optimizer_state(ctx.optimizer, ckpt["optimizer_state_dict"], where)
     ctx.step = int(ckpt["step"])
     best = ckpt.get("best_val_loss")

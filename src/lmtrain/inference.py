@@ -10,13 +10,11 @@ import torch
 from torch import nn
 
 from lmtrain.checkpoint import load_checkpoint
-from lmtrain.checkpoint_schema import check_tokenizer, config_of, load_model_state
+from lmtrain.checkpoint_schema import check_tokenizer, config_of, load_weights
 from lmtrain.config import TrainingConfig
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.models import build_model
 from lmtrain.models.lora import with_base
-
-__all__ = ["LoadedModel", "config_of", "load_trained_model"]
 
 
 @dataclass
@@ -40,10 +38,6 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     tokenizer = check_tokenizer(ckpt["tokenizer"], ckpt["vocab_size"])
     torch.manual_seed(cfg.seed)  # a from-scratch LoRA base is rebuilt from the run's seed
     model = build_model(cfg.model, tokenizer.vocab_size)
-    if cfg.use_lora:  # the adapter only fits the base it was trained on
-        from lmtrain.models.lora import check_base_reference
-
-        check_base_reference(model, ckpt.get("lora_base"), f"{label}={str(path)!r}")
-    load_model_state(model, cfg, ckpt["model_state_dict"])
+    load_weights(model, cfg, ckpt, f"{label}={str(path)!r}")
     model.to(device or torch.device("cpu")).eval()
     return LoadedModel(model, tokenizer, cfg, ckpt)

@@ -23,6 +23,8 @@ from lmtrain.models.gpt import GPT
 if TYPE_CHECKING:
     from transformers import GPT2LMHeadModel
 
+    from lmtrain.inference import LoadedModel
+
 CHARACTER_ERROR = (
     "TOKENIZATION_METHOD=character: a character vocabulary has no Hugging Face tokenizer; "
     "export checkpoints trained with TOKENIZATION_METHOD=gpt2 or custom_bpe")
@@ -40,12 +42,17 @@ ADAPTER_NEEDS_GPT2 = (
     "lmtrain; export it with the adapter merged (OUT_DIR) instead")
 
 
-def merged_model(path: str | Path, base: str | None = None
+def merged_model(path: str | Path, base: str | None = None, *,
+                 loaded: LoadedModel | None = None
                  ) -> tuple[nn.Module, TrainingConfig, Tokenizer, int]:
-    """A checkpoint's model with any LoRA adapter merged into its (verified) base weights."""
+    """A checkpoint's model with any LoRA adapter merged into its (verified) base weights.
+
+    ``loaded``: the checkpoint as :func:`~lmtrain.inference.load_trained_model` already
+    loaded it (not read again); a LoRA model in it is merged in place (unusable as an adapter
+    afterwards)."""
     from lmtrain.inference import load_trained_model
 
-    loaded = load_trained_model(path, base=base)
+    loaded = loaded or load_trained_model(path, base=base)
     model, config = loaded.model, loaded.config
     if config.use_lora:
         model = model.merge_and_unload()
@@ -109,13 +116,14 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None
     hf_tok.save_pretrained(out_dir)
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None
-                      ) -> dict[str, Any]:
-    """Write the Hugging Face folder for ``ckpt_path``; returns a short description."""
+def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None, *,
+                      loaded: LoadedModel | None = None) -> dict[str, Any]:
+    """Write the Hugging Face folder for ``ckpt_path``; returns a short description.
+    ``loaded``: as for :func:`merged_model` (its LoRA model is merged in place)."""
     from lmtrain.models.gpt2 import quiet_transformers
 
     with quiet_transformers():
-        model, config, tokenizer, step = merged_model(ckpt_path, base)
+        model, config, tokenizer, step = merged_model(ckpt_path, base, loaded=loaded)
         if tokenizer.kind not in HF_TOKENIZER_KINDS:  # before anything is written
             raise UserError(CHARACTER_ERROR)
         hf_model = to_hf_model(model, config.model, tokenizer)
@@ -128,25 +136,26 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | No
             "n_positions": hf_model.config.max_position_embeddings}  # GPT-2: n_positions
 
 
-def export_adapter(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None
-                   ) -> dict[str, Any]:
+def export_adapter(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None, *,
+                   loaded: LoadedModel | None = None) -> dict[str, Any]:
     """Write a GPT-2 LoRA checkpoint's adapter in PEFT's layout (plus the tokenizer files).
 
     The adapter config names the base as the checkpoint resolved it (absolute folder, or hub
-    id and revision).
+    id and revision). ``loaded``: the checkpoint as
+    :func:`~lmtrain.inference.load_trained_model` already loaded it (not read again); the
+    adapter is exported before any merge of the same model (:func:`merged_model` mutates it).
     """
     from lmtrain.inference import load_trained_model
     from lmtrain.models.gpt2 import quiet_transformers
-    from lmtrain.models.lora import base_reference
 
     with quiet_transformers():
-        loaded = load_trained_model(ckpt_path, base=base)
+        loaded = loaded or load_trained_model(ckpt_path, base=base)
         config, model = loaded.config, loaded.model
         if not config.use_lora:
             raise UserError(ADAPTER_NEEDS_LORA)
         if config.model_type != "gpt2":
             raise UserError(ADAPTER_NEEDS_GPT2)
-        saved = dict(loaded.checkpoint.get("lora_base") or base_reference(model))
+        saved = dict(loaded.checkpoint["lora_base"])  # validated for every LoRA checkpoint
         peft_config = model.peft_config["default"]
         peft_config.base_model_name_or_path = saved.get("resolved") or saved["name"]
         peft_config.revision = saved.get("revision") or None

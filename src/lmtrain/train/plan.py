@@ -64,20 +64,23 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
     resume = values.get("checkpoint_path")
     if str(resume).strip().lower() == AUTO_RESUME:
         fresh = _load_fresh(values, sources)
-        run_name = fresh.config.run_name or stable_run_name(fresh.config)
+        # RUN_NAME is this invocation's (never the checkpoint's): the same for both plans below
+        run_name, name_source = fresh.config.run_name, None
+        if not run_name:
+            run_name = stable_run_name(fresh.config)
+            name_source = "CHECKPOINT_PATH=auto: <model>-<data>"
         folder = _paths(fresh.config, run_name).checkpoints
         path, ckpt, problems = find_resumable(folder)
         notes += [f"CHECKPOINT_PATH=auto: {p}" for p in problems]
         if path is None:
             notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
                          f"{run_name} fresh")
-            return _plan(fresh, run_name, None, notes, None if fresh.config.run_name else
-                         "CHECKPOINT_PATH=auto: <model>-<data>")
+            return _plan(fresh, run_name, None, notes, name_source)
         notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
         loaded = load_resumed(ckpt["hyperparameters"], {**values, "checkpoint_path": str(path)},
                               {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
         return _plan(loaded, run_name, ResumeSource(path, int(ckpt["step"]), ckpt), notes,
-                     None if loaded.config.run_name else "CHECKPOINT_PATH=auto: <model>-<data>")
+                     name_source)
     if not resume:
         fresh = _load_fresh(values, sources)
         return _plan(fresh, agree(fresh.config.run_name or default_run_name(fresh.config)), None,
@@ -143,5 +146,6 @@ def _plan(loaded: LoadedConfig, run_name: str, resume: ResumeSource | None,
             notes.append(f"data: TRAINING_DATA_SOURCE={cfg.training_data_source!r} comes from "
                          f"the checkpoint (set TRAINING_DATA_SOURCE to train on other data)")
     # Settings that validate but mean nothing for this run (RESUME_STEPS on a fresh run,
-    # WARMUP_STEPS past the steps run, ...) are reported here, as notes in the run's log.
+    # WARMUP_STEPS past the steps run, ...) are not notes: the session warns about them in the
+    # run's log (advice.run_warnings), once the start step is known.
     return RunPlan(loaded, run_name, _paths(cfg, run_name), resume, tuple(notes))

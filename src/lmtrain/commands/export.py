@@ -30,17 +30,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lmtrain.cli import base_override
     from lmtrain.errors import UserError
+    from lmtrain.inference import load_trained_model
     from lmtrain.models.export import export_adapter, export_checkpoint
+    from lmtrain.models.gpt2 import quiet_transformers
 
     if not args.out_dir and not args.adapter:
         raise UserError("export: give OUT_DIR (the whole model), --adapter DIR, or both")
     base = base_override(args)
-    if args.adapter:
-        info = export_adapter(args.checkpoint, args.adapter, base)
+    with quiet_transformers():  # one load serves both exports
+        loaded = load_trained_model(args.checkpoint, base=base)
+    if args.adapter:  # first: the whole-model export merges the adapter in place
+        info = export_adapter(args.checkpoint, args.adapter, base, loaded=loaded)
         print(f"exported the LoRA adapter of step {info['step']} (base {info['base']}, "
               f"n_positions {info['n_positions']}) to {info['out_dir']}")
     if args.out_dir:
-        info = export_checkpoint(args.checkpoint, args.out_dir, base)
+        info = export_checkpoint(args.checkpoint, args.out_dir, base, loaded=loaded)
         merged = ", LoRA merged" if info["lora_merged"] else ""
         print(f"exported step {info['step']} ({info['model_type']}{merged}, {info['tokenizer']} "
               f"tokenizer, n_positions {info['n_positions']}) to {info['out_dir']}")

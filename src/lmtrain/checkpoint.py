@@ -100,6 +100,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
     validate(ckpt, where)
     return ckpt
 
+
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of the step checkpoints in a run folder, oldest first."""
     folder = Path(folder)

@@ -122,6 +122,7 @@ def test_accuracy_is_exact_against_known_answers() -> None:
                                                           for i in (0, 2, 4)]
     assert report.metrics() == {"answer_accuracy": 0.5, "answers_correct": 10,
                                 "answers_total": 20}
+    assert report.answers == [a.strip() for a in own]
 
 
 def bigram_stub(tok: CharTokenizer, follows: dict[str, str]) -> BigramLM:

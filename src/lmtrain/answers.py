@@ -87,6 +87,7 @@ class AnswerReport:
     wrong: list[WrongAnswer] = field(default_factory=list)  # the first few, in input order
     seconds: float = 0.0  # generation time
     max_new_tokens: int = 0  # the budget each answer had
+    answers: list[str] = field(default_factory=list)  # every answer given, stripped, in order
 
     @property
     def accuracy(self) -> float:
@@ -339,7 +340,7 @@ def answer_accuracy(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[QAPa
              for p, g in zip(pairs, got, strict=True) if not is_correct(p.answer, g)]
     return AnswerReport(correct=len(pairs) - len(wrong), total=len(pairs),
                         wrong=wrong[:max(examples, 0)], seconds=time.perf_counter() - t0,
-                        max_new_tokens=budget)
+                        max_new_tokens=budget, answers=[g.strip() for g in got])
 
 
 @contextlib.contextmanager

@@ -1,9 +1,9 @@
 """Does a from-scratch model learn to answer? Exact answers to unseen questions per training second.
 
-    python benchmarks/bench_qa.py --plot --out bench-qa        # both recipes, 3 min each
+    python benchmarks/bench_qa.py --plot --out bench-qa        # default vs qa recipe, 3 min each
     python benchmarks/bench_qa.py --recipe qa --threads 1      # one recipe
     python benchmarks/bench_qa.py --quick                      # a smoke run (< 1 min)
-    python benchmarks/bench_qa.py --recipe default --set n_layer=2 --set batch_size=64
+    python benchmarks/bench_qa.py --recipe default --variant "w64:n_embd=64,n_head=2"
 
 Synthetic question/answer tasks, generated from ``--seed``:
 
@@ -22,7 +22,10 @@ batch timings, so evaluation, checkpoints and start-up are not counted.
 
 ``--seconds`` is a training-time budget: a first segment of a few warmup steps measures the speed
 under the machine's current load, and the run's length (``TRAINING_STEPS``, and the cosine
-horizon) is set from it; ``--steps`` fixes it instead (reproducible to the step).
+horizon) is set from it; ``--steps`` fixes it instead (reproducible to the step). Several recipes
+(``--recipe a,b``, ``--variant NAME:K=V,...``) run interleaved, segment by segment, so the load of
+other processes falls on all of them alike. On a machine that other processes load, ``--threads
+1`` is much faster than two threads that contend for the cores.
 Writes ``table.md``, ``results.json`` (and ``qa.png`` with ``--plot``) under ``--out``.
 """
 
@@ -200,59 +203,88 @@ def by_task(test: list[Question], answers: list[str]) -> dict[str, float]:
     return out
 
 
-def run_recipe(name: str, settings: dict[str, Any], corpus: Path, test: list[Question],
-               out: Path, args: argparse.Namespace) -> Result:
-    from lmtrain.checkpoint import checkpoint_filename
-    from lmtrain.config import explicit_settings, load_fresh
+class RecipeRun:
+    """One recipe trained in segments, each resumed from the last one's checkpoint and followed
+    by an accuracy evaluation."""
 
-    started = time.perf_counter()
-    base = {**FIXED, **settings, "training_data_source": str(corpus), "run_name": name,
-            "checkpoint_dir": str(out / "checkpoints"), "log_dir": str(out / "logs"),
-            "output_dir": str(out / "outputs"), "cache_dir": str(out / "cache"),
-            "seed": args.seed}
-    cfg = load_fresh(*explicit_settings(flags=base, env={})).config
-    result = Result(name, settings, 0)
-    train_s = 0.0
-    ckpt: Path | None = None
+    def __init__(self, name: str, settings: dict[str, Any], corpus: Path, out: Path,
+                 test: list[Question], args: argparse.Namespace) -> None:
+        from lmtrain.config import explicit_settings, load_fresh
 
-    def segment(to_step: int, horizon: int) -> None:
-        nonlocal train_s, ckpt
-        flags = {**base, "training_steps": to_step, "lr_decay_steps": horizon}
-        if ckpt is not None:
-            flags["checkpoint_path"] = str(ckpt)
+        self.name, self.test, self.args = name, test, args
+        self.base = {**FIXED, **settings, "training_data_source": str(corpus), "run_name": name,
+                     "checkpoint_dir": str(out / "checkpoints"), "log_dir": str(out / "logs"),
+                     "output_dir": str(out / "outputs"), "cache_dir": str(out / "cache"),
+                     "seed": args.seed}
+        self.config = load_fresh(*explicit_settings(flags=self.base, env={})).config
+        self.result = Result(name, settings, args.steps or 0)
+        self.train_s = 0.0
+        self.ckpt: Path | None = None
+        self.bounds: list[int] = []
+        self.started = time.perf_counter()
+
+    def segment(self, to_step: int) -> None:
+        """Train up to step ``to_step`` (the cosine horizon is the run's length, once known);
+        then measure accuracy."""
+        from lmtrain.checkpoint import checkpoint_filename
+
+        horizon = self.result.steps or self.config.decay_horizon
+        flags = {**self.base, "training_steps": to_step, "lr_decay_steps": horizon}
+        if self.ckpt is not None:
+            flags["checkpoint_path"] = str(self.ckpt)
         summary = session(flags)
-        train_s += summary.timings.get("train", 0.0) + summary.timings.get("data", 0.0)
-        ckpt = summary.checkpoint_dir / checkpoint_filename(summary.end_step)
-        report, _ = evaluate(ckpt, test, args.eval_batch)
-        point = Point(summary.end_step, round(train_s, 2), report.accuracy, report.correct,
-                      report.total, by_task(test, report.answers),
+        self.train_s += summary.timings.get("train", 0.0) + summary.timings.get("data", 0.0)
+        self.ckpt = summary.checkpoint_dir / checkpoint_filename(summary.end_step)
+        report, _ = evaluate(self.ckpt, self.test, self.args.eval_batch)
+        point = Point(summary.end_step, round(self.train_s, 2), report.accuracy, report.correct,
+                      report.total, by_task(self.test, report.answers),
                       round(summary.final_losses.get("val", float("nan")), 4),
                       [[w.prompt, w.expected, w.got] for w in report.wrong[:3]])
-        result.points.append(point)
+        self.result.points.append(point)
         tasks = ", ".join(f"{t} {100 * a:.0f}%" for t, a in point.by_task.items())
-        print(f"[{name}] step {point.step}: {train_s:.1f} s trained, "
+        print(f"[{self.name}] step {point.step}: {self.train_s:.1f} s trained, "
               f"{report.summary()} ({tasks}); val loss {point.val_loss}", flush=True)
 
-    if args.steps:
-        total = args.steps
-        bounds = [round(total * k / args.evals) for k in range(1, args.evals + 1)]
-    else:  # measure the speed within warmup (whose learning rates ignore the horizon)
-        first = min(args.calibration_steps, cfg.warmup_steps) if cfg.warmup_steps else \
-            args.calibration_steps
-        segment(first, cfg.decay_horizon)
-        per_step = train_s / first
-        total = max(first + 1, first + int((args.seconds - train_s) / per_step))
-        bounds = [first + round((total - first) * k / args.evals)
-                  for k in range(1, args.evals + 1)]
-        print(f"[{name}] {per_step:.3f} s/step here now: {total} steps for "
+    def plan(self) -> None:
+        """The evaluation steps: of ``--steps``; or, for ``--seconds``, after a first segment
+        within warmup (whose learning rates ignore the horizon) has measured the speed."""
+        args = self.args
+        if args.steps:
+            self.bounds = [round(args.steps * k / args.evals) for k in range(1, args.evals + 1)]
+            return
+        warmup = self.config.warmup_steps
+        first = min(args.calibration_steps, warmup) if warmup else args.calibration_steps
+        self.segment(first)
+        per_step = self.train_s / first
+        total = max(first + 1, first + int((args.seconds - self.train_s) / per_step))
+        self.result.steps = total
+        self.bounds = [first + round((total - first) * k / args.evals)
+                       for k in range(1, args.evals + 1)]
+        print(f"[{self.name}] {per_step:.3f} s/step here now: {total} steps for "
               f"{args.seconds:.0f} s", flush=True)
-    result.steps = total
-    for bound in sorted(set(bounds)):
-        segment(bound, total)
-    if args.speed and ckpt is not None:
-        result.speed = measure_speed(ckpt, test[:args.speed], args.eval_batch)
-    result.wall_s = round(time.perf_counter() - started, 1)
-    return result
+
+    def finish(self) -> Result:
+        if self.args.speed and self.ckpt is not None:
+            self.result.speed = measure_speed(self.ckpt, self.test[:self.args.speed],
+                                              self.args.eval_batch)
+        self.result.wall_s = round(time.perf_counter() - self.started, 1)
+        return self.result
+
+
+def run_interleaved(runs: list[RecipeRun]) -> list[Result]:
+    """Every run's segments in turn (segment k of each, then k + 1), so that the load of other
+    processes on the machine falls on all of them alike."""
+    for run in runs:
+        run.plan()
+    done = [0] * len(runs)
+    while any(n < len(run.bounds) for n, run in zip(done, runs, strict=True)):
+        for i, run in enumerate(runs):
+            if done[i] < len(run.bounds):
+                bound = run.bounds[done[i]]
+                if not run.result.points or bound > run.result.points[-1].step:
+                    run.segment(bound)
+                done[i] += 1
+    return [run.finish() for run in runs]
 
 
 def measure_speed(ckpt: Path, test: list[Question], batch_size: int) -> dict[str, Any]:
@@ -341,13 +373,24 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``NAME:KEY=VALUE,KEY=VALUE`` -> (NAME, settings over lmtrain's defaults)."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name.strip():
+        raise SystemExit(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...]")
+    return name.strip(), parse_set([item for item in rest.split(",") if item.strip()])
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="default,qa",
                    help=f"comma list of {', '.join(RECIPES)} [default: default,qa]")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting over every recipe (repeatable), e.g. --set n_layer=2")
-    p.add_argument("--name", help="the run's name in the table [default: the recipe's]")
+    p.add_argument("--variant", action="append", default=[], metavar="NAME:K=V,K=V",
+                   help="one more run: these settings over lmtrain's defaults (repeatable); "
+                        "all runs are interleaved")
+    p.add_argument("--name", help="a single recipe's name in the table")
     p.add_argument("--seconds", type=float, default=BUDGET_S, help="training-time budget")
     p.add_argument("--steps", type=int, help="train this many steps instead of --seconds")
     p.add_argument("--evals", type=int, default=6, help="accuracy evaluations per recipe")
@@ -376,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"--recipe: unknown {unknown}; choose from {list(RECIPES)}")
     overrides = parse_set(args.set)
+    variants = [parse_variant(v) for v in args.variant]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n_test = dict(zip(TASKS, map(int, args.test.split(",")), strict=True))
@@ -385,16 +429,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(train)} training records, {len(test)} unseen test questions; "
           f"{torch.get_num_threads()} torch threads; load average {load[0]:.2f} "
           f"{load[1]:.2f} {load[2]:.2f} on {os.cpu_count()} CPUs", flush=True)
-    results = []
-    for name in names:
-        settings = {**RECIPES[name], **overrides}
-        label = args.name or name
+    runs = []
+    for label, settings in [*((args.name if args.name and len(names) == 1 else n,
+                               {**RECIPES[n], **overrides}) for n in names),
+                            *((n, {**overrides, **v}) for n, v in variants)]:
         run_out = out / label
         if run_out.exists():
             import shutil
 
             shutil.rmtree(run_out)
-        results.append(run_recipe(label, settings, corpus, test, run_out, args))
+        runs.append(RecipeRun(label, settings, corpus, run_out, test, args))
+    results = run_interleaved(runs)
     text = table(results, args.seconds)
     load_end = os.getloadavg()
     text += (f"\n\n{len(train)} training records, {len(test)} unseen test questions, seed "

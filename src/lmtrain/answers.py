@@ -178,6 +178,12 @@ class _Stops:
         return cut_at_stop(self.tokenizer.decode(ids), self.stops)[0]
 
 
+def _bare(model: nn.Module) -> nn.Module:
+    """The model without a DDP or ``torch.compile`` wrapper (decoding needs neither)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def _kind(model: nn.Module) -> str:
     if hf_model(model) is not None:
         return "hf"
@@ -275,6 +281,7 @@ def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_toke
     results: list[list[int]] = [[] for _ in contexts]
     if max_new_tokens <= 0 or not contexts:
         return results
+    model = _bare(model)
     kind = _kind(model)
     window = _window(model, block_size)
     fits = [i for i, c in enumerate(contexts) if kind != "plain"
@@ -322,7 +329,8 @@ def answer_accuracy(model: nn.Module, tokenizer: Tokenizer, pairs: Sequence[QAPa
                     examples: int = EXAMPLES, progress: Progress = None) -> AnswerReport:
     """Exact-match accuracy of greedy answers to ``pairs`` (see the module doc).
 
-    ``model`` is the bare model (not a DDP wrapper); it is put in eval mode and back.
+    ``model`` is put in eval mode and back (a DDP or ``torch.compile`` wrapper is looked
+    through).
     ``max_new_tokens``: the budget per answer (default :func:`answer_budget`); ``stops``: the
     strings that end an answer (default :func:`default_stops`); ``examples``: wrong answers
     kept; ``progress``: a bar on stderr (``None``: when stderr is a terminal), or a callable

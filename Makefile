@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_sample.py
 	$(PY) benchmarks/bench_recipe.py --out bench-recipe
 	$(PY) benchmarks/bench_step_parts.py
+	$(PY) benchmarks/bench_qa.py --out bench-qa --plot --speed 280
 
 clean:
 	rm -rf $(VENV) checkpoints logs outputs

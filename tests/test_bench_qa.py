@@ -84,5 +84,5 @@ def test_quick_run_writes_its_table(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     table = (tmp_path / "out" / "table.md").read_text()
     assert "| default |" in table and "first >= 90%" in table
     result = json.loads((tmp_path / "out" / "results.json").read_text())["results"][0]
-    assert result["recipe"] == "default" and len(result["points"]) == 2  # calibration + 1
+    assert result["recipe"] == "default" and len(result["points"]) == 3  # calibration: 2
     assert (tmp_path / "out" / "qa.png").is_file()

@@ -56,7 +56,8 @@ def test_values_that_would_crash_later_are_refused_now(name, value, words):
 
 
 def test_largest_seed_is_accepted():
-    assert load_fresh(*explicit_settings(env={"SEED": str(2**63 - 1)})).config.seed == 2**63 - 1
+    loaded = load_fresh(*explicit_settings(env={"SEED": str(2**63 - 1)}))
+    assert loaded.config.optimization.seed == 2**63 - 1
 
 
 def test_resume_settings_are_checked_one_by_one_before_the_checkpoint_is_read():
@@ -95,7 +96,7 @@ def test_bad_setting_error_is_fast_through_the_cli_too(tmp_path):
 def cfg(**values) -> TrainingConfig:
     values.setdefault("lr_decay_steps", values.get("training_steps", 4000))
     values.setdefault("warmup_steps", 5)
-    return TrainingConfig(**values)
+    return TrainingConfig.from_flat(**values)
 
 
 def test_resume_steps_on_a_fresh_run_is_called_ignored():

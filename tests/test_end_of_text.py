@@ -95,9 +95,9 @@ def test_an_older_learned_bpe_has_no_end_of_text() -> None:
 
 
 def _tokens(tmp_path: Path, source: Path, method: str) -> tuple[object, list[int]]:
-    cfg = TrainingConfig(training_data_source=str(source), tokenization_method=method,
+    cfg = TrainingConfig.from_flat(training_data_source=str(source), tokenization_method=method,
                          custom_vocab_size=300, cache_dir=str(tmp_path / "cache"))
-    tokenizer, array = prepare_tokens(cfg, progress=False)
+    tokenizer, array = prepare_tokens(cfg.data, progress=False)
     return tokenizer, array.load().tolist()
 
 

@@ -25,14 +25,14 @@ def assert_round_trip(ckpt: Path, out: Path) -> None:
     ids = loaded.tokenizer.encode(TEXT)
     assert hf_tok(TEXT)["input_ids"] == ids
     assert hf_tok.decode(ids) == TEXT
-    x = torch.tensor([ids[: loaded.config.block_size]])
+    x = torch.tensor([ids[: loaded.config.model.block_size]])
     with torch.no_grad():
         ours, theirs = model_logits(loaded.model, x), hf_model(x).logits
     assert theirs.shape == ours.shape
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     out_ids = hf_model.generate(x[:, :4], max_new_tokens=3, do_sample=False)
     assert out_ids.shape == (1, 7)
-    assert hf_model.config.n_positions >= loaded.config.block_size
+    assert hf_model.config.n_positions >= loaded.config.model.block_size
 
 
 def test_export_gpt2_lora_merged(train_run, tmp_path, tiny_gpt2_dir, qa_corpus):

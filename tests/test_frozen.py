@@ -11,11 +11,12 @@ def _lora_gpt2(tiny_gpt2_dir):
     from lmtrain.config import TrainingConfig
     from lmtrain.models import build_model
 
-    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=16,
+    cfg = TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                                   block_size=16,
                          tokenization_method="gpt2", use_lora=True, dropout=0.0,
                          lora_dropout=0.0)
     torch.manual_seed(0)
-    return build_model(cfg, 50257)
+    return build_model(cfg.model, 50257)
 
 
 def _loss_and_grads(model, x, y):

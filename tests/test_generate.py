@@ -66,9 +66,10 @@ def test_gpt2_greedy_is_the_same_with_and_without_the_cache(tiny_gpt2_dir, lora)
     from lmtrain.config import TrainingConfig
     from lmtrain.models import build_model
 
-    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=16,
+    cfg = TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                                   block_size=16,
                          tokenization_method="gpt2", use_lora=lora, dropout=0.0)
-    model = build_model(cfg, 50257)
+    model = build_model(cfg.model, 50257)
     assert Decoder(model, 16, CPU).kind == "hf"
     context = GPT2Tokenizer().encode("Hello there, how are")
     cached = _greedy(model, context, 30, 16, cache=True)  # crosses block_size: re-prefill

@@ -16,7 +16,7 @@ from tests.conftest import run_entrypoint, save_tiny_gpt2
 
 
 def gpt2_settings(model_dir: Path, **over) -> TrainingConfig:
-    return TrainingConfig(model_type="gpt2", gpt2_model_name=str(model_dir),
+    return TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(model_dir),
                           tokenization_method="gpt2", block_size=32, **over)
 
 
@@ -51,7 +51,7 @@ def test_full_finetune_trains_every_weight(train_run, tiny_gpt2_dir, qa_corpus):
 
 
 def test_load_gpt2_uses_sdpa_fp32_and_run_dropout(tiny_gpt2_dir):
-    model = load_gpt2(gpt2_settings(tiny_gpt2_dir, dropout=0.2), 50257)
+    model = load_gpt2(gpt2_settings(tiny_gpt2_dir, dropout=0.2).model, 50257)
     assert model.config._attn_implementation == "sdpa"
     assert {model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop} == {0.2}
     assert model.transformer.drop.p == 0.2
@@ -220,7 +220,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir)
 
     def one_step(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = load_gpt2(gpt2_settings(tiny_gpt2_dir, gradient_checkpointing=checkpointing),
+        model = load_gpt2(gpt2_settings(tiny_gpt2_dir, gradient_checkpointing=checkpointing).model,
                           50257)
         model.train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) \
@@ -236,7 +236,7 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir)
 
 def test_gradient_checkpointing_needs_gpt2():
     with pytest.raises(ValueError, match="GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2"):
-        TrainingConfig(gradient_checkpointing=True)
+        TrainingConfig.from_flat(gradient_checkpointing=True)
 
 
 def test_gradient_checkpointing_runs_a_lora_fine_tune(train_run, tiny_gpt2_dir, qa_corpus):

@@ -22,10 +22,10 @@ VAL_DOCS = ["A validation document.", "And another: zebra quiz."] * 20
 
 def token_data(cfg):
     """The run's token data for ``cfg``, as a training run loads it."""
-    return load_token_data(cfg.data, block_size=cfg.block_size)
+    return load_token_data(cfg.data, block_size=cfg.model.block_size)
 
 def config(source: Path | str, tmp_path: Path, **kw) -> TrainingConfig:
-    return TrainingConfig(**{"training_data_source": str(source), "block_size": 8,
+    return TrainingConfig.from_flat(**{"training_data_source": str(source), "block_size": 8,
                              "cache_dir": str(tmp_path / "cache"), **kw})
 
 
@@ -59,23 +59,23 @@ def test_arrow_files_and_streams_read_alike(tmp_path: Path) -> None:
 def test_parquet_source_tokens_are_cached_by_content(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "d.parquet", TRAIN_DOCS)
     cfg = config(path, tmp_path)
-    tok, first = prepare_tokens(cfg)
+    tok, first = prepare_tokens(cfg.data)
     assert not first.cached
     assert first.load().tolist() == tok.encode("\n\n".join(TRAIN_DOCS))
-    _, again = prepare_tokens(cfg)
+    _, again = prepare_tokens(cfg.data)
     assert again.cached and again.path == first.path
     write_parquet(path, [*TRAIN_DOCS, "one more document"])
-    _, changed = prepare_tokens(cfg)
+    _, changed = prepare_tokens(cfg.data)
     assert not changed.cached and changed.path != first.path
 
 
 def test_text_field_selects_the_column_and_names_the_choices(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "d.parquet", TRAIN_DOCS, column="body")
     with pytest.raises(UserError, match=r"no column 'text' \(it has body, id\); set TEXT_FIELD"):
-        prepare_tokens(config(path, tmp_path))
+        prepare_tokens(config(path, tmp_path).data)
     with pytest.raises(UserError, match="holds int64, not text"):
-        prepare_tokens(config(path, tmp_path, text_field="id"))
-    tok, arr = prepare_tokens(config(path, tmp_path, text_field="body"))
+        prepare_tokens(config(path, tmp_path, text_field="id").data)
+    tok, arr = prepare_tokens(config(path, tmp_path, text_field="body").data)
     assert tok.decode(arr.load().tolist()) == "\n\n".join(TRAIN_DOCS)
 
 
@@ -106,15 +106,15 @@ def test_a_broken_parquet_file_is_one_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(UserError, match=r"bad\.parquet is not a Parquet file"):
-        prepare_tokens(config(bad, tmp_path))
+        prepare_tokens(config(bad, tmp_path).data)
 
 
 def test_progress_bar_counts_rows(tmp_path: Path, capsys) -> None:
     path = write_parquet(tmp_path / "d.parquet", TRAIN_DOCS)
-    prepare_splits(config(path, tmp_path), progress=True)
+    prepare_splits(config(path, tmp_path).data, progress=True)
     err = capsys.readouterr().err
     assert "tokenizing" in err and "120/120" in err and "rows" in err
-    prepare_splits(config(path, tmp_path, cache_dir=str(tmp_path / "c2")), progress=False)
+    prepare_splits(config(path, tmp_path, cache_dir=str(tmp_path / "c2")).data, progress=False)
     assert capsys.readouterr().err == ""
 
 
@@ -153,9 +153,9 @@ def test_hf_source_reads_the_local_cache_offline(tmp_path: Path, hub_cache: Path
     only_val = resolve_dataset("hf:someone/tiny@validation")  # trains on it: TRAIN_SPLIT cut
     assert len(only_val.train) == 1 and only_val.validation == []
     with pytest.raises(UserError, match=r"no split 'test'; it has train, validation"):
-        prepare_tokens(config("hf:someone/tiny@test", tmp_path))
+        prepare_tokens(config("hf:someone/tiny@test", tmp_path).data)
     with pytest.raises(UserError, match=r"not found in the local datasets cache.*ALLOW_DOWNLOAD=1"):
-        prepare_tokens(config("hf:someone/absent", tmp_path))
+        prepare_tokens(config("hf:someone/absent", tmp_path).data)
 
 
 def test_save_to_disk_folders(tmp_path: Path) -> None:
@@ -177,11 +177,11 @@ def test_a_missing_package_is_one_line_naming_the_extra(tmp_path: Path, monkeypa
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(UserError, match=r"needs the datasets extra: pip install "
                                         r"'lmtrain\[datasets\]'"):
-        prepare_tokens(config("hf:someone/tiny", tmp_path))
+        prepare_tokens(config("hf:someone/tiny", tmp_path).data)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r"Parquet/Arrow data sources need the datasets extra"):
-        prepare_tokens(config(path, tmp_path))
+        prepare_tokens(config(path, tmp_path).data)
 
 
 def test_prepare_command_reports_the_validation_split(tmp_path: Path, capsys) -> None:

@@ -76,10 +76,11 @@ def test_gpt2_loss_and_gradients_equal_the_logits_path(tiny_gpt2_dir, lora) -> N
     from lmtrain.config import TrainingConfig
     from lmtrain.models import build_model, model_logits
 
-    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=16,
+    cfg = TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                                   block_size=16,
                          tokenization_method="gpt2", use_lora=lora, dropout=0.0,
                          lora_dropout=0.0)
-    model = build_model(cfg, 50257)
+    model = build_model(cfg.model, 50257)
     x, y = torch.randint(50257, (2, 16)), torch.randint(50257, (2, 16))
     params = [p for p in model.parameters() if p.requires_grad]
     fast = chunked_lm_loss(model, x, y)
@@ -128,7 +129,7 @@ def test_the_from_scratch_loss_never_imports_transformers():
             "from lmtrain.config import TrainingConfig\n"
             "from lmtrain.models import build_model\n"
             "from lmtrain.train.evaluate import compute_loss\n"
-            "cfg = TrainingConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)\n"
+            "cfg = TrainingConfig.from_flat(n_layer=1, n_head=2, n_embd=16, block_size=8)\n"
             "model = build_model(cfg, 11)\n"
             "x = torch.zeros(2, 8, dtype=torch.long)\n"
             "compute_loss(model, x, x).backward()\n"

@@ -37,13 +37,14 @@ def train_losses(metrics: Path, after: int) -> list[tuple[int, float]]:
 def test_only_adapters_train_and_the_optimizer_sees_only_them(model_type, tiny_gpt2_dir):
     settings = dict(model_type=model_type, gpt2_model_name=str(tiny_gpt2_dir), block_size=32,
                     tokenization_method="gpt2", n_layer=2, n_head=2, n_embd=32, lora_r=4)
-    base = build_model(TrainingConfig(**settings), 50257)
-    model = build_model(TrainingConfig(**settings, use_lora=True), 50257)
+    base = build_model(TrainingConfig.from_flat(**settings).model, 50257)
+    model = build_model(TrainingConfig.from_flat(**settings, use_lora=True).model, 50257)
     trainable, total = count_parameters(model)
     expected = lora_size(base, 4, ["c_attn", "c_proj", "c_fc"])
     assert trainable == expected
     assert total == count_parameters(base)[1] + expected
-    optimizer = build_optimizer(model, TrainingConfig(**settings), torch.device("cpu"))
+    optimizer = build_optimizer(model, TrainingConfig.from_flat(**settings).optimization,
+                                torch.device("cpu"))
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == expected
 
 
@@ -139,9 +140,9 @@ def test_unknown_lora_targets_are_named(train_run):
 
 @pytest.mark.parametrize("targets", ["c_attn,c_proj,c_fc", "token_embedding_table"])
 def test_lora_on_the_bigram_model_is_refused(targets):
-    config = TrainingConfig(n_layer=0, use_lora=True, lora_targets=targets)
+    config = TrainingConfig.from_flat(n_layer=0, use_lora=True, lora_targets=targets)
     with pytest.raises(UserError, match=r"^USE_LORA=1 does not apply to N_LAYER=0"):
-        build_model(config, 50)
+        build_model(config.model, 50)
 
 
 def test_adapter_follows_its_base_from_any_working_directory(train_run, tmp_path, tiny_gpt2_dir,

@@ -47,9 +47,10 @@ def fresh_then_resumed(train_run, metrics: str):
 
 
 def test_metrics_is_a_comma_list() -> None:
-    assert TrainingConfig(metrics="wandb, TensorBoard").metrics == "jsonl,tensorboard,wandb"
-    assert TrainingConfig(metrics=["mlflow"]).metrics == "jsonl,mlflow"  # a TOML list
-    assert TrainingConfig().metrics == "jsonl"
+    config = TrainingConfig.from_flat(metrics="wandb, TensorBoard")
+    assert config.run.metrics == "jsonl,tensorboard,wandb"
+    assert TrainingConfig.from_flat(metrics=["mlflow"]).run.metrics == "jsonl,mlflow"  # a TOML list
+    assert TrainingConfig.from_flat().run.metrics == "jsonl"
     values, sources = explicit_settings(flags={"metrics": "jsonl,neptune"}, env={})
     with pytest.raises(UserError, match=r"METRICS='jsonl,neptune'.*unknown metrics sink "
                                         r"'neptune'"):

@@ -69,8 +69,10 @@ def test_a_crafted_checkpoint_cannot_choose_where_lmtrain_writes_or_deletes(
                                    "cache_dir": str(victim), "keep_last_checkpoints": 1,
                                    "allow_download": True, "enable_output_to_file": True})
     saved = config_of(torch.load(bad, weights_only=True))
-    assert (saved.allow_download, saved.keep_last_checkpoints, saved.run_name) == (False, 3, None)
-    assert (saved.checkpoint_dir, saved.cache_dir, saved.enable_output_to_file) == (
+    assert (saved.model.allow_download, saved.checkpointing.keep_last_checkpoints,
+            saved.run.run_name) == (False, 3, None)
+    assert (saved.checkpointing.checkpoint_dir, saved.data.cache_dir,
+            saved.run.enable_output_to_file) == (
         "checkpoints", None, False)
     summary = train_run(checkpoint_path=str(bad), resume_steps=3, checkpoint_interval=1)
     assert snapshot(victim) == before  # nothing written, nothing deleted
@@ -214,8 +216,9 @@ def test_a_checkpoint_from_before_the_recipe_settings_loads_as_what_it_was(tmp_p
         ckpt["hyperparameters"].pop(key)
     old = save_checkpoint(tmp_path / "before-recipe.pt", ckpt)
     cfg = config_of(load_checkpoint(old))
-    assert (cfg.arch, cfg.qk_norm, cfg.optimizer) == ("gpt2", False, "adamw")
-    assert load_trained_model(old).config.arch == "gpt2"
+    assert (cfg.model.arch, cfg.model.qk_norm, cfg.optimization.optimizer) == ("gpt2", False,
+                                                                               "adamw")
+    assert load_trained_model(old).config.model.arch == "gpt2"
 
 
 def test_tracker_run_ids_are_saved_and_restored(train_run, tmp_path, tiny_checkpoint):
@@ -460,7 +463,7 @@ def test_tied_gpt2_weights_are_stored_once(tmp_path):
     from tests.conftest import save_tiny_gpt2
 
     model = GPT2LMHeadModel.from_pretrained(save_tiny_gpt2(tmp_path / "g", vocab_size=5000))
-    weights = model_state(model, TrainingConfig(model_type="gpt2"))
+    weights = model_state(model, TrainingConfig.from_flat(model_type="gpt2"))
     assert weights["lm_head.weight"].data_ptr() == weights["transformer.wte.weight"].data_ptr()
     buf = io.BytesIO()
     torch.save(weights, buf)

@@ -84,7 +84,7 @@ def model_state(model: nn.Module, config: TrainingConfig) -> dict[str, torch.Ten
 
     Tied weights (``wte``/``lm_head``) stay one tensor, so ``torch.save`` stores them once.
     """
-    if config.use_lora:
+    if config.model.use_lora:
         from lmtrain.models.lora import adapter_state_dict
 
         return adapter_state_dict(model)
@@ -107,20 +107,21 @@ def build(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, Any
         "format_version": FORMAT_VERSION,
         "lmtrain_version": __version__,
         "step": ctx.step,
-        "model_type": cfg.model_type,
+        "model_type": cfg.model.model_type,
         "run_name": ctx.run_name,
         "model_state_dict": model_state(ctx.raw_model, cfg),
         "optimizer_state_dict": ctx.optimizer.state_dict(),
         "scheduler_state_dict": {
-            "kind": cfg.lr_scheduler, "warmup_steps": cfg.warmup_steps,
-            "lr_decay_steps": cfg.decay_horizon, "min_lr_ratio": cfg.min_lr_ratio,
+            "kind": cfg.optimization.lr_scheduler, "warmup_steps": cfg.optimization.warmup_steps,
+            "lr_decay_steps": cfg.optimization.decay_horizon,
+            "min_lr_ratio": cfg.optimization.min_lr_ratio,
             "last_lr": ctx.optimizer.param_groups[0]["lr"], "step": ctx.step,
         },
-        "hyperparameters": {**cfg.model_dump(),  # + the model's context limit
-                            "n_positions": model_positions(ctx.raw_model) or cfg.block_size},
+        "hyperparameters": {**cfg.flat(),  # + the model's context limit
+                            "n_positions": model_positions(ctx.raw_model) or cfg.model.block_size},
         "vocab_size": ctx.tokenizer.vocab_size,
-        "block_size": cfg.block_size,
-        "batch_size": cfg.batch_size,
+        "block_size": cfg.model.block_size,
+        "batch_size": cfg.optimization.batch_size,
         "tokenizer": json.dumps(ctx.tokenizer.state()),
         "rng_state": torch.get_rng_state(),
         "cuda_rng_state": (torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []),
@@ -132,7 +133,7 @@ def build(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, Any
         "grad_scaler_state_dict": ctx.grad_scaler.state_dict() if ctx.grad_scaler else {},
         "tracker_run_ids": dict(ctx.tracker_run_ids),
     }
-    if cfg.use_lora:  # the adapter's base model: name + weights fingerprint
+    if cfg.model.use_lora:  # the adapter's base model: name + weights fingerprint
         from lmtrain.models.lora import base_reference
 
         payload["lora_base"] = base_reference(ctx.raw_model)
@@ -236,9 +237,9 @@ def _problems(ckpt: dict[str, Any]) -> list[str]:
         name = ".".join(map(str, err.get("loc") or ())) or "hyperparameters"
         out.append(f"hyperparameter {name} is invalid ({err['msg'].lower()})")
         cfg = None
-    if cfg is not None and not out and ckpt["block_size"] != cfg.block_size:
+    if cfg is not None and not out and ckpt["block_size"] != cfg.model.block_size:
         out.append(f"block_size {ckpt['block_size']} differs from its hyperparameters' "
-                   f"{cfg.block_size}")
+                   f"{cfg.model.block_size}")
     weights = ckpt["model_state_dict"]
     if not weights or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                               for k, v in weights.items()):
@@ -251,7 +252,7 @@ def _problems(ckpt: dict[str, Any]) -> list[str]:
         except ValueError as exc:
             out.append(str(exc))
     out += _resume_problems(ckpt)
-    if cfg is not None and cfg.use_lora and not (
+    if cfg is not None and cfg.model.use_lora and not (
             isinstance(ckpt.get("lora_base"), dict)
             and all(isinstance(ckpt["lora_base"].get(k), str) for k in ("name", "fingerprint"))):
         out.append("lora_base (the adapter's base model) is missing or malformed")
@@ -336,7 +337,7 @@ def validate(ckpt: Any, where: str) -> None:
 
 def load_model_state(model: nn.Module, config: TrainingConfig, sd: dict[str, Any]) -> None:
     """Put a checkpoint's weights into ``model``; one line if they do not fit it."""
-    if config.use_lora:
+    if config.model.use_lora:
         from lmtrain.models.lora import load_adapter_state_dict
 
         load_adapter_state_dict(model, sd)
@@ -347,7 +348,7 @@ def load_model_state(model: nn.Module, config: TrainingConfig, sd: dict[str, Any
         first = str(exc).strip().splitlines()
         raise UserError(
             f"the checkpoint's weights do not fit the model built from its settings "
-            f"(GPT2_MODEL_NAME={config.gpt2_model_name!r} for gpt2 runs): "
+            f"(GPT2_MODEL_NAME={config.model.gpt2_model_name!r} for gpt2 runs): "
             f"{' '.join(first[1:2] or first[:1])[:200]}; point GPT2_MODEL_NAME at the model "
             f"the run was trained from") from None
 
@@ -356,7 +357,7 @@ def load_weights(model: nn.Module, config: TrainingConfig, ckpt: Mapping[str, An
                  where: str) -> None:
     """Put a checkpoint's weights into ``model``; a LoRA adapter only once the base it was
     trained on is verified."""
-    if config.use_lora:  # the adapter only fits the base it was trained on
+    if config.model.use_lora:  # the adapter only fits the base it was trained on
         from lmtrain.models.lora import check_base_reference
 
         check_base_reference(model, ckpt.get("lora_base"), where)
@@ -443,7 +444,7 @@ def check_fits(ckpt: Mapping[str, Any], where: str) -> None:
     from lmtrain.train.optim import build_optimizer
 
     cfg = config_of(ckpt)
-    if cfg.use_lora:
+    if cfg.model.use_lora:
         return
     model = _model_on_meta(cfg, int(ckpt["vocab_size"]))
     if model is None:
@@ -466,7 +467,7 @@ def _model_on_meta(cfg: TrainingConfig, vocab_size: int) -> nn.Module | None:
     """The model ``cfg`` describes, with ``meta`` tensors; None for a GPT-2 base not found."""
     import torch
 
-    if cfg.model_type == "gpt2":
+    if cfg.model.model_type == "gpt2":
         from transformers import GPT2LMHeadModel
 
         from lmtrain.models.gpt2 import gpt2_config
@@ -538,7 +539,8 @@ def _reseed_for_new_world(ctx: RunContext, saved_world: int) -> None:
     import numpy as np
     import torch
 
-    seed = int(np.random.SeedSequence([ctx.config.seed, ctx.rank, ctx.step]).generate_state(1)[0])
+    seed = int(np.random.SeedSequence([ctx.config.optimization.seed, ctx.rank,
+                                       ctx.step]).generate_state(1)[0])
     ctx.sampler.manual_seed(seed)
     torch.manual_seed(seed)
     if ctx.is_main:

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -195,8 +195,6 @@ class RunSettings(Settings):
         return normalize_metrics(value)
 
 
-S = TypeVar("S", bound=Settings)
-
 #: The settings groups in the order ``--help`` and the README list them. Each module takes the
 #: group(s) it needs (``config.model``, ``config.optimization``...), never the whole config.
 GROUPS: dict[str, type[Settings]] = {
@@ -204,55 +202,66 @@ GROUPS: dict[str, type[Settings]] = {
     "evaluation": EvaluationSettings, "generation": GenerationSettings,
     "checkpointing": CheckpointSettings, "run": RunSettings,
 }
+#: Each setting's group name (flat name -> group label).
+GROUP_OF = {name: label for label, group in GROUPS.items() for name in group.model_fields}
 
 
-class TrainingConfig(RunSettings, CheckpointSettings, GenerationSettings, EvaluationSettings,
-                     OptimizationSettings, DataSettings, ModelSettings):
-    """Every setting of a run, flat: field ``x`` is env var ``X`` and flag ``--x`` (``_`` ->
-    ``-``). The groups it is made of (:data:`GROUPS`) are its slices: ``config.model`` is a
-    :class:`ModelSettings` holding just those values.
+class TrainingConfig(Settings):
+    """Every setting of a run, composed of its seven groups (:data:`GROUPS`): ``config.model``
+    is a :class:`ModelSettings`, ``config.optimization`` an :class:`OptimizationSettings`...
+    A function typed with one group takes that group, never the whole config.
 
-    The bases are listed last group first because pydantic collects fields from the last base
-    first; :data:`FIELDS` gives the groups' order. Cross-group rules live in the loaders.
+    Users name settings flat: field ``x`` of any group is env var ``X``, flag ``--x`` and TOML
+    key ``x``. The flat names are mapped onto the groups here, once (:meth:`_nest`), and
+    :meth:`flat` gives them back (checkpoints save them flat). Cross-group rules live in the
+    loaders.
     """
 
-    def _slice(self, group: type[S]) -> S:
-        return group.model_construct(**{name: getattr(self, name) for name in group.model_fields})
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    optimization: OptimizationSettings = OptimizationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    generation: GenerationSettings = GenerationSettings()
+    checkpointing: CheckpointSettings = CheckpointSettings()
+    run: RunSettings = RunSettings()
 
-    @property
-    def model(self) -> ModelSettings:
-        return self._slice(ModelSettings)
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, values: Any) -> Any:
+        """Flat setting names (``{"n_layer": 2}``) onto their groups (``{"model": {...}}``);
+        an unknown name stays at the top, where it is refused by name."""
+        if not isinstance(values, Mapping):
+            return values
+        nested: dict[str, Any] = {}
+        for name, value in values.items():
+            label = GROUP_OF.get(name)
+            if label is None:
+                nested[name] = value
+            else:
+                nested.setdefault(label, {})[name] = value
+        return nested
 
-    @property
-    def data(self) -> DataSettings:
-        return self._slice(DataSettings)
+    @classmethod
+    def from_flat(cls, **settings: Any) -> TrainingConfig:
+        """A validated config from flat setting names (``from_flat(n_layer=2)``)."""
+        return cls.model_validate(settings)
 
-    @property
-    def optimization(self) -> OptimizationSettings:
-        return self._slice(OptimizationSettings)
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name (what checkpoints and the settings lines show)."""
+        return {name: value for label in GROUPS
+                for name, value in getattr(self, label).model_dump().items()}
 
-    @property
-    def evaluation(self) -> EvaluationSettings:
-        return self._slice(EvaluationSettings)
+    def value(self, name: str) -> Any:
+        """One setting by its flat name."""
+        return getattr(getattr(self, GROUP_OF[name]), name)
 
-    @property
-    def generation(self) -> GenerationSettings:
-        return self._slice(GenerationSettings)
-
-    @property
-    def checkpointing(self) -> CheckpointSettings:
-        return self._slice(CheckpointSettings)
-
-    @property
-    def run(self) -> RunSettings:
-        return self._slice(RunSettings)
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """A validated copy with some settings (flat names) changed."""
+        return TrainingConfig.model_validate({**self.flat(), **changes})
 
 
 #: Every setting, group by group (model first), as pydantic ``FieldInfo``s.
-FIELDS = {name: TrainingConfig.model_fields[name] for group in GROUPS.values()
-          for name in group.model_fields}
-#: Each setting's group name.
-GROUP_OF = {name: label for label, group in GROUPS.items() for name in group.model_fields}
+FIELDS = {name: info for group in GROUPS.values() for name, info in group.model_fields.items()}
 
 #: Settings fixed by the checkpoint: an explicit different value on resume is an error.
 #: (GPT2_MODEL_NAME may change, e.g. a moved folder: LoRA checks the base's fingerprint and a
@@ -306,12 +315,13 @@ class Preset:
 
 #: The presets, in the order they apply (a later one wins).
 PRESETS: tuple[Preset, ...] = (
-    Preset("MODEL_TYPE=gpt2", "gpt2 preset", GPT2_PRESET, lambda c: c.model_type == "gpt2"),
+    Preset("MODEL_TYPE=gpt2", "gpt2 preset", GPT2_PRESET,
+           lambda c: c.model.model_type == "gpt2"),
     Preset("gpt2 + USE_LORA", "gpt2 lora preset", GPT2_LORA_PRESET,
-           lambda c: c.model_type == "gpt2" and c.use_lora),
-    Preset("TEST_MODE", "test_mode preset", TEST_MODE_PRESET, lambda c: c.test_mode),
+           lambda c: c.model.model_type == "gpt2" and c.model.use_lora),
+    Preset("TEST_MODE", "test_mode preset", TEST_MODE_PRESET, lambda c: c.run.test_mode),
     Preset("TEST_MODE gpt2", "test_mode preset", GPT2_TEST_MODE_PRESET,
-           lambda c: c.test_mode and c.model_type == "gpt2"),
+           lambda c: c.run.test_mode and c.model.model_type == "gpt2"),
 )
 
 
@@ -357,7 +367,7 @@ class LoadedConfig:
 
     def describe(self) -> list[str]:
         """One line per non-default setting: ``name = value  (source)``."""
-        data = self.config.model_dump()
+        data = self.config.flat()
         return [f"{k} = {data[k]!r}  ({src})" for k, src in sorted(self.sources.items())
                 if src != "default"]
 
@@ -432,13 +442,19 @@ def _validate(values: dict[str, Any], sources: dict[str, str]) -> TrainingConfig
 
 def _explain(exc: ValidationError, values: dict[str, Any], sources: dict[str, str]) -> str:
     err = exc.errors()[0]
-    loc = err.get("loc") or ()
-    name = str(loc[0]) if loc else ""
+    loc = [str(part) for part in err.get("loc") or ()]
+    name = loc[1] if len(loc) > 1 and loc[0] in GROUPS else (loc[0] if loc else "")
     if name in FIELDS:
         shown = values.get(name, FIELDS[name].default)
         return _invalid(name, f"{env_name(name)}={shown!r} (from {sources.get(name, 'default')})",
                         err["msg"])
     return f"invalid settings: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _names_a_value(loc: tuple[Any, ...]) -> bool:
+    """Whether a validation error's location is one setting (``("model", "n_embd")`` or an
+    unknown name), not a rule over a whole group (``("model",)``)."""
+    return len(loc) > 1 or (len(loc) == 1 and loc[0] not in GROUPS)
 
 
 def _invalid(name: str, given: str, msg: str) -> str:
@@ -518,7 +534,7 @@ def check_settings(values: dict[str, Any], sources: dict[str, str]) -> None:
     try:
         TrainingConfig.model_validate(values)
     except ValidationError as exc:
-        if any(err.get("loc") for err in exc.errors()):  # a value, not a combination
+        if any(_names_a_value(err.get("loc") or ()) for err in exc.errors()):
             raise UserError(_explain(exc, values, sources)) from None
 
 
@@ -546,7 +562,7 @@ def load_resumed(
             pass  # checked against the model itself (older checkpoints saved the defaults)
         elif k in ARCHITECTURE_FIELDS and k in base:
             wanted = _validate({**base, k: v}, {**merged_src, k: sources[k]})
-            if getattr(wanted, k) != base[k]:
+            if wanted.value(k) != base[k]:
                 raise UserError(
                     f"{env_name(k)}={v!r} (from {sources[k]}) contradicts the checkpoint, which "
                     f"was trained with {env_name(k)}={base[k]!r}; unset it to resume, or start "
@@ -556,3 +572,4 @@ def load_resumed(
         merged_src[k] = sources[k]
     config = _validate(merged, merged_src)
     return LoadedConfig(config, merged_src)
+

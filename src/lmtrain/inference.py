@@ -36,7 +36,7 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     ckpt = load_checkpoint(path, label=label)
     cfg = with_base(config_of(ckpt), ckpt, base)  # GPT-2: where its base model is now
     tokenizer = check_tokenizer(ckpt["tokenizer"], ckpt["vocab_size"])
-    torch.manual_seed(cfg.seed)  # a from-scratch LoRA base is rebuilt from the run's seed
+    torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, tokenizer.vocab_size)
     load_weights(model, cfg, ckpt, f"{label}={str(path)!r}")
     model.to(device or torch.device("cpu")).eval()

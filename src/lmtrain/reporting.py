@@ -35,8 +35,8 @@ def data_label(source: str) -> str:
 
 def stable_run_name(config: TrainingConfig) -> str:
     """``<model>-<data>``: the run name ``CHECKPOINT_PATH=auto`` finds again on every launch."""
-    model = config.model_type + ("-lora" if config.use_lora else "")
-    return f"{model}-{data_label(config.training_data_source)}"
+    model = config.model.model_type + ("-lora" if config.model.use_lora else "")
+    return f"{model}-{data_label(config.data.training_data_source)}"
 
 
 def default_run_name(config: TrainingConfig) -> str:
@@ -188,8 +188,8 @@ def open_metrics(path: Path, config: TrainingConfig, run_name: str,
     """The run's metrics file plus the trackers ``METRICS`` names, continuing the tracker runs
     in ``run_ids`` (from the checkpoint) and recording the ids of new ones there. A new
     tracker run gets what the run *is* as its hyperparameters (not this invocation's paths)."""
-    settings = {k: v for k, v in config.model_dump().items() if k not in INVOCATION_FIELDS}
-    trackers = open_trackers(tracker_names(config.metrics), path.parent, run_name, run_ids,
+    settings = {k: v for k, v in config.flat().items() if k not in INVOCATION_FIELDS}
+    trackers = open_trackers(tracker_names(config.run.metrics), path.parent, run_name, run_ids,
                              settings)
     return MetricsWriter(path, trackers)
 
@@ -212,8 +212,9 @@ def write_output_file(config: TrainingConfig, output_dir: Path, run_name: str,
     from lmtrain.durable import atomic_write
 
     path = output_dir / f"{run_name}_{timestamp()}.txt"
-    lines = [f"# lmtrain run {run_name}", "", f"model: {config.model_type}"
-             f"{' + LoRA' if config.use_lora else ''}, data: {config.training_data_source}",
+    lines = [f"# lmtrain run {run_name}", "", f"model: {config.model.model_type}"
+             f"{' + LoRA' if config.model.use_lora else ''}, "
+             f"data: {config.data.training_data_source}",
              "", "## Settings", *settings, "", "## Losses"]
     lines += [f"{k}: {v}" for k, v in results.items()]
     lines += ["", "## Sample", sample, ""]

@@ -45,16 +45,17 @@ def run(args: argparse.Namespace) -> int:
     cfg = loaded.config
     data_cfg = cfg.data.model_copy(update={  # the run's data settings, as this command sets them
         name: setting_value(args, name, fallback) for name, fallback in (
-            ("training_data_source", cfg.training_data_source),
-            ("text_field", cfg.text_field), ("cache_dir", None))})
+            ("training_data_source", cfg.data.training_data_source),
+            ("text_field", cfg.data.text_field), ("cache_dir", None))})
     allow_download = setting_value(args, "allow_download", False)  # env only, as training
-    _, data = load_token_data(data_cfg, loaded.tokenizer, block_size=cfg.block_size,
+    _, data = load_token_data(data_cfg, loaded.tokenizer, block_size=cfg.model.block_size,
                               allow_download=allow_download)
     tokens, mask = (data.val, data.val_mask) if args.split == "val" else (data.train,
                                                                            data.train_mask)
-    autocast = autocast_context(device, autocast_dtype(cfg.precision, device, loaded.model))
-    loss, n_tokens = split_loss(loaded.model, tokens, cfg.block_size,
-                                args.batch_size or cfg.batch_size, device, autocast, mask,
+    autocast = autocast_context(device, autocast_dtype(cfg.run.precision, device, loaded.model))
+    loss, n_tokens = split_loss(loaded.model, tokens, cfg.model.block_size,
+                                args.batch_size or cfg.optimization.batch_size, device,
+                                autocast, mask,
                                 progress=args.progress)
     if n_tokens == 0:
         raise UserError(f"the {args.split} split of {data_cfg.training_data_source!r} has no "

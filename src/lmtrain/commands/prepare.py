@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     started = time.perf_counter()
     tokenizer, tokens, val = prepare_splits(config.data, progress=args.progress,
-                                            allow_download=config.allow_download)
+                                            allow_download=config.model.allow_download)
     seconds = time.perf_counter() - started
     print(json.dumps({
         "path": str(tokens.path), "cached": tokens.cached, "n_tokens": tokens.meta["n_tokens"],

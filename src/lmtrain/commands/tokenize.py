@@ -37,7 +37,7 @@ def load_tokenizer(args: argparse.Namespace):
     from lmtrain.data.prepare import tokenizer_for
 
     config = config_from(args)
-    return tokenizer_for(config.data, config.allow_download)
+    return tokenizer_for(config.data, config.model.allow_download)
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:

@@ -54,7 +54,7 @@ def merged_model(path: str | Path, base: str | None = None, *,
 
     loaded = loaded or load_trained_model(path, base=base)
     model, config = loaded.model, loaded.config
-    if config.use_lora:
+    if config.model.use_lora:
         model = model.merge_and_unload()
     return model.eval(), config, loaded.tokenizer, int(loaded.checkpoint["step"])
 
@@ -131,7 +131,8 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | No
         out.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(out)
         save_tokenizer(tokenizer, out, hf_model.config.max_position_embeddings)
-    return {"step": step, "model_type": config.model_type, "lora_merged": config.use_lora,
+    return {"step": step, "model_type": config.model.model_type,
+            "lora_merged": config.model.use_lora,
             "tokenizer": tokenizer.kind, "out_dir": str(out),
             "n_positions": hf_model.config.max_position_embeddings}  # GPT-2: n_positions
 
@@ -151,9 +152,9 @@ def export_adapter(ckpt_path: str | Path, out_dir: str | Path, base: str | None 
     with quiet_transformers():
         loaded = loaded or load_trained_model(ckpt_path, base=base)
         config, model = loaded.config, loaded.model
-        if not config.use_lora:
+        if not config.model.use_lora:
             raise UserError(ADAPTER_NEEDS_LORA)
-        if config.model_type != "gpt2":
+        if config.model.model_type != "gpt2":
             raise UserError(ADAPTER_NEEDS_GPT2)
         saved = dict(loaded.checkpoint["lora_base"])  # validated for every LoRA checkpoint
         peft_config = model.peft_config["default"]

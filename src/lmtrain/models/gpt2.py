@@ -94,7 +94,7 @@ def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
     Does nothing for the from-scratch model.
     """
     cfg = loaded.config
-    if cfg.model_type != "gpt2":
+    if cfg.model.model_type != "gpt2":
         return loaded
     hf_config = gpt2_config(cfg.model)
     sources = dict(loaded.sources)
@@ -102,26 +102,26 @@ def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
     for name in GPT2_SHAPE_FIELDS:  # GPT-2's shape: the model fixes it
         real, src = getattr(hf_config, name), sources.get(name, "default")
         explicit = src not in UNSET_SOURCES and not src.endswith("preset")
-        if explicit and getattr(cfg, name) != real:
+        if explicit and cfg.value(name) != real:
             raise UserError(
-                f"{name.upper()}={getattr(cfg, name)} (from {src}) does not match "
-                f"GPT2_MODEL_NAME={cfg.gpt2_model_name!r}, whose model has {name.upper()}="
+                f"{name.upper()}={cfg.value(name)} (from {src}) does not match "
+                f"GPT2_MODEL_NAME={cfg.model.gpt2_model_name!r}, whose model has {name.upper()}="
                 f"{real}; unset {name.upper()}: MODEL_TYPE=gpt2 takes its shape from the model")
-        if getattr(cfg, name) != real or not explicit:
+        if cfg.value(name) != real or not explicit:
             update[name], sources[name] = real, "GPT2_MODEL_NAME"
-    return LoadedConfig(cfg.model_copy(update=update), sources)
+    return LoadedConfig(cfg.replace(**update), sources)
 
 
 def resolve_gpt2(loaded: LoadedConfig, ckpt: Mapping[str, Any] | None = None) -> LoadedConfig:
     """A GPT-2 run's config as it will run: a resumed LoRA run finds its saved base model
     (unless GPT2_MODEL_NAME is set), and the shape is the model's (:func:`fit_shape`)."""
     cfg = loaded.config
-    if cfg.model_type != "gpt2":
+    if cfg.model.model_type != "gpt2":
         return loaded
-    if (ckpt is not None and cfg.use_lora
+    if (ckpt is not None and cfg.model.use_lora
             and loaded.sources.get("gpt2_model_name", "default") in UNSET_SOURCES):
         name = find_base(dict(ckpt.get("lora_base") or {}), None)
-        loaded = LoadedConfig(cfg.model_copy(update={"gpt2_model_name": name}),
+        loaded = LoadedConfig(cfg.replace(gpt2_model_name=name),
                               {**loaded.sources, "gpt2_model_name": "checkpoint's lora_base"})
     return fit_shape(loaded)
 

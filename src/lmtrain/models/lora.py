@@ -66,13 +66,13 @@ def with_base(config: TrainingConfig, ckpt: dict[str, Any], override: str | None
     ``override`` (``--base`` / ``GPT2_MODEL_NAME``) or, for an adapter, :func:`find_base`."""
     from lmtrain.models.gpt2 import find_base
 
-    if config.model_type != "gpt2":
+    if config.model.model_type != "gpt2":
         return config
-    if config.use_lora:
+    if config.model.use_lora:
         name = find_base(dict(ckpt.get("lora_base") or {}), override)
     else:
-        name = override or config.gpt2_model_name
-    return config.model_copy(update={"gpt2_model_name": name})
+        name = override or config.model.gpt2_model_name
+    return config.replace(gpt2_model_name=name)
 
 
 def apply_lora(model: nn.Module, config: ModelSettings) -> nn.Module:

@@ -39,8 +39,9 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
     """Train/val loss now; logs it, records it and tracks the best validation loss."""
     t0 = time.perf_counter()
     cfg = ctx.config
-    losses = estimate_loss(ctx.model, ctx.data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
-                           ctx.device, cfg.seed + ctx.rank, ctx.autocast())
+    losses = estimate_loss(ctx.model, ctx.data, cfg.optimization.batch_size, cfg.model.block_size,
+                           cfg.evaluation.eval_iters,
+                           ctx.device, cfg.optimization.seed + ctx.rank, ctx.autocast())
     if ctx.world_size > 1:  # each rank drew its own batches: report the mean over all of them
         keys = sorted(losses)
         mean = all_reduce_mean(torch.tensor([losses[k] for k in keys], device=ctx.device))
@@ -74,7 +75,7 @@ def save(ctx: RunContext) -> Path | None:
     spared by rotation; older files go only once the new one is on disk. A model whose weights
     are no longer finite is never saved.
     """
-    if not ctx.config.enable_checkpoints:
+    if not ctx.config.checkpointing.enable_checkpoints:
         return None
     path = ctx.checkpoint_dir / checkpoint_filename(ctx.step)
     if (ctx.saved_steps and ctx.saved_steps[-1] == ctx.step
@@ -83,7 +84,7 @@ def save(ctx: RunContext) -> Path | None:
     if not _weights_finite(ctx):  # every rank holds the same weights: all refuse together
         raise UserError(
             f"the model's weights are no longer finite at step {ctx.step} "
-            f"(ON_NAN={ctx.config.on_nan}); the step is not saved and "
+            f"(ON_NAN={ctx.config.optimization.on_nan}); the step is not saved and "
             f"{_previous_checkpoint(ctx)} — lower LEARNING_RATE or set GRAD_CLIP, then resume")
     t0 = time.perf_counter()
     rank_states = gather_rank_states(ctx)  # every rank takes part; rank 0 writes
@@ -105,7 +106,7 @@ def save(ctx: RunContext) -> Path | None:
             f" — free space or pick another CHECKPOINT_DIR, then resume") from None
     ctx.saved_steps.append(ctx.step)
     protect = {ctx.best_step} if ctx.best_step is not None else set()
-    rotate_checkpoints(ctx.checkpoint_dir, ctx.config.keep_last_checkpoints, protect,
+    rotate_checkpoints(ctx.checkpoint_dir, ctx.config.checkpointing.keep_last_checkpoints, protect,
                        upto=ctx.step)
     ctx.timings["checkpoint"] += time.perf_counter() - t0
     log.info("step %d: saved checkpoint %s", ctx.step, path)
@@ -121,17 +122,18 @@ def train_step(ctx: RunContext, step: int, params: list[torch.nn.Parameter],
     """
     cfg, model, opt, scaler = ctx.config, ctx.model, ctx.optimizer, ctx.grad_scaler
     loss_sum = torch.zeros((), device=ctx.device)
-    for micro in range(cfg.grad_accum_steps):
+    for micro in range(cfg.optimization.grad_accum_steps):
         t0 = time.perf_counter()
-        x, y = ctx.data.get_batch("train", cfg.batch_size, cfg.block_size, ctx.sampler,
+        x, y = ctx.data.get_batch("train", cfg.optimization.batch_size, cfg.model.block_size,
+                                  ctx.sampler,
                                   ctx.device)
         t1 = time.perf_counter()
         ctx.timings["data"] += t1 - t0
         with contextlib.ExitStack() as micro_ctx:
             micro_ctx.enter_context(ctx.autocast())
-            if micro < cfg.grad_accum_steps - 1 and hasattr(model, "no_sync"):
+            if micro < cfg.optimization.grad_accum_steps - 1 and hasattr(model, "no_sync"):
                 micro_ctx.enter_context(model.no_sync())  # DDP: all-reduce on the last one
-            loss = compute_loss(model, x, y) / cfg.grad_accum_steps
+            loss = compute_loss(model, x, y) / cfg.optimization.grad_accum_steps
         (scaler.scale(loss) if scaler else loss).backward()
         loss_sum += loss.detach()
         ctx.timings["train"] += time.perf_counter() - t1
@@ -139,10 +141,10 @@ def train_step(ctx: RunContext, step: int, params: list[torch.nn.Parameter],
     loss = all_reduce_mean(loss_sum)  # the same value on every rank
     if scaler:
         scaler.unscale_(opt)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                 if cfg.grad_clip > 0 else None)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optimization.grad_clip)
+                 if cfg.optimization.grad_clip > 0 else None)
     # the grad scaler skips non-finite gradients itself; without it they would poison the weights
-    if cfg.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
+    if cfg.optimization.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
         what = ("loss", loss.item()) if not torch.isfinite(loss) else ("gradient norm",
                                                                      grad_norm.item())
         log.warning("step %d: %s is %s, step skipped (ON_NAN=skip)", step + 1, *what)
@@ -194,7 +196,7 @@ class LossWindow:
         extra_value = values.pop() if extra is not None else None
         self.values += values
         self.pending.clear()
-        if self.ctx.config.on_nan == "stop":
+        if self.ctx.config.optimization.on_nan == "stop":
             for i, value in enumerate(self.values):
                 if not math.isfinite(value):
                     raise UserError(
@@ -208,7 +210,8 @@ class LossWindow:
         grad_norm = self.check(self.grad_norm)
         kept = [v for v in self.values if math.isfinite(v)]  # skipped steps are left out
         seconds = time.perf_counter() - self.t0 - (self._excluded() - self.excluded0)
-        tokens = (cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * ctx.world_size
+        opt = cfg.optimization
+        tokens = (opt.batch_size * cfg.model.block_size * opt.grad_accum_steps * ctx.world_size
                   * len(self.values))
         tps = tokens / max(seconds, 1e-9)
         mean_loss = sum(kept) / len(kept) if kept else math.nan
@@ -261,12 +264,12 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
             ctx.step = step + 1
             if bar is not None:
                 bar.update(1)
-            if ctx.step % cfg.log_interval == 0 or ctx.step == end:
+            if ctx.step % cfg.evaluation.log_interval == 0 or ctx.step == end:
                 window.report(lr, end, bar)
-            if ctx.step % cfg.eval_interval == 0:
+            if ctx.step % cfg.evaluation.eval_interval == 0:
                 window.check()
                 evaluate(ctx)
-            if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:
+            if ctx.step % cfg.checkpointing.checkpoint_interval == 0 and ctx.step != end:
                 window.check()
                 save(ctx)
             share_stop_signal(ctx)  # a signal seen by any rank stops all at the same step

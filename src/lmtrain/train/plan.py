@@ -65,7 +65,7 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
     if str(resume).strip().lower() == AUTO_RESUME:
         fresh = _load_fresh(values, sources)
         # RUN_NAME is this invocation's (never the checkpoint's): the same for both plans below
-        run_name, name_source = fresh.config.run_name, None
+        run_name, name_source = fresh.config.run.run_name, None
         if not run_name:
             run_name = stable_run_name(fresh.config)
             name_source = "CHECKPOINT_PATH=auto: <model>-<data>"
@@ -83,19 +83,20 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
                      name_source)
     if not resume:
         fresh = _load_fresh(values, sources)
-        return _plan(fresh, agree(fresh.config.run_name or default_run_name(fresh.config)), None,
+        return _plan(fresh, agree(fresh.config.run.run_name or default_run_name(fresh.config)),
+                     None,
                      notes)
     path = Path(str(resume))
     ckpt = load_checkpoint(path)
     loaded = load_resumed(ckpt["hyperparameters"], values, sources)
     source = ResumeSource(path, int(ckpt["step"]), ckpt)
     cfg = loaded.config
-    run_name, name_source = cfg.run_name, None
+    run_name, name_source = cfg.run.run_name, None
     if not run_name:
         run_name = _run_folder_of(path, cfg)
         name_source = "the checkpoint's run folder" if run_name else "new name"
         run_name = run_name or agree(default_run_name(cfg))
-    if cfg.enable_checkpoints:
+    if cfg.checkpointing.enable_checkpoints:
         later = [s for s, _ in list_checkpoints(_paths(cfg, run_name).checkpoints)
                  if s > source.step]
         if later:  # history is never rewritten: branch instead of overwriting later steps
@@ -111,22 +112,23 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
 def _run_folder_of(path: Path, cfg: TrainingConfig) -> str | None:
     """The run a checkpoint file belongs to when it lies in ``CHECKPOINT_DIR/<run>/``."""
     try:
-        inside = path.resolve().parent.parent == Path(cfg.checkpoint_dir).resolve()
+        inside = path.resolve().parent.parent == Path(cfg.checkpointing.checkpoint_dir).resolve()
     except OSError:
         return None
     return path.resolve().parent.name if inside else None
 
 
 def _paths(cfg: TrainingConfig, run_name: str) -> RunPaths:
-    return RunPaths.of(cfg.checkpoint_dir, cfg.log_dir, cfg.output_dir, run_name)
+    return RunPaths.of(cfg.checkpointing.checkpoint_dir, cfg.run.log_dir, cfg.run.output_dir,
+                       run_name)
 
 
 def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
     loaded = load_fresh(values, sources)
-    if loaded.config.lr_decay_steps is not None:
+    if loaded.config.optimization.lr_decay_steps is not None:
         return loaded
-    horizon = max(loaded.config.training_steps, 1)  # the horizon is saved with the run
-    return LoadedConfig(loaded.config.model_copy(update={"lr_decay_steps": horizon}),
+    horizon = max(loaded.config.optimization.training_steps, 1)  # the horizon is saved with the run
+    return LoadedConfig(loaded.config.replace(lr_decay_steps=horizon),
                         {**loaded.sources, "lr_decay_steps": "TRAINING_STEPS"})
 
 
@@ -136,14 +138,14 @@ def _plan(loaded: LoadedConfig, run_name: str, resume: ResumeSource | None,
     chose it) and its resume file; the checkpoint is made read-only."""
     check_run_name(run_name)
     loaded = resolve_gpt2(loaded, resume.checkpoint if resume else None)  # base, real shape
-    cfg = loaded.config.model_copy(update={
-        "run_name": run_name, "checkpoint_path": str(resume.path) if resume else None})
+    cfg = loaded.config.replace(run_name=run_name,
+                                checkpoint_path=str(resume.path) if resume else None)
     loaded = LoadedConfig(cfg, {**loaded.sources,
                                 **({"run_name": name_source} if name_source else {})})
     if resume is not None:
         resume = ResumeSource(resume.path, resume.step, MappingProxyType(resume.checkpoint))
         if loaded.sources.get("training_data_source") == "checkpoint":
-            notes.append(f"data: TRAINING_DATA_SOURCE={cfg.training_data_source!r} comes from "
+            notes.append(f"data: TRAINING_DATA_SOURCE={cfg.data.training_data_source!r} comes from "
                          f"the checkpoint (set TRAINING_DATA_SOURCE to train on other data)")
     # Settings that validate but mean nothing for this run (RESUME_STEPS on a fresh run,
     # WARMUP_STEPS past the steps run, ...) are not notes: the session warns about them in the

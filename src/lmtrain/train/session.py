@@ -77,30 +77,30 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     """Tokenizer, data, model, optimizer and RNG: from scratch, then restored from the plan's
     checkpoint. ``placement`` is the session's (process group, device); joined here if absent."""
     cfg = plan.config
-    dist_info, device = placement or init_distributed(select_device(cfg.device))
+    dist_info, device = placement or init_distributed(select_device(cfg.run.device))
     ckpt = plan.resume.checkpoint if plan.resume else None
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    torch.manual_seed(cfg.optimization.seed)  # the same initial weights on every rank
     with main_process_first():  # rank 0 fills caches before the others read them
         tokenizer = None
         if ckpt is not None:  # validated with the checkpoint; rebuilt with this run's options
             from lmtrain.data.tokenizers import tokenizer_from_state
 
             tokenizer = tokenizer_from_state(ckpt["tokenizer"],
-                                             drop_unknown=cfg.drop_unknown_chars)
-        if tokenizer is None and cfg.model_type == "gpt2":  # GPT-2's own BPE, checked early
+                                             drop_unknown=cfg.data.drop_unknown_chars)
+        if tokenizer is None and cfg.model.model_type == "gpt2":  # GPT-2's own BPE, checked early
             from lmtrain.models.gpt2 import gpt2_tokenizer
 
             tokenizer = gpt2_tokenizer(cfg.model, cfg.data)
-        tokenizer, data = load_token_data(cfg.data, tokenizer, block_size=cfg.block_size,
-                                          allow_download=cfg.allow_download)
+        tokenizer, data = load_token_data(cfg.data, tokenizer, block_size=cfg.model.block_size,
+                                          allow_download=cfg.model.allow_download)
         model = build_model(cfg.model, tokenizer.vocab_size).to(device)
     if dist_info.world_size > 1:
-        torch.manual_seed(cfg.seed + dist_info.rank)  # dropout differs between ranks
-    dtype = autocast_dtype(cfg.precision, device, model)
+        torch.manual_seed(cfg.optimization.seed + dist_info.rank)  # dropout differs between ranks
+    dtype = autocast_dtype(cfg.run.precision, device, model)
     ctx = RunContext(
         config=cfg, model=model, optimizer=build_optimizer(model, cfg.optimization, device),
         tokenizer=tokenizer, data=data, device=device,
-        sampler=torch.Generator().manual_seed(cfg.seed + dist_info.rank),
+        sampler=torch.Generator().manual_seed(cfg.optimization.seed + dist_info.rank),
         run_name=plan.run_name, checkpoint_dir=plan.paths.checkpoints, log_dir=plan.paths.logs,
         autocast_dtype=dtype, grad_scaler=make_grad_scaler(dtype, device),
         is_main=dist_info.is_main, rank=dist_info.rank, world_size=dist_info.world_size,
@@ -109,7 +109,7 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
         restore(ctx, plan.resume.checkpoint, f"CHECKPOINT_PATH={str(plan.resume.path)!r}")
     store_frozen_base_in(ctx.model, dtype)  # LoRA: cast the frozen base once, not every step
     ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
-    if cfg.compile:
+    if cfg.run.compile:
         ctx.model = torch.compile(ctx.model)
     return ctx
 
@@ -166,8 +166,8 @@ def _claim_run_folders(stack: contextlib.ExitStack, plan: RunPlan, dist_info: Di
 def _check_before_start(plan: RunPlan) -> None:
     """What can fail without touching the disk fails here, before any folder is created."""
     cfg = plan.config
-    check_installed(tracker_names(cfg.metrics))  # a missing extra fails before any work
-    source = cfg.training_data_source
+    check_installed(tracker_names(cfg.run.metrics))  # a missing extra fails before any work
+    source = cfg.data.training_data_source
     if not source.startswith(HF_PREFIX) and not glob.has_magic(source) \
             and not Path(source).expanduser().exists():
         from lmtrain.data.sources import resolve_files
@@ -179,7 +179,7 @@ def _lock_run(plan: RunPlan, dist_info: DistInfo) -> list[RunLock]:
     """The run folders' locks (checkpoints, then logs), taken by rank 0 for all ranks of the
     run: one writer per run."""
     folders = [(plan.paths.logs, "LOG_DIR")]
-    if plan.config.enable_checkpoints:
+    if plan.config.checkpointing.enable_checkpoints:
         folders.insert(0, (plan.paths.checkpoints, "CHECKPOINT_DIR"))
     locks: list[RunLock] = []
     error = None
@@ -215,9 +215,9 @@ def _check_storage(plan: RunPlan) -> None:
     """Find unwritable output folders before any work is done."""
     cfg = plan.config
     ensure_writable_dir(plan.paths.logs, "LOG_DIR")
-    if cfg.enable_checkpoints:
+    if cfg.checkpointing.enable_checkpoints:
         ensure_writable_dir(plan.paths.checkpoints, "CHECKPOINT_DIR")
-    if cfg.enable_output_to_file:
+    if cfg.run.enable_output_to_file:
         ensure_writable_dir(plan.paths.outputs, "OUTPUT_DIR")
 
 
@@ -253,8 +253,8 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
     if ctx.stop_signal is not None:  # a signal while the run was being prepared
         raise _interrupted(TrainingInterrupted(ctx.stop_signal), ctx, start, start + n_steps,
                            resume_path)
-    if cfg.max_new_tokens:  # a prompt the tokenizer cannot encode fails now, not after training
-        start_context(ctx.tokenizer, default_prompt(cfg.generation, cfg.model_type))
+    if cfg.generation.max_new_tokens:  # a prompt the tokenizer cannot encode fails now
+        start_context(ctx.tokenizer, default_prompt(cfg.generation, cfg.model.model_type))
     trainable, total = count_parameters(ctx.raw_model)
     log.info("lmtrain %s run %s", "resuming" if resumed else "starting", ctx.run_name)
     settings = _settings_lines(plan)
@@ -263,9 +263,9 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
     log.info("device %s, precision %s, %s tokenizer (%d tokens), %d train / %d val tokens",
              ctx.device, ctx.autocast_dtype or "fp32", ctx.tokenizer.kind,
              ctx.tokenizer.vocab_size, len(ctx.data.train), len(ctx.data.val))
-    if ctx.world_size > 1 or cfg.compile:
+    if ctx.world_size > 1 or cfg.run.compile:
         log.info("%d process(es) (DistributedDataParallel when > 1), torch.compile %s",
-                 ctx.world_size, "on" if cfg.compile else "off")
+                 ctx.world_size, "on" if cfg.run.compile else "off")
     log.info("parameters: %s trainable / %s total", f"{trainable:,}", f"{total:,}")
     if resumed:
         log.info("resuming from step %d for %d steps (to step %d)", start, n_steps,
@@ -316,7 +316,7 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
             results[f"{key}_change"] = after - before
             log.info("resumed run: %s loss %.4f at step %d -> %.4f at step %d (change %+.4f)",
                      key, before, start, after, ctx.step, after - before)
-    if cfg.enable_output_to_file and ctx.is_main:
+    if cfg.run.enable_output_to_file and ctx.is_main:
         try:
             summary.output_file = write_output_file(
                 cfg, plan.paths.outputs, ctx.run_name, settings, results,
@@ -341,7 +341,7 @@ def _settings_lines(plan: RunPlan) -> list[str]:
         return plan.loaded.describe()
     saved, sources = plan.resume.checkpoint["hyperparameters"], plan.loaded.sources
     lines, same = [], 0
-    for name, value in sorted(plan.config.model_dump().items()):
+    for name, value in sorted(plan.config.flat().items()):
         source = sources.get(name, "default")
         if saved.get(name, value) == value and (name in saved or source == "default"):
             same += 1
@@ -379,7 +379,7 @@ def _resume_steps(ctx: RunContext, step: int, end: int) -> int | None:
     """The RESUME_STEPS that finishes this session from ``step``; ``None`` when a plain resume
     (up to TRAINING_STEPS) does the same."""
     remaining = max(end - step, 0)
-    plain = max(ctx.config.training_steps - step, 0)
+    plain = max(ctx.config.optimization.training_steps - step, 0)
     return None if remaining == plain else remaining
 
 
@@ -409,9 +409,10 @@ def _plot(metrics_file: Path) -> Path | None:
 
 def _sample(ctx: RunContext) -> str:
     cfg = ctx.config
-    if cfg.max_new_tokens == 0:
+    if cfg.generation.max_new_tokens == 0:
         return ""
-    prompt = default_prompt(cfg.generation, cfg.model_type)
-    return generate_text(ctx.raw_model, ctx.tokenizer, prompt, cfg.max_new_tokens, cfg.block_size,
-                         ctx.device, cfg.temperature, cfg.top_k, seed=cfg.seed, top_p=cfg.top_p,
-                         stop_at_eot=cfg.stop_at_eot)
+    prompt = default_prompt(cfg.generation, cfg.model.model_type)
+    gen = cfg.generation
+    return generate_text(ctx.raw_model, ctx.tokenizer, prompt, gen.max_new_tokens,
+                         cfg.model.block_size, ctx.device, gen.temperature, gen.top_k,
+                         seed=cfg.optimization.seed, top_p=gen.top_p, stop_at_eot=gen.stop_at_eot)

@@ -1,6 +1,6 @@
 """Loss per wall-second: lmtrain's recipes against nanoGPT's CPU config, in one invocation.
 
-    python benchmarks/bench_recipe.py --out bench-out          # the README's table + plot
+    python benchmarks/bench_recipe.py --out bench-out          # the table + plot of docs/recipe.md
     python benchmarks/bench_recipe.py --quick --out /tmp/r     # a smoke run (~1 min)
     python benchmarks/bench_recipe.py --only reference,default --device cuda --compile
 

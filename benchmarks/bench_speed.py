@@ -129,7 +129,7 @@ def bare_side(name: str, ctx: Any, dtype: torch.dtype | None, lmtrain_optimizer:
                                 fused=device.type == "cuda" or None)
     train = ctx.data.train
     gen = torch.Generator().manual_seed(seed)
-    B, T = cfg.batch_size, cfg.block_size
+    B, T = cfg.optimization.batch_size, cfg.model.block_size
     autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype
                 else contextlib.nullcontext)
 
@@ -170,8 +170,8 @@ def val_loss(model: torch.nn.Module, ctx: Any, iters: int) -> float:
     from lmtrain.train.evaluate import estimate_loss
 
     cfg = ctx.config
-    return estimate_loss(model, ctx.data, cfg.batch_size, cfg.block_size, iters,
-                         ctx.device, cfg.seed)["val"]
+    return estimate_loss(model, ctx.data, cfg.optimization.batch_size, cfg.model.block_size, iters,
+                         ctx.device, cfg.optimization.seed)["val"]
 
 
 # ---------------------------------------------------------------- FLOPs and matmul peak

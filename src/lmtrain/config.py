@@ -470,8 +470,8 @@ def check_value(name: str, value: Any, label: str) -> Any:
     from pydantic import TypeAdapter
 
     info = FIELDS[name]
-    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-    adapter = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
+    kind: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    adapter: TypeAdapter[Any] = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
@@ -484,7 +484,8 @@ def _expected(name: str) -> str:
                        ("int", "a whole number"), ("float", "a number"), ("str", "text")):
         if word in ann:
             if word == "Literal":
-                return "one of " + ", ".join(map(str, FIELDS[name].annotation.__args__))
+                choices = getattr(FIELDS[name].annotation, "__args__", ())
+                return "one of " + ", ".join(map(str, choices))
             return text
     return "a valid value"
 

@@ -316,6 +316,7 @@ def tokenizer_from_state(state: dict[str, Any] | str, drop_unknown: bool = False
     """Rebuild a tokenizer from :meth:`Tokenizer.state` (or its JSON text)."""
     if isinstance(state, str):
         state = json.loads(state)
+    assert isinstance(state, dict)
     kind = state.get("kind")
     if kind == "character":
         return CharTokenizer(state["chars"], drop_unknown=drop_unknown)

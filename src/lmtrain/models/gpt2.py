@@ -154,7 +154,7 @@ def locate(name: str, allow_download: bool = False) -> dict[str, str]:
     from transformers.utils import cached_file
 
     try:
-        found = Path(cached_file(name, "config.json", local_files_only=not allow_download))
+        found = Path(str(cached_file(name, "config.json", local_files_only=not allow_download)))
     except (OSError, ValueError):
         return {"resolved": name, "revision": ""}
     snapshot = found.parent

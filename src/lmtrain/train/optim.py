@@ -55,7 +55,7 @@ class CombinedOptimizer:
 
 def adamw_only_params(model: nn.Module) -> set[int]:
     """Ids of the 2-D weights Muon leaves to AdamW: embeddings and the output head."""
-    ids = set()
+    ids: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) or name.rsplit(".", 1)[-1] == "lm_head":
             ids.update(id(p) for p in module.parameters(recurse=False))
@@ -66,7 +66,7 @@ def build_optimizer(model: nn.Module, config: OptimizationSettings, device: torc
                     ) -> torch.optim.AdamW | CombinedOptimizer:
     """AdamW over the trainable parameters (2-D+ tensors decay, biases and norms do not); with
     ``OPTIMIZER=muon``, the hidden matrices go to Muon at ``MUON_LEARNING_RATE`` instead."""
-    params = [p for p in model.parameters() if p.requires_grad]  # shared weights listed once
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     muon: list[torch.Tensor] = []
     if config.optimizer == "muon":
         skip = adamw_only_params(model)

@@ -24,6 +24,8 @@ from lmtrain.config import (
 from lmtrain.models import build_model
 from lmtrain.train.optim import build_optimizer, lr_multiplier
 
+pytestmark = pytest.mark.unit
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmtrain"
 #: The env contract the first release documented: it must keep working, flat.
 CONTRACT = {

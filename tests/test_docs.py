@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 
+import pytest
+
 from lmtrain.cli import COMMAND_MODULES
 from lmtrain.config import FIELDS, env_name, flag_name
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.unit
 
 README = (ROOT / "README.md").read_text(encoding="utf-8")
 

@@ -89,7 +89,7 @@ def test_a_from_scratch_bf16_run_never_imports_peft_or_transformers(tmp_path, co
 
     from tests.conftest import child_env, tiny_env
 
-    env = tiny_env(precision="bf16", training_data_source=str(corpus),
+    env = tiny_env(precision="bf16", training_data_source=str(corpus), training_steps=2,
                    checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "lg"))
     code = ("import sys\n"
             "from lmtrain.cli import env_entrypoint\n"

@@ -13,6 +13,8 @@ from lmtrain.config import (
 )
 from lmtrain.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 
 def fresh(flags=None, env=None, config_file=None):
     values, sources = explicit_settings(flags=flags or {}, env=env or {}, config_file=config_file)

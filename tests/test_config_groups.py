@@ -24,6 +24,8 @@ from lmtrain.config import (
 from lmtrain.models import build_model
 from lmtrain.train.optim import build_optimizer, lr_multiplier
 
+pytestmark = pytest.mark.unit
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmtrain"
 #: The env contract the first release documented: it must keep working, flat.
 CONTRACT = {
@@ -154,26 +156,3 @@ def test_sample_settings_fall_back_to_env_then_the_run(tiny_checkpoint, monkeypa
     assert main(["sample", str(tiny_checkpoint), "--prompt", "AB", "--max-new-tokens", "2"]) == 0
     assert len(capsys.readouterr().out) == len("AB") + 2 + 1  # the flag beats the env var
 
-
-MISUSE = """
-from lmtrain.config import TrainingConfig
-from lmtrain.models import build_model
-
-build_model(TrainingConfig.from_flat(), 10)
-"""
-
-
-@pytest.mark.integration
-def test_the_type_checker_refuses_a_whole_config_where_a_group_is_typed(tmp_path):
-    pytest.importorskip("mypy")
-    import subprocess
-    import sys
-
-    (tmp_path / "misuse.py").write_text(MISUSE, encoding="utf-8")
-    root = SRC.parents[1]
-    out = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(root / "pyproject.toml"),
-         "--cache-dir", str(tmp_path / "cache"), str(tmp_path / "misuse.py")],
-        capture_output=True, text=True, cwd=root, timeout=600)
-    assert out.returncode == 1, out.stdout
-    assert 'has incompatible type "TrainingConfig"; expected "ModelSettings"' in out.stdout

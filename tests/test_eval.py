@@ -16,6 +16,7 @@ from lmtrain.models import build_model, model_logits
 from lmtrain.perplexity import perplexity, split_loss
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("n_tokens", "batch_size"), [(50, 3), (49, 1), (17, 8), (5, 2)])
 def test_split_loss_scores_every_target_once(n_tokens: int, batch_size: int) -> None:
     torch.manual_seed(0)
@@ -33,12 +34,14 @@ def test_split_loss_scores_every_target_once(n_tokens: int, batch_size: int) -> 
     assert model.training  # left as it was found
 
 
+@pytest.mark.unit
 def test_perplexity_is_exp_of_the_loss() -> None:
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(7.5)) == pytest.approx(7.5)
     assert perplexity(1e6) == math.inf
 
 
+@pytest.mark.integration
 def test_eval_scores_the_whole_validation_split(tiny_checkpoint, capsys) -> None:
     from lmtrain.data.prepare import load_token_data
     from lmtrain.inference import load_trained_model
@@ -57,6 +60,7 @@ def test_eval_scores_the_whole_validation_split(tiny_checkpoint, capsys) -> None
     assert "train split" in capsys.readouterr().out
 
 
+@pytest.mark.unit
 def test_eval_on_other_data(tiny_checkpoint, tmp_path, capsys) -> None:
     other = tmp_path / "other.txt"
     other.write_text("To be, or not to be, that is the question.\n" * 20, encoding="utf-8")
@@ -69,6 +73,7 @@ def test_eval_on_other_data(tiny_checkpoint, tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("error: ")
 
 
+@pytest.mark.integration
 def test_a_training_run_reports_val_perplexity(train_run) -> None:
     summary = train_run(training_steps=3)
     losses = summary.final_losses
@@ -76,6 +81,7 @@ def test_a_training_run_reports_val_perplexity(train_run) -> None:
     assert f"val perplexity {losses['val_perplexity']:.2f}" in summary.log_file.read_text()
 
 
+@pytest.mark.integration
 def test_eval_reads_allow_download_as_training_does(tiny_checkpoint, monkeypatch, capsys):
     monkeypatch.setenv("ALLOW_DOWNLOAD", "maybe")
     assert main(["eval", str(tiny_checkpoint)]) == 2
@@ -84,6 +90,7 @@ def test_eval_reads_allow_download_as_training_does(tiny_checkpoint, monkeypatch
     assert main(["eval", str(tiny_checkpoint), "--json"]) == 0
 
 
+@pytest.mark.unit
 def test_split_loss_of_gpt2_equals_its_full_logits_loss(tiny_gpt2_dir) -> None:
     """GPT-2 is scored through training's chunked loss (no full logits); same value."""
     from transformers import GPT2LMHeadModel
@@ -100,6 +107,7 @@ def test_split_loss_of_gpt2_equals_its_full_logits_loss(tiny_gpt2_dir) -> None:
     assert n == 69 and loss == pytest.approx(total / n, rel=1e-5)
 
 
+@pytest.mark.unit
 def test_split_loss_with_a_mask_scores_only_the_masked_targets() -> None:
     torch.manual_seed(0)
     cfg = TrainingConfig.from_flat(n_layer=1, n_head=2, n_embd=16, block_size=8, dropout=0.0)
@@ -121,6 +129,7 @@ def test_split_loss_with_a_mask_scores_only_the_masked_targets() -> None:
         pytest.approx(math.nan, nan_ok=True), 0)
 
 
+@pytest.mark.integration
 def test_eval_of_an_answers_run_scores_its_answers(train_run, tmp_path, capsys) -> None:
     from lmtrain.data.prepare import load_token_data
     from lmtrain.inference import load_trained_model
@@ -141,6 +150,7 @@ def test_eval_of_an_answers_run_scores_its_answers(train_run, tmp_path, capsys) 
     assert "answer tokens (LOSS_ON=answers)" in capsys.readouterr().out
 
 
+@pytest.mark.integration
 def test_eval_shows_progress_in_tokens_when_asked(tiny_checkpoint, capsys) -> None:
     assert main(["eval", str(tiny_checkpoint), "--json", "--no-progress"]) == 0
     quiet = capsys.readouterr()

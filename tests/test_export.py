@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from lmtrain.cli import main
 from lmtrain.inference import load_trained_model
 from lmtrain.models import model_logits
+
+pytestmark = pytest.mark.integration
 
 TEXT = "QUESTION: What is the capital of France? ANSWER: Paris.\n"
 

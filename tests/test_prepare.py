@@ -33,6 +33,7 @@ def refuse(*args, **kwargs):
     raise AssertionError("called although the cache holds the result")
 
 
+@pytest.mark.unit
 def test_second_run_is_a_cache_hit(corpus, tmp_path, monkeypatch) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="gpt2")
     tok, first = prepare_tokens(cfg.data)
@@ -45,6 +46,7 @@ def test_second_run_is_a_cache_hit(corpus, tmp_path, monkeypatch) -> None:
     assert tokens.tolist() == tok.encode(read_corpus(str(corpus)))
 
 
+@pytest.mark.unit
 def test_sidecar_describes_the_array(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="character")
     tok, arr = prepare_tokens(cfg.data)
@@ -56,6 +58,7 @@ def test_sidecar_describes_the_array(corpus, tmp_path) -> None:
     assert not list(arr.path.parent.glob(".tmp-*"))  # nothing half-written is left behind
 
 
+@pytest.mark.unit
 def test_new_data_or_new_tokenizer_makes_a_new_entry(corpus, tmp_path) -> None:
     _, gpt2 = prepare_tokens(config(corpus, tmp_path, tokenization_method="gpt2").data)
     _, chars = prepare_tokens(config(corpus, tmp_path, tokenization_method="character").data)
@@ -66,6 +69,7 @@ def test_new_data_or_new_tokenizer_makes_a_new_entry(corpus, tmp_path) -> None:
     assert changed.meta["n_tokens"] > gpt2.meta["n_tokens"]
 
 
+@pytest.mark.unit
 def test_damaged_entry_is_rebuilt(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="gpt2")
     _, first = prepare_tokens(cfg.data)
@@ -76,6 +80,7 @@ def test_damaged_entry_is_rebuilt(corpus, tmp_path) -> None:
     assert again.load().tolist() == GPT2Tokenizer().encode(read_corpus(str(corpus)))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["gpt2", "character", "custom_bpe"])
 def test_empty_source_is_a_clear_error(tmp_path, method) -> None:
     path = tmp_path / "empty.txt"
@@ -84,6 +89,7 @@ def test_empty_source_is_a_clear_error(tmp_path, method) -> None:
         prepare_tokens(config(path, tmp_path, tokenization_method=method).data)
 
 
+@pytest.mark.unit
 def test_large_vocabularies_use_uint32(tmp_path) -> None:
     chars = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70_000) if not 0xD800 <= c < 0xE000)
     path = tmp_path / "wide.txt"
@@ -94,6 +100,7 @@ def test_large_vocabularies_use_uint32(tmp_path) -> None:
     assert tok.decode(arr.load()[-3:].tolist()) == chars[-3:]
 
 
+@pytest.mark.unit
 def test_split_is_on_the_token_array(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="gpt2", train_split=0.8)
     tok, data = token_data(cfg)
@@ -103,6 +110,7 @@ def test_split_is_on_the_token_array(corpus, tmp_path) -> None:
     assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])
 
 
+@pytest.mark.unit
 def test_learned_bpe_sees_only_the_training_split(corpus, tmp_path, monkeypatch) -> None:
     seen: list[str] = []
     real = BPETokenizer.train.__func__
@@ -124,6 +132,7 @@ def test_learned_bpe_sees_only_the_training_split(corpus, tmp_path, monkeypatch)
     assert seen == [] and again.state() == tok.state()
 
 
+@pytest.mark.integration
 def test_prepare_command_then_training_reuses_the_array(corpus, tmp_path, capsys, train_run):
     args = ["prepare", "--data", str(corpus), "--method", "character",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
@@ -138,6 +147,7 @@ def test_prepare_command_then_training_reuses_the_array(corpus, tmp_path, capsys
     assert f"cache hit {first['path']}" in summary.log_file.read_text()
 
 
+@pytest.mark.unit
 def test_prepare_command_reports_bad_data(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text\n\xff")
@@ -147,6 +157,7 @@ def test_prepare_command_reports_bad_data(tmp_path, capsys) -> None:
 
 # tokenizers travel with the run ----------------------------------------------------------------
 
+@pytest.mark.integration
 def test_learned_bpe_is_reused_on_resume_never_retrained(train_run, tmp_path, monkeypatch,
                                                         capsys) -> None:
     common = dict(tokenization_method="custom_bpe", custom_vocab_size=300,
@@ -172,6 +183,7 @@ def test_learned_bpe_is_reused_on_resume_never_retrained(train_run, tmp_path, mo
     assert ids == BPETokenizer.from_json(json.loads(saved["tokenizer"])["json"]).encode("To be")
 
 
+@pytest.mark.integration
 def test_character_resume_on_new_data_lists_unseen_characters(train_run, corpus, tmp_path):
     first = train_run(training_steps=2, checkpoint_interval=100)
     ckpt = str(first.checkpoint_dir / "step_0000002.pt")
@@ -189,6 +201,7 @@ def test_character_resume_on_new_data_lists_unseen_characters(train_run, corpus,
     assert json.loads(after["tokenizer"])["chars"] == vocab
 
 
+@pytest.mark.unit
 def test_character_check_lists_unknowns_from_the_whole_corpus(tmp_path, monkeypatch) -> None:
     path = tmp_path / "long.txt"
     path.write_text("a€" + "ab\n" * 10 + "Ø", encoding="utf-8")

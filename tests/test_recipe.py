@@ -17,6 +17,7 @@ def small(**kw) -> TrainingConfig:
     return TrainingConfig.from_flat(n_layer=2, n_head=2, n_embd=16, block_size=16, **kw)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_muon_takes_hidden_matrices_and_adamw_the_rest(arch):
     cfg = small(arch=arch, optimizer="muon")
@@ -33,6 +34,7 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest(arch):
     assert ("lm_head.weight" in adamw) == (arch == "llama")  # gpt2 ties it to wte
 
 
+@pytest.mark.unit
 def test_each_optimizer_follows_its_own_peak_learning_rate():
     cfg = small(arch="llama", optimizer="muon", learning_rate=4e-3, muon_learning_rate=0.03,
                 warmup_steps=0, training_steps=10, min_lr_ratio=0.0)
@@ -42,6 +44,7 @@ def test_each_optimizer_follows_its_own_peak_learning_rate():
     assert opt.optimizers["muon"].param_groups[0]["lr"] == pytest.approx(0.015)
 
 
+@pytest.mark.unit
 def test_combined_state_refuses_another_optimizers_state():
     cfg = small(optimizer="muon")
     model = build_model(cfg.model, 40)
@@ -51,6 +54,7 @@ def test_combined_state_refuses_another_optimizers_state():
         opt.load_state_dict(plain.state_dict())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("arch", "optimizer"),
                          [("gpt2", "muon"), ("llama", "adamw"), ("llama", "muon")])
 def test_exact_resume_is_bitwise(train_run, arch, optimizer):
@@ -75,6 +79,7 @@ def test_exact_resume_is_bitwise(train_run, arch, optimizer):
                             **train_losses(resumed.metrics_file, since=6)}
 
 
+@pytest.mark.integration
 def test_resume_refuses_another_optimizer(train_run):
     from lmtrain.errors import UserError
 
@@ -84,6 +89,7 @@ def test_resume_refuses_another_optimizer(train_run):
                   resume_steps=1, optimizer="adamw")
 
 
+@pytest.mark.unit
 def test_a_checkpoint_without_the_recipe_settings_resumes_as_gpt2_adamw():
     from lmtrain.config import load_resumed
 
@@ -95,6 +101,7 @@ def test_a_checkpoint_without_the_recipe_settings_resumes_as_gpt2_adamw():
                                                                                "adamw")
 
 
+@pytest.mark.unit
 def test_qk_norm_applies_to_llama_only():
     names = [n for n, _ in build_model(small(arch="gpt2", qk_norm=True).model,
                                        40).named_parameters()]
@@ -104,6 +111,7 @@ def test_qk_norm_applies_to_llama_only():
     assert [n for n in names if "q_norm" in n]
 
 
+@pytest.mark.integration
 def test_lora_on_llama_trains_only_adapters(train_run):
     summary = train_run(training_steps=4, arch="llama", use_lora=True, optimizer="muon")
     ckpt = load(summary.checkpoint_dir / "step_0000004.pt")
@@ -112,6 +120,7 @@ def test_lora_on_llama_trains_only_adapters(train_run):
     assert any("c_fc" in k for k in keys) and any("c_attn" in k for k in keys)
 
 
+@pytest.mark.unit
 def test_bad_recipe_settings_are_one_line_errors():
     from lmtrain.config import explicit_settings, load_fresh
     from lmtrain.errors import UserError
@@ -122,6 +131,7 @@ def test_bad_recipe_settings_are_one_line_errors():
             load_fresh(values, sources)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_ddp_llama_muon_resumes_bit_for_bit(corpus, tmp_path):
     from tests.test_distributed import _env, _load, torchrun

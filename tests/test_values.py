@@ -12,6 +12,8 @@ from lmtrain.config import TrainingConfig
 from lmtrain.models import build_model, count_parameters
 from lmtrain.train.optim import lr_multiplier
 
+pytestmark = pytest.mark.unit
+
 
 def schedule(**values) -> list[float]:
     cfg = TrainingConfig.from_flat(**{"warmup_steps": 4, "lr_decay_steps": 14, "min_lr_ratio": 0.1,

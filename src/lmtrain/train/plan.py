@@ -61,37 +61,47 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
     """
     if values.get("run_name") is not None:
         check_run_name(str(values["run_name"]))
-    notes: list[str] = []
     resume = values.get("checkpoint_path")
     if str(resume).strip().lower() == AUTO_RESUME:
-        fresh = _load_fresh(values, sources)
-        # RUN_NAME is this invocation's (never the checkpoint's): the same for both plans below
-        run_name, name_source = fresh.config.run.run_name, None
-        if not run_name:
-            run_name = stable_run_name(fresh.config)
-            name_source = "CHECKPOINT_PATH=auto: <model>-<data>"
-        folder = _paths(fresh.config, run_name).checkpoints
-        path, ckpt, problems = find_resumable(folder, check=saved_tokenizer)
-        notes += [f"CHECKPOINT_PATH=auto: {p}" for p in problems]
-        if path is None or ckpt is None:
-            notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
-                         f"{run_name} fresh")
-            return _plan(fresh, run_name, None, notes, name_source)
-        notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
-        loaded = load_resumed(ckpt.hyperparameters, {**values, "checkpoint_path": str(path)},
-                              {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
-        return _plan(loaded, run_name, ResumeSource(path, ckpt.step, ckpt), notes, name_source)
-    if not resume:
-        fresh = _load_fresh(values, sources)
-        return _plan(fresh, agree(fresh.config.run.run_name or default_run_name(fresh.config)),
-                     None,
-                     notes)
-    path = Path(str(resume))
+        return _auto_plan(values, sources)
+    if resume:
+        return _resume_plan(Path(str(resume)), values, sources, agree)
+    fresh = _load_fresh(values, sources)
+    return _plan(fresh, agree(fresh.config.run.run_name or default_run_name(fresh.config)),
+                 None, [])
+
+
+def _auto_plan(values: dict[str, Any], sources: dict[str, str]) -> RunPlan:
+    """``CHECKPOINT_PATH=auto``: the run's newest usable checkpoint, else a fresh start."""
+    fresh = _load_fresh(values, sources)
+    # RUN_NAME is this invocation's (never the checkpoint's): the same for both plans below
+    run_name, name_source = fresh.config.run.run_name, None
+    if not run_name:
+        run_name = stable_run_name(fresh.config)
+        name_source = "CHECKPOINT_PATH=auto: <model>-<data>"
+    folder = _paths(fresh.config, run_name).checkpoints
+    path, ckpt, problems = find_resumable(folder, check=saved_tokenizer)
+    notes = [f"CHECKPOINT_PATH=auto: {p}" for p in problems]
+    if path is None or ckpt is None:
+        notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
+                     f"{run_name} fresh")
+        return _plan(fresh, run_name, None, notes, name_source)
+    notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
+    loaded = load_resumed(ckpt.hyperparameters, {**values, "checkpoint_path": str(path)},
+                          {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
+    return _plan(loaded, run_name, ResumeSource(path, ckpt.step, ckpt), notes, name_source)
+
+
+def _resume_plan(path: Path, values: dict[str, Any], sources: dict[str, str],
+                 agree: Callable[[str], str]) -> RunPlan:
+    """A resume from the checkpoint at ``path``: under RUN_NAME, else the run folder the file
+    lies in, else a new name; a branch when that run already went further."""
     ckpt = load_run(path)
     saved_tokenizer(ckpt)  # a tokenizer that does not rebuild fails before anything is created
     loaded = load_resumed(ckpt.hyperparameters, values, sources)
     source = ResumeSource(path, ckpt.step, ckpt)
     cfg = loaded.config
+    notes: list[str] = []
     run_name, name_source = cfg.run.run_name, None
     if not run_name:
         run_name = _run_folder_of(path, cfg)

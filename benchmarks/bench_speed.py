@@ -227,8 +227,8 @@ def part_four(args: argparse.Namespace, workdir: Path) -> list[Side]:
 def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float]:
     """(median seconds to save the 6-layer checkpoint, seconds from it to one resumed step)."""
     from lmtrain.checkpoint import save_checkpoint
-    from lmtrain.checkpoint_schema import build as checkpoint_payload
     from lmtrain.config import explicit_settings
+    from lmtrain.train.checkpointing import build as checkpoint_payload
     from lmtrain.train.loop import run_training
     from lmtrain.train.plan import resolve_plan
     from lmtrain.train.session import prepare_run

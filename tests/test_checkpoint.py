@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from lmtrain.checkpoint import (
-    FORMAT_VERSION,
     checkpoint_filename,
     find_resumable,
     list_checkpoints,
@@ -19,6 +18,7 @@ from lmtrain.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from lmtrain.checkpoint_format import FORMAT_VERSION
 from lmtrain.cli import main
 from lmtrain.durable import remove_stale_temp_files
 from lmtrain.errors import UserError
@@ -157,7 +157,7 @@ def test_find_resumable_skips_a_corrupt_newest_file(tmp_path, tiny_checkpoint):
     (tmp_path / checkpoint_filename(12)).write_bytes(data[: len(data) // 3])
     (tmp_path / checkpoint_filename(16)).write_text("garbage")
     path, ckpt, problems = find_resumable(tmp_path)
-    assert path == tmp_path / checkpoint_filename(8) and ckpt["step"] == 8
+    assert path == tmp_path / checkpoint_filename(8) and ckpt.step == 8
     assert [p.split(":")[0] for p in problems] == ["skipped step_0000016.pt",
                                                    "skipped step_0000012.pt"]
     assert find_resumable(tmp_path / "missing") == (None, None, [])

@@ -74,7 +74,7 @@ def test_kill_9_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path, corpus
     remove_stale_temp_files(folder)
     assert [p.name for p in folder.iterdir() if not p.name.startswith("step_")] == [".lock"]
     _, ckpt, problems = find_resumable(folder)
-    assert problems == [] and ckpt["step"] == reached[-1]
+    assert problems == [] and ckpt.step == reached[-1]
 
 
 @pytest.mark.integration

@@ -211,7 +211,7 @@ def test_the_run_records_the_real_shape_and_context(train_run, tiny_gpt2_dir, qa
 def test_an_older_checkpoint_with_the_default_shape_resumes_with_the_true_one(
         train_run, tiny_gpt2_dir, qa_corpus, tmp_path):
     from lmtrain.checkpoint import save_checkpoint
-    from lmtrain.checkpoint_schema import DIGEST_KEY
+    from lmtrain.checkpoint_format import DIGEST_KEY
 
     first = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
                       training_data_source=str(qa_corpus), training_steps=2,

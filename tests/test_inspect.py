@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lmtrain.checkpoint import FORMAT_VERSION, save_checkpoint
+from lmtrain.checkpoint import save_checkpoint
+from lmtrain.checkpoint_format import FORMAT_VERSION
 from lmtrain.cli import main
 from lmtrain.config import GROUPS
 

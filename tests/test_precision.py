@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from lmtrain import device as device_mod
-from lmtrain.checkpoint import load_checkpoint
-from lmtrain.checkpoint_schema import build as checkpoint_payload
-from lmtrain.checkpoint_schema import restore
+from lmtrain.checkpoint import load_checkpoint, load_run
 from lmtrain.config import explicit_settings
 from lmtrain.device import CPU_BF16_MIN_WIDTH, autocast_dtype, make_grad_scaler, matmul_width
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT, GPTConfig, build_from_scratch
+from lmtrain.train.checkpointing import build as checkpoint_payload
+from lmtrain.train.checkpointing import restore
 from lmtrain.train.loop import run_training
 from lmtrain.train.plan import resolve_plan
 from lmtrain.train.session import prepare_run
@@ -103,7 +103,7 @@ def test_grad_scaler_state_is_checkpointed_and_restored(corpus, run_dirs):
     assert ckpt["grad_scaler_state_dict"]["scale"] == 256.0 * 2**3
     again = _fresh_ctx(corpus, run_dirs, training_steps=3)
     again.grad_scaler = torch.amp.GradScaler("cpu")
-    restore(again, ckpt, "test")
+    restore(again, load_run(ctx.checkpoint_dir / "step_0000003.pt"))
     assert again.grad_scaler.get_scale() == 256.0 * 2**3
 
 

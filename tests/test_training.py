@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from lmtrain.checkpoint import REQUIRED_KEYS, list_checkpoints
+from lmtrain.checkpoint import list_checkpoints
+from lmtrain.checkpoint_format import REQUIRED_KEYS
 from lmtrain.reporting import read_metrics
 from tests.conftest import load_file as load
 from tests.conftest import train_losses, whole_and_resumed

@@ -23,7 +23,7 @@ from lmtrain.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lmtrain.checkpoint_schema import DIGEST_KEY, config_of, model_state
+from lmtrain.checkpoint_format import DIGEST_KEY, config_of
 from lmtrain.cli import main
 from lmtrain.errors import UserError
 from tests.conftest import ROOT, child_env, run_entrypoint, tiny_env
@@ -382,8 +382,10 @@ def test_the_plan_and_its_checkpoint_are_read_only(tiny_checkpoint, run_dirs):
     plan = resolve_plan(*explicit_settings(flags=flags, env={}))
     with pytest.raises(FrozenInstanceError):
         plan.run_name = "elsewhere"  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        plan.resume.checkpoint.where = "elsewhere"  # type: ignore[misc]
     with pytest.raises(TypeError):
-        plan.resume.checkpoint["run_name"] = "elsewhere"  # type: ignore[index]
+        plan.resume.checkpoint.payload["run_name"] = "elsewhere"  # type: ignore[index]
     assert plan.paths.checkpoints == Path(run_dirs["checkpoint_dir"]) / plan.run_name
 
 
@@ -483,10 +485,11 @@ def test_tied_gpt2_weights_are_stored_once(tmp_path):
     from transformers import GPT2LMHeadModel
 
     from lmtrain.config import TrainingConfig
+    from lmtrain.models.weights import model_state
     from tests.conftest import save_tiny_gpt2
 
     model = GPT2LMHeadModel.from_pretrained(save_tiny_gpt2(tmp_path / "g", vocab_size=5000))
-    weights = model_state(model, TrainingConfig.from_flat(model_type="gpt2"))
+    weights = model_state(model, TrainingConfig.from_flat(model_type="gpt2").model)
     assert weights["lm_head.weight"].data_ptr() == weights["transformer.wte.weight"].data_ptr()
     buf = io.BytesIO()
     torch.save(weights, buf)

@@ -60,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if n_tokens == 0:
         raise UserError(f"the {args.split} split of {data_cfg.training_data_source!r} has no "
                         f"token to score" + (" after ANSWER_PREFIX" if mask is not None else ""))
-    result = {"checkpoint": str(args.checkpoint), "step": int(loaded.checkpoint["step"]),
+    result = {"checkpoint": str(args.checkpoint), "step": loaded.checkpoint.step,
               "data": data_cfg.training_data_source, "split": args.split,
               "scored": "answers" if mask is not None else "all",
               "tokens": n_tokens, "loss": loss, "perplexity": perplexity(loss)}

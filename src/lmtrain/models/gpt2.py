@@ -112,15 +112,17 @@ def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
     return LoadedConfig(cfg.replace(**update), sources)
 
 
-def resolve_gpt2(loaded: LoadedConfig, ckpt: Mapping[str, Any] | None = None) -> LoadedConfig:
-    """A GPT-2 run's config as it will run: a resumed LoRA run finds its saved base model
-    (unless GPT2_MODEL_NAME is set), and the shape is the model's (:func:`fit_shape`)."""
+def resolve_gpt2(loaded: LoadedConfig, saved_base: Mapping[str, str] | None = None
+                 ) -> LoadedConfig:
+    """A GPT-2 run's config as it will run: a resumed LoRA run finds the base model its
+    checkpoint names (``saved_base``; unless GPT2_MODEL_NAME is set), and the shape is the
+    model's (:func:`fit_shape`)."""
     cfg = loaded.config
     if cfg.model.model_type != "gpt2":
         return loaded
-    if (ckpt is not None and cfg.model.use_lora
+    if (saved_base is not None and cfg.model.use_lora
             and loaded.sources.get("gpt2_model_name", "default") in UNSET_SOURCES):
-        name = find_base(dict(ckpt.get("lora_base") or {}), None)
+        name = find_base(dict(saved_base), None)
         loaded = LoadedConfig(cfg.replace(gpt2_model_name=name),
                               {**loaded.sources, "gpt2_model_name": "checkpoint's lora_base"})
     return fit_shape(loaded)

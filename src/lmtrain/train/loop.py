@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
-from lmtrain.checkpoint_schema import build as build_checkpoint
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
+from lmtrain.train.checkpointing import build as build_checkpoint
+from lmtrain.train.checkpointing import gather_rank_states
 from lmtrain.train.evaluate import compute_loss, estimate_loss
 from lmtrain.train.optim import set_learning_rate
-from lmtrain.train.state import RunContext, gather_rank_states
+from lmtrain.train.state import RunContext
 
 log = logging.getLogger("lmtrain")
 

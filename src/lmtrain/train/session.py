@@ -17,7 +17,6 @@ import torch
 
 from lmtrain.advice import run_warnings, steps_to_run
 from lmtrain.checkpoint import checkpoint_filename
-from lmtrain.checkpoint_schema import restore
 from lmtrain.config import FIELDS
 from lmtrain.data.hf_datasets import HF_PREFIX
 from lmtrain.data.prepare import load_token_data
@@ -45,6 +44,7 @@ from lmtrain.reporting import (
 from lmtrain.run_folder import LOCK_NAME, RunLock
 from lmtrain.signals import StopRequest, resume_commands, signal_name, stop_on_signals
 from lmtrain.trackers import check_installed, tracker_names
+from lmtrain.train.checkpointing import restore
 from lmtrain.train.frozen import store_frozen_base_in
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
 from lmtrain.train.optim import build_optimizer
@@ -83,10 +83,9 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     with main_process_first():  # rank 0 fills caches before the others read them
         tokenizer = None
         if ckpt is not None:  # validated with the checkpoint; rebuilt with this run's options
-            from lmtrain.data.tokenizers import tokenizer_from_state
+            from lmtrain.data.tokenizers import saved_tokenizer
 
-            tokenizer = tokenizer_from_state(ckpt["tokenizer"],
-                                             drop_unknown=cfg.data.drop_unknown_chars)
+            tokenizer = saved_tokenizer(ckpt, drop_unknown=cfg.data.drop_unknown_chars)
         if tokenizer is None and cfg.model.model_type == "gpt2":  # GPT-2's own BPE, checked early
             from lmtrain.models.gpt2 import gpt2_tokenizer
 
@@ -106,7 +105,7 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
         is_main=dist_info.is_main, rank=dist_info.rank, world_size=dist_info.world_size,
     )
     if plan.resume is not None:
-        restore(ctx, plan.resume.checkpoint, f"CHECKPOINT_PATH={str(plan.resume.path)!r}")
+        restore(ctx, plan.resume.checkpoint)
     store_frozen_base_in(ctx.model, dtype)  # LoRA: cast the frozen base once, not every step
     ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
     if cfg.run.compile:
@@ -339,7 +338,7 @@ def _settings_lines(plan: RunPlan) -> list[str]:
     that differ from the checkpoint (the rest is the checkpoint's, see ``lmtrain inspect``)."""
     if plan.resume is None:
         return plan.loaded.describe()
-    saved, sources = plan.resume.checkpoint["hyperparameters"], plan.loaded.sources
+    saved, sources = plan.resume.checkpoint.hyperparameters, plan.loaded.sources
     lines, same = [], 0
     for name, value in sorted(plan.config.flat().items()):
         source = sources.get(name, "default")

@@ -72,7 +72,7 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
         folder = _paths(fresh.config, run_name).checkpoints
         path, ckpt, problems = find_resumable(folder)
         notes += [f"CHECKPOINT_PATH=auto: {p}" for p in problems]
-        if path is None:
+        if path is None or ckpt is None:
             notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
                          f"{run_name} fresh")
             return _plan(fresh, run_name, None, notes, name_source)

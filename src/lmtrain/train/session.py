@@ -118,6 +118,7 @@ class Session:
         self.t_start = 0.0
 
     def run(self) -> RunSummary:
+        """The session's lifecycle: setup, train, save; close however they end."""
         try:
             self.setup()
             self.train()
@@ -144,6 +145,7 @@ class Session:
             agree=broadcast_object))
         self._open_log(is_main)
         self.ctx = self._build(placement)
+        self.summary = self._announce()
         self._open_metrics()
 
     def train(self) -> None:
@@ -212,22 +214,27 @@ class Session:
             start_context(ctx.tokenizer, default_prompt(cfg.generation, cfg.model.model_type))
         return ctx
 
-    def _open_metrics(self) -> None:
-        """Log what this run is, then open its metrics (rank 0) with a start record."""
+    def _announce(self) -> RunSummary:
+        """Log what this run is (settings, device, data, model size, advice); returns the
+        summary the session fills in."""
         plan, ctx, hints = self.plan, self.ctx, self.hints
         saved = plan.resume.checkpoint["hyperparameters"] if plan.resume else None
         self.settings = settings_lines(plan.loaded, saved)
         _log_start(ctx, self.settings, hints.start, hints.end, resumed=plan.resume is not None)
-        self.summary = RunSummary(
+        return RunSummary(
             run_name=ctx.run_name, start_step=hints.start, end_step=hints.end,
             checkpoint_dir=ctx.checkpoint_dir, log_file=self.log_file,
             metrics_file=ctx.log_dir / "metrics.jsonl")
+
+    def _open_metrics(self) -> None:
+        """Rank 0's metrics file and trackers, opened with the run's start record."""
+        ctx = self.ctx
         if not ctx.is_main:
             return
         ctx.metrics = open_metrics(self.summary.metrics_file, ctx.config, ctx.run_name,
                                    ctx.tracker_run_ids)
         self.resources.callback(self._close_metrics)
-        ctx.metrics.write(step=hints.start, kind="resume" if plan.resume else "start",
+        ctx.metrics.write(step=self.hints.start, kind="resume" if self.plan.resume else "start",
                           log_file=str(self.log_file))
 
     def _close_metrics(self) -> None:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from lmtrain.cli import main
 from lmtrain.config import TrainingConfig
 from lmtrain.models import build_model, model_logits
-from lmtrain.perplexity import perplexity, split_loss
+from lmtrain.train.perplexity import perplexity, split_loss
 
 
 @pytest.mark.integration

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lmtrain.errors import UserError
 from lmtrain.reporting import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
+
+log = logging.getLogger("lmtrain")
 
 
 def metrics_path(target: str | Path) -> Path:
@@ -63,3 +66,15 @@ def plot_losses(metrics_file: Path, out: Path | None = None, log_scale: bool = F
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_run(metrics_file: Path) -> Path | None:
+    """The loss-curve PNG beside a finished run's metrics, logged; a plotting failure is a
+    warning (``None``), never a failed run."""
+    try:
+        path = plot_losses(metrics_file)
+    except Exception as exc:  # a missing plot must not lose a finished run
+        log.warning("could not draw the loss plot: %s", exc)
+        return None
+    log.info("loss plot: %s", path)
+    return path

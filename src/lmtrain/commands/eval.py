@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     from lmtrain.device import autocast_context, autocast_dtype, select_device
     from lmtrain.errors import UserError
     from lmtrain.inference import load_trained_model
-    from lmtrain.perplexity import perplexity, split_loss
+    from lmtrain.train.perplexity import perplexity, split_loss
 
     if args.batch_size is not None and args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")

@@ -15,6 +15,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -121,44 +122,46 @@ def train_step(ctx: RunContext, step: int, params: list[torch.nn.Parameter],
     ``ON_NAN=skip``. Returns the step's mean loss (over micro-batches and ranks; NaN for a
     skipped step) and the gradient norm before clipping, both on the device.
     """
-    cfg, model, opt, scaler = ctx.config, ctx.model, ctx.optimizer, ctx.grad_scaler
+    settings, scaler = ctx.config.optimization, ctx.grad_scaler
     loss_sum = torch.zeros((), device=ctx.device)
-    for micro in range(cfg.optimization.grad_accum_steps):
-        t0 = time.perf_counter()
-        x, y = ctx.data.get_batch("train", cfg.optimization.batch_size, cfg.model.block_size,
-                                  ctx.sampler,
-                                  ctx.device)
-        t1 = time.perf_counter()
-        ctx.timings["data"] += t1 - t0
-        with contextlib.ExitStack() as micro_ctx:
-            micro_ctx.enter_context(ctx.autocast())
-            if micro < cfg.optimization.grad_accum_steps - 1 and hasattr(model, "no_sync"):
-                micro_ctx.enter_context(model.no_sync())  # DDP: all-reduce on the last one
-            loss = compute_loss(model, x, y) / cfg.optimization.grad_accum_steps
-        (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += loss.detach()
-        ctx.timings["train"] += time.perf_counter() - t1
-    t2 = time.perf_counter()
+    for micro in range(settings.grad_accum_steps):
+        loss_sum += _forward_backward(ctx, last=micro == settings.grad_accum_steps - 1)
+    t0 = time.perf_counter()
     loss = all_reduce_mean(loss_sum)  # the same value on every rank
     if scaler:
-        scaler.unscale_(opt)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.optimization.grad_clip)
-                 if cfg.optimization.grad_clip > 0 else None)
+        scaler.unscale_(ctx.optimizer)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                 if settings.grad_clip > 0 else None)
     # the grad scaler skips non-finite gradients itself; without it they would poison the weights
-    if cfg.optimization.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
-        what = ("loss", loss.item()) if not torch.isfinite(loss) else ("gradient norm",
-                                                                     grad_norm.item())
-        log.warning("step %d: %s is %s, step skipped (ON_NAN=skip)", step + 1, *what)
+    if settings.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
+        _warn_skipped(step, loss, grad_norm)
         loss = torch.full_like(loss, math.nan)  # marks the step as skipped
     elif scaler:
-        scaler.step(opt)
+        scaler.step(ctx.optimizer)
     else:
-        opt.step()
+        ctx.optimizer.step()
     if scaler:
         scaler.update()
-    opt.zero_grad(set_to_none=True)
-    ctx.timings["train"] += time.perf_counter() - t2
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.timings["train"] += time.perf_counter() - t0
     return loss, grad_norm
+
+
+def _forward_backward(ctx: RunContext, last: bool) -> torch.Tensor:
+    """One micro-batch: draw it (timed as ``data``), forward under autocast, backward; returns
+    its loss over ``GRAD_ACCUM_STEPS``, detached. DDP all-reduces on the ``last`` one only."""
+    settings, model = ctx.config.optimization, ctx.model
+    t0 = time.perf_counter()
+    x, y = ctx.data.get_batch("train", settings.batch_size, ctx.config.model.block_size,
+                              ctx.sampler, ctx.device)
+    t1 = time.perf_counter()
+    ctx.timings["data"] += t1 - t0
+    no_sync = getattr(model, "no_sync", None)
+    with ctx.autocast(), (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+        loss = compute_loss(model, x, y) / settings.grad_accum_steps
+    (ctx.grad_scaler.scale(loss) if ctx.grad_scaler else loss).backward()
+    ctx.timings["train"] += time.perf_counter() - t1
+    return loss.detach()
 
 
 def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
@@ -166,11 +169,22 @@ def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
     return bool(torch.isfinite(checked).all())
 
 
-class LossWindow:
-    """The steps since the last progress line; their losses stay on the device until read."""
+def _warn_skipped(step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    """The ``ON_NAN=skip`` warning for step ``step`` (0-based): what was not finite."""
+    if grad_norm is None or not torch.isfinite(loss):
+        what, value = "loss", loss.item()
+    else:
+        what, value = "gradient norm", grad_norm.item()
+    log.warning("step %d: %s is %s, step skipped (ON_NAN=skip)", step + 1, what, value)
 
-    def __init__(self, ctx: RunContext) -> None:
+
+class LossWindow:
+    """The steps since the last progress line; their losses stay on the device until read.
+    ``bar``: the progress bar it advances and annotates (``None``: no bar)."""
+
+    def __init__(self, ctx: RunContext, bar: Any = None) -> None:
         self.ctx = ctx
+        self.bar = bar
         self.reset()
 
     def reset(self) -> None:
@@ -185,8 +199,11 @@ class LossWindow:
         return self.ctx.timings["eval"] + self.ctx.timings["checkpoint"]
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """One more step's loss and gradient norm (on the device)."""
         self.pending.append(loss)
         self.grad_norm = grad_norm
+        if self.bar is not None:
+            self.bar.update(1)
 
     def check(self, extra: torch.Tensor | None = None) -> float | None:
         """Bring the pending losses (and ``extra``) to the host in one transfer; a non-finite
@@ -205,7 +222,7 @@ class LossWindow:
                         f"checkpoint is kept — lower LEARNING_RATE or set ON_NAN=skip")
         return extra_value
 
-    def report(self, lr: float, end: int, bar) -> None:
+    def report(self, lr: float, end: int) -> None:
         """One progress line: mean loss and tokens/s (evaluation and saving time excluded)."""
         ctx, cfg = self.ctx, self.ctx.config
         grad_norm = self.check(self.grad_norm)
@@ -217,8 +234,8 @@ class LossWindow:
         tps = tokens / max(seconds, 1e-9)
         mean_loss = sum(kept) / len(kept) if kept else math.nan
         if ctx.is_main:
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
             log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end, mean_loss, lr,
                      tps)
             if ctx.metrics:
@@ -227,7 +244,7 @@ class LossWindow:
         self.reset()
 
 
-def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int):
+def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int) -> Any:
     """A tqdm bar (step, loss, tokens/s, ETA) on a terminal; ``None`` when output is not a TTY.
 
     While the bar is up, log lines are routed through ``tqdm.write`` so they never tear it;
@@ -251,22 +268,19 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     every ``CHECKPOINT_INTERVAL`` steps and at the end; all step numbers are absolute.
     """
     cfg = ctx.config
-    optimization = cfg.optimization
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     end = start_step + n_steps
     ctx.model.train()
     ctx.step = start_step
-    window = LossWindow(ctx)
     with contextlib.ExitStack() as stack:
-        bar = _progress(ctx, stack, start_step, end)
+        window = LossWindow(ctx, _progress(ctx, stack, start_step, end))
         for step in range(start_step, end):
-            lr = set_learning_rate(ctx.optimizer, step, optimization)
+            lr = set_learning_rate(ctx.optimizer, step, cfg.optimization)
             window.add(*train_step(ctx, step, params))
             ctx.step = step + 1
-            if bar is not None:
-                bar.update(1)
             if ctx.step % cfg.evaluation.log_interval == 0 or ctx.step == end:
-                window.report(lr, end, bar)
+                window.report(lr, end)
+            # window.check(): under ON_NAN=stop a NaN loss is never evaluated or saved
             if ctx.step % cfg.evaluation.eval_interval == 0:
                 window.check()
                 evaluate(ctx)

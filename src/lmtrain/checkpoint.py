@@ -58,7 +58,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     def write(fh: IO[bytes]) -> None:
         rec = _Recording(fh)
         try:
-            torch.save(sealed, rec)
+            torch.save(sealed, rec)  # type: ignore[arg-type]  # a file-like writer
         except RuntimeError as exc:
             if rec.error is not None:
                 raise rec.error from None

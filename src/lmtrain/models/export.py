@@ -25,7 +25,7 @@ from lmtrain.models.gpt import GPT
 from lmtrain.models.gpt2 import quiet_transformers
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel, PreTrainedModel
 
 CHARACTER_ERROR = (
     "TOKENIZATION_METHOD=character: a character vocabulary has no Hugging Face tokenizer; "
@@ -73,10 +73,12 @@ def gpt_to_hf(model: GPT, config: ModelSettings, tokenizer: Tokenizer) -> GPT2LM
 
 
 def to_hf_model(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer
-                ) -> GPT2LMHeadModel:
-    """A ``GPT2LMHeadModel`` ready for ``save_pretrained`` (KV cache on for generation)."""
+                ) -> PreTrainedModel:
+    """A ``GPT2LMHeadModel`` (``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` for the llama
+    architecture) ready for ``save_pretrained`` (KV cache on for generation)."""
     from transformers import GPT2LMHeadModel
 
+    hf_model: PreTrainedModel
     if isinstance(model, GPT2LMHeadModel):
         hf_model = model
     elif isinstance(model, GPT) and model.config.arch == "llama":
@@ -94,7 +96,10 @@ def to_hf_model(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
     """Tokenizer files that ``AutoTokenizer.from_pretrained(out_dir)`` loads."""
-    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+    from transformers import (
+        GPT2TokenizerFast,  # type: ignore[attr-defined]  # lazy export
+        PreTrainedTokenizerFast,
+    )
 
     if tokenizer.kind == "gpt2":  # the genuine GPT-2 files under their Hugging Face names
         (out_dir / "vocab.json").write_bytes(gpt2_file("encoder.json"))
@@ -146,7 +151,7 @@ def export_adapter(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
-        n_positions = model.config.n_positions
+        n_positions = int(model.config.n_positions)  # type: ignore[arg-type]
         save_tokenizer(tokenizer, out, n_positions)
     return {"base": peft_config.base_model_name_or_path, "tokenizer": tokenizer.kind,
             "out_dir": str(out), "n_positions": n_positions}

@@ -150,6 +150,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     except RuntimeError as exc:  # shape mismatch
         raise UserError(f"the checkpoint's LoRA adapter does not fit the model "
                         f"({str(exc).splitlines()[0][:160]})") from None
-    if result.unexpected_keys:
+    unexpected: list[str] = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
         raise UserError(f"the checkpoint's LoRA adapter has tensors the model lacks: "
-                        f"{', '.join(result.unexpected_keys[:5])}")
+                        f"{', '.join(unexpected[:5])}")

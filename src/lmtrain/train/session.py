@@ -45,6 +45,7 @@ from lmtrain.reporting import (
 from lmtrain.run_folder import LOCK_NAME, RunLock
 from lmtrain.signals import StopRequest, resume_commands, signal_name, stop_on_signals
 from lmtrain.trackers import check_installed, tracker_names
+from lmtrain.train.answer_eval import report_final_answers
 from lmtrain.train.frozen import store_frozen_base_in
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
 from lmtrain.train.optim import build_optimizer
@@ -296,6 +297,7 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
         summary.final_losses = dict(ctx.last_losses) if fresh_eval else evaluate(ctx)
         summary.final_losses.pop("step", None)
         _report_perplexity(ctx, summary.final_losses)
+        report_final_answers(ctx, summary.final_losses)  # question/answer records
         t_sample = time.perf_counter()
         summary.sample = _sample(ctx) if ctx.is_main else ""
         ctx.timings["sample"] = time.perf_counter() - t_sample

@@ -34,8 +34,15 @@ import numpy as np
 
 from lmtrain.config import DataSettings
 from lmtrain.data.hf_datasets import ArrowStream, is_dataset_source, resolve_dataset
-from lmtrain.data.qa_format import encode_records
-from lmtrain.data.qa_source import HeldOutSource, RecordStream, source_format, training_records
+from lmtrain.data.qa_format import Question, encode_records
+from lmtrain.data.qa_source import (
+    HeldOutSource,
+    RecordStream,
+    all_questions,
+    source_format,
+    text_questions,
+    training_records,
+)
 from lmtrain.data.sources import (
     DOC_SEPARATOR,
     CorpusStream,
@@ -185,6 +192,20 @@ def open_record_streams(config: DataSettings, allow_download: bool = False
             f"held-out questions; give qa, alpaca or chat records, or the questions as "
             f"--data FILE")
     return train, val if isinstance(val, RecordStream) else None
+
+
+def source_questions(config: DataSettings, end_of_text: str, allow_download: bool = False
+                     ) -> list[Question]:
+    """Every question of a source (all its splits): a question per turn of its records, or
+    for plain text per line holding ``ANSWER_PREFIX``; ``end_of_text`` ends an answer in a
+    later turn's prompt."""
+    out: list[Question] = []
+    for stream in open_streams(config, allow_download):
+        if isinstance(stream, RecordStream):
+            out += all_questions(stream, end_of_text)
+        elif stream is not None:
+            out += text_questions("".join(stream), config.answer_prefix)
+    return out
 
 
 def loss_on_answers(config: DataSettings, records: bool) -> bool:

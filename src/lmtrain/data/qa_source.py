@@ -202,6 +202,10 @@ class HeldOutSource:
     train_split: float
     _read: dict[str, HeldOut] = field(default_factory=dict)
 
+    def is_read(self, end_of_text: str) -> bool:
+        """Whether :meth:`get` has read them already."""
+        return end_of_text in self._read
+
     def get(self, end_of_text: str) -> HeldOut:
         """The held-out questions (answers ended by ``end_of_text`` in later turns' prompts)."""
         if end_of_text not in self._read:

@@ -43,12 +43,15 @@ def held_out_pairs(ctx: RunContext) -> list[QAPair]:
     limit = ctx.config.evaluation.eval_answers
     if not limit or ctx.data.held_out is None:
         return []
-    held = ctx.data.held_out.get(document_separator(ctx.tokenizer))
+    end_of_text = document_separator(ctx.tokenizer)
+    first = not ctx.data.held_out.is_read(end_of_text)
+    held = ctx.data.held_out.get(end_of_text)
     pairs = [QAPair(q.prompt, q.answer) for q in spread(held.questions, limit)]
-    if ctx.last_answers is None:  # said once per session
+    if first:  # said once per session
         left_out = f" ({held.seen} also asked in training, left out)" if held.seen else ""
-        log.info("answers: %d held-out questions%s, %d answered at each evaluation",
-                 len(held.questions), left_out, len(pairs))
+        log.log(logging.INFO if pairs else logging.WARNING,
+                "answers: %d held-out questions%s, %d answered at each evaluation",
+                len(held.questions), left_out, len(pairs))
     return pairs
 
 

@@ -312,3 +312,20 @@ def test_a_dataset_validation_split_holds_the_held_out_questions(tmp_path):
     assert tokenizer.decode(data.val[:40].tolist()).startswith("QUESTION: what is 100 plus 1?")
     held = data.held_out.get("\n\n")
     assert [q.answer for q in held.questions] == [str(i + 1) for i in range(100, 108)]
+
+
+@pytest.mark.integration
+def test_training_py_stops_on_a_malformed_record_without_a_traceback(tmp_path):
+    from tests.conftest import ROOT, run_entrypoint, tiny_env
+
+    source = tmp_path / "qa.jsonl"
+    source.write_text(json.dumps(qa_records(1)[0]) + '\n{"question": "q", "answer": 7}\n',
+                      encoding="utf-8")
+    env = tiny_env(TRAINING_DATA_SOURCE=str(source), CHECKPOINT_DIR=str(tmp_path / "ckpt"),
+                   LOG_DIR=str(tmp_path / "logs"), CACHE_DIR=str(tmp_path / "cache"),
+                   TRAINING_STEPS=2)
+    done = run_entrypoint([str(ROOT / "training.py")], env, cwd=tmp_path)
+    assert done.returncode == 2
+    assert done.stderr == (f"error: TRAINING_DATA_SOURCE: {source} line 2: field 'answer' is "
+                           f"a number, not text (qa records hold question, answer)\n")
+    assert not list(tmp_path.rglob("*.pt"))

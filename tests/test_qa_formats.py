@@ -165,7 +165,7 @@ def test_parquet_columns_are_records(tmp_path) -> None:
     ("alpaca", {"instruction": "i", "input": 3, "output": "o"},
      "field 'input' is a number, not text"),
     ("chat", {"messages": []}, "field 'messages' is empty"),
-    ("chat", {"messages": "hi"}, "field 'messages' is str, not a list of turns"),
+    ("chat", {"messages": "hi"}, "field 'messages' is text, not a list of turns"),
     ("chat", {"messages": [{"role": "assistant", "content": "a"}]},
      r"messages\[0\] is an assistant turn before any user turn"),
     ("chat", {"messages": [{"role": "user", "content": "q"}, {"role": "bot", "content": "a"}]},

@@ -65,6 +65,8 @@ def detect_format(fields: Sequence[str] | Mapping[str, Any]) -> str:
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
+    if isinstance(value, str):
+        return "text"
     if isinstance(value, bool):
         return "true/false"
     if isinstance(value, int | float):

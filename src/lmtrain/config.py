@@ -100,11 +100,30 @@ class DataSettings(Settings):
     drop_unknown_chars: bool = Field(
         False, description="on resume, drop characters outside the saved vocabulary")
     cache_dir: str | None = Field(None, description="token-array cache (default: user cache)")
-    train_split: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens for training")
-    loss_on: Literal["all", "answers"] = Field(
-        "all", description="all | answers (loss only after ANSWER_PREFIX, up to end of text)")
+    train_split: float = Field(
+        0.9, gt=0.0, lt=1.0,
+        description="fraction of tokens for training (of records, for question/answer records)")
+    data_format: Literal["auto", "text", "qa", "alpaca", "chat"] = Field(
+        "auto", description="auto (from the first record's fields) | text | qa {question, "
+                            "answer} | alpaca {instruction, input, output} | chat {messages}")
+    qa_template: str = Field(
+        "QUESTION: {question} ANSWER: {answer}",
+        description="how a question/answer record is rendered; the end of text follows each "
+                    "answer")
+    loss_on: Literal["auto", "all", "answers"] = Field(
+        "auto", description="auto (answers for question/answer records, else all) | all | "
+                            "answers (answer tokens and the end of text only)")
     answer_prefix: str = Field(
-        "ANSWER:", min_length=1, description="LOSS_ON=answers: text that starts an answer")
+        "ANSWER:", min_length=1,
+        description="LOSS_ON=answers on plain text: text that starts an answer")
+
+    @field_validator("qa_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        counts = [value.count(f"{{{name}}}") for name in ("question", "answer")]
+        if counts != [1, 1] or value.index("{question}") > value.index("{answer}"):
+            raise ValueError("it must hold {question} once, then {answer} once")
+        return value
 
 
 class OptimizationSettings(Settings):
@@ -140,6 +159,9 @@ class EvaluationSettings(Settings):
     eval_interval: int = Field(250, ge=1, description="steps between evaluations")
     eval_iters: int = Field(50, ge=1, description="batches per evaluation")
     log_interval: int = Field(50, ge=1, description="steps between progress lines")
+    eval_answers: int = Field(
+        256, ge=0, description="held-out questions answered greedily at each evaluation of "
+                               "question/answer records (0 = off)")
 
 
 class GenerationSettings(Settings):

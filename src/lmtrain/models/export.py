@@ -96,8 +96,8 @@ def to_hf_model(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
     """Tokenizer files that ``AutoTokenizer.from_pretrained(out_dir)`` loads."""
-    from transformers import (
-        GPT2TokenizerFast,  # type: ignore[attr-defined]  # lazy export
+    from transformers import (  # type: ignore[attr-defined]  # a lazy export
+        GPT2TokenizerFast,
         PreTrainedTokenizerFast,
     )
 
@@ -107,7 +107,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None
         hf_tok = GPT2TokenizerFast.from_pretrained(out_dir, model_max_length=max_length)
     elif tokenizer.kind in HF_TOKENIZER_KINDS:
         eos = {"eos_token": EOT_TEXT} if tokenizer.eot_id is not None else {}
-        hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok,
+        hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok,  # type: ignore[attr-defined]
                                          model_max_length=max_length, **eos)
     else:
         raise UserError(CHARACTER_ERROR)

@@ -52,6 +52,10 @@ class KVCache:
 
     Made by :meth:`GPT.make_kv_cache`; every call ``model(new_ids, kv_cache=cache)`` appends
     the new tokens' keys and values and advances ``length``.
+
+    ``left_pad`` (``(batch,)`` ids, optional) batches sequences of different lengths: row ``b``
+    starts with ``left_pad[b]`` padding slots that no token attends to, and its first real
+    token is at position 0, so each row is computed as it would be alone.
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, max_len: int, head_dim: int,
@@ -61,6 +65,7 @@ class KVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_len = max_len
         self.length = 0
+        self.left_pad: torch.Tensor | None = None
 
     def reset(self) -> None:
         """Forget every token (the buffers are reused)."""
@@ -105,7 +110,8 @@ class CausalSelfAttention(nn.Module):
             self.k_norm = nn.RMSNorm(cfg.head_dim, eps=NORM_EPS)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (``(B, 1, T, keys)``, True = attend) replaces the causal mask when given."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
@@ -117,12 +123,12 @@ class CausalSelfAttention(nn.Module):
         past = 0 if cache is None else cache.length
         if cache is not None:
             k, v = cache.append(self.layer, k, v)
-        mask = None
-        if past and T > 1:  # new queries see every cached key and the new ones up to their own
+        given = mask is not None
+        if not given and past and T > 1:  # new queries: every cached key, new ones up to their own
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
-            is_causal=past == 0 and T > 1)
+            is_causal=not given and past == 0 and T > 1)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -164,8 +170,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+                cache: KVCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -227,14 +233,24 @@ class GPT(nn.Module):
             raise ValueError(f"the KV cache holds {kv_cache.max_len} tokens; {start} are cached "
                              f"and {T} more do not fit")
         x = self.transformer.wte(idx)
-        rope = None
+        rope, mask = None, None
+        slots = torch.arange(start, start + T, device=idx.device)
+        pad = None if kv_cache is None else kv_cache.left_pad
+        positions = slots if pad is None else (slots[None] - pad[:, None]).clamp(min=0)
+        if pad is not None:  # slot s is seen by row b's query q when pad[b] <= s <= q (or s == q)
+            keys = torch.arange(start + T, device=idx.device)
+            mask = (keys <= slots[:, None]) & ((keys >= pad[:, None, None])
+                                               | (keys == slots[:, None]))
+            mask = mask[:, None]  # (B, 1, T, keys): the same for every head
         if self.config.arch == "llama":
-            rope = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+            rope = self.rope_cos[positions], self.rope_sin[positions]
+            if pad is not None:  # (B, T, D) -> (B, 1, T, D), broadcast over heads
+                rope = rope[0][:, None], rope[1][:, None]
         else:
-            x = x + self.transformer.wpe(torch.arange(start, start + T, device=idx.device))
+            x = x + self.transformer.wpe(positions)
         x = self.transformer.drop(x)
         for block in self.transformer.h:
-            x = block(x, rope, kv_cache)
+            x = block(x, rope, kv_cache, mask)
         logits = self.lm_head(self.transformer.ln_f(x))
         if kv_cache is None:
             return logits

@@ -22,6 +22,7 @@ import torch
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
+from lmtrain.train.answer_eval import measure_answers
 from lmtrain.train.checkpointing import build as build_checkpoint
 from lmtrain.train.checkpointing import gather_rank_states
 from lmtrain.train.evaluate import compute_loss, estimate_loss
@@ -56,6 +57,7 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
         if ctx.metrics:
             ctx.metrics.write(step=ctx.step, train_loss=losses["train"], val_loss=losses["val"],
                               kind="eval")
+    measure_answers(ctx)  # question/answer records: answer accuracy beside the loss
     return losses
 
 

@@ -60,6 +60,7 @@ from lmtrain.reporting import (
 from lmtrain.run_folder import claim_run_folders
 from lmtrain.signals import StopRequest, stop_on_signals
 from lmtrain.trackers import check_installed, tracker_names
+from lmtrain.train.answer_eval import report_final_answers
 from lmtrain.train.checkpointing import restore
 from lmtrain.train.frozen import store_frozen_base_in
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
@@ -164,6 +165,7 @@ class Session:
         ctx, summary = self.ctx, self.summary
         summary.final_losses = _final_evaluation(ctx)
         _report_perplexity(ctx, summary.final_losses)
+        report_final_answers(ctx, summary.final_losses)  # question/answer records
         summary.sample = _sample_at_end(ctx)
         self._close_metrics()
         if ctx.is_main:

@@ -19,6 +19,7 @@ from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.device import autocast_context
 
 if TYPE_CHECKING:
+    from lmtrain.answers import AnswerReport
     from lmtrain.reporting import MetricsWriter
 
 log = logging.getLogger("lmtrain")
@@ -54,6 +55,8 @@ class RunContext:
     saved_steps: list[int] = field(default_factory=list)
     #: tracker name -> its run id, saved in checkpoints so a resume continues the same run
     tracker_run_ids: dict[str, str] = field(default_factory=dict)
+    #: the last answer accuracy measured (question/answer records; see train/answer_eval.py)
+    last_answers: AnswerReport | None = None
 
     @property
     def raw_model(self) -> nn.Module:

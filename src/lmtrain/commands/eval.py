@@ -139,7 +139,7 @@ def _answers(args: argparse.Namespace, loaded, device) -> dict[str, Any]:
                              device=device, block_size=loaded.config.model.block_size,
                              batch_size=args.batch_size or BATCH_SIZE,
                              examples=args.examples, progress=args.progress)
-    result = {"checkpoint": str(args.checkpoint), "step": int(loaded.checkpoint["step"]),
+    result = {"checkpoint": str(args.checkpoint), "step": loaded.checkpoint.step,
               "data": data_cfg.training_data_source, "split": "all" if given else "val",
               "questions": report.total, "correct": report.correct,
               "accuracy": report.accuracy, "percent": round(report.percent, 2),

@@ -1,11 +1,12 @@
-# The two everyday commands: `make run` (set up + train on the bundled corpus) and `make test`.
+# The two everyday commands: `make run` (set up + train on the bundled corpus) and `make test`;
+# `make test-fast` runs the unit lane alone (under a minute).
 PYTHON ?= python3.11
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test test-fast lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,12 +21,18 @@ setup: $(STAMP)
 run: $(STAMP)
 	$(PY) training.py
 
-test: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks tools training.py training_resume.py
+test: lint
 	$(PY) -m pytest -q
 
+# The unit lane alone (see tests/conftest.py). Its tensors are tiny: one thread is as fast on a
+# quiet machine, and extra threads only wait on each other on a busy one.
+test-fast: $(STAMP)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m unit
+
+# ruff, then the type checker over src/ (it refuses a whole config where a group is typed)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks tools training.py training_resume.py
+	$(VENV)/bin/mypy
 
 # Benchmarks are not tests: run them on a quiet machine; each prints markdown tables.
 bench: $(STAMP)

@@ -3,7 +3,7 @@
     TRAINING_STEPS=500 python training.py
     CHECKPOINT_PATH=checkpoints/<run>/step_0000200.pt RESUME_STEPS=300 python training.py
 
-Every setting is documented in `lmtrain train --help` and the README.
+Every setting is documented in `lmtrain train --help` and docs/settings.md.
 """
 
 import sys

@@ -17,10 +17,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch
 
-from lmtrain import checkpoint_schema
 from lmtrain.checkpoint import load_checkpoint, save_checkpoint
+from lmtrain.checkpoint_format import content_digest
 from lmtrain.config import explicit_settings
 from lmtrain.durable import atomic_write
+from lmtrain.train.checkpointing import build as build_checkpoint
 from lmtrain.train.loop import run_training
 from lmtrain.train.plan import resolve_plan
 from lmtrain.train.session import prepare_run
@@ -46,11 +47,11 @@ def main() -> None:
              "training_steps": 2, "checkpoint_interval": 100, "eval_iters": 1}
     ctx = prepare_run(resolve_plan(*explicit_settings(flags=flags, env={})))
     run_training(ctx, 0, 1)  # the optimizer state exists
-    payload = checkpoint_schema.build(ctx)
+    payload = build_checkpoint(ctx)
     path = work / "ckpt" / "six" / "step_0000001.pt"
     plain = timed(lambda: atomic_write(path, lambda fh: torch.save(payload, fh)))
-    digest = timed(lambda: checkpoint_schema.content_digest(payload))
-    sealed = timed(lambda: save_checkpoint(path, checkpoint_schema.build(ctx)))
+    digest = timed(lambda: content_digest(payload))
+    sealed = timed(lambda: save_checkpoint(path, build_checkpoint(ctx)))
     bare = timed(lambda: torch.load(path, weights_only=True), 3)
     checked = timed(lambda: load_checkpoint(path), 3)
     resume = {**dirs, "checkpoint_path": str(path), "resume_steps": 1, "eval_iters": 1,

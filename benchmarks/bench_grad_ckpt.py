@@ -40,7 +40,8 @@ def run_steps(folder: str, checkpointing: bool, steps: int, batch: int, block: i
     from lmtrain.train.optim import build_optimizer
 
     device = torch.device(device_name)
-    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=folder, tokenization_method="gpt2",
+    cfg = TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=folder,
+                                   tokenization_method="gpt2",
                          block_size=block, batch_size=batch, learning_rate=5e-5,
                          gradient_checkpointing=checkpointing, device=device_name)
     model = load_gpt2(cfg.model, 50257).to(device).train()

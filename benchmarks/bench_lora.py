@@ -58,7 +58,7 @@ class LmtrainSide:
 
         logging.getLogger("lmtrain").setLevel(logging.WARNING)
         total = args.warmup + args.steps
-        cfg = TrainingConfig(
+        cfg = TrainingConfig.from_flat(
             model_type="gpt2", use_lora=True, gpt2_model_name=str(folder),
             tokenization_method="gpt2", block_size=args.block_size, batch_size=args.batch_size,
             learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, dropout=DROPOUT,
@@ -66,16 +66,17 @@ class LmtrainSide:
             enable_checkpoints=False, eval_interval=10**9, log_interval=10**9,
             precision=args.precision, device=args.device, seed=args.seed,
             optimizer="adamw", **LORA)  # the Trainer's optimizer (lmtrain's default is Muon)
-        device = select_device(cfg.device)
-        torch.manual_seed(cfg.seed)
+        device = select_device(cfg.run.device)
+        torch.manual_seed(cfg.optimization.seed)
         model = build_model(cfg.model, 50257).to(device)
-        dtype = autocast_dtype(cfg.precision, device)
+        dtype = autocast_dtype(cfg.run.precision, device)
         if not args.without_speedups:  # as the session does (lmtrain.train.session.prepare_run)
             store_frozen_base_in(model, dtype)
         self.ctx = RunContext(
             config=cfg, model=model, optimizer=build_optimizer(model, cfg.optimization, device),
-            tokenizer=GPT2Tokenizer(), data=TokenData.split(tokens, 0.9, cfg.block_size),
-            device=device, sampler=torch.Generator().manual_seed(cfg.seed), run_name="bench",
+            tokenizer=GPT2Tokenizer(), data=TokenData.split(tokens, 0.9, cfg.model.block_size),
+            device=device, sampler=torch.Generator().manual_seed(cfg.optimization.seed),
+            run_name="bench",
             checkpoint_dir=tmp, log_dir=tmp, autocast_dtype=dtype)
         self.step = 0
 

@@ -1,6 +1,6 @@
 """Loss per wall-second: lmtrain's recipes against nanoGPT's CPU config, in one invocation.
 
-    python benchmarks/bench_recipe.py --out bench-out          # the README's table + plot
+    python benchmarks/bench_recipe.py --out bench-out          # the table + plot of docs/recipe.md
     python benchmarks/bench_recipe.py --quick --out /tmp/r     # a smoke run (~1 min)
     python benchmarks/bench_recipe.py --only reference,default --device cuda --compile
 
@@ -46,7 +46,7 @@ BLOCK, BATCH, SEED = 64, 12, 1337
 EVAL_EVERY, EVAL_BATCHES = 100, 40
 REFERENCE_STEPS = 2000
 
-DEFAULTS = TrainingConfig()
+DEFAULTS = TrainingConfig.from_flat()
 #: name -> (what it changes, TrainingConfig settings over lmtrain's defaults). Runs in
 #: ``RUNS`` make the default invocation (~8 min on the 2-core machine, estimated); the others run
 #: when named in ``--only``.
@@ -55,10 +55,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "gpt2-adamw": ("gpt2 arch, AdamW", {"arch": "gpt2", "optimizer": "adamw"}),
     "gpt2-muon": ("gpt2 arch", {"arch": "gpt2"}),
     "llama-adamw": ("AdamW", {"optimizer": "adamw"}),
-    "muon-lr-half": ("half Muon lr", {"muon_learning_rate": DEFAULTS.muon_learning_rate / 2}),
+    "muon-lr-half": ("half Muon lr",
+                     {"muon_learning_rate": DEFAULTS.optimization.muon_learning_rate / 2}),
     "2x128": ("2 layers", {"n_layer": 2}),
     "no-qk-norm": ("no QK-norm", {"qk_norm": False}),
-    "muon-lr-double": ("double Muon lr", {"muon_learning_rate": DEFAULTS.muon_learning_rate * 2}),
+    "muon-lr-double": ("double Muon lr",
+                       {"muon_learning_rate": DEFAULTS.optimization.muon_learning_rate * 2}),
     "4x96": ("width 96, 3 heads", {"n_embd": 96, "n_head": 3}),
     "6x192": ("6 layers, 6 heads, width 192", {"n_layer": 6, "n_head": 6, "n_embd": 192}),
     "batch-12": ("batch 12, 2000 steps", {"batch_size": 12, "training_steps": 2000}),
@@ -157,36 +159,39 @@ def lmtrain_run(name: str, recipe: str, settings: dict[str, Any], train: torch.T
                 vocab: int, device: torch.device, precision: str, compile_: bool,
                 scale: float) -> Run:
     """A run built from lmtrain's own model, optimizer, schedule and precision choice."""
-    cfg = TrainingConfig(**{**DEFAULTS.model_dump(), "block_size": BLOCK,
+    cfg = TrainingConfig.from_flat(**{**DEFAULTS.flat(), "block_size": BLOCK,
                             "precision": precision, "compile": compile_, **settings})
-    steps = max(int(cfg.training_steps * scale), 10)
+    steps = max(int(cfg.optimization.training_steps * scale), 10)
     cfg = cfg.model_copy(update={"training_steps": steps,
-                                 "warmup_steps": int(cfg.warmup_steps * scale)})
+                                 "warmup_steps": int(cfg.optimization.warmup_steps * scale)})
     torch.manual_seed(SEED)
     model = build_model(cfg.model, vocab).to(device)
     optimization = cfg.optimization
     opt = build_optimizer(model, optimization, device)
-    autocast = autocast_for(autocast_dtype(cfg.precision, device, model), device)
+    autocast = autocast_for(autocast_dtype(cfg.run.precision, device, model), device)
     fwd = torch.compile(model) if compile_ else model
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(SEED)
 
     def step(it: int) -> float:
         set_learning_rate(opt, it, optimization)
-        x, y = batch(train, gen, device, cfg.batch_size)
+        x, y = batch(train, gen, device, cfg.optimization.batch_size)
         with autocast():
             loss = compute_loss(fwd, x, y)
         loss.backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if cfg.optimization.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.optimization.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss
 
-    shape = f"{cfg.arch} {cfg.n_layer}x{cfg.n_embd}, batch {cfg.batch_size}, {cfg.optimizer}"
-    lr = (f"lr {cfg.learning_rate:g}" + (f", muon lr {cfg.muon_learning_rate:g}"
-                                         if cfg.optimizer == "muon" else ""))
-    return Run(name, f"{recipe}: {shape}, {lr}, {cfg.training_steps} steps", steps, model,
+    opt = cfg.optimization
+    shape = (f"{cfg.model.arch} {cfg.model.n_layer}x{cfg.model.n_embd}, batch {opt.batch_size}, "
+             f"{opt.optimizer}")
+    lr = (f"lr {opt.learning_rate:g}" + (f", muon lr {opt.muon_learning_rate:g}"
+                                         if opt.optimizer == "muon" else ""))
+    return Run(name, f"{recipe}: {shape}, {lr}, {cfg.optimization.training_steps} steps", steps,
+               model,
                step, autocast)
 
 

@@ -34,16 +34,16 @@ def models(quick: bool, seed: int, device: torch.device
     torch.manual_seed(seed)
     shape = GPT2Config(n_layer=2, n_embd=64, n_head=2) if quick else GPT2Config()
     gpt2 = GPT2LMHeadModel(shape).eval()  # lmtrain fine-tunes this class as is
-    exported = to_hf_model(gpt2, TrainingConfig(model_type="gpt2").model, GPT2Tokenizer())
+    exported = to_hf_model(gpt2, TrainingConfig.from_flat(model_type="gpt2").model, GPT2Tokenizer())
     layers, width = (2, 64) if quick else (6, 384)
-    cfg = TrainingConfig(n_layer=layers, n_head=6 if not quick else 2, n_embd=width,
+    cfg = TrainingConfig.from_flat(n_layer=layers, n_head=6 if not quick else 2, n_embd=width,
                          block_size=512, dropout=0.0, tokenization_method="gpt2")
     gpt = build_model(cfg.model, 50257).eval()
     gpt_hf = to_hf_model(gpt, cfg.model, GPT2Tokenizer()).eval()
     name = "tiny GPT-2 (2x64)" if quick else "GPT-2 small (124M)"
     return [(name, gpt2.to(device), exported.to(device), 1024),
             (f"from-scratch GPT {layers}x{width}", gpt.to(device), gpt_hf.to(device),
-             cfg.block_size)]
+             cfg.model.block_size)]
 
 
 def _sync(device: torch.device) -> None:

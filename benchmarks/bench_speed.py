@@ -129,7 +129,7 @@ def bare_side(name: str, ctx: Any, dtype: torch.dtype | None, lmtrain_optimizer:
                                 fused=device.type == "cuda" or None)
     train = ctx.data.train
     gen = torch.Generator().manual_seed(seed)
-    B, T = cfg.batch_size, cfg.block_size
+    B, T = cfg.optimization.batch_size, cfg.model.block_size
     autocast = ((lambda: torch.autocast(device.type, dtype=dtype)) if dtype
                 else contextlib.nullcontext)
 
@@ -170,8 +170,8 @@ def val_loss(model: torch.nn.Module, ctx: Any, iters: int) -> float:
     from lmtrain.train.evaluate import estimate_loss
 
     cfg = ctx.config
-    return estimate_loss(model, ctx.data, cfg.batch_size, cfg.block_size, iters,
-                         ctx.device, cfg.seed)["val"]
+    return estimate_loss(model, ctx.data, cfg.optimization.batch_size, cfg.model.block_size, iters,
+                         ctx.device, cfg.optimization.seed)["val"]
 
 
 # ---------------------------------------------------------------- FLOPs and matmul peak
@@ -227,8 +227,8 @@ def part_four(args: argparse.Namespace, workdir: Path) -> list[Side]:
 def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float]:
     """(median seconds to save the 6-layer checkpoint, seconds from it to one resumed step)."""
     from lmtrain.checkpoint import save_checkpoint
-    from lmtrain.checkpoint_schema import build as checkpoint_payload
     from lmtrain.config import explicit_settings
+    from lmtrain.train.checkpointing import build as checkpoint_payload
     from lmtrain.train.loop import run_training
     from lmtrain.train.plan import resolve_plan
     from lmtrain.train.session import prepare_run

@@ -47,12 +47,14 @@ def build(name: str, vocab: int, device: torch.device, precision: str):
             return F.cross_entropy(logits.view(-1, logits.size(-1)).float(), y.reshape(-1))
 
         return model, opt, autocast, BATCH, 1.0, loss_of
-    cfg = TrainingConfig(**{**DEFAULTS.model_dump(), "block_size": 64, "precision": precision,
+    cfg = TrainingConfig.from_flat(**{**DEFAULTS.flat(), "block_size": 64,
+                                      "precision": precision,
                             **VARIANTS[name][1]})
     model = build_model(cfg.model, vocab).to(device)
     opt = build_optimizer(model, cfg.optimization, device)
-    autocast = autocast_for(autocast_dtype(cfg.precision, device, model), device)
-    return model, opt, autocast, cfg.batch_size, cfg.grad_clip, compute_loss
+    autocast = autocast_for(autocast_dtype(cfg.run.precision, device, model), device)
+    opt_cfg = cfg.optimization
+    return model, opt, autocast, opt_cfg.batch_size, opt_cfg.grad_clip, compute_loss
 
 
 def time_parts(name: str, train: torch.Tensor, vocab: int, device: torch.device,

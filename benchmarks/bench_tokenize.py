@@ -7,7 +7,7 @@ Parquet dataset (documents of a few KB in a ``text`` column, snappy-compressed),
 Prints markdown rows; "MB" is the size of the text (the Parquet file itself is smaller).
 
     python benchmarks/bench_tokenize.py --quick                          # 3 MB smoke run
-    python benchmarks/bench_tokenize.py --sizes 30,300                   # the README numbers
+    python benchmarks/bench_tokenize.py --sizes 30,300                   # docs/benchmarks.md
     python benchmarks/bench_tokenize.py --sizes 300 --formats parquet    # one Parquet row
 """
 

@@ -41,7 +41,7 @@ transformers.__version__, "| peft", peft.__version__)'
 } | tee "$OUT/machine.md"
 
 part tests 85 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py
-# all seven recipe runs take ~150 s on an H100; three give the README's GPU table in ~75 s
+# all seven recipe runs take ~150 s on an H100; three give the GPU table of docs/recipe.md in ~75 s
 part recipe 95 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 \
     --only default,llama-adamw,gpt2-adamw --out "$OUT/recipe"
 part recipe_compile 90 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 --compile \

@@ -1,11 +1,44 @@
-"""Shared fixtures: a small corpus and a helper that runs a real training session in-process."""
+"""Shared fixtures, the two test lanes, and the rule that tests write only to temporary folders.
+
+Lanes
+-----
+Every test is in exactly one lane, chosen with a mark:
+
+``unit``
+    In-process and quick (well under a second): no child process and no training run. A unit
+    test may start a session that is refused before its first step, and may read the shared
+    ``tiny_checkpoint`` (one short run per session). ``make test-fast`` (``pytest -m unit``,
+    one thread) runs this lane in under a minute on two cores.
+``integration``
+    Everything else: child processes (``python training.py``, ``lmtrain …``, torchrun), crash
+    and signal tests, training runs in-process or not, pretrained-model folders, anything slow.
+    ``make test`` runs both lanes (and ruff).
+
+A file whose tests share a lane says so once (``pytestmark = pytest.mark.unit``); a file with
+both marks each test. A test with no lane, or both, stops collection with its name. ``slow``
+marks the heaviest integration tests (several processes, many steps) for ``-m "not slow"``.
+
+Temporary folders only
+----------------------
+Before any test module is imported, ``pytest_configure`` points ``HOME`` and the XDG folders
+(cache, config, data, state) at a fresh temporary folder, and moves hypothesis' example store
+and matplotlib's font cache there too; variables that would send output elsewhere
+(``CACHE_DIR``, ``HF_HOME``, …) are dropped. Every test then gets its own ``HOME`` under its
+``tmp_path`` (so the default token cache, ``<XDG_CACHE_HOME>/lmtrain/tokens``, is the test's
+own), and :func:`child_env` hands those variables to every child process. At the end of the
+session, :func:`_nothing_written_outside_temporary_folders` fails if anything landed in the
+session's ``HOME`` (a session fixture or import that missed its own folder) or in the
+repository's working tree (``checkpoints/``, ``logs/``, ``outputs/``, ``.hypothesis/``, …).
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +47,78 @@ import pytest
 from lmtrain.config import DEFAULT_CORPUS, explicit_settings
 
 ROOT = Path(__file__).resolve().parents[1]
+LANES = frozenset({"unit", "integration"})
+
+#: Variables that send output somewhere of the developer's choosing: dropped for the session.
+WRITES_ELSEWHERE = ("CACHE_DIR", "CHECKPOINT_DIR", "LOG_DIR", "OUTPUT_DIR", "HF_HOME",
+                    "HF_HUB_CACHE", "HF_DATASETS_CACHE", "TRANSFORMERS_CACHE", "TORCH_HOME",
+                    "TIKTOKEN_CACHE_DIR", "WANDB_DIR", "WANDB_CONFIG_DIR", "WANDB_CACHE_DIR",
+                    "WANDB_DATA_DIR", "MLFLOW_TRACKING_URI")
+#: Folders a run writes relative to its working directory (lmtrain's defaults, the trackers',
+#: hypothesis'): none may appear in, or gain files in, the repository's working tree.
+OUTPUT_FOLDERS = ("checkpoints", "logs", "outputs", "runs", "mlruns", "wandb", ".hypothesis")
+#: What the working tree may gain from tools themselves.
+TOOL_CACHES = frozenset({".pytest_cache", "__pycache__", ".ruff_cache", ".mypy_cache"})
+SANDBOX = pytest.StashKey[Path]()
+
+
+def home_variables(home: Path) -> dict[str, str]:
+    """``HOME`` and the XDG base folders (cache, config, data, state), all inside ``home``."""
+    return {"HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache"),
+            "XDG_CONFIG_HOME": str(home / ".config"),
+            "XDG_DATA_HOME": str(home / ".local" / "share"),
+            "XDG_STATE_HOME": str(home / ".local" / "state")}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module is imported: a temporary HOME for the whole session (see above)."""
+    sandbox = Path(tempfile.mkdtemp(prefix="lmtrain-tests-"))
+    config.add_cleanup(lambda: shutil.rmtree(sandbox, ignore_errors=True))
+    config.stash[SANDBOX] = sandbox
+    (sandbox / "home").mkdir()
+    for name in WRITES_ELSEWHERE:
+        os.environ.pop(name, None)
+    os.environ.update(home_variables(sandbox / "home"))
+    os.environ["MPLCONFIGDIR"] = str(sandbox / "matplotlib")  # its font cache, for all tests
+    os.environ["HYPOTHESIS_STORAGE_DIRECTORY"] = str(sandbox / "hypothesis")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test is in exactly one lane (before ``-m`` picks one)."""
+    wrong = []
+    for item in items:
+        lanes = sorted({mark.name for mark in item.iter_markers() if mark.name in LANES})
+        if len(lanes) != 1:
+            wrong.append(f"  {item.nodeid}: {' and '.join(lanes) or 'no lane'}")
+    if wrong:
+        raise pytest.UsageError(
+            "every test needs exactly one lane, @pytest.mark.unit or @pytest.mark.integration "
+            "(see tests/conftest.py):\n" + "\n".join(wrong))
+
+
+def _working_tree_outputs() -> set[str]:
+    """The working tree's top-level entries and everything in its output folders."""
+    found = {p.name for p in ROOT.iterdir() if p.name not in TOOL_CACHES}
+    for name in OUTPUT_FOLDERS:
+        found |= {str(p.relative_to(ROOT)) for p in (ROOT / name).rglob("*")}
+    return found
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _nothing_written_outside_temporary_folders(pytestconfig: pytest.Config) -> Iterator[None]:
+    """Fails the session if anything reached its shared HOME or the repository's working tree."""
+    before = _working_tree_outputs()
+    yield
+    home = pytestconfig.stash[SANDBOX] / "home"
+    problems = []
+    if stray := sorted(str(p.relative_to(home)) for p in home.rglob("*") if not p.is_dir()):
+        problems.append(f"written to the session's HOME {home}, outside every test's tmp_path "
+                        f"(a session fixture or an import missed its own folder): {stray}")
+    if litter := sorted(_working_tree_outputs() - before):
+        problems.append(f"written into the working tree {ROOT}: {litter}")
+    assert not problems, "\n".join(problems)
+
 
 #: Settings for a model small enough that a run takes about a second on one core.
 TINY: dict[str, Any] = {
@@ -51,9 +156,12 @@ def whole_and_resumed(train_run, total: int = 14, split: int = 6, **common: Any)
 
 
 @pytest.fixture(autouse=True)
-def _private_user_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep the default token cache (under the user cache dir) inside the test's tmp_path."""
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+def _private_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``HOME`` and the XDG folders of each test inside its tmp_path: the default token cache
+    (``<XDG_CACHE_HOME>/lmtrain/tokens``) and anything else a library keeps there are its own."""
+    (tmp_path / "home").mkdir()
+    for name, value in home_variables(tmp_path / "home").items():
+        monkeypatch.setenv(name, value)
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +206,9 @@ def tiny_env(**overrides: Any) -> dict[str, str]:
 
 
 #: What a child process keeps of this one's environment: no stray settings, and the test's own
-#: XDG_CACHE_HOME (see ``_private_user_cache``), so no child writes to the user's cache.
-CHILD_BASICS = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE",
-                "OPENBLAS_L2_SIZE", "PYTHONPATH", "XDG_CACHE_HOME")
+#: HOME and XDG folders (see ``_private_home``), so no child writes to the user's.
+CHILD_BASICS = ("PATH", "LANG", "LC_ALL", "TMPDIR", "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE",
+                "PYTHONPATH", *home_variables(Path()), "MPLCONFIGDIR")
 
 
 def child_env(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -125,7 +233,8 @@ def tiny_checkpoint(tmp_path_factory, corpus_text: str) -> Path:
     flags = {**TINY, "training_data_source": str(root / "corpus.txt"), "training_steps": 4,
              "eval_interval": 4, "checkpoint_interval": 4, "max_new_tokens": 0,
              "run_name": "tiny", "checkpoint_dir": str(root / "ckpt"),
-             "log_dir": str(root / "logs"), "output_dir": str(root / "out")}
+             "log_dir": str(root / "logs"), "output_dir": str(root / "out"),
+             "cache_dir": str(root / "cache")}
     values, sources = explicit_settings(flags=flags, env={})
     summary = train(values, sources)
     return summary.checkpoint_dir / "step_0000004.pt"

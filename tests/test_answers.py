@@ -32,6 +32,7 @@ def reference_mask(tokens: list[int], variants: list[list[int]], eot: int) -> li
     return out
 
 
+@pytest.mark.unit
 def test_answer_mask_on_crafted_tokens() -> None:
     # 7 8 is the prefix, 0 the end of text
     tokens = np.array([1, 7, 8, 2, 3, 0, 7, 8, 0, 4, 7, 8, 5, 6])
@@ -40,6 +41,7 @@ def test_answer_mask_on_crafted_tokens() -> None:
         assert answer_mask(tokens, [[7, 8]], 0, chunk=chunk).astype(int).tolist() == expected
 
 
+@pytest.mark.unit
 def test_answer_mask_matches_a_token_by_token_reference() -> None:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, 6, 5000)  # 0 = end of text; prefixes [3, 4] and [5]
@@ -49,6 +51,7 @@ def test_answer_mask_matches_a_token_by_token_reference() -> None:
         assert answer_mask(tokens, variants, 0, chunk=chunk).tolist() == expected
 
 
+@pytest.mark.integration
 def test_gpt2_prefix_variants_find_the_answer_in_running_text() -> None:
     tok = GPT2Tokenizer()
     text = "".join(f"QUESTION: {q} ANSWER: {a}<|endoftext|>" for q, a in PAIRS)
@@ -67,6 +70,7 @@ def qa_jsonl(tmp_path: Path) -> Path:
     return path
 
 
+@pytest.mark.unit
 def test_batches_target_only_answers_and_inputs_stay_whole() -> None:
     tok = GPT2Tokenizer()
     ids = np.array(tok.encode("".join(f"QUESTION: {q} ANSWER: {a}<|endoftext|>"
@@ -85,6 +89,7 @@ def test_batches_target_only_answers_and_inputs_stay_whole() -> None:
     assert first and all(t in answers for t in first if t != EOT)
 
 
+@pytest.mark.unit
 def test_a_batch_without_answer_tokens_has_zero_loss_not_nan() -> None:
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4), torch.nn.Linear(4, 10))
     y = torch.full((2, 3), IGNORE_INDEX)
@@ -94,6 +99,7 @@ def test_a_batch_without_answer_tokens_has_zero_loss_not_nan() -> None:
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.unit
 def test_character_vocabulary_and_missing_prefix_are_refused() -> None:
     ids = np.arange(40, dtype=np.uint16) % 5
     with pytest.raises(UserError, match=r"^LOSS_ON=answers .* character tokenizer lacks"):
@@ -107,6 +113,7 @@ def test_character_vocabulary_and_missing_prefix_are_refused() -> None:
         TokenData(answers, ids).mask_answers(tok, "A:")
 
 
+@pytest.mark.integration
 def test_answers_only_training_resumes_exactly(train_run, tmp_path) -> None:
     source = str(qa_jsonl(tmp_path))
     common = dict(training_data_source=source, tokenization_method="gpt2", loss_on="answers",

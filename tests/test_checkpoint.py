@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from lmtrain.checkpoint import (
-    FORMAT_VERSION,
     checkpoint_filename,
     find_resumable,
     list_checkpoints,
@@ -19,6 +18,7 @@ from lmtrain.checkpoint import (
     rotate_checkpoints,
     save_checkpoint,
 )
+from lmtrain.checkpoint_format import FORMAT_VERSION
 from lmtrain.cli import main
 from lmtrain.durable import remove_stale_temp_files
 from lmtrain.errors import UserError
@@ -46,6 +46,7 @@ class RunsCode:
 
 # --- safe loading -------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, tiny_checkpoint):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -59,6 +60,7 @@ def test_pickle_that_runs_code_is_refused_and_runs_nothing(tmp_path, tiny_checkp
     assert not marker.exists()
 
 
+@pytest.mark.unit
 def test_plain_pickle_file_is_not_a_checkpoint_and_runs_nothing(tmp_path):
     import pickle
 
@@ -70,6 +72,7 @@ def test_plain_pickle_file_is_not_a_checkpoint_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("content", [b"hello, I am a text file\n", b""])
 def test_file_that_is_not_a_checkpoint_is_told_apart_from_unsafe(tmp_path, content):
     path = tmp_path / "notes.pt"
@@ -79,6 +82,7 @@ def test_file_that_is_not_a_checkpoint_is_told_apart_from_unsafe(tmp_path, conte
     assert "refused" not in str(err.value)
 
 
+@pytest.mark.unit
 def test_truncated_checkpoint_is_reported(tmp_path, tiny_checkpoint):
     data = tiny_checkpoint.read_bytes()
     for cut in (len(data) // 2, len(data) - 10):
@@ -88,6 +92,7 @@ def test_truncated_checkpoint_is_reported(tmp_path, tiny_checkpoint):
             load_checkpoint(path)
 
 
+@pytest.mark.unit
 def test_torch_file_that_is_not_an_lmtrain_checkpoint(tmp_path):
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     with pytest.raises(UserError, match="holds a Tensor, not a dict"):
@@ -97,6 +102,7 @@ def test_torch_file_that_is_not_an_lmtrain_checkpoint(tmp_path):
         load_checkpoint(tmp_path / "partial.pt")
 
 
+@pytest.mark.unit
 def test_future_format_version_asks_for_an_upgrade(tmp_path, tiny_checkpoint):
     future = copy_checkpoint(tiny_checkpoint, tmp_path / "future.pt",
                              format_version=FORMAT_VERSION + 1)
@@ -105,6 +111,7 @@ def test_future_format_version_asks_for_an_upgrade(tmp_path, tiny_checkpoint):
     assert main(["train", "--resume", str(future)]) == 2
 
 
+@pytest.mark.unit
 def test_every_torch_load_in_the_code_base_is_weights_only():
     """``torch.load`` only with ``weights_only=True``; no raw pickle loading at all."""
     offenders = []
@@ -124,6 +131,7 @@ def test_every_torch_load_in_the_code_base_is_weights_only():
 
 # --- leftovers, auto-resume ------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_stale_temp_files_are_ignored_and_removed(tmp_path, tiny_checkpoint):
     shutil.copy(tiny_checkpoint, tmp_path / checkpoint_filename(4))
     dead = tmp_path / ".tmp-999999999-abc.part"  # no such process
@@ -141,6 +149,7 @@ def test_stale_temp_files_are_ignored_and_removed(tmp_path, tiny_checkpoint):
     assert (tmp_path / checkpoint_filename(4)).exists()
 
 
+@pytest.mark.unit
 def test_find_resumable_skips_a_corrupt_newest_file(tmp_path, tiny_checkpoint):
     for step in (4, 8, 12):
         copy_checkpoint(tiny_checkpoint, tmp_path / checkpoint_filename(step), step=step)
@@ -148,12 +157,13 @@ def test_find_resumable_skips_a_corrupt_newest_file(tmp_path, tiny_checkpoint):
     (tmp_path / checkpoint_filename(12)).write_bytes(data[: len(data) // 3])
     (tmp_path / checkpoint_filename(16)).write_text("garbage")
     path, ckpt, problems = find_resumable(tmp_path)
-    assert path == tmp_path / checkpoint_filename(8) and ckpt["step"] == 8
+    assert path == tmp_path / checkpoint_filename(8) and ckpt.step == 8
     assert [p.split(":")[0] for p in problems] == ["skipped step_0000016.pt",
                                                    "skipped step_0000012.pt"]
     assert find_resumable(tmp_path / "missing") == (None, None, [])
 
 
+@pytest.mark.integration
 def test_auto_resume_starts_fresh_then_resumes_the_newest_valid(train_run, tmp_path):
     first = train_run(checkpoint_path="auto", training_steps=6, checkpoint_interval=3)
     assert first.run_name == "from_scratch-corpus"  # stable: no timestamp
@@ -174,6 +184,7 @@ def test_auto_resume_starts_fresh_then_resumes_the_newest_valid(train_run, tmp_p
     load_checkpoint(third.checkpoint_dir / checkpoint_filename(10))
 
 
+@pytest.mark.integration
 def test_auto_resume_uses_run_name_when_given(train_run, tmp_path):
     run = train_run(checkpoint_path="auto", run_name="nightly", training_steps=3)
     assert run.checkpoint_dir == tmp_path / "ckpt" / "nightly"
@@ -183,6 +194,7 @@ def test_auto_resume_uses_run_name_when_given(train_run, tmp_path):
 
 # --- rotation ----------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_rotate_keeps_newest_and_protected(tmp_path):
     for step in range(1, 8):
         (tmp_path / checkpoint_filename(step)).write_bytes(b"x")
@@ -191,6 +203,7 @@ def test_rotate_keeps_newest_and_protected(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2, 5, 6, 7]
 
 
+@pytest.mark.unit
 def test_rotate_ignores_steps_after_the_current_one(tmp_path):
     """A resumed run's new files are not rotated away in favour of a stale or corrupt later one."""
     for step in (3, 4, 5, 9):
@@ -199,6 +212,7 @@ def test_rotate_ignores_steps_after_the_current_one(tmp_path):
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4, 5, 9]
 
 
+@pytest.mark.integration
 def test_rotation_keeps_last_k_plus_the_best_checkpointed_step(train_run, monkeypatch):
     """The best val loss measured at a step without a checkpoint cannot be the protected one."""
     import lmtrain.train.loop as loop
@@ -219,6 +233,7 @@ def test_rotation_keeps_last_k_plus_the_best_checkpointed_step(train_run, monkey
     assert (last["best_step"], last["best_val_loss"]) == (6, 0.8)
 
 
+@pytest.mark.integration
 def test_checkpoints_are_not_rotated_when_the_new_one_fails(train_run, monkeypatch, tmp_path):
     import lmtrain.train.loop as loop
 
@@ -241,6 +256,7 @@ def test_checkpoints_are_not_rotated_when_the_new_one_fails(train_run, monkeypat
 
 # --- compatibility -------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_other_model_type_than_the_checkpoint_stops_clearly(tmp_path, tiny_checkpoint):
     env = {"CHECKPOINT_PATH": str(tiny_checkpoint), "MODEL_TYPE": "gpt2", "RESUME_STEPS": "1",
            "LOG_DIR": str(tmp_path / "logs"), "CHECKPOINT_DIR": str(tmp_path / "ckpt")}
@@ -251,6 +267,7 @@ def test_other_model_type_than_the_checkpoint_stops_clearly(tmp_path, tiny_check
     assert not (tmp_path / "ckpt").exists()
 
 
+@pytest.mark.unit
 def test_checkpoint_files_get_the_umask_permissions_like_a_plain_open(tmp_path):
     old = os.umask(0o022)
     try:
@@ -260,6 +277,7 @@ def test_checkpoint_files_get_the_umask_permissions_like_a_plain_open(tmp_path):
     assert path.stat().st_mode & 0o777 == 0o644  # not mkstemp's owner-only 0600
 
 
+@pytest.mark.unit
 def test_fields_of_the_wrong_type_are_a_damaged_checkpoint(tmp_path, tiny_checkpoint):
     bad = copy_checkpoint(tiny_checkpoint, tmp_path / "bad.pt", step="4", hyperparameters=[])
     with pytest.raises(UserError, match=r"damaged: step, hyperparameters have the wrong type"):

@@ -21,6 +21,7 @@ from tests.conftest import ROOT, child_env, run_entrypoint
 SUBCOMMANDS = ["train", "sample", "export", "inspect", "prepare", "tokenize", "plot"]
 
 
+@pytest.mark.integration
 def test_help_imports_no_heavy_library():
     code = ("import sys, lmtrain.cli as c; c.build_parser(); "
             "heavy = [m for m in ('torch', 'transformers', 'peft', 'matplotlib', 'tensorboard', "
@@ -29,6 +30,7 @@ def test_help_imports_no_heavy_library():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("command", SUBCOMMANDS)
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
@@ -37,6 +39,7 @@ def test_every_subcommand_has_help(command, capsys):
     assert len(capsys.readouterr().out) > 200
 
 
+@pytest.mark.unit
 def test_train_help_documents_env_twin_and_default(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -46,11 +49,13 @@ def test_train_help_documents_env_twin_and_default(capsys):
         assert needle in text
 
 
+@pytest.mark.unit
 def test_resume_flags_mirror_the_env_contract():
     args = build_parser().parse_args(["train", "--resume", "x.pt", "--resume-steps", "300"])
     assert (args.checkpoint_path, args.resume_steps) == ("x.pt", "300")
 
 
+@pytest.mark.integration
 def test_metrics_resume_marker_plot_and_sample(train_run, capsys):
     first = train_run(training_steps=6, checkpoint_interval=3, eval_interval=3)
     second = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000006.pt"),
@@ -80,17 +85,20 @@ def test_metrics_resume_marker_plot_and_sample(train_run, capsys):
     assert capsys.readouterr().out == once  # the seed makes sampling repeatable
 
 
+@pytest.mark.unit
 def test_plot_of_a_folder_without_metrics_is_a_clear_error(tmp_path, capsys):
     assert main(["plot", str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.integration
 def test_tensorboard_metrics(train_run):
     pytest.importorskip("tensorboard")
     summary = train_run(training_steps=3, metrics="tensorboard")
     assert list(summary.metrics_file.parent.glob("events.out.tfevents.*"))
 
 
+@pytest.mark.integration
 def test_training_resume_shim(tmp_path, corpus):
     env = {"TRAINING_DATA_SOURCE": str(corpus), "CHECKPOINT_DIR": str(tmp_path / "c"),
            "LOG_DIR": str(tmp_path / "l"), "TEST_MODE": "1", "TRAINING_STEPS": "4",
@@ -128,6 +136,7 @@ def _run_in_pty(args: list[str], env: dict[str, str]) -> tuple[int, str]:
     return proc.wait(timeout=60), b"".join(chunks).decode("utf-8", "replace")
 
 
+@pytest.mark.integration
 def test_progress_bar_on_a_terminal_and_clean_log_files(tmp_path, corpus):
     env = {"TRAINING_DATA_SOURCE": str(corpus), "CHECKPOINT_DIR": str(tmp_path / "c"),
            "LOG_DIR": str(tmp_path / "l"), "TEST_MODE": "1", "TRAINING_STEPS": "30",
@@ -142,6 +151,7 @@ def test_progress_bar_on_a_terminal_and_clean_log_files(tmp_path, corpus):
     assert json.loads((tmp_path / "l" / "pipe" / "metrics.jsonl").read_text().splitlines()[-1])
 
 
+@pytest.mark.integration
 def test_a_failing_metrics_write_warns_and_training_goes_on(train_run, monkeypatch):
     from lmtrain.reporting import MetricsWriter
 
@@ -166,6 +176,7 @@ def test_a_failing_metrics_write_warns_and_training_goes_on(train_run, monkeypat
     assert log_text.count("No space left on device") == 1 and "training goes on" in log_text
 
 
+@pytest.mark.integration
 def test_streamed_sample_equals_the_whole_decoded_sample(train_run, capsys):
     """Byte-level BPE tokens can split a character: streaming must print the same text."""
     import torch
@@ -181,19 +192,22 @@ def test_streamed_sample_equals_the_whole_decoded_sample(train_run, capsys):
                  "--seed", "5", "--temperature", "1.5"]) == 0
     streamed = capsys.readouterr().out
     loaded = load_trained_model(ckpt)
-    whole = generate_text(loaded.model, loaded.tokenizer, "Ay, ", 40, loaded.config.block_size,
-                          torch.device("cpu"), 1.5, loaded.config.top_k, seed=5)
+    whole = generate_text(loaded.model, loaded.tokenizer, "Ay, ", 40,
+                          loaded.config.model.block_size,
+                          torch.device("cpu"), 1.5, loaded.config.generation.top_k, seed=5)
     assert streamed == whole + "\n"
 
 
 # command-line nits ---------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_version(capsys):
     with pytest.raises(SystemExit) as info:
         main(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.strip() == "lmtrain 0.1.0"
 
 
+@pytest.mark.unit
 def test_an_unknown_train_flag_prints_the_train_usage(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--n-layr", "3"])
@@ -202,6 +216,7 @@ def test_an_unknown_train_flag_prints_the_train_usage(capsys):
     assert err.rstrip().endswith("unrecognized arguments: --n-layr 3 (did you mean --n-layer?)")
 
 
+@pytest.mark.unit
 def test_help_defaults_agree_and_show_the_presets(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
@@ -213,6 +228,7 @@ def test_help_defaults_agree_and_show_the_presets(capsys):
     assert "[env USE_LORA; default: off]" in text
 
 
+@pytest.mark.unit
 def test_prepare_flags_come_from_the_settings(capsys):
     assert main(["prepare", "--train-split", "2"]) == 2
     err = capsys.readouterr().err
@@ -224,6 +240,7 @@ def test_prepare_flags_come_from_the_settings(capsys):
     assert "[env CUSTOM_VOCAB_SIZE; default: 1024; TEST_MODE: 300]" in text
 
 
+@pytest.mark.integration
 def test_tokenize_honours_tokenization_method(tmp_path, monkeypatch, capsys):
     data = tmp_path / "d.txt"
     data.write_text("Hello world\n", encoding="utf-8")
@@ -235,6 +252,7 @@ def test_tokenize_honours_tokenization_method(tmp_path, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out) == [15496, 995]
 
 
+@pytest.mark.unit
 def test_tokenize_unknown_characters_advice_fits_the_command(tmp_path, capsys):
     data = tmp_path / "d.txt"
     data.write_text("hello there\n", encoding="utf-8")
@@ -244,6 +262,7 @@ def test_tokenize_unknown_characters_advice_fits_the_command(tmp_path, capsys):
     assert "'€'" in err and "DROP_UNKNOWN_CHARS" not in err and "--method" in err
 
 
+@pytest.mark.integration
 def test_sample_uses_the_runs_max_new_tokens(tiny_checkpoint, capsys):
     # the tiny run was trained with MAX_NEW_TOKENS=0: only the prompt comes back
     assert main(["sample", str(tiny_checkpoint), "--prompt", "AB"]) == 0
@@ -252,6 +271,7 @@ def test_sample_uses_the_runs_max_new_tokens(tiny_checkpoint, capsys):
     assert len(capsys.readouterr().out) == len("AB") + 5 + 1
 
 
+@pytest.mark.unit
 def test_checkpoint_errors_of_commands_name_their_argument(tmp_path, capsys):
     from lmtrain.errors import UserError
     from lmtrain.models.lora import check_base_reference
@@ -264,6 +284,7 @@ def test_checkpoint_errors_of_commands_name_their_argument(tmp_path, capsys):
         check_base_reference(None, None, "CKPT='x.pt'")
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("flag", "value", "words"), [
     ("--temperature", "1e-45", "--temperature='1e-45' is invalid: input should be greater than"),
     ("--top-p", "nan", "--top-p='nan' is invalid: input should be a finite number"),

@@ -24,6 +24,8 @@ from lmtrain.config import (
 from lmtrain.models import build_model
 from lmtrain.train.optim import build_optimizer, lr_multiplier
 
+pytestmark = pytest.mark.unit
+
 SRC = Path(__file__).resolve().parents[1] / "src" / "lmtrain"
 #: The env contract the first release documented: it must keep working, flat.
 CONTRACT = {
@@ -38,7 +40,8 @@ CONTRACT = {
 def test_groups_partition_the_settings_and_keep_the_flat_names():
     seen = [name for group in GROUPS.values() for name in group.model_fields]
     assert len(seen) == len(set(seen)), "a setting in two groups"
-    assert set(seen) == set(TrainingConfig.model_fields) == set(FIELDS)
+    assert set(seen) == set(FIELDS)
+    assert list(TrainingConfig.model_fields) == list(GROUPS)  # the config is its groups
     assert list(FIELDS) == seen  # FIELDS (help, README table) follows the groups' order
     assert {name.upper() for name in FIELDS} >= CONTRACT
     assert GROUP_OF["n_layer"] == "model" and GROUP_OF["learning_rate"] == "optimization"
@@ -46,12 +49,12 @@ def test_groups_partition_the_settings_and_keep_the_flat_names():
 
 
 def test_a_slice_holds_its_groups_values_and_nothing_else():
-    cfg = TrainingConfig(n_layer=2, n_head=2, n_embd=32, learning_rate=1e-3, batch_size=3)
+    cfg = TrainingConfig.from_flat(n_layer=2, n_head=2, n_embd=32, learning_rate=1e-3, batch_size=3)
     model = cfg.model
     assert type(model) is ModelSettings
     assert (model.n_layer, model.n_embd) == (2, 32)
     assert cfg.optimization.learning_rate == 1e-3 and cfg.optimization.batch_size == 3
-    assert cfg.optimization.decay_horizon == cfg.decay_horizon
+    assert cfg.optimization.decay_horizon == cfg.optimization.decay_horizon
     with pytest.raises(AttributeError):
         model.learning_rate  # noqa: B018 - a model slice knows nothing of optimization
     with pytest.raises(AttributeError):
@@ -59,16 +62,37 @@ def test_a_slice_holds_its_groups_values_and_nothing_else():
     for label, group in GROUPS.items():
         piece = getattr(cfg, label)
         assert type(piece) is group
-        assert piece.model_dump() == {k: getattr(cfg, k) for k in group.model_fields}
+        assert piece.model_dump() == {k: cfg.value(k) for k in group.model_fields}
+        assert getattr(cfg, label) is piece  # a field, not a copy built on each access
+    assert cfg.flat() == {k: cfg.value(k) for k in FIELDS}
+
+
+def test_the_whole_config_is_none_of_its_groups():
+    cfg = TrainingConfig.from_flat()
+    for group in GROUPS.values():
+        assert not isinstance(cfg, group)
+    with pytest.raises(AttributeError):
+        cfg.n_layer  # type: ignore[attr-defined]  # noqa: B018 - flat names live on the groups
+    assert TrainingConfig.model_validate({"model": {"n_layer": 3}}).model.n_layer == 3
+
+
+def test_flat_names_are_mapped_onto_the_groups_once():
+    cfg = TrainingConfig.from_flat(n_layer=3, learning_rate=1e-3, device="cpu")
+    assert (cfg.model.n_layer, cfg.optimization.learning_rate, cfg.run.device) == (3, 1e-3, "cpu")
+    assert TrainingConfig.from_flat(**cfg.flat()) == cfg
+    with pytest.raises(pydantic.ValidationError, match="n_layers"):
+        TrainingConfig.from_flat(n_layers=3)
 
 
 def test_settings_are_immutable_once_validated():
-    cfg = TrainingConfig()
-    with pytest.raises(pydantic.ValidationError):
-        cfg.n_layer = 9
+    cfg = TrainingConfig.from_flat()
     with pytest.raises(pydantic.ValidationError):
         cfg.model.n_layer = 9
-    assert cfg.model_copy(update={"n_layer": 9}).n_layer == 9 and cfg.n_layer == 4
+    with pytest.raises(pydantic.ValidationError):
+        cfg.model = ModelSettings(n_layer=9)
+    assert cfg.replace(n_layer=9).model.n_layer == 9 and cfg.model.n_layer == 4
+    with pytest.raises(pydantic.ValidationError):
+        cfg.replace(n_layer=-1)  # a copy is validated too
 
 
 def test_a_group_validates_on_its_own():
@@ -81,15 +105,15 @@ def test_a_group_validates_on_its_own():
 
 
 def test_model_and_optimizer_are_built_from_their_slices_alone():
-    cfg = TrainingConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, warmup_steps=2,
+    cfg = TrainingConfig.from_flat(n_layer=1, n_head=2, n_embd=16, block_size=8, warmup_steps=2,
                          training_steps=10)
     model = build_model(cfg.model, 11)
     optimizer = build_optimizer(model, cfg.optimization, torch.device("cpu"))
-    whole = build_model(cfg, 11)  # the flat config is every group at once: the same model
+    whole = build_model(TrainingConfig.from_flat(**cfg.flat()).model, 11)
     assert [p.shape for p in model.parameters()] == [p.shape for p in whole.parameters()]
     assert {k for g in optimizer.param_groups for k in g} >= {"lr", "weight_decay"}
     assert [lr_multiplier(s, cfg.optimization) for s in range(12)] == [
-        lr_multiplier(s, cfg) for s in range(12)]
+        lr_multiplier(s, cfg.optimization) for s in range(12)]
 
 
 #: Modules that do one job take only the groups they need, never the whole config.
@@ -131,3 +155,4 @@ def test_sample_settings_fall_back_to_env_then_the_run(tiny_checkpoint, monkeypa
     assert len(capsys.readouterr().out) == len("AB") + 4 + 1
     assert main(["sample", str(tiny_checkpoint), "--prompt", "AB", "--max-new-tokens", "2"]) == 0
     assert len(capsys.readouterr().out) == len("AB") + 2 + 1  # the flag beats the env var
+

@@ -47,6 +47,7 @@ def assert_every_checkpoint_loads(folder: Path) -> list[int]:
     return steps
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_kill_9_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path, corpus):
     """Each launch auto-resumes the same run; SIGKILL lands mid-step or mid-write."""
@@ -73,9 +74,10 @@ def test_kill_9_at_random_moments_never_leaves_a_bad_checkpoint(tmp_path, corpus
     remove_stale_temp_files(folder)
     assert [p.name for p in folder.iterdir() if not p.name.startswith("step_")] == [".lock"]
     _, ckpt, problems = find_resumable(folder)
-    assert problems == [] and ckpt["step"] == reached[-1]
+    assert problems == [] and ckpt.step == reached[-1]
 
 
+@pytest.mark.integration
 def test_kill_9_in_the_middle_of_a_write_keeps_the_old_file(tmp_path, tiny_checkpoint):
     target = tmp_path / checkpoint_filename(4)
     target.write_bytes(tiny_checkpoint.read_bytes())
@@ -98,6 +100,7 @@ def test_kill_9_in_the_middle_of_a_write_keeps_the_old_file(tmp_path, tiny_check
     assert not leftovers[0].exists()
 
 
+@pytest.mark.integration
 def test_disk_full_mid_run_reports_and_keeps_the_previous_checkpoint(train_run, tmp_path,
                                                                      monkeypatch):
     real_save = torch.save
@@ -122,6 +125,7 @@ def test_disk_full_mid_run_reports_and_keeps_the_previous_checkpoint(train_run, 
     assert "resume with: CHECKPOINT_PATH=" in message and "step_0000001.pt" in message
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("setting", ["checkpoint_dir", "log_dir"])
 def test_uncreatable_folder_is_found_before_training(train_run, tmp_path, setting):
     blocker = tmp_path / "a_file"
@@ -131,6 +135,7 @@ def test_uncreatable_folder_is_found_before_training(train_run, tmp_path, settin
     assert not list(tmp_path.rglob("metrics.jsonl"))  # training never started
 
 
+@pytest.mark.unit
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
                     reason="root can write to read-only folders")
 def test_read_only_checkpoint_dir_is_found_before_training(train_run, tmp_path):
@@ -164,6 +169,7 @@ def all_finite(ckpt) -> bool:
                if t.is_floating_point())
 
 
+@pytest.mark.integration
 def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
         train_run, tmp_path, monkeypatch):
     nan_at_step(monkeypatch, 3)
@@ -174,6 +180,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     assert all_finite(load_checkpoint(folder / checkpoint_filename(2)))
 
 
+@pytest.mark.integration
 def test_nan_loss_is_skipped_with_on_nan_skip(train_run, monkeypatch):
     nan_at_step(monkeypatch, 3)
     summary = train_run(training_steps=6, checkpoint_interval=3, on_nan="skip")

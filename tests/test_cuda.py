@@ -14,7 +14,8 @@ import torch
 
 from tests.conftest import ROOT, train_losses
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = [pytest.mark.integration,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 GPU = {"device": "cuda", "precision": "bf16"}
 

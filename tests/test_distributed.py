@@ -57,6 +57,7 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_two_processes_train_and_resume_bit_for_bit(corpus, tmp_path):
     full = torchrun(_env(corpus, tmp_path, training_steps=8,
@@ -86,6 +87,7 @@ def test_two_processes_train_and_resume_bit_for_bit(corpus, tmp_path):
     assert "2 process(es)" in full.stdout
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_resume_with_another_world_size_warns_and_continues(corpus, tmp_path, train_run):
     run = torchrun(_env(corpus, tmp_path, training_steps=4,
@@ -100,6 +102,7 @@ def test_resume_with_another_world_size_warns_and_continues(corpus, tmp_path, tr
     assert _load(summary.checkpoint_dir / "step_0000006.pt")["world_size"] == 1
 
 
+@pytest.mark.unit
 def test_env_info_reads_torchrun_variables():
     assert env_info({}) == DistInfo(0, 0, 1)
     info = env_info({"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "4"})
@@ -110,6 +113,7 @@ def test_env_info_reads_torchrun_variables():
         env_info({"RANK": "2", "WORLD_SIZE": "2"})
 
 
+@pytest.mark.unit
 def test_single_process_checkpoint_keeps_its_plain_sampler_state(tiny_checkpoint):
     ckpt = _load(tiny_checkpoint)
     assert ckpt["world_size"] == 1
@@ -131,6 +135,7 @@ def fake_group(monkeypatch) -> list[str]:
     return calls
 
 
+@pytest.mark.unit
 def test_cleanup_skips_the_barrier_when_this_rank_fails_alone(fake_group):
     from lmtrain.distributed import cleanup
     from lmtrain.errors import TrainingInterrupted
@@ -151,6 +156,7 @@ def test_cleanup_skips_the_barrier_when_this_rank_fails_alone(fake_group):
     assert fake_group == ["barrier", "destroy", "barrier", "destroy"]
 
 
+@pytest.mark.unit
 def test_main_process_first_releases_the_others_when_rank_0_fails(fake_group):
     from lmtrain.distributed import main_process_first
 
@@ -159,6 +165,7 @@ def test_main_process_first_releases_the_others_when_rank_0_fails(fake_group):
     assert fake_group == ["barrier"]
 
 
+@pytest.mark.unit
 def test_one_cuda_index_for_many_processes_of_a_machine_is_refused(monkeypatch):
     from lmtrain.distributed import init_distributed
 

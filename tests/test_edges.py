@@ -19,6 +19,7 @@ from lmtrain.errors import UserError
 from tests.conftest import ROOT, run_entrypoint
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("var", "suggestion"), [
     ("TRAINNG_STEPS", "TRAINING_STEPS"), ("LEARNING_RAT", "LEARNING_RATE"),
     ("LORA_RANK", "LORA_R"), ("TRAINING_STEP_COUNT", "TRAINING_STEPS"), ("SEEDS", "SEED"),
@@ -29,6 +30,7 @@ def test_misspelt_env_vars_get_a_did_you_mean(var, suggestion):
     assert f"did you mean {suggestion}?" in warning
 
 
+@pytest.mark.unit
 def test_unrelated_env_vars_and_real_settings_pass_quietly():
     env = {"PATH": "/bin", "HOME": "/h", "LANG": "C", "RANK": "0", "WORLD_SIZE": "2",
            "MASTER_PORT": "1", "LOCAL_RANK": "0", "TERM": "xterm", "SHELL": "/bin/sh",
@@ -36,6 +38,7 @@ def test_unrelated_env_vars_and_real_settings_pass_quietly():
     assert env_typos(env) == []
 
 
+@pytest.mark.unit
 def test_a_toml_typo_is_still_refused(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text("trainng_steps = 3\n")
@@ -44,6 +47,7 @@ def test_a_toml_typo_is_still_refused(tmp_path):
         read_config_file(path)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("name", "value", "words"), [
     ("learning_rate", "inf", "finite"), ("learning_rate", "nan", "finite"),
     ("dropout", "-inf", "finite"), ("min_lr_ratio", "nan", "finite"),
@@ -55,10 +59,13 @@ def test_values_that_would_crash_later_are_refused_now(name, value, words):
         load_fresh(*explicit_settings(env={name.upper(): value}))
 
 
+@pytest.mark.unit
 def test_largest_seed_is_accepted():
-    assert load_fresh(*explicit_settings(env={"SEED": str(2**63 - 1)})).config.seed == 2**63 - 1
+    loaded = load_fresh(*explicit_settings(env={"SEED": str(2**63 - 1)}))
+    assert loaded.config.optimization.seed == 2**63 - 1
 
 
+@pytest.mark.unit
 def test_resume_settings_are_checked_one_by_one_before_the_checkpoint_is_read():
     # a combination that only the checkpoint can settle (its N_EMBD) is left to the resume
     check_settings(*explicit_settings(env={"CHECKPOINT_PATH": "x.pt", "N_HEAD": "3"}))
@@ -68,6 +75,7 @@ def test_resume_settings_are_checked_one_by_one_before_the_checkpoint_is_read():
         check_settings(*explicit_settings(env={"N_HEAD": "3", "N_EMBD": "10"}))
 
 
+@pytest.mark.integration
 def test_a_bad_setting_fails_before_torch_is_imported(tmp_path):
     t0 = time.monotonic()
     proc = run_entrypoint(["-X", "importtime", str(ROOT / "training.py")],
@@ -86,6 +94,7 @@ def test_a_bad_setting_fails_before_torch_is_imported(tmp_path):
     assert seconds < 3.0  # ~0.25 s alone; importing torch first took ~4 s
 
 
+@pytest.mark.integration
 def test_bad_setting_error_is_fast_through_the_cli_too(tmp_path):
     proc = run_entrypoint(["-m", "lmtrain", "train", "--learning-rate", "inf"], {}, tmp_path)
     assert proc.returncode == 2 and proc.stderr.startswith("error: LEARNING_RATE='inf'")
@@ -95,14 +104,16 @@ def test_bad_setting_error_is_fast_through_the_cli_too(tmp_path):
 def cfg(**values) -> TrainingConfig:
     values.setdefault("lr_decay_steps", values.get("training_steps", 4000))
     values.setdefault("warmup_steps", 5)
-    return TrainingConfig(**values)
+    return TrainingConfig.from_flat(**values)
 
 
+@pytest.mark.unit
 def test_resume_steps_on_a_fresh_run_is_called_ignored():
     (warning,) = run_warnings(cfg(resume_steps=50, training_steps=200), 0, resumed=False)
     assert warning.startswith("RESUME_STEPS=50 is ignored: this run starts fresh")
 
 
+@pytest.mark.unit
 def test_resuming_a_finished_checkpoint_says_how_to_continue():
     (warning,) = run_warnings(cfg(training_steps=30), 30, resumed=True)
     assert "at step 30" in warning and "nothing to train" in warning
@@ -110,6 +121,7 @@ def test_resuming_a_finished_checkpoint_says_how_to_continue():
     assert run_warnings(cfg(training_steps=30, resume_steps=0), 30, resumed=True) == []
 
 
+@pytest.mark.unit
 def test_warmup_longer_than_the_run():
     (warning,) = run_warnings(cfg(training_steps=50, warmup_steps=100), 0, resumed=False)
     assert warning.startswith("WARMUP_STEPS=100 covers every step of this run (it ends at step 50)")
@@ -118,6 +130,7 @@ def test_warmup_longer_than_the_run():
                         resumed=False) == []
 
 
+@pytest.mark.unit
 def test_resuming_past_the_decay_horizon_says_how_to_extend():
     c = cfg(training_steps=30, resume_steps=30, learning_rate=1e-3, min_lr_ratio=0.1)
     (warning,) = run_warnings(c, 30, resumed=True)
@@ -130,11 +143,13 @@ def test_resuming_past_the_decay_horizon_says_how_to_extend():
     assert run_warnings(extended, 30, resumed=True) == []
 
 
+@pytest.mark.unit
 def test_a_plain_run_gets_no_warnings():
     assert run_warnings(cfg(training_steps=200, warmup_steps=10), 0, resumed=False) == []
     assert run_warnings(cfg(training_steps=200), 100, resumed=True) == []
 
 
+@pytest.mark.integration
 def test_session_logs_the_warnings(train_run):
     summary = train_run(training_steps=3, warmup_steps=5, max_new_tokens=0)
     assert "WARMUP_STEPS=5 covers every step of this run" in summary.log_file.read_text()

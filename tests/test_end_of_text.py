@@ -48,6 +48,7 @@ def hf_gpt2(tmp_path_factory):
     return GPT2TokenizerFast.from_pretrained(folder)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("text", HARD_STRINGS)
 def test_gpt2_agrees_with_gpt2_tokenizer_fast(hf_gpt2, text: str, capsys) -> None:
     tok = GPT2Tokenizer()
@@ -59,11 +60,13 @@ def test_gpt2_agrees_with_gpt2_tokenizer_fast(hf_gpt2, text: str, capsys) -> Non
     assert json.loads(capsys.readouterr().out) == expected
 
 
+@pytest.mark.unit
 def test_tokenize_command_gives_one_id_for_end_of_text(capsys) -> None:
     assert main(["tokenize", "--method", "gpt2", "<|endoftext|>"]) == 0
     assert json.loads(capsys.readouterr().out) == [50256]
 
 
+@pytest.mark.unit
 def test_eot_ids() -> None:
     assert GPT2Tokenizer().eot_id == 50256
     assert CharTokenizer.train(["abc"]).eot_id is None
@@ -73,6 +76,7 @@ def test_eot_ids() -> None:
     assert document_separator(CharTokenizer.train(["abc"])) == "\n\n"
 
 
+@pytest.mark.unit
 def test_learned_bpe_reserves_end_of_text_and_learns_no_merge_across_it() -> None:
     text = Path(DEFAULT_CORPUS).read_text(encoding="utf-8")[:5000].replace("\n\n", EOT_TEXT)
     tok = BPETokenizer.train([text], 300)
@@ -83,6 +87,7 @@ def test_learned_bpe_reserves_end_of_text_and_learns_no_merge_across_it() -> Non
     assert again.eot_id == 0 and again.encode(text) == tok.encode(text)
 
 
+@pytest.mark.unit
 def test_an_older_learned_bpe_has_no_end_of_text() -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
@@ -95,12 +100,13 @@ def test_an_older_learned_bpe_has_no_end_of_text() -> None:
 
 
 def _tokens(tmp_path: Path, source: Path, method: str) -> tuple[object, list[int]]:
-    cfg = TrainingConfig(training_data_source=str(source), tokenization_method=method,
+    cfg = TrainingConfig.from_flat(training_data_source=str(source), tokenization_method=method,
                          custom_vocab_size=300, cache_dir=str(tmp_path / "cache"))
-    tokenizer, array = prepare_tokens(cfg, progress=False)
+    tokenizer, array = prepare_tokens(cfg.data, progress=False)
     return tokenizer, array.load().tolist()
 
 
+@pytest.mark.unit
 def test_folder_documents_are_separated_by_end_of_text(tmp_path: Path) -> None:
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -115,6 +121,7 @@ def test_folder_documents_are_separated_by_end_of_text(tmp_path: Path) -> None:
     assert chars == char.encode("first doc\n\n\nsecond doc\n\nthird")
 
 
+@pytest.mark.unit
 def test_jsonl_records_are_separated_by_end_of_text(tmp_path: Path) -> None:
     path = tmp_path / "qa.jsonl"
     rows = [{"text": f"QUESTION: what is {i} plus {i}? ANSWER: {2 * i}. " * 4} for i in range(60)]
@@ -128,6 +135,7 @@ def test_jsonl_records_are_separated_by_end_of_text(tmp_path: Path) -> None:
     assert [d.removeprefix(EOT_TEXT) for d in docs[1:]] == [r["text"] for r in rows[1:]]
 
 
+@pytest.mark.integration
 def test_exported_tokenizers_agree_id_for_id(train_run, tmp_path: Path) -> None:
     from transformers import AutoTokenizer
 

@@ -10,6 +10,8 @@ import torch
 from lmtrain.checkpoint import list_checkpoints
 from tests.conftest import ROOT, run_entrypoint, tiny_env
 
+pytestmark = pytest.mark.integration
+
 TINY_ENV = tiny_env(batch_size=2, eval_iters=1)
 
 

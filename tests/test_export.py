@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from lmtrain.cli import main
 from lmtrain.inference import load_trained_model
 from lmtrain.models import model_logits
+
+pytestmark = pytest.mark.integration
 
 TEXT = "QUESTION: What is the capital of France? ANSWER: Paris.\n"
 
@@ -25,14 +28,14 @@ def assert_round_trip(ckpt: Path, out: Path) -> None:
     ids = loaded.tokenizer.encode(TEXT)
     assert hf_tok(TEXT)["input_ids"] == ids
     assert hf_tok.decode(ids) == TEXT
-    x = torch.tensor([ids[: loaded.config.block_size]])
+    x = torch.tensor([ids[: loaded.config.model.block_size]])
     with torch.no_grad():
         ours, theirs = model_logits(loaded.model, x), hf_model(x).logits
     assert theirs.shape == ours.shape
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-5)
     out_ids = hf_model.generate(x[:, :4], max_new_tokens=3, do_sample=False)
     assert out_ids.shape == (1, 7)
-    assert hf_model.config.n_positions >= loaded.config.block_size
+    assert hf_model.config.n_positions >= loaded.config.model.block_size
 
 
 def test_export_gpt2_lora_merged(train_run, tmp_path, tiny_gpt2_dir, qa_corpus):

@@ -8,6 +8,8 @@ import torch
 from lmtrain.models.export_llama import llama_to_hf
 from lmtrain.models.gpt import GPT, GPTConfig
 
+pytestmark = pytest.mark.integration
+
 
 @pytest.mark.parametrize("qk_norm", [False, True])
 def test_hf_model_gives_the_same_logits(tmp_path, qk_norm):

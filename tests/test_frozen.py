@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lmtrain.train.frozen import store_frozen_base_in
@@ -11,11 +12,12 @@ def _lora_gpt2(tiny_gpt2_dir):
     from lmtrain.config import TrainingConfig
     from lmtrain.models import build_model
 
-    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=16,
+    cfg = TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                                   block_size=16,
                          tokenization_method="gpt2", use_lora=True, dropout=0.0,
                          lora_dropout=0.0)
     torch.manual_seed(0)
-    return build_model(cfg, 50257)
+    return build_model(cfg.model, 50257)
 
 
 def _loss_and_grads(model, x, y):
@@ -27,6 +29,7 @@ def _loss_and_grads(model, x, y):
     return loss.detach(), torch.autograd.grad(loss, params)
 
 
+@pytest.mark.integration
 def test_bf16_base_gives_bit_identical_loss_and_adapter_gradients(tiny_gpt2_dir) -> None:
     model = _lora_gpt2(tiny_gpt2_dir)
     for p in model.parameters():  # nonzero adapters, so every path carries signal
@@ -46,6 +49,7 @@ def test_bf16_base_gives_bit_identical_loss_and_adapter_gradients(tiny_gpt2_dir)
         assert torch.equal(a, b)
 
 
+@pytest.mark.unit
 def test_fp32_runs_and_plain_models_are_left_alone(tiny_gpt2_dir) -> None:
     from lmtrain.models.gpt import GPTConfig, build_from_scratch
 
@@ -55,6 +59,7 @@ def test_fp32_runs_and_plain_models_are_left_alone(tiny_gpt2_dir) -> None:
     assert store_frozen_base_in(gpt, torch.bfloat16) == 0
 
 
+@pytest.mark.integration
 def test_a_bf16_base_still_samples(tiny_gpt2_dir) -> None:
     from lmtrain.generate import sample_tokens
 
@@ -64,6 +69,7 @@ def test_a_bf16_base_still_samples(tiny_gpt2_dir) -> None:
     assert len(out) == 5
 
 
+@pytest.mark.integration
 def test_a_bf16_lora_session_trains_samples_and_resumes(train_run, tiny_gpt2_dir, qa_corpus):
     common = dict(model_type="gpt2", use_lora=True, gpt2_model_name=str(tiny_gpt2_dir),
                   tokenization_method="gpt2", training_data_source=str(qa_corpus),
@@ -75,6 +81,7 @@ def test_a_bf16_lora_session_trains_samples_and_resumes(train_run, tiny_gpt2_dir
     assert again.end_step == 3
 
 
+@pytest.mark.integration
 def test_a_from_scratch_bf16_run_never_imports_peft_or_transformers(tmp_path, corpus) -> None:
     """Looking for LoRA layers to cast costs a run without LoRA nothing (peft pulls in
     transformers: ~1.5 s of every bf16 start)."""
@@ -83,7 +90,7 @@ def test_a_from_scratch_bf16_run_never_imports_peft_or_transformers(tmp_path, co
 
     from tests.conftest import child_env, tiny_env
 
-    env = tiny_env(precision="bf16", training_data_source=str(corpus),
+    env = tiny_env(precision="bf16", training_data_source=str(corpus), training_steps=2,
                    checkpoint_dir=str(tmp_path / "ck"), log_dir=str(tmp_path / "lg"))
     code = ("import sys\n"
             "from lmtrain.cli import env_entrypoint\n"

@@ -23,6 +23,7 @@ def gpt2_table() -> list[bytes]:
     return token_bytes(GPT2Tokenizer())
 
 
+@pytest.mark.unit
 def test_default_prompt_no_longer_ends_on_the_lone_space(gpt2_table) -> None:
     tok = GPT2Tokenizer()
     ids = tok.encode("QUESTION: ")
@@ -35,6 +36,7 @@ def test_default_prompt_no_longer_ends_on_the_lone_space(gpt2_table) -> None:
     assert len(healed.allowed) > 10_000  # every space-led word
 
 
+@pytest.mark.unit
 def test_healing_leaves_complete_tokens_and_characters_alone(gpt2_table) -> None:
     from lmtrain.data.tokenizers import CharTokenizer
 
@@ -44,6 +46,7 @@ def test_healing_leaves_complete_tokens_and_characters_alone(gpt2_table) -> None
     assert heal_prompt([220], gpt2_table).context == [220]  # a prompt of one token stays
 
 
+@pytest.mark.unit
 def test_sampling_feeds_the_healed_prompt_and_starts_with_the_removed_text(tiny_gpt2_dir):
     from transformers import GPT2LMHeadModel
 
@@ -61,14 +64,16 @@ def test_sampling_feeds_the_healed_prompt_and_starts_with_the_removed_text(tiny_
     assert text.startswith(expected)  # the prompt's space is the first token's own
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lora", [False, True])
 def test_gpt2_greedy_is_the_same_with_and_without_the_cache(tiny_gpt2_dir, lora) -> None:
     from lmtrain.config import TrainingConfig
     from lmtrain.models import build_model
 
-    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=16,
+    cfg = TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                                   block_size=16,
                          tokenization_method="gpt2", use_lora=lora, dropout=0.0)
-    model = build_model(cfg, 50257)
+    model = build_model(cfg.model, 50257)
     assert Decoder(model, 16, CPU).kind == "hf"
     context = GPT2Tokenizer().encode("Hello there, how are")
     cached = _greedy(model, context, 30, 16, cache=True)  # crosses block_size: re-prefill
@@ -76,6 +81,7 @@ def test_gpt2_greedy_is_the_same_with_and_without_the_cache(tiny_gpt2_dir, lora)
     assert len(set(cached)) > 1
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("n_layer", [2, 0])  # the GPT and the bigram model
 def test_gpt_greedy_is_the_same_with_and_without_the_cache(n_layer) -> None:
     from lmtrain.models.gpt import GPTConfig, build_from_scratch
@@ -104,6 +110,7 @@ class _Always(nn.Module):
         return logits
 
 
+@pytest.mark.unit
 def test_sampling_stops_at_end_of_text_unless_told_not_to() -> None:
     tok, model = GPT2Tokenizer(), _Always(50257, GPT2_EOT)
     assert generate_text(model, tok, "", 5, 16, CPU) == ""
@@ -113,6 +120,7 @@ def test_sampling_stops_at_end_of_text_unless_told_not_to() -> None:
     assert healed.startswith("Hi there") and len(tok.encode(healed)) == 2
 
 
+@pytest.mark.unit
 def test_top_p_keeps_the_smallest_set_holding_the_mass() -> None:
     logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
     gen = torch.Generator().manual_seed(0)
@@ -126,6 +134,7 @@ def test_top_p_keeps_the_smallest_set_holding_the_mass() -> None:
     assert drawn(1.0) == {0, 1, 2, 3}
 
 
+@pytest.mark.unit
 def test_first_token_is_drawn_from_the_allowed_ids() -> None:
     logits = torch.tensor([5.0, 0.0, 0.0, 0.0])
     gen = torch.Generator().manual_seed(0)
@@ -134,6 +143,7 @@ def test_first_token_is_drawn_from_the_allowed_ids() -> None:
     assert pick_token(logits, Sampling(top_k=1), gen, allowed) == 2
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("text", ["héllo wörld 🙂🙃 ok", "  spaces\n\n\tand tabs ", "日本語"])
 def test_streamed_pieces_join_to_the_decoded_text(text, corpus_text) -> None:
     for tok in (GPT2Tokenizer(), BPETokenizer.train([corpus_text, text], 300)):
@@ -144,6 +154,7 @@ def test_streamed_pieces_join_to_the_decoded_text(text, corpus_text) -> None:
         assert all("\ufffd" not in p for p in pieces)  # a split character waits for its end
 
 
+@pytest.mark.unit
 def test_sample_command_takes_top_p_and_no_stop(tiny_checkpoint, capsys) -> None:
     assert main(["sample", str(tiny_checkpoint), "--prompt", "KING", "--max-new-tokens", "12",
                  "--top-p", "0.9", "--no-stop-at-eot", "--seed", "3"]) == 0

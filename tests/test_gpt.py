@@ -7,6 +7,8 @@ import torch
 
 from lmtrain.models.gpt import GPT, BigramLM, GPTConfig
 
+pytestmark = pytest.mark.unit
+
 ARCHES = [("gpt2", False), ("llama", False), ("llama", True)]
 
 

@@ -16,7 +16,7 @@ from tests.conftest import run_entrypoint, save_tiny_gpt2
 
 
 def gpt2_settings(model_dir: Path, **over) -> TrainingConfig:
-    return TrainingConfig(model_type="gpt2", gpt2_model_name=str(model_dir),
+    return TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(model_dir),
                           tokenization_method="gpt2", block_size=32, **over)
 
 
@@ -31,6 +31,7 @@ def write_genuine_bpe_files(folder: Path) -> None:
     (folder / "merges.txt").write_bytes(gpt2_file("vocab.bpe"))
 
 
+@pytest.mark.integration
 def test_full_finetune_trains_every_weight(train_run, tiny_gpt2_dir, qa_corpus):
     from transformers import GPT2LMHeadModel
 
@@ -50,8 +51,9 @@ def test_full_finetune_trains_every_weight(train_run, tiny_gpt2_dir, qa_corpus):
     assert summary.final_losses["train"] < 11.0  # ln(50257) = 10.82 is where it starts
 
 
+@pytest.mark.unit
 def test_load_gpt2_uses_sdpa_fp32_and_run_dropout(tiny_gpt2_dir):
-    model = load_gpt2(gpt2_settings(tiny_gpt2_dir, dropout=0.2), 50257)
+    model = load_gpt2(gpt2_settings(tiny_gpt2_dir, dropout=0.2).model, 50257)
     assert model.config._attn_implementation == "sdpa"
     assert {model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop} == {0.2}
     assert model.transformer.drop.p == 0.2
@@ -59,6 +61,7 @@ def test_load_gpt2_uses_sdpa_fp32_and_run_dropout(tiny_gpt2_dir):
     assert model.config.use_cache is False
 
 
+@pytest.mark.unit
 def test_folder_with_genuine_files_uses_shipped_tokenizer(tmp_path, tiny_gpt2_dir):
     folder = tmp_path / "model"
     shutil.copytree(tiny_gpt2_dir, folder)
@@ -67,6 +70,7 @@ def test_folder_with_genuine_files_uses_shipped_tokenizer(tmp_path, tiny_gpt2_di
     assert tokenizer_of(gpt2_settings(tiny_gpt2_dir)).kind == "gpt2"  # no files: shipped
 
 
+@pytest.mark.integration
 def test_folder_with_its_own_bpe_trains_and_resumes(tmp_path, train_run, qa_corpus):
     from lmtrain.data.tokenizers import BPETokenizer
 
@@ -86,24 +90,28 @@ def test_folder_with_its_own_bpe_trains_and_resumes(tmp_path, train_run, qa_corp
     assert resumed.end_step == 3
 
 
+@pytest.mark.unit
 def test_tokenizer_must_match_the_model_vocabulary(tmp_path):
     folder = save_tiny_gpt2(tmp_path / "model", vocab_size=300)  # no files: shipped 50,257
     with pytest.raises(UserError, match=r"300 token embeddings .* 50257 tokens"):
         tokenizer_of(gpt2_settings(folder))
 
 
+@pytest.mark.unit
 def test_other_tokenization_method_is_refused(train_run, tiny_gpt2_dir, qa_corpus):
     with pytest.raises(UserError, match="TOKENIZATION_METHOD='character' does not apply"):
         train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
                   tokenization_method="character", training_data_source=str(qa_corpus))
 
 
+@pytest.mark.unit
 def test_block_size_above_n_positions_names_block_size(train_run, tiny_gpt2_dir, qa_corpus):
     with pytest.raises(UserError, match=r"^BLOCK_SIZE=65 exceeds .* 64 positions"):
         train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=65,
                   training_data_source=str(qa_corpus))
 
 
+@pytest.mark.unit
 def test_missing_folder_explains_both_ways(train_run, tmp_path, qa_corpus):
     missing = tmp_path / "no-such-model"
     with pytest.raises(UserError) as info:
@@ -115,6 +123,7 @@ def test_missing_folder_explains_both_ways(train_run, tmp_path, qa_corpus):
     assert "\n" not in message
 
 
+@pytest.mark.integration
 def test_uncached_hub_id_fails_offline_with_one_line(tmp_path, qa_corpus):
     env = {"MODEL_TYPE": "gpt2", "GPT2_MODEL_NAME": "lmtrain-test/not-a-cached-model",
            "TRAINING_DATA_SOURCE": str(qa_corpus), "HF_HOME": str(tmp_path / "hf"),
@@ -129,6 +138,7 @@ def test_uncached_hub_id_fails_offline_with_one_line(tmp_path, qa_corpus):
     assert "ALLOW_DOWNLOAD=1" in errors[0]
 
 
+@pytest.mark.integration
 def test_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny_gpt2_dir, qa_corpus):
     commit = "0123456789abcdef0123456789abcdef01234567"
     repo = tmp_path / "hf" / "hub" / "models--lmtrain-test--tiny-gpt2"
@@ -145,6 +155,7 @@ def test_hub_id_resolves_from_the_local_cache_only(tmp_path, tiny_gpt2_dir, qa_c
     assert "gpt2 tokenizer (50257 tokens)" in proc.stdout + proc.stderr
 
 
+@pytest.mark.integration
 def test_resume_after_the_model_folder_moved(tmp_path, train_run, tiny_gpt2_dir, qa_corpus):
     """GPT2_MODEL_NAME may change on resume; the weights must still fit the new folder's model."""
     import shutil
@@ -162,6 +173,7 @@ def test_resume_after_the_model_folder_moved(tmp_path, train_run, tiny_gpt2_dir,
         train_run(checkpoint_path=ckpt, resume_steps=1, gpt2_model_name=str(other))
 
 
+@pytest.mark.unit
 def test_an_explicit_shape_that_differs_from_the_model_is_refused(train_run, tiny_gpt2_dir,
                                                                   qa_corpus):
     with pytest.raises(UserError) as info:
@@ -172,6 +184,7 @@ def test_an_explicit_shape_that_differs_from_the_model_is_refused(train_run, tin
     assert "N_LAYER=2" in message and "\n" not in message
 
 
+@pytest.mark.integration
 def test_the_run_records_the_real_shape_and_context(train_run, tiny_gpt2_dir, qa_corpus,
                                                     capsys):
     from lmtrain.cli import main
@@ -194,10 +207,11 @@ def test_the_run_records_the_real_shape_and_context(train_run, tiny_gpt2_dir, qa
         train_run(checkpoint_path=str(ckpt), resume_steps=1, n_layer=4)
 
 
+@pytest.mark.integration
 def test_an_older_checkpoint_with_the_default_shape_resumes_with_the_true_one(
         train_run, tiny_gpt2_dir, qa_corpus, tmp_path):
     from lmtrain.checkpoint import save_checkpoint
-    from lmtrain.checkpoint_schema import DIGEST_KEY
+    from lmtrain.checkpoint_format import DIGEST_KEY
 
     first = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
                       training_data_source=str(qa_corpus), training_steps=2,
@@ -215,12 +229,13 @@ def test_an_older_checkpoint_with_the_default_shape_resumes_with_the_true_one(
     assert (hp["n_layer"], hp["n_head"], hp["n_embd"], hp["n_positions"]) == (2, 2, 64, 64)
 
 
+@pytest.mark.integration
 def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir):
     from lmtrain.models.gpt2 import load_gpt2
 
     def one_step(checkpointing: bool) -> dict[str, torch.Tensor]:
         torch.manual_seed(0)
-        model = load_gpt2(gpt2_settings(tiny_gpt2_dir, gradient_checkpointing=checkpointing),
+        model = load_gpt2(gpt2_settings(tiny_gpt2_dir, gradient_checkpointing=checkpointing).model,
                           50257)
         model.train()
         assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules()) \
@@ -234,11 +249,13 @@ def test_gradient_checkpointing_trains_the_same_weights(tmp_path, tiny_gpt2_dir)
         torch.testing.assert_close(recomputed[name], grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_gradient_checkpointing_needs_gpt2():
     with pytest.raises(ValueError, match="GRADIENT_CHECKPOINTING=1 needs MODEL_TYPE=gpt2"):
-        TrainingConfig(gradient_checkpointing=True)
+        TrainingConfig.from_flat(gradient_checkpointing=True)
 
 
+@pytest.mark.integration
 def test_gradient_checkpointing_runs_a_lora_fine_tune(train_run, tiny_gpt2_dir, qa_corpus):
     summary = train_run(model_type="gpt2", use_lora=True, gpt2_model_name=str(tiny_gpt2_dir),
                         gradient_checkpointing=True, training_data_source=str(qa_corpus),

@@ -22,10 +22,10 @@ VAL_DOCS = ["A validation document.", "And another: zebra quiz."] * 20
 
 def token_data(cfg):
     """The run's token data for ``cfg``, as a training run loads it."""
-    return load_token_data(cfg.data, block_size=cfg.block_size)
+    return load_token_data(cfg.data, block_size=cfg.model.block_size)
 
 def config(source: Path | str, tmp_path: Path, **kw) -> TrainingConfig:
-    return TrainingConfig(**{"training_data_source": str(source), "block_size": 8,
+    return TrainingConfig.from_flat(**{"training_data_source": str(source), "block_size": 8,
                              "cache_dir": str(tmp_path / "cache"), **kw})
 
 
@@ -36,6 +36,7 @@ def write_parquet(path: Path, docs: list[str | None], column: str = "text") -> P
     return path
 
 
+@pytest.mark.integration
 def test_a_parquet_file_streams_its_text_column_in_order(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "d.parquet", [*TRAIN_DOCS[:3], None, "last"])
     stream = ArrowStream(str(path), [path])
@@ -44,6 +45,7 @@ def test_a_parquet_file_streams_its_text_column_in_order(tmp_path: Path) -> None
     assert stream.bytes_read == path.stat().st_size
 
 
+@pytest.mark.unit
 def test_arrow_files_and_streams_read_alike(tmp_path: Path) -> None:
     table = pa.table({"text": TRAIN_DOCS})
     as_file, as_stream = tmp_path / "f.arrow", tmp_path / "s.arrow"
@@ -56,29 +58,32 @@ def test_arrow_files_and_streams_read_alike(tmp_path: Path) -> None:
     assert "".join(ArrowStream("s", [as_stream])) == expected
 
 
+@pytest.mark.unit
 def test_parquet_source_tokens_are_cached_by_content(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "d.parquet", TRAIN_DOCS)
     cfg = config(path, tmp_path)
-    tok, first = prepare_tokens(cfg)
+    tok, first = prepare_tokens(cfg.data)
     assert not first.cached
     assert first.load().tolist() == tok.encode("\n\n".join(TRAIN_DOCS))
-    _, again = prepare_tokens(cfg)
+    _, again = prepare_tokens(cfg.data)
     assert again.cached and again.path == first.path
     write_parquet(path, [*TRAIN_DOCS, "one more document"])
-    _, changed = prepare_tokens(cfg)
+    _, changed = prepare_tokens(cfg.data)
     assert not changed.cached and changed.path != first.path
 
 
+@pytest.mark.unit
 def test_text_field_selects_the_column_and_names_the_choices(tmp_path: Path) -> None:
     path = write_parquet(tmp_path / "d.parquet", TRAIN_DOCS, column="body")
     with pytest.raises(UserError, match=r"no column 'text' \(it has body, id\); set TEXT_FIELD"):
-        prepare_tokens(config(path, tmp_path))
+        prepare_tokens(config(path, tmp_path).data)
     with pytest.raises(UserError, match="holds int64, not text"):
-        prepare_tokens(config(path, tmp_path, text_field="id"))
-    tok, arr = prepare_tokens(config(path, tmp_path, text_field="body"))
+        prepare_tokens(config(path, tmp_path, text_field="id").data)
+    tok, arr = prepare_tokens(config(path, tmp_path, text_field="body").data)
     assert tok.decode(arr.load().tolist()) == "\n\n".join(TRAIN_DOCS)
 
 
+@pytest.mark.unit
 def test_a_validation_split_replaces_the_train_split_cut(tmp_path: Path) -> None:
     folder = tmp_path / "ds"
     write_parquet(folder / "data" / "train-00000-of-00001.parquet", TRAIN_DOCS)
@@ -93,6 +98,7 @@ def test_a_validation_split_replaces_the_train_split_cut(tmp_path: Path) -> None
     assert set("zbq") <= set(tok.decode(data.val.tolist()))  # the vocabulary covers validation
 
 
+@pytest.mark.unit
 def test_a_folder_without_split_names_trains_on_every_file(tmp_path: Path) -> None:
     write_parquet(tmp_path / "ds" / "a.parquet", TRAIN_DOCS[:30])
     write_parquet(tmp_path / "ds" / "b.parquet", TRAIN_DOCS[30:])
@@ -102,22 +108,25 @@ def test_a_folder_without_split_names_trains_on_every_file(tmp_path: Path) -> No
     assert len(data.train) == int(n * 0.75) and len(data.train) + len(data.val) == n
 
 
+@pytest.mark.unit
 def test_a_broken_parquet_file_is_one_clear_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"PAR1 this is not parquet")
     with pytest.raises(UserError, match=r"bad\.parquet is not a Parquet file"):
-        prepare_tokens(config(bad, tmp_path))
+        prepare_tokens(config(bad, tmp_path).data)
 
 
+@pytest.mark.unit
 def test_progress_bar_counts_rows(tmp_path: Path, capsys) -> None:
     path = write_parquet(tmp_path / "d.parquet", TRAIN_DOCS)
-    prepare_splits(config(path, tmp_path), progress=True)
+    prepare_splits(config(path, tmp_path).data, progress=True)
     err = capsys.readouterr().err
     assert "tokenizing" in err and "120/120" in err and "rows" in err
-    prepare_splits(config(path, tmp_path, cache_dir=str(tmp_path / "c2")), progress=False)
+    prepare_splits(config(path, tmp_path, cache_dir=str(tmp_path / "c2")).data, progress=False)
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(("source", "parsed"), [
     ("hf:roneneldan/TinyStories", ("roneneldan/TinyStories", None, None)),
     ("hf:wikitext:wikitext-2-raw-v1@validation", ("wikitext", "wikitext-2-raw-v1", "validation")),
@@ -146,6 +155,7 @@ def hub_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return cache
 
 
+@pytest.mark.unit
 def test_hf_source_reads_the_local_cache_offline(tmp_path: Path, hub_cache: Path) -> None:
     tok, data = token_data(config("hf:someone/tiny", tmp_path))
     assert tok.decode(data.train.tolist()) == "\n\n".join(TRAIN_DOCS)
@@ -153,11 +163,12 @@ def test_hf_source_reads_the_local_cache_offline(tmp_path: Path, hub_cache: Path
     only_val = resolve_dataset("hf:someone/tiny@validation")  # trains on it: TRAIN_SPLIT cut
     assert len(only_val.train) == 1 and only_val.validation == []
     with pytest.raises(UserError, match=r"no split 'test'; it has train, validation"):
-        prepare_tokens(config("hf:someone/tiny@test", tmp_path))
+        prepare_tokens(config("hf:someone/tiny@test", tmp_path).data)
     with pytest.raises(UserError, match=r"not found in the local datasets cache.*ALLOW_DOWNLOAD=1"):
-        prepare_tokens(config("hf:someone/absent", tmp_path))
+        prepare_tokens(config("hf:someone/absent", tmp_path).data)
 
 
+@pytest.mark.unit
 def test_save_to_disk_folders(tmp_path: Path) -> None:
     datasets = pytest.importorskip("datasets")
     dd = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": TRAIN_DOCS}),
@@ -170,6 +181,7 @@ def test_save_to_disk_folders(tmp_path: Path) -> None:
         "\n\n".join(TRAIN_DOCS)
 
 
+@pytest.mark.unit
 def test_a_missing_package_is_one_line_naming_the_extra(tmp_path: Path, monkeypatch) -> None:
     import sys
 
@@ -177,13 +189,14 @@ def test_a_missing_package_is_one_line_naming_the_extra(tmp_path: Path, monkeypa
     monkeypatch.setitem(sys.modules, "datasets", None)  # import datasets -> ImportError
     with pytest.raises(UserError, match=r"needs the datasets extra: pip install "
                                         r"'lmtrain\[datasets\]'"):
-        prepare_tokens(config("hf:someone/tiny", tmp_path))
+        prepare_tokens(config("hf:someone/tiny", tmp_path).data)
     monkeypatch.setitem(sys.modules, "pyarrow", None)
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
     with pytest.raises(UserError, match=r"Parquet/Arrow data sources need the datasets extra"):
-        prepare_tokens(config(path, tmp_path))
+        prepare_tokens(config(path, tmp_path).data)
 
 
+@pytest.mark.unit
 def test_prepare_command_reports_the_validation_split(tmp_path: Path, capsys) -> None:
     import json
 

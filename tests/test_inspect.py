@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
-from lmtrain.checkpoint import FORMAT_VERSION, save_checkpoint
+from lmtrain.checkpoint import save_checkpoint
+from lmtrain.checkpoint_format import FORMAT_VERSION
 from lmtrain.cli import main
 from lmtrain.config import GROUPS
 
 
+@pytest.mark.unit
 def test_inspect_shows_the_checkpoint(tiny_checkpoint, capsys):
     assert main(["inspect", str(tiny_checkpoint)]) == 0
     out = capsys.readouterr().out
@@ -26,6 +29,7 @@ def test_inspect_shows_the_checkpoint(tiny_checkpoint, capsys):
         assert expected in out
 
 
+@pytest.mark.unit
 def test_inspect_json(tiny_checkpoint, capsys):
     assert main(["inspect", "--json", str(tiny_checkpoint)]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -48,6 +52,7 @@ def test_inspect_json(tiny_checkpoint, capsys):
     assert info["parameters_saved"] == sum(t.numel() for t in ckpt["model_state_dict"].values())
 
 
+@pytest.mark.unit
 def test_inspect_bad_files_exit_2_with_the_reason(tmp_path, tiny_checkpoint, capsys):
     text = tmp_path / "notes.pt"
     text.write_text("not a checkpoint")
@@ -68,6 +73,7 @@ def test_inspect_bad_files_exit_2_with_the_reason(tmp_path, tiny_checkpoint, cap
         assert report["valid"] is False and reason in report["error"]
 
 
+@pytest.mark.integration
 def test_inspect_shows_the_recipe_and_every_setting_by_group(train_run, capsys):
     summary = train_run(arch="llama", qk_norm=True, optimizer="muon", muon_learning_rate=0.02,
                         training_steps=2)

@@ -20,6 +20,7 @@ def _reference(h, w, y):
     return total / (y != -100).sum().clamp(min=1)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("bf16", [False, True])
 @pytest.mark.parametrize("train_head", [False, True])
 def test_values_and_gradients_match_the_full_logits(bf16, train_head) -> None:
@@ -45,6 +46,7 @@ def test_values_and_gradients_match_the_full_logits(bf16, train_head) -> None:
         assert gw is None
 
 
+@pytest.mark.unit
 def test_no_targets_gives_zero_and_no_gradient() -> None:
     h = torch.randn(8, 4, requires_grad=True)
     loss = linear_cross_entropy(h, torch.randn(10, 4), torch.full((8,), -100))
@@ -52,6 +54,7 @@ def test_no_targets_gives_zero_and_no_gradient() -> None:
     assert loss.item() == 0.0 and h.grad.abs().sum().item() == 0.0
 
 
+@pytest.mark.unit
 def test_without_grad_mode_only_the_loss_is_computed() -> None:
     h, w, y = torch.randn(8, 4), torch.randn(10, 4, requires_grad=True), torch.randint(10, (8,))
     with torch.no_grad():
@@ -60,6 +63,7 @@ def test_without_grad_mode_only_the_loss_is_computed() -> None:
     torch.testing.assert_close(loss, _reference(h, w, y).detach())
 
 
+@pytest.mark.unit
 def test_a_frozen_weight_is_cast_once_and_again_after_it_changes() -> None:
     w = torch.randn(10, 4)
     first = _cast_weight(w, torch.bfloat16)
@@ -71,15 +75,17 @@ def test_a_frozen_weight_is_cast_once_and_again_after_it_changes() -> None:
     assert _cast_weight(trained, torch.bfloat16) is not _cast_weight(trained, torch.bfloat16)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("lora", [False, True])
 def test_gpt2_loss_and_gradients_equal_the_logits_path(tiny_gpt2_dir, lora) -> None:
     from lmtrain.config import TrainingConfig
     from lmtrain.models import build_model, model_logits
 
-    cfg = TrainingConfig(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir), block_size=16,
+    cfg = TrainingConfig.from_flat(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
+                                   block_size=16,
                          tokenization_method="gpt2", use_lora=lora, dropout=0.0,
                          lora_dropout=0.0)
-    model = build_model(cfg, 50257)
+    model = build_model(cfg.model, 50257)
     x, y = torch.randint(50257, (2, 16)), torch.randint(50257, (2, 16))
     params = [p for p in model.parameters() if p.requires_grad]
     fast = chunked_lm_loss(model, x, y)
@@ -92,6 +98,7 @@ def test_gpt2_loss_and_gradients_equal_the_logits_path(tiny_gpt2_dir, lora) -> N
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.unit
 def test_other_models_keep_the_logits_path() -> None:
     from lmtrain.models.gpt import GPTConfig, build_from_scratch
 
@@ -101,6 +108,7 @@ def test_other_models_keep_the_logits_path() -> None:
                            torch.zeros(1, 8, dtype=torch.long)) is None
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 3, 16, 64])
 def test_softmax_gradient_in_row_blocks_equals_softmax_minus_one_hot(dtype, rows) -> None:
@@ -119,6 +127,7 @@ def test_softmax_gradient_in_row_blocks_equals_softmax_minus_one_hot(dtype, rows
     assert torch.equal(untouched, logits)
 
 
+@pytest.mark.integration
 def test_the_from_scratch_loss_never_imports_transformers():
     """The per-step check for a Hugging Face output layer costs a from-scratch run nothing."""
     import subprocess
@@ -128,8 +137,8 @@ def test_the_from_scratch_loss_never_imports_transformers():
             "from lmtrain.config import TrainingConfig\n"
             "from lmtrain.models import build_model\n"
             "from lmtrain.train.evaluate import compute_loss\n"
-            "cfg = TrainingConfig(n_layer=1, n_head=2, n_embd=16, block_size=8)\n"
-            "model = build_model(cfg, 11)\n"
+            "cfg = TrainingConfig.from_flat(n_layer=1, n_head=2, n_embd=16, block_size=8)\n"
+            "model = build_model(cfg.model, 11)\n"
             "x = torch.zeros(2, 8, dtype=torch.long)\n"
             "compute_loss(model, x, x).backward()\n"
             "print('transformers' in sys.modules)\n")

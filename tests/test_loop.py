@@ -11,6 +11,8 @@ from lmtrain.checkpoint import checkpoint_filename, list_checkpoints, load_check
 from lmtrain.errors import UserError
 from lmtrain.reporting import read_metrics
 
+pytestmark = pytest.mark.integration
+
 
 def count_host_transfers(monkeypatch) -> list[str]:
     """Record every tensor -> Python value conversion (each one waits for the device)."""

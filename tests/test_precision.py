@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from lmtrain import device as device_mod
-from lmtrain.checkpoint import load_checkpoint
-from lmtrain.checkpoint_schema import build as checkpoint_payload
-from lmtrain.checkpoint_schema import restore
+from lmtrain.checkpoint import load_checkpoint, load_run
 from lmtrain.config import explicit_settings
 from lmtrain.device import CPU_BF16_MIN_WIDTH, autocast_dtype, make_grad_scaler, matmul_width
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT, GPTConfig, build_from_scratch
+from lmtrain.train.checkpointing import build as checkpoint_payload
+from lmtrain.train.checkpointing import restore
 from lmtrain.train.loop import run_training
 from lmtrain.train.plan import resolve_plan
 from lmtrain.train.session import prepare_run
@@ -30,6 +30,7 @@ def _gpt(width: int) -> GPT:
     return GPT(GPTConfig(vocab_size=50, block_size=8, n_layer=1, n_head=2, n_embd=width))
 
 
+@pytest.mark.unit
 def test_explicit_precisions():
     assert autocast_dtype("fp32", CPU) is None
     assert autocast_dtype("bf16", CPU) is torch.bfloat16
@@ -38,6 +39,7 @@ def test_explicit_precisions():
         autocast_dtype("fp16", CPU)
 
 
+@pytest.mark.unit
 def test_auto_uses_bf16_on_a_bf16_cpu_only_for_models_wide_enough(monkeypatch):
     monkeypatch.setattr(device_mod, "cpu_supports_bf16", lambda: True)
     narrow, wide = _gpt(CPU_BF16_MIN_WIDTH // 2), _gpt(CPU_BF16_MIN_WIDTH)
@@ -52,12 +54,14 @@ def test_auto_uses_bf16_on_a_bf16_cpu_only_for_models_wide_enough(monkeypatch):
     assert autocast_dtype("auto", torch.device("mps"), wide) is None
 
 
+@pytest.mark.unit
 def test_grad_scaler_only_for_fp16():
     assert make_grad_scaler(None, CPU) is None
     assert make_grad_scaler(torch.bfloat16, CPU) is None
     assert isinstance(make_grad_scaler(torch.float16, CPU), torch.amp.GradScaler)
 
 
+@pytest.mark.integration
 def test_bf16_loss_matches_fp32_after_30_steps(train_run):
     common = {"training_steps": 30, "eval_interval": 30, "eval_iters": 8,
               "checkpoint_interval": 30, "max_new_tokens": 0, "learning_rate": 3e-3}
@@ -69,6 +73,7 @@ def test_bf16_loss_matches_fp32_after_30_steps(train_run):
     assert abs(fp32["train"] - bf16["train"]) < 0.05
 
 
+@pytest.mark.integration
 def test_bf16_resume_is_exact(train_run, run_dirs):
     common = {"precision": "bf16", "training_steps": 8, "checkpoint_interval": 4,
               "max_new_tokens": 0}
@@ -89,6 +94,7 @@ def _fresh_ctx(corpus: Path, run_dirs: dict[str, str], **overrides):
     return prepare_run(resolve_plan(values, sources))
 
 
+@pytest.mark.unit
 def test_grad_scaler_state_is_checkpointed_and_restored(corpus, run_dirs):
     ctx = _fresh_ctx(corpus, run_dirs, training_steps=3)
     ctx.grad_scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1)
@@ -97,10 +103,11 @@ def test_grad_scaler_state_is_checkpointed_and_restored(corpus, run_dirs):
     assert ckpt["grad_scaler_state_dict"]["scale"] == 256.0 * 2**3
     again = _fresh_ctx(corpus, run_dirs, training_steps=3)
     again.grad_scaler = torch.amp.GradScaler("cpu")
-    restore(again, ckpt, "test")
+    restore(again, load_run(ctx.checkpoint_dir / "step_0000003.pt"))
     assert again.grad_scaler.get_scale() == 256.0 * 2**3
 
 
+@pytest.mark.integration
 def test_compile_wraps_the_model_but_checkpoints_hold_the_raw_one(corpus, run_dirs):
     ctx = _fresh_ctx(corpus, run_dirs, compile=True)
     assert ctx.model is not ctx.raw_model
@@ -110,6 +117,7 @@ def test_compile_wraps_the_model_but_checkpoints_hold_the_raw_one(corpus, run_di
     assert not any("_orig_mod" in k for k in keys)
 
 
+@pytest.mark.integration
 def test_timing_breakdown_puts_time_where_it_was_spent_and_is_logged(train_run, monkeypatch):
     import lmtrain.train.loop as loop
 
@@ -134,6 +142,7 @@ def test_timing_breakdown_puts_time_where_it_was_spent_and_is_logged(train_run, 
     assert "time: " in last and "checkpoint" in last and "total" in last
 
 
+@pytest.mark.unit
 def test_auto_skips_emulated_bf16_on_older_gpus(monkeypatch):
     # torch.cuda.is_bf16_supported() says yes on a T4 / V100 by default: bf16 is emulated there
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",

@@ -21,10 +21,11 @@ from lmtrain.errors import UserError
 
 def token_data(cfg):
     """The run's token data for ``cfg``, as a training run loads it."""
-    return load_token_data(cfg.data, block_size=cfg.block_size)
+    return load_token_data(cfg.data, block_size=cfg.model.block_size)
 
 def config(corpus: Path, tmp_path: Path, **kw) -> TrainingConfig:
-    return TrainingConfig(training_data_source=str(corpus), cache_dir=str(tmp_path / "cache"),
+    return TrainingConfig.from_flat(training_data_source=str(corpus),
+                                    cache_dir=str(tmp_path / "cache"),
                           **kw)
 
 
@@ -32,21 +33,23 @@ def refuse(*args, **kwargs):
     raise AssertionError("called although the cache holds the result")
 
 
+@pytest.mark.unit
 def test_second_run_is_a_cache_hit(corpus, tmp_path, monkeypatch) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="gpt2")
-    tok, first = prepare_tokens(cfg)
+    tok, first = prepare_tokens(cfg.data)
     assert not first.cached
     monkeypatch.setattr(GPT2Tokenizer, "encode_arrays", refuse)
-    _, second = prepare_tokens(cfg)
+    _, second = prepare_tokens(cfg.data)
     assert second.cached and second.path == first.path
     tokens = second.load()
     assert isinstance(tokens, np.memmap) and tokens.dtype == np.uint16
     assert tokens.tolist() == tok.encode(read_corpus(str(corpus)))
 
 
+@pytest.mark.unit
 def test_sidecar_describes_the_array(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="character")
-    tok, arr = prepare_tokens(cfg)
+    tok, arr = prepare_tokens(cfg.data)
     meta = json.loads(arr.path.with_suffix(".json").read_text())
     assert meta["n_tokens"] == len(read_corpus(str(corpus))) == arr.path.stat().st_size // 2
     assert meta["dtype"] == "<u2" and meta["tokenizer"] == "character"
@@ -55,44 +58,49 @@ def test_sidecar_describes_the_array(corpus, tmp_path) -> None:
     assert not list(arr.path.parent.glob(".tmp-*"))  # nothing half-written is left behind
 
 
+@pytest.mark.unit
 def test_new_data_or_new_tokenizer_makes_a_new_entry(corpus, tmp_path) -> None:
-    _, gpt2 = prepare_tokens(config(corpus, tmp_path, tokenization_method="gpt2"))
-    _, chars = prepare_tokens(config(corpus, tmp_path, tokenization_method="character"))
+    _, gpt2 = prepare_tokens(config(corpus, tmp_path, tokenization_method="gpt2").data)
+    _, chars = prepare_tokens(config(corpus, tmp_path, tokenization_method="character").data)
     assert chars.path != gpt2.path
     corpus.write_text(corpus.read_text() + "\nmore text\n", encoding="utf-8")
-    _, changed = prepare_tokens(config(corpus, tmp_path, tokenization_method="gpt2"))
+    _, changed = prepare_tokens(config(corpus, tmp_path, tokenization_method="gpt2").data)
     assert not changed.cached and changed.path != gpt2.path
     assert changed.meta["n_tokens"] > gpt2.meta["n_tokens"]
 
 
+@pytest.mark.unit
 def test_damaged_entry_is_rebuilt(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="gpt2")
-    _, first = prepare_tokens(cfg)
+    _, first = prepare_tokens(cfg.data)
     with first.path.open("r+b") as fh:
         fh.truncate(10)
-    _, again = prepare_tokens(cfg)
+    _, again = prepare_tokens(cfg.data)
     assert not again.cached and again.path == first.path
     assert again.load().tolist() == GPT2Tokenizer().encode(read_corpus(str(corpus)))
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("method", ["gpt2", "character", "custom_bpe"])
 def test_empty_source_is_a_clear_error(tmp_path, method) -> None:
     path = tmp_path / "empty.txt"
     path.write_text("", encoding="utf-8")
     with pytest.raises(UserError, match=r"TRAINING_DATA_SOURCE=.*empty\.txt' is empty"):
-        prepare_tokens(config(path, tmp_path, tokenization_method=method))
+        prepare_tokens(config(path, tmp_path, tokenization_method=method).data)
 
 
+@pytest.mark.unit
 def test_large_vocabularies_use_uint32(tmp_path) -> None:
     chars = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70_000) if not 0xD800 <= c < 0xE000)
     path = tmp_path / "wide.txt"
     path.write_text(chars, encoding="utf-8")
-    tok, arr = prepare_tokens(config(path, tmp_path, tokenization_method="character"))
+    tok, arr = prepare_tokens(config(path, tmp_path, tokenization_method="character").data)
     assert tok.vocab_size == len(chars) > 65535
     assert arr.meta["dtype"] == "<u4"
     assert tok.decode(arr.load()[-3:].tolist()) == chars[-3:]
 
 
+@pytest.mark.unit
 def test_split_is_on_the_token_array(corpus, tmp_path) -> None:
     cfg = config(corpus, tmp_path, tokenization_method="gpt2", train_split=0.8)
     tok, data = token_data(cfg)
@@ -102,6 +110,7 @@ def test_split_is_on_the_token_array(corpus, tmp_path) -> None:
     assert x.shape == y.shape == (3, 8) and torch.equal(x[:, 1:], y[:, :-1])
 
 
+@pytest.mark.unit
 def test_learned_bpe_sees_only_the_training_split(corpus, tmp_path, monkeypatch) -> None:
     seen: list[str] = []
     real = BPETokenizer.train.__func__
@@ -114,15 +123,16 @@ def test_learned_bpe_sees_only_the_training_split(corpus, tmp_path, monkeypatch)
     monkeypatch.setattr(BPETokenizer, "train", classmethod(spy))
     cfg = config(corpus, tmp_path, tokenization_method="custom_bpe", custom_vocab_size=300,
                  train_split=0.75)
-    tok, _ = prepare_tokens(cfg)
+    tok, _ = prepare_tokens(cfg.data)
     text = read_corpus(str(corpus))
     assert "".join(seen) == text[:int(len(text) * 0.75)]
     assert tok.vocab_size == 300
     seen.clear()
-    again, _ = prepare_tokens(cfg)  # the learned tokenizer is cached with the data
+    again, _ = prepare_tokens(cfg.data)  # the learned tokenizer is cached with the data
     assert seen == [] and again.state() == tok.state()
 
 
+@pytest.mark.integration
 def test_prepare_command_then_training_reuses_the_array(corpus, tmp_path, capsys, train_run):
     args = ["prepare", "--data", str(corpus), "--method", "character",
             "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
@@ -137,6 +147,7 @@ def test_prepare_command_then_training_reuses_the_array(corpus, tmp_path, capsys
     assert f"cache hit {first['path']}" in summary.log_file.read_text()
 
 
+@pytest.mark.unit
 def test_prepare_command_reports_bad_data(tmp_path, capsys) -> None:
     bad = tmp_path / "bad.txt"
     bad.write_bytes(b"fine text\n\xff")
@@ -146,6 +157,7 @@ def test_prepare_command_reports_bad_data(tmp_path, capsys) -> None:
 
 # tokenizers travel with the run ----------------------------------------------------------------
 
+@pytest.mark.integration
 def test_learned_bpe_is_reused_on_resume_never_retrained(train_run, tmp_path, monkeypatch,
                                                         capsys) -> None:
     common = dict(tokenization_method="custom_bpe", custom_vocab_size=300,
@@ -171,6 +183,7 @@ def test_learned_bpe_is_reused_on_resume_never_retrained(train_run, tmp_path, mo
     assert ids == BPETokenizer.from_json(json.loads(saved["tokenizer"])["json"]).encode("To be")
 
 
+@pytest.mark.integration
 def test_character_resume_on_new_data_lists_unseen_characters(train_run, corpus, tmp_path):
     first = train_run(training_steps=2, checkpoint_interval=100)
     ckpt = str(first.checkpoint_dir / "step_0000002.pt")
@@ -188,13 +201,14 @@ def test_character_resume_on_new_data_lists_unseen_characters(train_run, corpus,
     assert json.loads(after["tokenizer"])["chars"] == vocab
 
 
+@pytest.mark.unit
 def test_character_check_lists_unknowns_from_the_whole_corpus(tmp_path, monkeypatch) -> None:
     path = tmp_path / "long.txt"
     path.write_text("a€" + "ab\n" * 10 + "Ø", encoding="utf-8")
     tok = CharTokenizer("ab\n")
     cfg = config(path, tmp_path, tokenization_method="character")
     with pytest.raises(UserError, match=r"2 characters .*'Ø', '€'"):
-        prepare_tokens(cfg, tok)
+        prepare_tokens(cfg.data, tok)
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 4)  # the two sit in different chunks
     with pytest.raises(UserError, match=r"2 characters .*'Ø', '€'"):
-        prepare_tokens(cfg, tok)
+        prepare_tokens(cfg.data, tok)

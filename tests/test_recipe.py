@@ -14,14 +14,15 @@ from tests.conftest import train_losses, whole_and_resumed
 
 
 def small(**kw) -> TrainingConfig:
-    return TrainingConfig(n_layer=2, n_head=2, n_embd=16, block_size=16, **kw)
+    return TrainingConfig.from_flat(n_layer=2, n_head=2, n_embd=16, block_size=16, **kw)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_muon_takes_hidden_matrices_and_adamw_the_rest(arch):
     cfg = small(arch=arch, optimizer="muon")
-    model = build_model(cfg, 40)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    model = build_model(cfg.model, 40)
+    opt = build_optimizer(model, cfg.optimization, torch.device("cpu"))
     assert isinstance(opt, CombinedOptimizer)
     names = {id(p): n for n, p in model.named_parameters()}
     muon = {names[id(p)] for g in opt.optimizers["muon"].param_groups for p in g["params"]}
@@ -33,24 +34,27 @@ def test_muon_takes_hidden_matrices_and_adamw_the_rest(arch):
     assert ("lm_head.weight" in adamw) == (arch == "llama")  # gpt2 ties it to wte
 
 
+@pytest.mark.unit
 def test_each_optimizer_follows_its_own_peak_learning_rate():
     cfg = small(arch="llama", optimizer="muon", learning_rate=4e-3, muon_learning_rate=0.03,
                 warmup_steps=0, training_steps=10, min_lr_ratio=0.0)
-    opt = build_optimizer(build_model(cfg, 40), cfg, torch.device("cpu"))
-    assert set_learning_rate(opt, 5, cfg) == pytest.approx(2e-3)
+    opt = build_optimizer(build_model(cfg.model, 40), cfg.optimization, torch.device("cpu"))
+    assert set_learning_rate(opt, 5, cfg.optimization) == pytest.approx(2e-3)
     assert [g["lr"] for g in opt.optimizers["adamw"].param_groups] == [pytest.approx(2e-3)] * 2
     assert opt.optimizers["muon"].param_groups[0]["lr"] == pytest.approx(0.015)
 
 
+@pytest.mark.unit
 def test_combined_state_refuses_another_optimizers_state():
     cfg = small(optimizer="muon")
-    model = build_model(cfg, 40)
-    opt = build_optimizer(model, cfg, torch.device("cpu"))
-    plain = build_optimizer(model, small(optimizer="adamw"), torch.device("cpu"))
+    model = build_model(cfg.model, 40)
+    opt = build_optimizer(model, cfg.optimization, torch.device("cpu"))
+    plain = build_optimizer(model, small(optimizer="adamw").optimization, torch.device("cpu"))
     with pytest.raises(ValueError, match="expected the states"):
         opt.load_state_dict(plain.state_dict())
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("arch", "optimizer"),
                          [("gpt2", "muon"), ("llama", "adamw"), ("llama", "muon")])
 def test_exact_resume_is_bitwise(train_run, arch, optimizer):
@@ -75,6 +79,7 @@ def test_exact_resume_is_bitwise(train_run, arch, optimizer):
                             **train_losses(resumed.metrics_file, since=6)}
 
 
+@pytest.mark.integration
 def test_resume_refuses_another_optimizer(train_run):
     from lmtrain.errors import UserError
 
@@ -84,23 +89,29 @@ def test_resume_refuses_another_optimizer(train_run):
                   resume_steps=1, optimizer="adamw")
 
 
+@pytest.mark.unit
 def test_a_checkpoint_without_the_recipe_settings_resumes_as_gpt2_adamw():
     from lmtrain.config import load_resumed
 
-    saved = small().model_dump()
+    saved = small().flat()
     for key in ("arch", "qk_norm", "optimizer"):
         del saved[key]
     cfg = load_resumed(saved, {}, {}).config
-    assert (cfg.arch, cfg.qk_norm, cfg.optimizer) == ("gpt2", False, "adamw")
+    assert (cfg.model.arch, cfg.model.qk_norm, cfg.optimization.optimizer) == ("gpt2", False,
+                                                                               "adamw")
 
 
+@pytest.mark.unit
 def test_qk_norm_applies_to_llama_only():
-    names = [n for n, _ in build_model(small(arch="gpt2", qk_norm=True), 40).named_parameters()]
+    names = [n for n, _ in build_model(small(arch="gpt2", qk_norm=True).model,
+                                       40).named_parameters()]
     assert not [n for n in names if "q_norm" in n]
-    names = [n for n, _ in build_model(small(arch="llama", qk_norm=True), 40).named_parameters()]
+    names = [n for n, _ in build_model(small(arch="llama", qk_norm=True).model,
+                                       40).named_parameters()]
     assert [n for n in names if "q_norm" in n]
 
 
+@pytest.mark.integration
 def test_lora_on_llama_trains_only_adapters(train_run):
     summary = train_run(training_steps=4, arch="llama", use_lora=True, optimizer="muon")
     ckpt = load(summary.checkpoint_dir / "step_0000004.pt")
@@ -109,6 +120,7 @@ def test_lora_on_llama_trains_only_adapters(train_run):
     assert any("c_fc" in k for k in keys) and any("c_attn" in k for k in keys)
 
 
+@pytest.mark.unit
 def test_bad_recipe_settings_are_one_line_errors():
     from lmtrain.config import explicit_settings, load_fresh
     from lmtrain.errors import UserError
@@ -119,6 +131,7 @@ def test_bad_recipe_settings_are_one_line_errors():
             load_fresh(values, sources)
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 def test_ddp_llama_muon_resumes_bit_for_bit(corpus, tmp_path):
     from tests.test_distributed import _env, _load, torchrun

@@ -50,6 +50,7 @@ def sig_env(tmp_path, corpus):
             "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "LOG_DIR": str(tmp_path / "logs")}
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_signal_saves_prints_the_resume_command_and_exits(tmp_path, sig_env, signum, status):
@@ -77,6 +78,7 @@ def test_signal_saves_prints_the_resume_command_and_exits(tmp_path, sig_env, sig
     assert f"resuming from step {steps[0]} for 2 steps" in resumed.stdout
 
 
+@pytest.mark.integration
 def test_second_signal_exits_at_once(tmp_path):
     script = (
         "import os, signal, time\n"
@@ -97,6 +99,7 @@ def test_second_signal_exits_at_once(tmp_path):
     assert "SIGINT again: exiting now" in proc.stderr
 
 
+@pytest.mark.integration
 @pytest.mark.slow
 @pytest.mark.parametrize("gap", [0.0, 0.01, 0.05, 0.2, 0.5, 1.0])
 def test_a_second_sigint_always_exits_at_once_and_cleanly(tmp_path, sig_env, gap):
@@ -114,12 +117,14 @@ def test_a_second_sigint_always_exits_at_once_and_cleanly(tmp_path, sig_env, gap
         assert load_checkpoint(path)["step"] == step
 
 
+@pytest.mark.integration
 def test_handlers_are_restored_after_training(train_run):
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     train_run(training_steps=2, max_new_tokens=0)
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
 
 
+@pytest.mark.integration
 def test_signal_in_process_stops_after_the_current_step(train_run, tmp_path, monkeypatch):
     import lmtrain.train.loop as loop
 
@@ -142,6 +147,7 @@ def test_signal_in_process_stops_after_the_current_step(train_run, tmp_path, mon
     assert load_checkpoint(exc.checkpoint)["step"] == 3
 
 
+@pytest.mark.unit
 def test_signal_before_training_starts(train_run, monkeypatch, capsys):
     import lmtrain.train.session as session
 
@@ -158,6 +164,7 @@ def test_signal_before_training_starts(train_run, monkeypatch, capsys):
     assert "interrupted by SIGINT before training started; nothing was written" in err
 
 
+@pytest.mark.unit
 def test_signal_before_a_resumed_run_starts_points_back_to_its_checkpoint(
         train_run, tiny_checkpoint, monkeypatch):
     import lmtrain.train.session as session
@@ -173,6 +180,7 @@ def test_signal_before_a_resumed_run_starts_points_back_to_its_checkpoint(
     assert "RESUME_STEPS=7 python training.py" in report and "--resume-steps 7" in report
 
 
+@pytest.mark.unit
 def test_resume_commands_quote_paths():
     env_cmd, cli_cmd = resume_commands(Path("/runs/my run/step_0000010.pt"), 25)
     assert env_cmd == "CHECKPOINT_PATH='/runs/my run/step_0000010.pt' RESUME_STEPS=25 " \
@@ -180,11 +188,13 @@ def test_resume_commands_quote_paths():
     assert cli_cmd == "lmtrain train --resume '/runs/my run/step_0000010.pt' --resume-steps 25"
 
 
+@pytest.mark.unit
 def test_interrupted_without_checkpoints_says_so():
     exc = TrainingInterrupted(signal.SIGINT, None, step=12)
     assert "no checkpoint was written" in interruption_report(exc)
 
 
+@pytest.mark.unit
 def test_a_stop_agreed_between_ranks_stops_the_rank_that_saw_no_signal():
     from types import SimpleNamespace
 

@@ -12,6 +12,8 @@ from lmtrain.data.sources import CorpusStream, iter_chunks, read_corpus, source_
 from lmtrain.data.tokenizers import train_tokenizer
 from lmtrain.errors import UserError
 
+pytestmark = pytest.mark.unit
+
 MIXED = "Plain ASCII, naïve café, Ελληνικά, 東京, emoji 😀🙂 and more.\n" * 3
 
 

@@ -39,6 +39,7 @@ def learned_bpe() -> BPETokenizer:
 
 # GPT-2 ---------------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_gpt2_ids_are_the_genuine_ones() -> None:
     tok = GPT2Tokenizer()
     assert tok.encode("Hello world") == [15496, 995]
@@ -51,6 +52,7 @@ def test_gpt2_ids_are_the_genuine_ones() -> None:
     assert tok.eot_id == 50256
 
 
+@pytest.mark.unit
 def test_gpt2_is_built_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_network(*args, **kwargs):
         raise AssertionError("the GPT-2 tokenizer tried to use the network")
@@ -65,6 +67,7 @@ def test_gpt2_is_built_offline(monkeypatch: pytest.MonkeyPatch) -> None:
         tokenizers.gpt2_encoding.cache_clear()
 
 
+@pytest.mark.unit
 def test_gpt2_files_are_hash_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(tokenizers.GPT2_FILE_SHA256, "vocab.bpe", "0" * 64)
     tokenizers.gpt2_encoding.cache_clear()
@@ -75,6 +78,7 @@ def test_gpt2_files_are_hash_checked(monkeypatch: pytest.MonkeyPatch) -> None:
         tokenizers.gpt2_encoding.cache_clear()
 
 
+@pytest.mark.unit
 def test_gpt2_batch_arrays_match_single_encoding() -> None:
     tok = GPT2Tokenizer()
     texts = ["Hello world", "", "naïve café 東京 😀", shakespeare()[:2000]]
@@ -83,6 +87,7 @@ def test_gpt2_batch_arrays_match_single_encoding() -> None:
     assert [a.tolist() for a in arrays] == [tok.encode(t) for t in texts]
 
 
+@pytest.mark.integration
 @settings(max_examples=100, deadline=None)
 @given(st.text(max_size=80))
 def test_gpt2_round_trips_any_text(text: str) -> None:
@@ -92,6 +97,7 @@ def test_gpt2_round_trips_any_text(text: str) -> None:
 
 # learned BPE ---------------------------------------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("size", [260, 333, 1000])
 def test_learned_bpe_has_exactly_the_asked_vocabulary(size: int) -> None:
     tok = train_tokenizer("custom_bpe", [shakespeare(30_000)], size)
@@ -99,11 +105,13 @@ def test_learned_bpe_has_exactly_the_asked_vocabulary(size: int) -> None:
     assert max(tok.encode(shakespeare(30_000))) < size
 
 
+@pytest.mark.unit
 def test_learned_bpe_stops_when_the_text_is_too_small() -> None:
     with pytest.raises(UserError, match=r"CUSTOM_VOCAB_SIZE=5000: the corpus only supports \d+"):
         BPETokenizer.train(["tiny text, tiny text"], 5000)
 
 
+@pytest.mark.unit
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=120))
 def test_learned_bpe_round_trips_any_unicode(text: str) -> None:
@@ -111,6 +119,7 @@ def test_learned_bpe_round_trips_any_unicode(text: str) -> None:
     assert tok.decode(tok.encode(text)) == text
 
 
+@pytest.mark.unit
 def test_learned_bpe_travels_as_json_and_encodes_identically() -> None:
     tok = learned_bpe()
     again = tokenizer_from_state(json.dumps(tok.state()))
@@ -121,6 +130,7 @@ def test_learned_bpe_travels_as_json_and_encodes_identically() -> None:
     assert [a.tolist() for a in again.encode_arrays([sample])] == [tok.encode(sample)]
 
 
+@pytest.mark.unit
 def test_learned_bpe_compresses_its_training_text() -> None:
     tok = learned_bpe()
     text = shakespeare(20_000)
@@ -129,6 +139,7 @@ def test_learned_bpe_compresses_its_training_text() -> None:
 
 # characters ----------------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_character_vocabulary_is_sorted_and_covers_any_plane() -> None:
     tok = CharTokenizer.train(["ba😀", "c\n"])
     assert tok.chars == ["\n", "a", "b", "c", "😀"]
@@ -137,6 +148,7 @@ def test_character_vocabulary_is_sorted_and_covers_any_plane() -> None:
     assert tokenizer_from_state(json.dumps(tok.state())).chars == tok.chars
 
 
+@pytest.mark.unit
 def test_character_unknowns_are_listed_or_dropped() -> None:
     state = CharTokenizer.train(["abc "]).state()
     strict = tokenizer_from_state(state)
@@ -148,6 +160,7 @@ def test_character_unknowns_are_listed_or_dropped() -> None:
 
 # start of generation -------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_start_context_ids_are_inside_the_vocabulary() -> None:
     from lmtrain.generate import start_context
 
@@ -162,6 +175,7 @@ def test_start_context_ids_are_inside_the_vocabulary() -> None:
 
 # lmtrain tokenize ----------------------------------------------------------------------------
 
+@pytest.mark.unit
 def test_tokenize_command_prints_gpt2_ids(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tokenize", "--method", "gpt2", "Hello world"]) == 0
     assert json.loads(capsys.readouterr().out) == [15496, 995]
@@ -169,6 +183,7 @@ def test_tokenize_command_prints_gpt2_ids(capsys: pytest.CaptureFixture[str]) ->
     assert capsys.readouterr().out == "Hello world\n"
 
 
+@pytest.mark.unit
 def test_tokenize_command_rejects_bad_ids(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["tokenize", "--decode", "[1, 99999]"]) == 2
     assert "99999" in capsys.readouterr().err
@@ -176,6 +191,7 @@ def test_tokenize_command_rejects_bad_ids(capsys: pytest.CaptureFixture[str]) ->
     assert "JSON list" in capsys.readouterr().err
 
 
+@pytest.mark.unit
 def test_tokenize_command_learns_from_data(tmp_path, capsys) -> None:
     data = tmp_path / "d.txt"
     data.write_text("hello there\n", encoding="utf-8")

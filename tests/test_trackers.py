@@ -46,16 +46,19 @@ def fresh_then_resumed(train_run, metrics: str):
     return first, second
 
 
+@pytest.mark.unit
 def test_metrics_is_a_comma_list() -> None:
-    assert TrainingConfig(metrics="wandb, TensorBoard").metrics == "jsonl,tensorboard,wandb"
-    assert TrainingConfig(metrics=["mlflow"]).metrics == "jsonl,mlflow"  # a TOML list
-    assert TrainingConfig().metrics == "jsonl"
+    config = TrainingConfig.from_flat(metrics="wandb, TensorBoard")
+    assert config.run.metrics == "jsonl,tensorboard,wandb"
+    assert TrainingConfig.from_flat(metrics=["mlflow"]).run.metrics == "jsonl,mlflow"  # a TOML list
+    assert TrainingConfig.from_flat().run.metrics == "jsonl"
     values, sources = explicit_settings(flags={"metrics": "jsonl,neptune"}, env={})
     with pytest.raises(UserError, match=r"METRICS='jsonl,neptune'.*unknown metrics sink "
                                         r"'neptune'"):
         load_fresh(values, sources)
 
 
+@pytest.mark.unit
 def test_a_missing_tracker_package_is_one_line_naming_the_extra(train_run, monkeypatch,
                                                                 tmp_path) -> None:
     import importlib.util
@@ -89,6 +92,7 @@ class _Recorder(Tracker):
         self.calls.append(("close", status))
 
 
+@pytest.mark.unit
 def test_metrics_writer_dispatches_numbers_and_survives_a_failing_tracker(tmp_path, caplog):
     good, bad = _Recorder(), _Recorder(fail_on="scalars")
     writer = MetricsWriter(tmp_path / "metrics.jsonl", [bad, good])
@@ -106,6 +110,7 @@ def test_metrics_writer_dispatches_numbers_and_survives_a_failing_tracker(tmp_pa
     assert [r["kind"] for r in records] == ["start", "train", "eval", "text"]
 
 
+@pytest.mark.integration
 def test_tensorboard_logs_scalars_settings_and_sample(train_run) -> None:
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -123,6 +128,7 @@ def test_tensorboard_logs_scalars_settings_and_sample(train_run) -> None:
     assert summary.sample in text
 
 
+@pytest.mark.integration
 def test_mlflow_run_spans_fresh_and_resumed_sessions(train_run, tmp_path) -> None:
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
@@ -151,6 +157,7 @@ def _wandb_records(folder: Path) -> list[dict]:
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
+@pytest.mark.integration
 def test_wandb_offline_run_spans_fresh_and_resumed_sessions(train_run) -> None:
     pytest.importorskip("wandb")
     first, second = fresh_then_resumed(train_run, "wandb")
@@ -169,6 +176,7 @@ def test_wandb_offline_run_spans_fresh_and_resumed_sessions(train_run) -> None:
     assert json.loads(tables[-1].read_text())["data"] == [[10, second.sample]]
 
 
+@pytest.mark.integration
 def test_a_branched_resume_is_a_tracker_run_of_its_own(train_run, tmp_path) -> None:
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
@@ -187,6 +195,7 @@ def test_a_branched_resume_is_a_tracker_run_of_its_own(train_run, tmp_path) -> N
     assert steps == {first.run_name: [1, 2, 3, 4, 5, 6], branch.run_name: [4, 5]}
 
 
+@pytest.mark.integration
 def test_the_users_own_tracker_settings_win(train_run, tmp_path, monkeypatch) -> None:
     pytest.importorskip("mlflow")
     pytest.importorskip("wandb")
@@ -204,6 +213,7 @@ def test_the_users_own_tracker_settings_win(train_run, tmp_path, monkeypatch) ->
     assert run.info.run_name == summary.run_name
 
 
+@pytest.mark.integration
 def test_trackers_end_a_stopped_or_failed_run_as_such(tmp_path, train_run, monkeypatch) -> None:
     from lmtrain.errors import TrainingInterrupted
 

@@ -7,12 +7,14 @@ import json
 import pytest
 import torch
 
-from lmtrain.checkpoint import REQUIRED_KEYS, list_checkpoints
+from lmtrain.checkpoint import list_checkpoints
+from lmtrain.checkpoint_format import REQUIRED_KEYS
 from lmtrain.reporting import read_metrics
 from tests.conftest import load_file as load
 from tests.conftest import train_losses, whole_and_resumed
 
 
+@pytest.mark.integration
 def test_fresh_run_writes_checkpoints_logs_and_metrics(train_run):
     summary = train_run(training_steps=12, checkpoint_interval=5)
     steps = [s for s, _ in list_checkpoints(summary.checkpoint_dir)]
@@ -31,6 +33,7 @@ def test_fresh_run_writes_checkpoints_logs_and_metrics(train_run):
     assert summary.final_losses["val"] > 0 and summary.sample
 
 
+@pytest.mark.integration
 def test_resume_continues_the_step_count(train_run):
     first = train_run(training_steps=10)
     ckpt = first.checkpoint_dir / "step_0000010.pt"
@@ -45,12 +48,14 @@ def test_resume_continues_the_step_count(train_run):
     assert "resumed run: val loss" in log_text and "change" in log_text
 
 
+@pytest.mark.integration
 def test_resume_without_resume_steps_runs_to_the_planned_total(train_run):
     first = train_run(training_steps=8, checkpoint_interval=4)
     second = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000004.pt"))
     assert (second.start_step, second.end_step) == (4, 8)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("n_layer", [1, 0])
 def test_exact_resume_is_bitwise(train_run, tmp_path, n_layer):
     """N+M steps in one go == N steps, then M resumed steps: same weights, same losses."""
@@ -68,6 +73,7 @@ def test_exact_resume_is_bitwise(train_run, tmp_path, n_layer):
     assert len(whole_losses) == 14
 
 
+@pytest.mark.integration
 def test_overridden_learning_rate_takes_effect_on_resume(train_run):
     first = train_run(training_steps=6, lr_scheduler="none", learning_rate=1e-3)
     second = train_run(checkpoint_path=str(first.checkpoint_dir / "step_0000006.pt"),
@@ -79,12 +85,14 @@ def test_overridden_learning_rate_takes_effect_on_resume(train_run):
     assert all(g["lr"] == pytest.approx(4e-3) for g in ckpt["optimizer_state_dict"]["param_groups"])
 
 
+@pytest.mark.integration
 def test_evaluation_does_not_move_the_training_rng(train_run):
     a = train_run(training_steps=6, eval_interval=1, run_name="evals")
     b = train_run(training_steps=6, eval_interval=100, run_name="noevals")
     assert train_losses(a.metrics_file) == train_losses(b.metrics_file)
 
 
+@pytest.mark.integration
 def test_output_file_holds_settings_losses_and_sample(train_run):
     summary = train_run(training_steps=4, enable_output_to_file=True, prompt="ROMEO:")
     text = summary.output_file.read_text()
@@ -94,6 +102,7 @@ def test_output_file_holds_settings_losses_and_sample(train_run):
     assert summary.sample.startswith("ROMEO:") and summary.sample in text
 
 
+@pytest.mark.unit
 def test_corpus_shorter_than_a_block_is_rejected(train_run, tmp_path):
     from lmtrain.errors import UserError
 

@@ -23,10 +23,10 @@ from lmtrain.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from lmtrain.checkpoint_schema import DIGEST_KEY, config_of, model_state
+from lmtrain.checkpoint_format import DIGEST_KEY, config_of
 from lmtrain.cli import main
 from lmtrain.errors import UserError
-from tests.conftest import ROOT, run_entrypoint, tiny_env
+from tests.conftest import ROOT, child_env, run_entrypoint, tiny_env
 
 _DELETE = object()
 
@@ -56,6 +56,7 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 
 # --- 2. a checkpoint never decides where lmtrain writes, deletes or downloads ---------------
 
+@pytest.mark.integration
 def test_a_crafted_checkpoint_cannot_choose_where_lmtrain_writes_or_deletes(
         tmp_path, tiny_checkpoint, train_run):
     victim = tmp_path / "victim"
@@ -69,8 +70,10 @@ def test_a_crafted_checkpoint_cannot_choose_where_lmtrain_writes_or_deletes(
                                    "cache_dir": str(victim), "keep_last_checkpoints": 1,
                                    "allow_download": True, "enable_output_to_file": True})
     saved = config_of(torch.load(bad, weights_only=True))
-    assert (saved.allow_download, saved.keep_last_checkpoints, saved.run_name) == (False, 3, None)
-    assert (saved.checkpoint_dir, saved.cache_dir, saved.enable_output_to_file) == (
+    assert (saved.model.allow_download, saved.checkpointing.keep_last_checkpoints,
+            saved.run.run_name) == (False, 3, None)
+    assert (saved.checkpointing.checkpoint_dir, saved.data.cache_dir,
+            saved.run.enable_output_to_file) == (
         "checkpoints", None, False)
     summary = train_run(checkpoint_path=str(bad), resume_steps=3, checkpoint_interval=1)
     assert snapshot(victim) == before  # nothing written, nothing deleted
@@ -79,6 +82,7 @@ def test_a_crafted_checkpoint_cannot_choose_where_lmtrain_writes_or_deletes(
     assert str(victim) not in summary.run_name
 
 
+@pytest.mark.integration
 def test_the_users_run_name_wins_on_resume_and_the_log_says_where_it_came_from(train_run,
                                                                                tmp_path):
     first = train_run(training_steps=4, run_name="A")
@@ -89,6 +93,7 @@ def test_the_users_run_name_wins_on_resume_and_the_log_says_where_it_came_from(t
     assert [s for s, _ in list_checkpoints(first.checkpoint_dir)] == [4]
 
 
+@pytest.mark.integration
 def test_a_data_source_from_the_checkpoint_is_named_in_the_log(train_run, run_dirs):
     from lmtrain.config import explicit_settings
     from lmtrain.train.session import train
@@ -103,6 +108,7 @@ def test_a_data_source_from_the_checkpoint_is_named_in_the_log(train_run, run_di
 
 # --- 3. RUN_NAME is one safe path component -------------------------------------------------
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["..", ".", "../../x", "/abs/path", "a/b", "a\\b", "x\ny"])
 def test_unsafe_run_names_are_refused_before_anything_is_written(train_run, tmp_path, name):
     with pytest.raises(UserError, match="is not a valid run name"):
@@ -110,6 +116,7 @@ def test_unsafe_run_names_are_refused_before_anything_is_written(train_run, tmp_
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize("name", ["shakespeare-small", "run.v2_1", "A-from-10-2", "…ünï"])
 def test_ordinary_run_names_are_one_folder_below_the_settings(name):
     from lmtrain.run_folder import RunPaths, check_run_name
@@ -119,6 +126,7 @@ def test_ordinary_run_names_are_one_folder_below_the_settings(name):
     assert (paths.checkpoints, paths.logs) == (Path("ck") / name, Path("lg") / name)
 
 
+@pytest.mark.unit
 def test_rotation_keeps_a_file_it_may_not_delete(tmp_path, monkeypatch):
     from lmtrain.checkpoint import rotate_checkpoints
 
@@ -139,6 +147,7 @@ def test_rotation_keeps_a_file_it_may_not_delete(tmp_path, monkeypatch):
 
 # --- 4. history is never rewritten ----------------------------------------------------------
 
+@pytest.mark.integration
 def test_resuming_an_older_checkpoint_branches_and_replaces_nothing(train_run, tmp_path):
     first = train_run(training_steps=6, checkpoint_interval=2, run_name="A")
     before = snapshot(first.checkpoint_dir)
@@ -171,6 +180,7 @@ def flip_inside_largest_tensor(path: Path, n: int = 64) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.integration
 def test_a_bit_flipped_checkpoint_is_refused_and_auto_skips_it(train_run, tmp_path, capsys):
     first = train_run(training_steps=4, checkpoint_interval=2, run_name="flip")
     newest = first.checkpoint_dir / checkpoint_filename(4)
@@ -186,6 +196,7 @@ def test_a_bit_flipped_checkpoint_is_refused_and_auto_skips_it(train_run, tmp_pa
     assert again.start_step == 2 and "skipped step_0000004.pt" in again.log_file.read_text()
 
 
+@pytest.mark.unit
 def test_a_file_changed_without_its_digest_is_refused(tmp_path, tiny_checkpoint):
     bad = crafted(tiny_checkpoint, tmp_path / "edited.pt", sealed=False, best_step=0)
     with pytest.raises(UserError, match="do not match their sha256"):
@@ -196,6 +207,7 @@ def test_a_file_changed_without_its_digest_is_refused(tmp_path, tiny_checkpoint)
         load_checkpoint(missing)
 
 
+@pytest.mark.unit
 def test_a_format_1_checkpoint_without_digest_or_tracker_ids_still_loads(tmp_path,
                                                                          tiny_checkpoint):
     old = crafted(tiny_checkpoint, tmp_path / "v1.pt", sealed=False, format_version=1,
@@ -203,6 +215,7 @@ def test_a_format_1_checkpoint_without_digest_or_tracker_ids_still_loads(tmp_pat
     assert load_checkpoint(old)["step"] == 4
 
 
+@pytest.mark.unit
 def test_a_checkpoint_from_before_the_recipe_settings_loads_as_what_it_was(tmp_path,
                                                                             tiny_checkpoint):
     """Hyperparameters without ARCH/QK_NORM/OPTIMIZER were a gpt2 + AdamW run: validation,
@@ -214,10 +227,12 @@ def test_a_checkpoint_from_before_the_recipe_settings_loads_as_what_it_was(tmp_p
         ckpt["hyperparameters"].pop(key)
     old = save_checkpoint(tmp_path / "before-recipe.pt", ckpt)
     cfg = config_of(load_checkpoint(old))
-    assert (cfg.arch, cfg.qk_norm, cfg.optimizer) == ("gpt2", False, "adamw")
-    assert load_trained_model(old).config.arch == "gpt2"
+    assert (cfg.model.arch, cfg.model.qk_norm, cfg.optimization.optimizer) == ("gpt2", False,
+                                                                               "adamw")
+    assert load_trained_model(old).config.model.arch == "gpt2"
 
 
+@pytest.mark.integration
 def test_tracker_run_ids_are_saved_and_restored(train_run, tmp_path, tiny_checkpoint):
     assert load_checkpoint(tiny_checkpoint)["tracker_run_ids"] == {}
     start = crafted(tiny_checkpoint, tmp_path / "ids.pt", tracker_run_ids={"wandb": "abc123"})
@@ -249,6 +264,7 @@ MALFORMED = {
 }
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("case", sorted(MALFORMED))
 def test_each_malformed_key_is_one_line_in_every_command(case, tmp_path, tiny_checkpoint,
                                                           train_run, capsys):
@@ -265,6 +281,7 @@ def test_each_malformed_key_is_one_line_in_every_command(case, tmp_path, tiny_ch
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "hf").exists()
 
 
+@pytest.mark.integration
 def test_an_optimizer_state_of_another_model_fails_inspect_and_resume(tmp_path,
                                                                       tiny_checkpoint,
                                                                       train_run, capsys):
@@ -278,6 +295,7 @@ def test_an_optimizer_state_of_another_model_fails_inspect_and_resume(tmp_path,
         train_run(checkpoint_path=str(bad), resume_steps=1, run_name="mixed")
 
 
+@pytest.mark.integration
 def test_inspect_fits_a_gpt2_checkpoint_to_its_base(tmp_path, tiny_gpt2_dir, qa_corpus,
                                                     train_run, capsys):
     run = train_run(model_type="gpt2", gpt2_model_name=str(tiny_gpt2_dir),
@@ -307,6 +325,7 @@ time.sleep(120)
 """
 
 
+@pytest.mark.integration
 def test_a_second_process_on_one_run_is_refused_and_kill_9_frees_the_run(train_run, tmp_path):
     folder = tmp_path / "ckpt" / "shared"
     holder = subprocess.Popen(
@@ -326,6 +345,7 @@ def test_a_second_process_on_one_run_is_refused_and_kill_9_frees_the_run(train_r
     assert summary.end_step == 2
 
 
+@pytest.mark.integration
 def test_two_training_processes_on_one_run_one_is_refused(tmp_path, corpus):
     env = {"TRAINING_DATA_SOURCE": str(corpus), "N_LAYER": "1", "N_HEAD": "2", "N_EMBD": "16",
            "BLOCK_SIZE": "16", "BATCH_SIZE": "2", "EVAL_ITERS": "1", "MAX_NEW_TOKENS": "0",
@@ -333,8 +353,7 @@ def test_two_training_processes_on_one_run_one_is_refused(tmp_path, corpus):
            "CHECKPOINT_DIR": str(tmp_path / "ckpt"), "LOG_DIR": str(tmp_path / "logs"),
            "CACHE_DIR": str(tmp_path / "cache"), "RUN_NAME": "one",
            "CHECKPOINT_PATH": "auto"}
-    base = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "XDG_CACHE_HOME")}
-    first = subprocess.Popen([sys.executable, "training.py"], env={**base, **env}, cwd=ROOT,
+    first = subprocess.Popen([sys.executable, "training.py"], env=child_env(env), cwd=ROOT,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 300
@@ -352,6 +371,7 @@ def test_two_training_processes_on_one_run_one_is_refused(tmp_path, corpus):
         first.wait(timeout=30)
 
 
+@pytest.mark.unit
 def test_the_plan_and_its_checkpoint_are_read_only(tiny_checkpoint, run_dirs):
     from dataclasses import FrozenInstanceError
 
@@ -362,11 +382,14 @@ def test_the_plan_and_its_checkpoint_are_read_only(tiny_checkpoint, run_dirs):
     plan = resolve_plan(*explicit_settings(flags=flags, env={}))
     with pytest.raises(FrozenInstanceError):
         plan.run_name = "elsewhere"  # type: ignore[misc]
+    with pytest.raises(FrozenInstanceError):
+        plan.resume.checkpoint.where = "elsewhere"  # type: ignore[misc]
     with pytest.raises(TypeError):
-        plan.resume.checkpoint["run_name"] = "elsewhere"  # type: ignore[index]
+        plan.resume.checkpoint.payload["run_name"] = "elsewhere"  # type: ignore[index]
     assert plan.paths.checkpoints == Path(run_dirs["checkpoint_dir"]) / plan.run_name
 
 
+@pytest.mark.unit
 def test_inspect_tells_a_run_extended_past_its_plan(tmp_path, tiny_checkpoint, capsys):
     extended = crafted(tiny_checkpoint, tmp_path / "long.pt", step=60,
                        hyperparameters={"training_steps": 30})
@@ -398,6 +421,7 @@ def tmpfs(tmp_path):
         subprocess.run(["umount", str(folder)], check=False)
 
 
+@pytest.mark.integration
 def test_a_full_checkpoint_disk_stops_with_the_previous_checkpoint_and_the_resume_command(
         train_run, tmpfs):
     disk = tmpfs("full", "512k")
@@ -412,6 +436,7 @@ def test_a_full_checkpoint_disk_stops_with_the_previous_checkpoint_and_the_resum
     assert not [p for p in (disk / "full").iterdir() if p.name.startswith(".tmp-")]
 
 
+@pytest.mark.integration
 def test_a_full_log_disk_is_a_warning_and_the_run_ends_well(tmpfs, tmp_path, corpus):
     logs = tmpfs("logs", "16k")
     env = tiny_env(batch_size=2, eval_iters=1, eval_interval=250, training_steps=300,
@@ -424,6 +449,7 @@ def test_a_full_log_disk_is_a_warning_and_the_run_ends_well(tmpfs, tmp_path, cor
     assert load_checkpoint(tmp_path / "ckpt" / "logfull" / checkpoint_filename(300))
 
 
+@pytest.mark.integration
 def test_a_failing_output_file_is_a_warning(train_run, monkeypatch):
     import lmtrain.durable as durable
 
@@ -440,6 +466,7 @@ def test_a_failing_output_file_is_a_warning(train_run, monkeypatch):
     assert "could not write the output file" in summary.log_file.read_text()
 
 
+@pytest.mark.unit
 def test_a_full_token_cache_is_one_line(train_run, monkeypatch, tmp_path):
     import lmtrain.data.prepare as prepare
 
@@ -453,14 +480,16 @@ def test_a_full_token_cache_is_one_line(train_run, monkeypatch, tmp_path):
 
 # --- 8. tied weights stored once ----------------------------------------------------------------
 
+@pytest.mark.unit
 def test_tied_gpt2_weights_are_stored_once(tmp_path):
     from transformers import GPT2LMHeadModel
 
     from lmtrain.config import TrainingConfig
+    from lmtrain.models.weights import model_state
     from tests.conftest import save_tiny_gpt2
 
     model = GPT2LMHeadModel.from_pretrained(save_tiny_gpt2(tmp_path / "g", vocab_size=5000))
-    weights = model_state(model, TrainingConfig(model_type="gpt2"))
+    weights = model_state(model, TrainingConfig.from_flat(model_type="gpt2").model)
     assert weights["lm_head.weight"].data_ptr() == weights["transformer.wte.weight"].data_ptr()
     buf = io.BytesIO()
     torch.save(weights, buf)
@@ -473,12 +502,14 @@ def test_tied_gpt2_weights_are_stored_once(tmp_path):
 
 # --- issue 15: no clutter, the log holds the error, the resume report ---------------------------
 
+@pytest.mark.unit
 def test_a_failed_start_leaves_no_folders(train_run, tmp_path):
     with pytest.raises(UserError, match="TRAINING_DATA_SOURCE"):
         train_run(training_data_source=str(tmp_path / "nonexistent"))
     assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
 
 
+@pytest.mark.unit
 def test_an_error_after_the_log_is_opened_is_in_the_log(train_run, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("to be or not")
@@ -490,6 +521,7 @@ def test_an_error_after_the_log_is_opened_is_in_the_log(train_run, tmp_path):
     assert not (tmp_path / "ckpt" / "short").exists()  # nothing but its lock: removed
 
 
+@pytest.mark.integration
 def test_the_resume_report_gives_both_losses_their_changes_and_only_changed_settings(
         train_run):
     first = train_run(training_steps=4, learning_rate=1e-3)

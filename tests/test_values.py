@@ -12,11 +12,13 @@ from lmtrain.config import TrainingConfig
 from lmtrain.models import build_model, count_parameters
 from lmtrain.train.optim import lr_multiplier
 
+pytestmark = pytest.mark.unit
+
 
 def schedule(**values) -> list[float]:
-    cfg = TrainingConfig(**{"warmup_steps": 4, "lr_decay_steps": 14, "min_lr_ratio": 0.1,
+    cfg = TrainingConfig.from_flat(**{"warmup_steps": 4, "lr_decay_steps": 14, "min_lr_ratio": 0.1,
                             **values})
-    return [lr_multiplier(step, cfg) for step in range(20)]
+    return [lr_multiplier(step, cfg.optimization) for step in range(20)]
 
 
 def test_warmup_ramps_linearly_to_the_peak():
@@ -44,10 +46,10 @@ def test_no_warmup_starts_at_the_peak_and_none_is_constant():
 
 
 def tiny_model(**values) -> torch.nn.Module:
-    cfg = TrainingConfig(**{"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 8,
+    cfg = TrainingConfig.from_flat(**{"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 8,
                             "dropout": 0.0, **values})
     torch.manual_seed(0)
-    return build_model(cfg, vocab_size=11)
+    return build_model(cfg.model, vocab_size=11)
 
 
 def test_gpt2_arch_parameter_count_matches_its_shapes():

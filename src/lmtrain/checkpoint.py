@@ -1,18 +1,18 @@
 """Checkpoint files: one ``torch.save`` dict per file, written atomically, loaded with
 ``weights_only=True`` so that a checkpoint can never run code, found and rotated in a run's
-folder. What a checkpoint holds is :mod:`lmtrain.checkpoint_schema`'s."""
+folder. What a checkpoint holds is :mod:`lmtrain.checkpoint_format`'s; readers get it as a
+:class:`~lmtrain.checkpoint_format.SavedRun` (:func:`load_run`)."""
 
 from __future__ import annotations
 
 import pickle
 import re
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from lmtrain.checkpoint_schema import FORMAT_VERSION as FORMAT_VERSION  # re-exported
-from lmtrain.checkpoint_schema import REQUIRED_KEYS as REQUIRED_KEYS  # re-exported
-from lmtrain.checkpoint_schema import seal, validate
+from lmtrain.checkpoint_format import SavedRun, seal, validate
 from lmtrain.durable import atomic_write
 from lmtrain.errors import UserError
 
@@ -33,7 +33,8 @@ class _Recording:
     into a ``RuntimeError`` without its errno, which :func:`save_checkpoint` gives back."""
 
     def __init__(self, fh: IO[bytes]) -> None:
-        self.fh, self.error = fh, None
+        self.fh: IO[bytes] = fh
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> int:
         try:
@@ -57,7 +58,7 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
     def write(fh: IO[bytes]) -> None:
         rec = _Recording(fh)
         try:
-            torch.save(sealed, rec)
+            torch.save(sealed, rec)  # type: ignore[arg-type]  # a file-like writer
         except RuntimeError as exc:
             if rec.error is not None:
                 raise rec.error from None
@@ -71,12 +72,30 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
                     label: str = "CHECKPOINT_PATH") -> dict[str, Any]:
     """Load and validate a checkpoint; never unpickles code. Bad files raise :class:`UserError`.
 
-    ``label`` names what the path came from in messages (a setting or a command).
+    ``label`` names what the path came from in messages (a setting or a command). Returns the
+    plain dict as saved (to copy or craft from); readers use :func:`load_run`.
     """
-    import torch
-
     path = Path(path)
     where = f"{label}={str(path)!r}"
+    ckpt = _read(path, where, map_location, label)
+    validate(ckpt, where)
+    return ckpt
+
+
+def load_run(path: str | Path, map_location: str | torch.device = "cpu",
+             label: str = "CHECKPOINT_PATH") -> SavedRun:
+    """Load and validate a checkpoint as the read-only view every reader uses; see
+    :func:`load_checkpoint`."""
+    path = Path(path)
+    where = f"{label}={str(path)!r}"
+    return SavedRun.validated(_read(path, where, map_location, label), where)
+
+
+def _read(path: Path, where: str, map_location: str | torch.device, label: str) -> Any:
+    """What ``torch.load(weights_only=True)`` finds in ``path``; a missing, foreign, truncated
+    or code-carrying file is one line."""
+    import torch
+
     if not path.is_file():
         auto = f", or {AUTO_RESUME!r}" if label == "CHECKPOINT_PATH" else ""
         raise UserError(f"{where}: no such file; give a .pt checkpoint written by lmtrain{auto}")
@@ -84,7 +103,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         raise UserError(f"{where} is not a checkpoint: not a torch.save archive (truncated, "
                         f"or some other kind of file); pick an earlier checkpoint")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
         reason = next((ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln),
@@ -97,8 +116,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
         detail = str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
         raise UserError(f"{where} is not a readable lmtrain checkpoint (truncated or corrupt: "
                         f"{detail}); pick an earlier checkpoint") from None
-    validate(ckpt, where)
-    return ckpt
 
 
 def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
@@ -135,18 +152,22 @@ def rotate_checkpoints(folder: str | Path, keep_last: int, protect: set[int],
     return deleted
 
 
-def find_resumable(folder: str | Path) -> tuple[Path | None, dict[str, Any] | None, list[str]]:
-    """The newest step checkpoint in ``folder`` that loads and validates.
+def find_resumable(folder: str | Path, check: Callable[[SavedRun], object] | None = None,
+                   ) -> tuple[Path | None, SavedRun | None, list[str]]:
+    """The newest step checkpoint in ``folder`` that loads, validates and passes ``check``
+    (which raises :class:`UserError` for a checkpoint it refuses).
 
-    Returns ``(path, checkpoint, problems)``; ``problems`` has one line per newer file that was
+    Returns ``(path, run, problems)``; ``problems`` has one line per newer file that was
     skipped. ``(None, None, problems)`` when no checkpoint is usable.
     """
-    problems = []
+    problems: list[str] = []
     for _, path in reversed(list_checkpoints(folder)):
         try:
-            return path, load_checkpoint(path), problems
+            run = load_run(path)
+            if check is not None:
+                check(run)
         except UserError as exc:
             problems.append(f"skipped {path.name}: {exc}")
+            continue
+        return path, run, problems
     return None, None, problems
-
-

@@ -18,7 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -100,11 +100,30 @@ class DataSettings(Settings):
     drop_unknown_chars: bool = Field(
         False, description="on resume, drop characters outside the saved vocabulary")
     cache_dir: str | None = Field(None, description="token-array cache (default: user cache)")
-    train_split: float = Field(0.9, gt=0.0, lt=1.0, description="fraction of tokens for training")
-    loss_on: Literal["all", "answers"] = Field(
-        "all", description="all | answers (loss only after ANSWER_PREFIX, up to end of text)")
+    train_split: float = Field(
+        0.9, gt=0.0, lt=1.0,
+        description="fraction of tokens for training (of records, for question/answer records)")
+    data_format: Literal["auto", "text", "qa", "alpaca", "chat"] = Field(
+        "auto", description="auto (from the first record's fields) | text | qa {question, "
+                            "answer} | alpaca {instruction, input, output} | chat {messages}")
+    qa_template: str = Field(
+        "QUESTION: {question} ANSWER: {answer}",
+        description="how a question/answer record is rendered; the end of text follows each "
+                    "answer")
+    loss_on: Literal["auto", "all", "answers"] = Field(
+        "auto", description="auto (answers for question/answer records, else all) | all | "
+                            "answers (answer tokens and the end of text only)")
     answer_prefix: str = Field(
-        "ANSWER:", min_length=1, description="LOSS_ON=answers: text that starts an answer")
+        "ANSWER:", min_length=1,
+        description="LOSS_ON=answers on plain text: text that starts an answer")
+
+    @field_validator("qa_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        counts = [value.count(f"{{{name}}}") for name in ("question", "answer")]
+        if counts != [1, 1] or value.index("{question}") > value.index("{answer}"):
+            raise ValueError("it must hold {question} once, then {answer} once")
+        return value
 
 
 class OptimizationSettings(Settings):
@@ -140,6 +159,9 @@ class EvaluationSettings(Settings):
     eval_interval: int = Field(250, ge=1, description="steps between evaluations")
     eval_iters: int = Field(50, ge=1, description="batches per evaluation")
     log_interval: int = Field(50, ge=1, description="steps between progress lines")
+    eval_answers: int = Field(
+        256, ge=0, description="held-out questions answered greedily at each evaluation of "
+                               "question/answer records (0 = off)")
 
 
 class GenerationSettings(Settings):
@@ -195,8 +217,6 @@ class RunSettings(Settings):
         return normalize_metrics(value)
 
 
-S = TypeVar("S", bound=Settings)
-
 #: The settings groups in the order ``--help`` and the README list them. Each module takes the
 #: group(s) it needs (``config.model``, ``config.optimization``...), never the whole config.
 GROUPS: dict[str, type[Settings]] = {
@@ -204,55 +224,66 @@ GROUPS: dict[str, type[Settings]] = {
     "evaluation": EvaluationSettings, "generation": GenerationSettings,
     "checkpointing": CheckpointSettings, "run": RunSettings,
 }
+#: Each setting's group name (flat name -> group label).
+GROUP_OF = {name: label for label, group in GROUPS.items() for name in group.model_fields}
 
 
-class TrainingConfig(RunSettings, CheckpointSettings, GenerationSettings, EvaluationSettings,
-                     OptimizationSettings, DataSettings, ModelSettings):
-    """Every setting of a run, flat: field ``x`` is env var ``X`` and flag ``--x`` (``_`` ->
-    ``-``). The groups it is made of (:data:`GROUPS`) are its slices: ``config.model`` is a
-    :class:`ModelSettings` holding just those values.
+class TrainingConfig(Settings):
+    """Every setting of a run, composed of its seven groups (:data:`GROUPS`): ``config.model``
+    is a :class:`ModelSettings`, ``config.optimization`` an :class:`OptimizationSettings`...
+    A function typed with one group takes that group, never the whole config.
 
-    The bases are listed last group first because pydantic collects fields from the last base
-    first; :data:`FIELDS` gives the groups' order. Cross-group rules live in the loaders.
+    Users name settings flat: field ``x`` of any group is env var ``X``, flag ``--x`` and TOML
+    key ``x``. The flat names are mapped onto the groups here, once (:meth:`_nest`), and
+    :meth:`flat` gives them back (checkpoints save them flat). Cross-group rules live in the
+    loaders.
     """
 
-    def _slice(self, group: type[S]) -> S:
-        return group.model_construct(**{name: getattr(self, name) for name in group.model_fields})
+    model: ModelSettings = ModelSettings()
+    data: DataSettings = DataSettings()
+    optimization: OptimizationSettings = OptimizationSettings()
+    evaluation: EvaluationSettings = EvaluationSettings()
+    generation: GenerationSettings = GenerationSettings()
+    checkpointing: CheckpointSettings = CheckpointSettings()
+    run: RunSettings = RunSettings()
 
-    @property
-    def model(self) -> ModelSettings:
-        return self._slice(ModelSettings)
+    @model_validator(mode="before")
+    @classmethod
+    def _nest(cls, values: Any) -> Any:
+        """Flat setting names (``{"n_layer": 2}``) onto their groups (``{"model": {...}}``);
+        an unknown name stays at the top, where it is refused by name."""
+        if not isinstance(values, Mapping):
+            return values
+        nested: dict[str, Any] = {}
+        for name, value in values.items():
+            label = GROUP_OF.get(name)
+            if label is None:
+                nested[name] = value
+            else:
+                nested.setdefault(label, {})[name] = value
+        return nested
 
-    @property
-    def data(self) -> DataSettings:
-        return self._slice(DataSettings)
+    @classmethod
+    def from_flat(cls, **settings: Any) -> TrainingConfig:
+        """A validated config from flat setting names (``from_flat(n_layer=2)``)."""
+        return cls.model_validate(settings)
 
-    @property
-    def optimization(self) -> OptimizationSettings:
-        return self._slice(OptimizationSettings)
+    def flat(self) -> dict[str, Any]:
+        """Every setting by its flat name (what checkpoints and the settings lines show)."""
+        return {name: value for label in GROUPS
+                for name, value in getattr(self, label).model_dump().items()}
 
-    @property
-    def evaluation(self) -> EvaluationSettings:
-        return self._slice(EvaluationSettings)
+    def value(self, name: str) -> Any:
+        """One setting by its flat name."""
+        return getattr(getattr(self, GROUP_OF[name]), name)
 
-    @property
-    def generation(self) -> GenerationSettings:
-        return self._slice(GenerationSettings)
-
-    @property
-    def checkpointing(self) -> CheckpointSettings:
-        return self._slice(CheckpointSettings)
-
-    @property
-    def run(self) -> RunSettings:
-        return self._slice(RunSettings)
+    def replace(self, **changes: Any) -> TrainingConfig:
+        """A validated copy with some settings (flat names) changed."""
+        return TrainingConfig.model_validate({**self.flat(), **changes})
 
 
 #: Every setting, group by group (model first), as pydantic ``FieldInfo``s.
-FIELDS = {name: TrainingConfig.model_fields[name] for group in GROUPS.values()
-          for name in group.model_fields}
-#: Each setting's group name.
-GROUP_OF = {name: label for label, group in GROUPS.items() for name in group.model_fields}
+FIELDS = {name: info for group in GROUPS.values() for name, info in group.model_fields.items()}
 
 #: Settings fixed by the checkpoint: an explicit different value on resume is an error.
 #: (GPT2_MODEL_NAME may change, e.g. a moved folder: LoRA checks the base's fingerprint and a
@@ -306,12 +337,13 @@ class Preset:
 
 #: The presets, in the order they apply (a later one wins).
 PRESETS: tuple[Preset, ...] = (
-    Preset("MODEL_TYPE=gpt2", "gpt2 preset", GPT2_PRESET, lambda c: c.model_type == "gpt2"),
+    Preset("MODEL_TYPE=gpt2", "gpt2 preset", GPT2_PRESET,
+           lambda c: c.model.model_type == "gpt2"),
     Preset("gpt2 + USE_LORA", "gpt2 lora preset", GPT2_LORA_PRESET,
-           lambda c: c.model_type == "gpt2" and c.use_lora),
-    Preset("TEST_MODE", "test_mode preset", TEST_MODE_PRESET, lambda c: c.test_mode),
+           lambda c: c.model.model_type == "gpt2" and c.model.use_lora),
+    Preset("TEST_MODE", "test_mode preset", TEST_MODE_PRESET, lambda c: c.run.test_mode),
     Preset("TEST_MODE gpt2", "test_mode preset", GPT2_TEST_MODE_PRESET,
-           lambda c: c.test_mode and c.model_type == "gpt2"),
+           lambda c: c.run.test_mode and c.model.model_type == "gpt2"),
 )
 
 
@@ -357,7 +389,7 @@ class LoadedConfig:
 
     def describe(self) -> list[str]:
         """One line per non-default setting: ``name = value  (source)``."""
-        data = self.config.model_dump()
+        data = self.config.flat()
         return [f"{k} = {data[k]!r}  ({src})" for k, src in sorted(self.sources.items())
                 if src != "default"]
 
@@ -432,13 +464,19 @@ def _validate(values: dict[str, Any], sources: dict[str, str]) -> TrainingConfig
 
 def _explain(exc: ValidationError, values: dict[str, Any], sources: dict[str, str]) -> str:
     err = exc.errors()[0]
-    loc = err.get("loc") or ()
-    name = str(loc[0]) if loc else ""
+    loc = [str(part) for part in err.get("loc") or ()]
+    name = loc[1] if len(loc) > 1 and loc[0] in GROUPS else (loc[0] if loc else "")
     if name in FIELDS:
         shown = values.get(name, FIELDS[name].default)
         return _invalid(name, f"{env_name(name)}={shown!r} (from {sources.get(name, 'default')})",
                         err["msg"])
     return f"invalid settings: {err['msg'].removeprefix('Value error, ')}"
+
+
+def _names_a_value(loc: tuple[Any, ...]) -> bool:
+    """Whether a validation error's location is one setting (``("model", "n_embd")`` or an
+    unknown name), not a rule over a whole group (``("model",)``)."""
+    return len(loc) > 1 or (len(loc) == 1 and loc[0] not in GROUPS)
 
 
 def _invalid(name: str, given: str, msg: str) -> str:
@@ -454,8 +492,8 @@ def check_value(name: str, value: Any, label: str) -> Any:
     from pydantic import TypeAdapter
 
     info = FIELDS[name]
-    kind = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
-    adapter = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
+    kind: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
+    adapter: TypeAdapter[Any] = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
@@ -468,7 +506,8 @@ def _expected(name: str) -> str:
                        ("int", "a whole number"), ("float", "a number"), ("str", "text")):
         if word in ann:
             if word == "Literal":
-                return "one of " + ", ".join(map(str, FIELDS[name].annotation.__args__))
+                choices = getattr(FIELDS[name].annotation, "__args__", ())
+                return "one of " + ", ".join(map(str, choices))
             return text
     return "a valid value"
 
@@ -518,7 +557,7 @@ def check_settings(values: dict[str, Any], sources: dict[str, str]) -> None:
     try:
         TrainingConfig.model_validate(values)
     except ValidationError as exc:
-        if any(err.get("loc") for err in exc.errors()):  # a value, not a combination
+        if any(_names_a_value(err.get("loc") or ()) for err in exc.errors()):
             raise UserError(_explain(exc, values, sources)) from None
 
 
@@ -546,7 +585,7 @@ def load_resumed(
             pass  # checked against the model itself (older checkpoints saved the defaults)
         elif k in ARCHITECTURE_FIELDS and k in base:
             wanted = _validate({**base, k: v}, {**merged_src, k: sources[k]})
-            if getattr(wanted, k) != base[k]:
+            if wanted.value(k) != base[k]:
                 raise UserError(
                     f"{env_name(k)}={v!r} (from {sources[k]}) contradicts the checkpoint, which "
                     f"was trained with {env_name(k)}={base[k]!r}; unset it to resume, or start "
@@ -556,3 +595,4 @@ def load_resumed(
         merged_src[k] = sources[k]
     config = _validate(merged, merged_src)
     return LoadedConfig(config, merged_src)
+

@@ -1,20 +1,24 @@
-"""Rebuild a trained model and its tokenizer from a checkpoint, for sampling and export."""
+"""Rebuild a trained model and its tokenizer from a checkpoint (for sampling, evaluation and
+export), and check that a checkpoint's weights and optimizer state fit the model its settings
+describe (for ``lmtrain inspect``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from lmtrain.checkpoint import load_checkpoint
-from lmtrain.checkpoint_schema import check_tokenizer, config_of, load_weights
-from lmtrain.config import TrainingConfig
-from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.checkpoint import load_run
+from lmtrain.checkpoint_format import SavedRun
+from lmtrain.config import ModelSettings, TrainingConfig
+from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
+from lmtrain.errors import UserError
 from lmtrain.models import build_model
 from lmtrain.models.lora import with_base
+from lmtrain.models.weights import load_weights
+from lmtrain.train.optim import build_optimizer, load_optimizer_state
 
 
 @dataclass
@@ -22,7 +26,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: Tokenizer
     config: TrainingConfig
-    checkpoint: dict[str, Any]
+    checkpoint: SavedRun
 
 
 def load_trained_model(path: str | Path, device: torch.device | None = None,
@@ -33,11 +37,52 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     invocation's (``ALLOW_DOWNLOAD`` saved as true in a checkpoint is not honoured). ``base``
     (``--base`` / ``GPT2_MODEL_NAME``) says where a GPT-2 run's base model lives now.
     """
-    ckpt = load_checkpoint(path, label=label)
-    cfg = with_base(config_of(ckpt), ckpt, base)  # GPT-2: where its base model is now
-    tokenizer = check_tokenizer(ckpt["tokenizer"], ckpt["vocab_size"])
-    torch.manual_seed(cfg.seed)  # a from-scratch LoRA base is rebuilt from the run's seed
+    run = load_run(path, label=label)
+    cfg = with_base(run.config, run.lora_base, base)  # GPT-2: where its base model is now
+    tokenizer = saved_tokenizer(run)
+    torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, tokenizer.vocab_size)
-    load_weights(model, cfg, ckpt, f"{label}={str(path)!r}")
+    load_weights(model, cfg.model, run)
     model.to(device or torch.device("cpu")).eval()
-    return LoadedModel(model, tokenizer, cfg, ckpt)
+    return LoadedModel(model, tokenizer, cfg, run)
+
+
+def check_fits(run: SavedRun) -> None:
+    """Build the run's model and optimizer on the ``meta`` device (no memory, no weights read)
+    and check that the saved weights and optimizer state fit them. A LoRA adapter is checked
+    against its base when it is loaded; a GPT-2 run whose base model is not here is skipped."""
+    cfg = run.config
+    if cfg.model.use_lora:
+        return
+    model = _model_on_meta(cfg.model, run.vocab_size)
+    if model is None:
+        return
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in run.model_state.items()}
+    if saved != expected:
+        missing = sorted(set(expected) - set(saved))
+        extra = sorted(set(saved) - set(expected))
+        shaped = sorted(k for k in set(saved) & set(expected) if saved[k] != expected[k])
+        detail = (f"missing {missing[0]}" if missing else f"unexpected {extra[0]}" if extra
+                  else f"{shaped[0]} has shape {saved[shaped[0]]}, not {expected[shaped[0]]}")
+        raise UserError(f"{run.where}: its weights do not fit the model its settings describe "
+                        f"({detail}); the file is damaged")
+    load_optimizer_state(build_optimizer(model, cfg.optimization, torch.device("meta")),
+                         run.optimizer_state, run.where)
+
+
+def _model_on_meta(config: ModelSettings, vocab_size: int) -> nn.Module | None:
+    """The model ``config`` describes, with ``meta`` tensors; None for a GPT-2 base not found."""
+    if config.model_type == "gpt2":
+        from transformers import GPT2LMHeadModel
+
+        from lmtrain.models.gpt2 import gpt2_config
+
+        try:
+            hf_config = gpt2_config(config)
+        except UserError:
+            return None
+        with torch.device("meta"):
+            return GPT2LMHeadModel(hf_config)
+    with torch.device("meta"):
+        return build_model(config, vocab_size)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from lmtrain.errors import UserError
 from lmtrain.reporting import read_metrics
 
 METRICS_FILE = "metrics.jsonl"
+
+log = logging.getLogger("lmtrain")
 
 
 def metrics_path(target: str | Path) -> Path:
@@ -22,7 +25,8 @@ def metrics_path(target: str | Path) -> Path:
 
 
 def plot_losses(metrics_file: Path, out: Path | None = None, log_scale: bool = False) -> Path:
-    """Train and val loss against step, resume points marked; returns the PNG path."""
+    """Train and val loss against step, resume points marked, and the answer accuracy of a run
+    on question/answer records on a second axis; returns the PNG path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -35,6 +39,8 @@ def plot_losses(metrics_file: Path, out: Path | None = None, log_scale: bool = F
     val = sorted((r["step"], r["val_loss"]) for r in evals)
     eval_train = sorted((r["step"], r["train_loss"]) for r in evals)
     resumes = sorted({r["step"] for r in records if r.get("kind") == "resume"})
+    accuracy = sorted((r["step"], 100.0 * r["val_answer_accuracy"]) for r in records
+                      if r.get("kind") == "eval" and r.get("val_answer_accuracy") is not None)
     if not train and not val:
         raise UserError(f"{metrics_file}: no losses recorded yet; train for a few steps first")
     out = out or metrics_file.parent / "loss.png"
@@ -57,9 +63,33 @@ def plot_losses(metrics_file: Path, out: Path | None = None, log_scale: bool = F
     ax.set_ylabel("loss")
     ax.set_title(metrics_file.parent.name)
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles, labels = ax.get_legend_handles_labels()
+    if accuracy:
+        handles, labels = _accuracy_axis(ax, accuracy, handles, labels)
+    ax.legend(handles, labels)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+def plot_run(metrics_file: Path) -> Path | None:
+    """The loss-curve PNG beside a finished run's metrics, logged; a plotting failure is a
+    warning (``None``), never a failed run."""
+    try:
+        path = plot_losses(metrics_file)
+    except Exception as exc:  # a missing plot must not lose a finished run
+        log.warning("could not draw the loss plot: %s", exc)
+        return None
+    log.info("loss plot: %s", path)
+    return path
+def _accuracy_axis(ax, accuracy: list[tuple[int, float]], handles: list, labels: list
+                   ) -> tuple[list, list]:
+    """Answer accuracy (percent) against step on a right-hand axis; the legend's entries."""
+    right = ax.twinx()
+    line = right.plot(*zip(*accuracy, strict=True), "s-", markersize=3, color="tab:green",
+                      label="val answer accuracy (%)")
+    right.set_ylabel("exact answers (%)")
+    right.set_ylim(-2, 102)
+    return [*handles, *line], [*labels, "val answer accuracy (%)"]

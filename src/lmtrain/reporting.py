@@ -1,4 +1,5 @@
-"""Run names, the run log (Python ``logging``), the metrics file and the output file."""
+"""Run names, the run log (Python ``logging``), the metrics file, the output file and the
+lines a run reports (its settings, final losses, results and timings)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
-from lmtrain.config import INVOCATION_FIELDS, TrainingConfig
+from lmtrain.config import INVOCATION_FIELDS, LoadedConfig, TrainingConfig
 from lmtrain.errors import TrainingInterrupted
 from lmtrain.trackers import Tracker, open_trackers, tracker_names
 
@@ -35,8 +36,8 @@ def data_label(source: str) -> str:
 
 def stable_run_name(config: TrainingConfig) -> str:
     """``<model>-<data>``: the run name ``CHECKPOINT_PATH=auto`` finds again on every launch."""
-    model = config.model_type + ("-lora" if config.use_lora else "")
-    return f"{model}-{data_label(config.training_data_source)}"
+    model = config.model.model_type + ("-lora" if config.model.use_lora else "")
+    return f"{model}-{data_label(config.data.training_data_source)}"
 
 
 def default_run_name(config: TrainingConfig) -> str:
@@ -126,7 +127,7 @@ class MetricsWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self.trackers = list(trackers)
-        self._fh = path.open("a", encoding="utf-8")
+        self._fh: IO[str] | None = path.open("a", encoding="utf-8")
         self._start = time.perf_counter()
 
     def write(self, **record: Any) -> None:
@@ -188,8 +189,8 @@ def open_metrics(path: Path, config: TrainingConfig, run_name: str,
     """The run's metrics file plus the trackers ``METRICS`` names, continuing the tracker runs
     in ``run_ids`` (from the checkpoint) and recording the ids of new ones there. A new
     tracker run gets what the run *is* as its hyperparameters (not this invocation's paths)."""
-    settings = {k: v for k, v in config.model_dump().items() if k not in INVOCATION_FIELDS}
-    trackers = open_trackers(tracker_names(config.metrics), path.parent, run_name, run_ids,
+    settings = {k: v for k, v in config.flat().items() if k not in INVOCATION_FIELDS}
+    trackers = open_trackers(tracker_names(config.run.metrics), path.parent, run_name, run_ids,
                              settings)
     return MetricsWriter(path, trackers)
 
@@ -212,10 +213,71 @@ def write_output_file(config: TrainingConfig, output_dir: Path, run_name: str,
     from lmtrain.durable import atomic_write
 
     path = output_dir / f"{run_name}_{timestamp()}.txt"
-    lines = [f"# lmtrain run {run_name}", "", f"model: {config.model_type}"
-             f"{' + LoRA' if config.use_lora else ''}, data: {config.training_data_source}",
+    lines = [f"# lmtrain run {run_name}", "", f"model: {config.model.model_type}"
+             f"{' + LoRA' if config.model.use_lora else ''}, "
+             f"data: {config.data.training_data_source}",
              "", "## Settings", *settings, "", "## Losses"]
     lines += [f"{k}: {v}" for k, v in results.items()]
     lines += ["", "## Sample", sample, ""]
     atomic_write(path, lambda fh: fh.write("\n".join(lines).encode("utf-8")))
     return path
+
+
+def settings_lines(loaded: LoadedConfig, saved: Mapping[str, Any] | None = None) -> list[str]:
+    """``name = value  (source)`` for a fresh run's non-default settings; on resume (``saved``:
+    the checkpoint's hyperparameters) only those that differ from the checkpoint (the rest is
+    the checkpoint's, see ``lmtrain inspect``)."""
+    if saved is None:
+        return loaded.describe()
+    lines, same = [], 0
+    for name, value in sorted(loaded.config.flat().items()):
+        source = loaded.sources.get(name, "default")
+        if saved.get(name, value) == value and (name in saved or source == "default"):
+            same += 1
+            continue
+        was = f"; checkpoint: {saved[name]!r}" if name in saved else ""
+        lines.append(f"{name} = {value!r}  ({source}{was})")
+    return [*lines, f"{same} other settings as in the checkpoint"]
+
+
+def report_final(losses: Mapping[str, float], step: int, metrics: MetricsWriter | None) -> None:
+    """The final val loss and perplexity: logged and recorded as the ``final`` record."""
+    log.info("final: val loss %.4f, val perplexity %.2f", losses["val"], losses["val_perplexity"])
+    if metrics:
+        metrics.write(step=step, val_loss=losses["val"], val_perplexity=losses["val_perplexity"],
+                      kind="final")
+
+
+def run_results(run_name: str, start: int, end: int, start_losses: Mapping[str, float],
+                final_losses: Mapping[str, float]) -> dict[str, Any]:
+    """What a run reports in its output file: its steps and losses; on resume
+    (``start_losses``: measured before the first step) also the change of each loss, logged as
+    ``resumed run: train loss x at step a -> y at step b``."""
+    results: dict[str, Any] = {"run": run_name, "start_step": start, "end_step": end,
+                               **start_losses,
+                               **{f"final_{k}": v for k, v in final_losses.items()}}
+    for key in ("train", "val") if start_losses else ():
+        before, after = start_losses[key], final_losses[key]
+        results[f"{key}_change"] = after - before
+        log.info("resumed run: %s loss %.4f at step %d -> %.4f at step %d (change %+.4f)",
+                 key, before, start, after, end, after - before)
+    return results
+
+
+def report_output_file(config: TrainingConfig, output_dir: Path, run_name: str,
+                       settings: list[str], results: dict[str, Any], sample: str) -> Path | None:
+    """:func:`write_output_file`, logged; a failure is a warning (``None``): the run is trained
+    and saved by then, only its report is missing."""
+    try:
+        path = write_output_file(config, output_dir, run_name, settings, results, sample)
+    except OSError as exc:
+        log.warning("could not write the output file in OUTPUT_DIR=%r (%s); the run and its "
+                    "checkpoints are complete", str(output_dir), exc.strerror or exc)
+        return None
+    log.info("wrote %s", path)
+    return path
+
+
+def timings_line(timings: Mapping[str, float]) -> str:
+    """``time: data 0.12s, train 3.40s, ...``: where a run's wall time went."""
+    return "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items())

@@ -1,17 +1,18 @@
 """Where a run lives: its name (one safe path component), its folders (computed here only) and
-the lock that makes one process the run's only writer. No heavy imports."""
+the locks that make one process the run's only writer, claimed for all ranks of a run by
+:func:`claim_run_folders`. No heavy imports."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-from lmtrain.durable import unwritable_dir_error
+from lmtrain.durable import ensure_writable_dir, unwritable_dir_error
 from lmtrain.errors import UserError
 
 LOCK_NAME = ".lock"
@@ -117,3 +118,72 @@ class RunLock:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@contextlib.contextmanager
+def claim_run_folders(paths: RunPaths, checkpoints: bool = True, outputs: bool = False,
+                      is_main: bool = True, agree: Callable[[Any], Any] = _same,
+                      ) -> Iterator[None]:
+    """Hold the run's folders for the block: one writer per run.
+
+    Rank 0 (``is_main``) locks the checkpoint folder (when ``checkpoints``) and the log folder
+    for every rank of the run; ``agree`` shares its outcome (rank 0's value on every rank), so
+    all ranks fail together on a folder in use. Then every folder the run will write
+    (``outputs``: ``OUTPUT_DIR`` too) must be writable. On exit the locks are released and a
+    run folder the block created, left empty but for its lock, is removed again.
+    """
+    created = [p for p in (paths.checkpoints, paths.logs) if not p.exists()] if is_main else []
+    folders = [(paths.logs, "LOG_DIR")]
+    if checkpoints:
+        folders.insert(0, (paths.checkpoints, "CHECKPOINT_DIR"))
+    try:
+        locks = _lock_folders(folders, is_main, agree)
+        try:
+            ensure_writable_dir(paths.logs, "LOG_DIR")
+            if checkpoints:
+                ensure_writable_dir(paths.checkpoints, "CHECKPOINT_DIR")
+            if outputs:
+                ensure_writable_dir(paths.outputs, "OUTPUT_DIR")
+            yield
+        finally:
+            for lock in reversed(locks):
+                lock.release()
+    finally:
+        _remove_unused(created)
+
+
+def _lock_folders(folders: list[tuple[Path, str]], is_main: bool,
+                  agree: Callable[[Any], Any]) -> list[RunLock]:
+    """The folders' locks, taken in order by rank 0 (none elsewhere); a one-line
+    :class:`UserError` on every rank when rank 0 could not take them all."""
+    locks: list[RunLock] = []
+    error = None
+    if is_main:
+        try:
+            for folder, setting in folders:
+                locks.append(RunLock(folder).acquire(setting))
+        except UserError as exc:
+            error = str(exc)
+            for lock in locks:
+                lock.release()
+    error = agree(error)
+    if error:
+        raise UserError(error)
+    return locks
+
+
+def _remove_unused(created: list[Path]) -> None:
+    """Remove run folders that hold nothing but the lock file."""
+    for folder in created:
+        try:
+            entries = list(folder.iterdir())
+            if all(p.name == LOCK_NAME for p in entries):
+                for p in entries:
+                    p.unlink()
+                folder.rmdir()
+        except OSError:
+            continue

@@ -31,21 +31,23 @@ def run(args: argparse.Namespace) -> int:
     from lmtrain.cli import base_override
     from lmtrain.errors import UserError
     from lmtrain.inference import load_trained_model
-    from lmtrain.models.export import export_adapter, export_checkpoint
+    from lmtrain.models.export import export_adapter, export_model
     from lmtrain.models.gpt2 import quiet_transformers
 
     if not args.out_dir and not args.adapter:
         raise UserError("export: give OUT_DIR (the whole model), --adapter DIR, or both")
-    base = base_override(args)
     with quiet_transformers():  # one load serves both exports
-        loaded = load_trained_model(args.checkpoint, base=base)
+        loaded = load_trained_model(args.checkpoint, base=base_override(args))
+    model, config, tokenizer = loaded.model, loaded.config.model, loaded.tokenizer
+    step = loaded.checkpoint.step
     if args.adapter:  # first: the whole-model export merges the adapter in place
-        info = export_adapter(args.checkpoint, args.adapter, base, loaded=loaded)
-        print(f"exported the LoRA adapter of step {info['step']} (base {info['base']}, "
+        info = export_adapter(model, config, tokenizer, loaded.checkpoint.lora_base,
+                              args.adapter)
+        print(f"exported the LoRA adapter of step {step} (base {info['base']}, "
               f"n_positions {info['n_positions']}) to {info['out_dir']}")
     if args.out_dir:
-        info = export_checkpoint(args.checkpoint, args.out_dir, base, loaded=loaded)
+        info = export_model(model, config, tokenizer, args.out_dir)
         merged = ", LoRA merged" if info["lora_merged"] else ""
-        print(f"exported step {info['step']} ({info['model_type']}{merged}, {info['tokenizer']} "
+        print(f"exported step {step} ({info['model_type']}{merged}, {info['tokenizer']} "
               f"tokenizer, n_positions {info['n_positions']}) to {info['out_dir']}")
     return 0

@@ -12,7 +12,7 @@ if TYPE_CHECKING:
 
 #: The data and tokenizer settings, as flags that fall back to their env vars and defaults.
 DATA_SETTINGS = ("training_data_source", "tokenization_method", "custom_vocab_size",
-                 "text_field", "train_split", "cache_dir")
+                 "text_field", "data_format", "qa_template", "train_split", "cache_dir")
 #: A short flag these commands add to the settings' common aliases (``--data``, ...).
 METHOD_ALIAS = {"tokenization_method": ["--method"]}
 
@@ -54,12 +54,13 @@ def run(args: argparse.Namespace) -> int:
     config = config_from(args)
     started = time.perf_counter()
     tokenizer, tokens, val = prepare_splits(config.data, progress=args.progress,
-                                            allow_download=config.allow_download)
+                                            allow_download=config.model.allow_download)
     seconds = time.perf_counter() - started
     print(json.dumps({
         "path": str(tokens.path), "cached": tokens.cached, "n_tokens": tokens.meta["n_tokens"],
         "dtype": tokens.meta["dtype"], "tokenizer": tokenizer.kind,
         "vocab_size": tokenizer.vocab_size, "source_bytes": tokens.meta["source_bytes"],
+        "records": tokens.records,  # question/answer records (None: plain text)
         "validation": ({"path": str(val.path), "n_tokens": val.meta["n_tokens"]}
                        if val is not None else None),  # a dataset's own validation split
         "seconds": round(seconds, 3)}))

@@ -43,8 +43,8 @@ def run(args: argparse.Namespace) -> int:
     base = base_override(args)
     loaded = load_trained_model(args.checkpoint, device, base=base)
     cfg, tok = loaded.config, loaded.tokenizer
-    run_values = {**cfg.generation.model_dump(), "seed": cfg.seed,
-                  "prompt": default_prompt(cfg.generation, cfg.model_type)}
+    run_values = {**cfg.generation.model_dump(), "seed": cfg.optimization.seed,
+                  "prompt": default_prompt(cfg.generation, cfg.model.model_type)}
     value = {name: setting_value(args, name, run_values[name]) for name in SAMPLE_SETTINGS}
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
@@ -58,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
-        for piece in stream_sample(loaded.model, tok, prompt, max_new, cfg.block_size, device,
+        for piece in stream_sample(loaded.model, tok, prompt, max_new, cfg.model.block_size, device,
                                    sampling, generator, table):
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -27,17 +27,15 @@ def register(sub) -> None:
 
 def load_tokenizer(args: argparse.Namespace):
     """The checkpoint's tokenizer, or the one a fresh run with these settings would use."""
-    from lmtrain.data.tokenizers import tokenizer_from_state
-
     if args.checkpoint:
-        from lmtrain.checkpoint import load_checkpoint
+        from lmtrain.checkpoint import load_run
+        from lmtrain.data.tokenizers import saved_tokenizer
 
-        ckpt = load_checkpoint(args.checkpoint, label="--checkpoint")
-        return tokenizer_from_state(ckpt["tokenizer"])
+        return saved_tokenizer(load_run(args.checkpoint, label="--checkpoint"))
     from lmtrain.data.prepare import tokenizer_for
 
     config = config_from(args)
-    return tokenizer_for(config.data, config.allow_download)
+    return tokenizer_for(config.data, config.model.allow_download)
 
 
 def parse_ids(text: str, vocab_size: int) -> list[int]:

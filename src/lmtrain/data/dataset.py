@@ -1,7 +1,8 @@
 """Token arrays split into train/val, and random batches drawn from them by a seeded generator.
 
-With ``LOSS_ON=answers`` each split also carries a mask of the answer tokens (those after
-``ANSWER_PREFIX``, up to and including the next end of text); the targets outside it are
+With ``LOSS_ON=answers`` each split also carries a mask of the answer tokens: for question/answer
+records the one their structure gives (:mod:`lmtrain.data.qa_format`), for plain text those after
+``ANSWER_PREFIX``, up to and including the next end of text. The targets outside it are
 ``IGNORE_INDEX``, which the cross-entropy skips, so the loss needs no change.
 """
 
@@ -17,6 +18,7 @@ import torch
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
+    from lmtrain.data.qa_source import HeldOutSource
     from lmtrain.data.tokenizers import Tokenizer
 
 #: Target id that the cross-entropy ignores (PyTorch's and Hugging Face's convention).
@@ -102,6 +104,8 @@ class TokenData:
     #: LOSS_ON=answers: True where a token counts as a target (see :func:`answer_mask`)
     train_mask: np.ndarray | None = None
     val_mask: np.ndarray | None = None
+    #: question/answer records: the questions of the validation records (else ``None``)
+    held_out: HeldOutSource | None = None
 
     @classmethod
     def split(cls, tokens: np.ndarray, train_split: float, block_size: int,

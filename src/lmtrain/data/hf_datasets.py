@@ -17,6 +17,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lmtrain.data.sources import DOC_SEPARATOR, source_digest
 from lmtrain.errors import UserError
@@ -246,22 +247,7 @@ class ArrowStream:
                 yield column.slice(i, BATCH_ROWS).to_pylist()
 
     def _arrow_batches(self, path: Path) -> Iterator:
-        """Record batches of an Arrow IPC file or stream (``datasets`` writes streams),
-        memory-mapped: a batch is read from disk only when used."""
-        pa, _ = _pyarrow()
-        with pa.memory_map(str(path)) as source:
-            try:
-                reader = pa.ipc.open_file(source)
-                batches: Iterator = (reader.get_batch(i)
-                                     for i in range(reader.num_record_batches))
-            except pa.ArrowInvalid:
-                source.seek(0)
-                try:
-                    batches = iter(pa.ipc.open_stream(source))
-                except pa.ArrowInvalid as exc:
-                    raise UserError(f"TRAINING_DATA_SOURCE: {path} is not an Arrow file "
-                                    f"({exc})") from None
-            yield from batches
+        return arrow_batches(path)
 
     def _check_column(self, path: Path, schema) -> None:
         pa, _ = _pyarrow()
@@ -274,3 +260,42 @@ class ArrowStream:
                 or pa.types.is_string_view(kind)):
             raise UserError(f"TRAINING_DATA_SOURCE: column {self.text_field!r} of {path} holds "
                             f"{kind}, not text; set TEXT_FIELD to a text column")
+
+
+def arrow_batches(path: Path) -> Iterator:
+    """Record batches of an Arrow IPC file or stream (``datasets`` writes streams),
+    memory-mapped: a batch is read from disk only when used."""
+    pa, _ = _pyarrow()
+    with pa.memory_map(str(path)) as source:
+        try:
+            reader = pa.ipc.open_file(source)
+            batches: Iterator = (reader.get_batch(i) for i in range(reader.num_record_batches))
+        except pa.ArrowInvalid:
+            source.seek(0)
+            try:
+                batches = iter(pa.ipc.open_stream(source))
+            except pa.ArrowInvalid as exc:
+                raise UserError(f"TRAINING_DATA_SOURCE: {path} is not an Arrow file "
+                                f"({exc})") from None
+        yield from batches
+
+
+def table_columns(path: Path) -> list[str]:
+    """The column names of a Parquet or Arrow file."""
+    if path.suffix == ".parquet":
+        return list(_open_parquet(path).schema_arrow.names)
+    for batch in arrow_batches(path):
+        return list(batch.schema.names)
+    return []
+
+
+def table_rows(path: Path, columns: list[str]) -> Iterator[list[dict[str, Any]]]:
+    """The rows of a Parquet or Arrow file as dicts of ``columns``, ``BATCH_ROWS`` at a time."""
+    if path.suffix == ".parquet":
+        reader = _open_parquet(path)
+        for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):
+            yield batch.to_pylist()
+        return
+    for batch in arrow_batches(path):
+        for i in range(0, len(batch), BATCH_ROWS):
+            yield batch.slice(i, BATCH_ROWS).select(columns).to_pylist()

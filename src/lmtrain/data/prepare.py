@@ -17,6 +17,7 @@ flat however large the corpus.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import json
@@ -27,13 +28,29 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from lmtrain.config import DataSettings
 from lmtrain.data.hf_datasets import ArrowStream, is_dataset_source, resolve_dataset
-from lmtrain.data.sources import CorpusStream, empty_source_error, iter_chunks, source_digest
+from lmtrain.data.qa_format import Question, encode_records
+from lmtrain.data.qa_source import (
+    HeldOutSource,
+    RecordStream,
+    all_questions,
+    source_format,
+    text_questions,
+    training_records,
+)
+from lmtrain.data.sources import (
+    DOC_SEPARATOR,
+    CorpusStream,
+    empty_source_error,
+    iter_chunks,
+    resolve_files,
+    source_digest,
+)
 from lmtrain.data.tokenizers import (
     CharTokenizer,
     Tokenizer,
@@ -50,6 +67,7 @@ if TYPE_CHECKING:
     from lmtrain.data.dataset import TokenData
 
 log = logging.getLogger("lmtrain")
+T = TypeVar("T")
 
 CACHE_FORMAT = 2  # 2: documents separated by end of text, BPE reserves it
 CHUNK_CHARS = 1 << 21  # characters per encoded piece (~2 MB of ASCII text)
@@ -68,6 +86,30 @@ class TokenArray:
         """The tokens as a read-only memory map (nothing is read into memory up front)."""
         return np.memmap(self.path, dtype=np.dtype(self.meta["dtype"]), mode="r",
                          shape=(self.meta["n_tokens"],))
+
+    @property
+    def records(self) -> int | None:
+        """How many question/answer records the array holds (``None``: plain text)."""
+        return self.meta.get("records")
+
+    def load_mask(self) -> np.ndarray:
+        """Records: True at the answer tokens (and the end of text after each), memory-mapped."""
+        return np.memmap(mask_path(self.path), dtype=np.bool_, mode="r",
+                         shape=(self.meta["n_tokens"],))
+
+    def load_record_ends(self) -> np.ndarray:
+        """Records: where each record's tokens end (cumulative token counts)."""
+        return np.fromfile(ends_path(self.path), dtype="<u8").astype(np.int64)
+
+
+def mask_path(bin_path: Path) -> Path:
+    """``<key>.mask``: one byte per token of a record array, 1 at the answer tokens."""
+    return bin_path.with_suffix(".mask")
+
+
+def ends_path(bin_path: Path) -> Path:
+    """``<key>.ends``: little-endian uint64 token count after each record of a record array."""
+    return bin_path.with_suffix(".ends")
 
 
 def default_cache_dir() -> Path:
@@ -113,25 +155,69 @@ def _write_json(path: Path, obj: Any) -> None:
     _cache_write(path, lambda fh: fh.write(json.dumps(obj, indent=1).encode()))
 
 
-Stream = CorpusStream | ArrowStream
+Stream = CorpusStream | ArrowStream | RecordStream
 
 
 def open_streams(config: DataSettings, allow_download: bool = False
                  ) -> tuple[Stream, Stream | None]:
     """The training text of ``TRAINING_DATA_SOURCE`` and, for a dataset with a ``validation``
-    split, that split's text (see :mod:`lmtrain.data.hf_datasets`)."""
+    split, that split's text (see :mod:`lmtrain.data.hf_datasets`). Question/answer records
+    (``DATA_FORMAT``, see :mod:`lmtrain.data.qa_source`) come as :class:`RecordStream`."""
     source = config.training_data_source
     if is_dataset_source(source):
         splits = resolve_dataset(source, allow_download)
+        fmt = source_format(config.data_format, splits.train)
+        if fmt != "text":
+            val_records = (RecordStream(source, splits.validation, fmt, config.qa_template)
+                           if splits.validation else None)
+            return RecordStream(source, splits.train, fmt, config.qa_template), val_records
         val = (ArrowStream(source, splits.validation, config.text_field)
                if splits.validation else None)
         return ArrowStream(source, splits.train, config.text_field), val
+    fmt = source_format(config.data_format, resolve_files(source))
+    if fmt != "text":
+        return RecordStream(source, resolve_files(source), fmt, config.qa_template), None
     return CorpusStream(source, config.text_field), None
 
 
+def open_record_streams(config: DataSettings, allow_download: bool = False
+                        ) -> tuple[RecordStream, RecordStream | None]:
+    """:func:`open_streams` of a source of question/answer records; plain text is an error
+    (it holds no questions to score)."""
+    train, val = open_streams(config, allow_download)
+    if not isinstance(train, RecordStream):
+        raise UserError(
+            f"TRAINING_DATA_SOURCE={config.training_data_source!r} is plain text "
+            f"(DATA_FORMAT={config.data_format}), not question/answer records, so it holds no "
+            f"held-out questions; give qa, alpaca or chat records, or the questions as "
+            f"--data FILE")
+    return train, val if isinstance(val, RecordStream) else None
+
+
+def source_questions(config: DataSettings, end_of_text: str, allow_download: bool = False
+                     ) -> list[Question]:
+    """Every question of a source (all its splits): a question per turn of its records, or
+    for plain text per line holding ``ANSWER_PREFIX``; ``end_of_text`` ends an answer in a
+    later turn's prompt."""
+    out: list[Question] = []
+    for stream in open_streams(config, allow_download):
+        if isinstance(stream, RecordStream):
+            out += all_questions(stream, end_of_text)
+        elif stream is not None:
+            out += text_questions("".join(stream), config.answer_prefix)
+    return out
+
+
+def loss_on_answers(config: DataSettings, records: bool) -> bool:
+    """Whether the loss counts answer tokens only: ``LOSS_ON=answers``, or ``auto`` on
+    question/answer ``records``."""
+    return config.loss_on == "answers" or (config.loss_on == "auto" and records)
+
+
 def stream_digest(stream: Stream) -> str:
-    """sha256 of a stream's files and of what selects their text."""
-    if isinstance(stream, ArrowStream):
+    """sha256 of a stream's files and of what selects their text (for records: the format
+    and the template)."""
+    if isinstance(stream, ArrowStream | RecordStream):
         return stream.digest()
     return source_digest(stream.files, stream.text_field)
 
@@ -149,14 +235,16 @@ class _Progress:
         from tqdm import tqdm
 
         self.streams = streams
-        self.rows = all(isinstance(s, ArrowStream) for s in streams)
-        total = (sum(s.total_rows for s in streams) if self.rows and enabled
+        tables = [s for s in streams if isinstance(s, ArrowStream)]
+        self.rows = len(tables) == len(streams)
+        total = (sum(s.total_rows for s in tables) if self.rows and enabled
                  else sum(s.total_bytes for s in streams))
         self.bar = tqdm(total=total, unit="rows" if self.rows else "B",
                         unit_scale=True, desc=desc, disable=not enabled, dynamic_ncols=True)
 
     def _done(self, stream: Stream) -> int:
-        return stream.rows_read if self.rows else stream.bytes_read
+        return stream.rows_read if self.rows and isinstance(stream, ArrowStream) \
+            else stream.bytes_read
 
     def refresh_from_streams(self) -> None:
         done = sum(self._done(s) for s in self.streams)
@@ -243,8 +331,11 @@ def _read_meta(meta_path: Path, bin_path: Path) -> dict[str, Any] | None:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
         if meta["format"] != CACHE_FORMAT:
             return None
-        expected = meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize
-        return meta if bin_path.stat().st_size == expected else None
+        sizes = {bin_path: meta["n_tokens"] * np.dtype(meta["dtype"]).itemsize}
+        if meta.get("records") is not None:  # question/answer records: their mask and ends
+            sizes |= {mask_path(bin_path): meta["n_tokens"],
+                      ends_path(bin_path): 8 * meta["records"]}
+        return meta if all(p.stat().st_size == n for p, n in sizes.items()) else None
     except (OSError, ValueError, KeyError, TypeError):  # missing, partial or foreign: rebuild
         return None
 
@@ -254,8 +345,8 @@ def file_dtype(tokenizer: Tokenizer) -> np.dtype:
     return np.dtype(token_dtype(tokenizer.vocab_size)).newbyteorder("<")
 
 
-def _batched(items: Iterable[str], n: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def _batched(items: Iterable[T], n: int) -> Iterator[list[T]]:
+    batch: list[T] = []
     for item in items:
         batch.append(item)
         if len(batch) == n:
@@ -283,6 +374,41 @@ def _write_tokens(path: Path, tokenizer: Tokenizer, stream: Stream, progress: bo
             raise empty_source_error(stream.source)
 
     _cache_write(path, write)
+    return counts
+
+
+#: Records encoded at a time.
+BATCH_RECORDS = 1024
+
+
+def _write_record_tokens(path: Path, tokenizer: Tokenizer, stream: RecordStream,
+                         progress: bool, desc: str = "tokenizing") -> dict[str, int]:
+    """Encode the records (:func:`lmtrain.data.qa_format.encode_records`) into ``path``, their
+    answer mask into ``<key>.mask`` and where each record ends into ``<key>.ends``; each file
+    is replaced whole, and the sidecar (written after) vouches for all three."""
+    dtype = file_dtype(tokenizer)
+    eot = tokenizer.eot_id
+    end_ids = [eot] if eot is not None else tokenizer.encode(DOC_SEPARATOR)
+    counts = {"n_tokens": 0, "n_chars": 0, "records": 0}
+    ends: list[np.ndarray] = []
+
+    def write(fh: IO[bytes], mask_fh: IO[bytes]) -> None:
+        with progress_bar([stream], progress, desc) as bar:
+            for batch in _batched(stream.records(), BATCH_RECORDS):
+                ids, mask, lengths = encode_records(tokenizer, stream.template, batch, end_ids)
+                fh.write(ids.astype(dtype).tobytes())
+                mask_fh.write(mask.astype(np.uint8).tobytes())
+                ends.append(counts["n_tokens"] + np.cumsum(lengths))
+                counts["n_tokens"] += len(ids)
+                counts["records"] += len(batch)
+                counts["n_chars"] += sum(len(stream.template.render(t, "")) for t in batch)
+                bar.refresh_from_streams()
+        if counts["records"] == 0:
+            raise empty_source_error(stream.source)
+
+    _cache_write(mask_path(path), lambda mask_fh: _cache_write(path, lambda fh: write(fh, mask_fh)))
+    all_ends = np.concatenate(ends).astype("<u8")
+    _cache_write(ends_path(path), lambda fh: fh.write(all_ends.tobytes()))
     return counts
 
 
@@ -315,8 +441,10 @@ def prepare_splits(config: DataSettings, tokenizer: Tokenizer | None = None,
                                     val_stream, show)
     train = _cached_tokens(config, stream, train_sha, tokenizer, cache, not fresh, show,
                            "tokenizing")
-    val = (_cached_tokens(config, val_stream, val_sha, tokenizer, cache, not fresh, show,
-                          "tokenizing validation") if val_stream is not None else None)
+    val = None
+    if val_stream is not None and val_sha is not None:
+        val = _cached_tokens(config, val_stream, val_sha, tokenizer, cache, not fresh, show,
+                             "tokenizing validation")
     return tokenizer, train, val
 
 
@@ -337,7 +465,9 @@ def _cached_tokens(config: DataSettings, stream: Stream, source_sha: str, tokeni
         # a resumed run on new data: name every unknown character at once, before encoding
         tokenizer.check_known(distinct_chars(stream))
     started = time.perf_counter()
-    counts = _write_tokens(bin_path, tokenizer, stream, progress, desc)
+    counts = (_write_record_tokens(bin_path, tokenizer, stream, progress, desc)
+              if isinstance(stream, RecordStream)
+              else _write_tokens(bin_path, tokenizer, stream, progress, desc))
     seconds = time.perf_counter() - started
     meta = {
         "format": CACHE_FORMAT, **counts,
@@ -360,18 +490,52 @@ def load_token_data(
     """Tokenize ``TRAINING_DATA_SOURCE`` through the cache; learn the tokenizer when none is given.
 
     A dataset's own ``validation`` split validates; otherwise the split is on the token array:
-    the first ``TRAIN_SPLIT`` of the tokens train, the rest validate. Each split must hold more
-    than ``block_size`` tokens.
+    the first ``TRAIN_SPLIT`` of the tokens train, the rest validate (question/answer records:
+    of the records, see :mod:`lmtrain.data.qa_source`). Each split must hold more than
+    ``block_size`` tokens. Records carry their answer mask (used when the loss is on answers)
+    and their held-out questions (read when first asked for).
     """
     from lmtrain.data.dataset import TokenData  # imports torch
 
     tokenizer, train, val = prepare_splits(config, tokenizer, allow_download=allow_download)
-    if val is None:
-        data = TokenData.split(
-            train.load(), config.train_split, block_size, config.training_data_source)
+    source = config.training_data_source
+    answers = loss_on_answers(config, records=train.records is not None)
+    if train.records is not None:
+        data = _record_data(config, train, val, answers, block_size)
+        data.held_out = HeldOutSource(
+            functools.partial(open_record_streams, config, allow_download), config.train_split)
+    elif val is None:
+        data = TokenData.split(train.load(), config.train_split, block_size, source)
     else:
         data = TokenData(train.load(), val.load())
-        data.check(block_size, config.training_data_source)
-    if config.loss_on == "answers":
+        data.check(block_size, source)
+    if answers and train.records is None:
         data.mask_answers(tokenizer, config.answer_prefix)
     return tokenizer, data
+
+
+def _record_data(config: DataSettings, train: TokenArray, val: TokenArray | None,
+                 answers: bool, block_size: int) -> TokenData:
+    """The splits of question/answer records: a dataset's own, else cut after the training
+    records; with their answer masks when ``answers``."""
+    from lmtrain.data.dataset import TokenData
+
+    source = config.training_data_source
+    if val is None:
+        tokens, mask = train.load(), train.load_mask()
+        ends = train.load_record_ends()
+        n_train = training_records(len(ends), config.train_split)
+        if not 0 < n_train < len(ends):
+            raise UserError(
+                f"TRAINING_DATA_SOURCE={source!r}: its {len(ends)} records cannot be split "
+                f"into training and validation records by TRAIN_SPLIT={config.train_split} "
+                f"(the first {n_train} train, the rest validate); give more records or change "
+                f"TRAIN_SPLIT")
+        cut = int(ends[n_train - 1])
+        data = TokenData(tokens[:cut], tokens[cut:], mask[:cut] if answers else None,
+                         mask[cut:] if answers else None)
+    else:
+        data = TokenData(train.load(), val.load(), train.load_mask() if answers else None,
+                         val.load_mask() if answers else None)
+    data.check(block_size, source)
+    return data

@@ -14,6 +14,7 @@ import hashlib
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from lmtrain.errors import UserError
 
@@ -21,6 +22,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: What separates documents for a tokenizer without an end-of-text token: a blank line.
 DOC_SEPARATOR = "\n\n"
 BLOCK_BYTES = 1 << 22  # bytes read from a file at a time
+#: What :func:`read_jsonl` gives for a blank line (skipped, but its bytes count).
+BLANK_LINE: Any = object()
 
 
 def resolve_files(source: str) -> list[Path]:
@@ -116,25 +119,36 @@ class CorpusStream:
             decode_utf8(pending, path, offset)  # a truncated last character: raises
 
     def _jsonl(self, path: Path) -> Iterator[list[str]]:
-        offset = 0
-        with path.open("rb") as fh:
-            for lineno, raw in enumerate(fh, start=1):
-                line = decode_utf8(raw, path, offset).strip()
-                offset += len(raw)
-                self.bytes_read += len(raw)
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise UserError(
-                        f"TRAINING_DATA_SOURCE: {path} line {lineno} is not JSON ({exc.msg})"
-                    ) from None
-                if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
-                    raise UserError(
-                        f"TRAINING_DATA_SOURCE: {path} line {lineno} has no text field "
-                        f"{self.text_field!r}; set TEXT_FIELD to the field that holds the text")
-                yield [record[self.text_field]]
+        for lineno, size, record in read_jsonl(path):
+            self.bytes_read += size
+            if record is BLANK_LINE:
+                continue
+            if not isinstance(record, dict) or not isinstance(record.get(self.text_field), str):
+                raise UserError(
+                    f"TRAINING_DATA_SOURCE: {path} line {lineno} has no text field "
+                    f"{self.text_field!r}; set TEXT_FIELD to the field that holds the text")
+            yield [record[self.text_field]]
+
+
+def read_jsonl(path: Path) -> Iterator[tuple[int, int, Any]]:
+    """``(line number, bytes, record)`` for each line of a .jsonl file; a blank line's record
+    is :data:`BLANK_LINE`. A line that is not JSON (or not UTF-8) stops with the file and the
+    line."""
+    offset = 0
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = decode_utf8(raw, path, offset).strip()
+            offset += len(raw)
+            if not line:
+                yield lineno, len(raw), BLANK_LINE
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise UserError(
+                    f"TRAINING_DATA_SOURCE: {path} line {lineno} is not JSON ({exc.msg})"
+                ) from None
+            yield lineno, len(raw), record
 
 
 def _cut_point(buf: str, target: int) -> int:

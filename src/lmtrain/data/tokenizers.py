@@ -27,6 +27,8 @@ from lmtrain.errors import UserError
 if TYPE_CHECKING:
     import tiktoken
 
+    from lmtrain.checkpoint_format import SavedRun
+
 GPT2_VOCAB_SIZE = 50257
 GPT2_EOT = 50256
 #: The end-of-text string: GPT-2's, and the reserved special token of a learned BPE.
@@ -316,6 +318,7 @@ def tokenizer_from_state(state: dict[str, Any] | str, drop_unknown: bool = False
     """Rebuild a tokenizer from :meth:`Tokenizer.state` (or its JSON text)."""
     if isinstance(state, str):
         state = json.loads(state)
+    assert isinstance(state, dict)
     kind = state.get("kind")
     if kind == "character":
         return CharTokenizer(state["chars"], drop_unknown=drop_unknown)
@@ -326,3 +329,20 @@ def tokenizer_from_state(state: dict[str, Any] | str, drop_unknown: bool = False
     if kind == GPT2FilesTokenizer.kind:
         return GPT2FilesTokenizer.from_json(state["json"])
     raise UserError(f"the checkpoint's tokenizer kind {kind!r} is unknown to this lmtrain")
+
+
+def saved_tokenizer(run: SavedRun, drop_unknown: bool = False) -> Tokenizer:
+    """The tokenizer a saved run holds, rebuilt; a state that does not rebuild, or not into
+    the run's ``vocab_size`` tokens, is the one line for a damaged checkpoint."""
+    try:
+        tokenizer = tokenizer_from_state(run.tokenizer_json, drop_unknown=drop_unknown)
+    except UserError as exc:
+        raise run.damaged(str(exc)) from None
+    except Exception as exc:  # the tokenizer libraries raise many kinds on bad input
+        detail = str(exc).splitlines()[0][:80] if str(exc) else type(exc).__name__
+        raise run.damaged(f"the {run.tokenizer_kind} tokenizer cannot be rebuilt "
+                          f"({detail})") from None
+    if tokenizer.vocab_size != run.vocab_size:
+        raise run.damaged(f"vocab_size {run.vocab_size} differs from its tokenizer's "
+                          f"{tokenizer.vocab_size} tokens")
+    return tokenizer

@@ -13,6 +13,7 @@ from lmtrain.models.gpt import GPTConfig, build_from_scratch
 
 def build_model(config: ModelSettings, vocab_size: int) -> nn.Module:
     """The from-scratch GPT (or bigram) or pretrained GPT-2, with LoRA when asked."""
+    model: nn.Module
     if config.model_type == "gpt2":
         from lmtrain.models.gpt2 import load_gpt2
 

@@ -1,7 +1,9 @@
-"""Turn an lmtrain checkpoint into a Hugging Face folder: ``GPT2LMHeadModel`` weights (LoRA
-merged in) plus tokenizer files, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``;
-or a GPT-2 LoRA checkpoint into a PEFT adapter folder (``adapter_config.json`` +
-``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, folder)`` loads.
+"""Turn a trained model into a Hugging Face folder: ``GPT2LMHeadModel`` weights (LoRA merged
+in) plus tokenizer files, loadable with ``AutoModelForCausalLM`` / ``AutoTokenizer``; or a
+GPT-2 LoRA model into a PEFT adapter folder (``adapter_config.json`` +
+``adapter_model.safetensors``) that ``PeftModel.from_pretrained(base, folder)`` loads. The
+caller rebuilds the model from its checkpoint (``lmtrain.inference``); this module only
+converts and writes.
 
 The from-scratch GPT maps one to one onto GPT-2: same module names, pre-LayerNorm blocks,
 tanh GELU, tied embeddings, learned positions (``n_positions = BLOCK_SIZE``); only the
@@ -10,20 +12,20 @@ tanh GELU, tied embeddings, learned positions (``n_positions = BLOCK_SIZE``); on
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from lmtrain.config import ModelSettings, TrainingConfig
+from lmtrain.config import ModelSettings
 from lmtrain.data.tokenizers import EOT_TEXT, Tokenizer, gpt2_file
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT
+from lmtrain.models.gpt2 import quiet_transformers
 
 if TYPE_CHECKING:
-    from transformers import GPT2LMHeadModel
-
-    from lmtrain.inference import LoadedModel
+    from transformers import GPT2LMHeadModel, PreTrainedModel
 
 CHARACTER_ERROR = (
     "TOKENIZATION_METHOD=character: a character vocabulary has no Hugging Face tokenizer; "
@@ -42,21 +44,12 @@ ADAPTER_NEEDS_GPT2 = (
     "lmtrain; export it with the adapter merged (OUT_DIR) instead")
 
 
-def merged_model(path: str | Path, base: str | None = None, *,
-                 loaded: LoadedModel | None = None
-                 ) -> tuple[nn.Module, TrainingConfig, Tokenizer, int]:
-    """A checkpoint's model with any LoRA adapter merged into its (verified) base weights.
-
-    ``loaded``: the checkpoint as :func:`~lmtrain.inference.load_trained_model` already
-    loaded it (not read again); a LoRA model in it is merged in place (unusable as an adapter
-    afterwards)."""
-    from lmtrain.inference import load_trained_model
-
-    loaded = loaded or load_trained_model(path, base=base)
-    model, config = loaded.model, loaded.config
+def merged_model(model: nn.Module, config: ModelSettings) -> nn.Module:
+    """``model`` in eval mode with any LoRA adapter merged into its base weights (in place:
+    the adapter is gone afterwards)."""
     if config.use_lora:
         model = model.merge_and_unload()
-    return model.eval(), config, loaded.tokenizer, int(loaded.checkpoint["step"])
+    return model.eval()
 
 
 def gpt_to_hf(model: GPT, config: ModelSettings, tokenizer: Tokenizer) -> GPT2LMHeadModel:
@@ -80,10 +73,12 @@ def gpt_to_hf(model: GPT, config: ModelSettings, tokenizer: Tokenizer) -> GPT2LM
 
 
 def to_hf_model(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer
-                ) -> GPT2LMHeadModel:
-    """A ``GPT2LMHeadModel`` ready for ``save_pretrained`` (KV cache on for generation)."""
+                ) -> PreTrainedModel:
+    """A ``GPT2LMHeadModel`` (``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` for the llama
+    architecture) ready for ``save_pretrained`` (KV cache on for generation)."""
     from transformers import GPT2LMHeadModel
 
+    hf_model: PreTrainedModel
     if isinstance(model, GPT2LMHeadModel):
         hf_model = model
     elif isinstance(model, GPT) and model.config.arch == "llama":
@@ -101,7 +96,10 @@ def to_hf_model(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer
 
 def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None:
     """Tokenizer files that ``AutoTokenizer.from_pretrained(out_dir)`` loads."""
-    from transformers import GPT2TokenizerFast, PreTrainedTokenizerFast
+    from transformers import (  # type: ignore[attr-defined]  # a lazy export
+        GPT2TokenizerFast,
+        PreTrainedTokenizerFast,
+    )
 
     if tokenizer.kind == "gpt2":  # the genuine GPT-2 files under their Hugging Face names
         (out_dir / "vocab.json").write_bytes(gpt2_file("encoder.json"))
@@ -109,61 +107,51 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> None
         hf_tok = GPT2TokenizerFast.from_pretrained(out_dir, model_max_length=max_length)
     elif tokenizer.kind in HF_TOKENIZER_KINDS:
         eos = {"eos_token": EOT_TEXT} if tokenizer.eot_id is not None else {}
-        hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok,
+        hf_tok = PreTrainedTokenizerFast(tokenizer_object=tokenizer.tok,  # type: ignore[attr-defined]
                                          model_max_length=max_length, **eos)
     else:
         raise UserError(CHARACTER_ERROR)
     hf_tok.save_pretrained(out_dir)
 
 
-def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None, *,
-                      loaded: LoadedModel | None = None) -> dict[str, Any]:
-    """Write the Hugging Face folder for ``ckpt_path``; returns a short description.
-    ``loaded``: as for :func:`merged_model` (its LoRA model is merged in place)."""
-    from lmtrain.models.gpt2 import quiet_transformers
-
+def export_model(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer,
+                 out_dir: str | Path) -> dict[str, Any]:
+    """Write the Hugging Face folder of a trained model (any LoRA adapter merged in, in place);
+    returns a short description."""
+    if tokenizer.kind not in HF_TOKENIZER_KINDS:  # before anything is written
+        raise UserError(CHARACTER_ERROR)
     with quiet_transformers():
-        model, config, tokenizer, step = merged_model(ckpt_path, base, loaded=loaded)
-        if tokenizer.kind not in HF_TOKENIZER_KINDS:  # before anything is written
-            raise UserError(CHARACTER_ERROR)
-        hf_model = to_hf_model(model, config.model, tokenizer)
+        hf_model = to_hf_model(merged_model(model, config), config, tokenizer)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         hf_model.save_pretrained(out)
         save_tokenizer(tokenizer, out, hf_model.config.max_position_embeddings)
-    return {"step": step, "model_type": config.model_type, "lora_merged": config.use_lora,
+    return {"model_type": config.model_type, "lora_merged": config.use_lora,
             "tokenizer": tokenizer.kind, "out_dir": str(out),
             "n_positions": hf_model.config.max_position_embeddings}  # GPT-2: n_positions
 
 
-def export_adapter(ckpt_path: str | Path, out_dir: str | Path, base: str | None = None, *,
-                   loaded: LoadedModel | None = None) -> dict[str, Any]:
-    """Write a GPT-2 LoRA checkpoint's adapter in PEFT's layout (plus the tokenizer files).
+def export_adapter(model: nn.Module, config: ModelSettings, tokenizer: Tokenizer,
+                   saved_base: Mapping[str, str] | None, out_dir: str | Path) -> dict[str, Any]:
+    """Write a GPT-2 LoRA model's adapter in PEFT's layout (plus the tokenizer files).
 
-    The adapter config names the base as the checkpoint resolved it (absolute folder, or hub
-    id and revision). ``loaded``: the checkpoint as
-    :func:`~lmtrain.inference.load_trained_model` already loaded it (not read again); the
-    adapter is exported before any merge of the same model (:func:`merged_model` mutates it).
+    The adapter config names the base as the checkpoint resolved it (``saved_base``: absolute
+    folder, or hub id and revision). Export the adapter before any merge of the same model
+    (:func:`export_model` merges it in place).
     """
-    from lmtrain.inference import load_trained_model
-    from lmtrain.models.gpt2 import quiet_transformers
-
+    if not config.use_lora or not saved_base:
+        raise UserError(ADAPTER_NEEDS_LORA)
+    if config.model_type != "gpt2":
+        raise UserError(ADAPTER_NEEDS_GPT2)
     with quiet_transformers():
-        loaded = loaded or load_trained_model(ckpt_path, base=base)
-        config, model = loaded.config, loaded.model
-        if not config.use_lora:
-            raise UserError(ADAPTER_NEEDS_LORA)
-        if config.model_type != "gpt2":
-            raise UserError(ADAPTER_NEEDS_GPT2)
-        saved = dict(loaded.checkpoint["lora_base"])  # validated for every LoRA checkpoint
         peft_config = model.peft_config["default"]
-        peft_config.base_model_name_or_path = saved.get("resolved") or saved["name"]
-        peft_config.revision = saved.get("revision") or None
+        peft_config.base_model_name_or_path = saved_base.get("resolved") or saved_base["name"]
+        peft_config.revision = saved_base.get("revision") or None
         peft_config.inference_mode = True
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out)
-        n_positions = model.config.n_positions
-        save_tokenizer(loaded.tokenizer, out, n_positions)
-    return {"step": int(loaded.checkpoint["step"]), "base": peft_config.base_model_name_or_path,
-            "tokenizer": loaded.tokenizer.kind, "out_dir": str(out), "n_positions": n_positions}
+        n_positions = int(model.config.n_positions)  # type: ignore[arg-type]
+        save_tokenizer(tokenizer, out, n_positions)
+    return {"base": peft_config.base_model_name_or_path, "tokenizer": tokenizer.kind,
+            "out_dir": str(out), "n_positions": n_positions}

@@ -8,7 +8,7 @@ layout already, so no weight is permuted.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -49,6 +49,8 @@ def llama_to_hf(model: GPT, eot_id: int | None) -> PreTrainedModel:
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     cfg = model.config
+    config_cls: Any
+    model_cls: Any
     config_cls, model_cls = ((Qwen3Config, Qwen3ForCausalLM) if cfg.qk_norm
                              else (LlamaConfig, LlamaForCausalLM))
     hf_config = config_cls(

@@ -196,7 +196,7 @@ class GPT(nn.Module):
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         else:
-            self.lm_head.weight = self.transformer.wte.weight  # tied embeddings
+            self.lm_head.weight = self.transformer.wte.weight  # type: ignore[assignment]  # tied
         self.apply(self._init_weights)
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # GPT-2's scaled residual init

@@ -94,7 +94,7 @@ def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
     Does nothing for the from-scratch model.
     """
     cfg = loaded.config
-    if cfg.model_type != "gpt2":
+    if cfg.model.model_type != "gpt2":
         return loaded
     hf_config = gpt2_config(cfg.model)
     sources = dict(loaded.sources)
@@ -102,26 +102,28 @@ def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
     for name in GPT2_SHAPE_FIELDS:  # GPT-2's shape: the model fixes it
         real, src = getattr(hf_config, name), sources.get(name, "default")
         explicit = src not in UNSET_SOURCES and not src.endswith("preset")
-        if explicit and getattr(cfg, name) != real:
+        if explicit and cfg.value(name) != real:
             raise UserError(
-                f"{name.upper()}={getattr(cfg, name)} (from {src}) does not match "
-                f"GPT2_MODEL_NAME={cfg.gpt2_model_name!r}, whose model has {name.upper()}="
+                f"{name.upper()}={cfg.value(name)} (from {src}) does not match "
+                f"GPT2_MODEL_NAME={cfg.model.gpt2_model_name!r}, whose model has {name.upper()}="
                 f"{real}; unset {name.upper()}: MODEL_TYPE=gpt2 takes its shape from the model")
-        if getattr(cfg, name) != real or not explicit:
+        if cfg.value(name) != real or not explicit:
             update[name], sources[name] = real, "GPT2_MODEL_NAME"
-    return LoadedConfig(cfg.model_copy(update=update), sources)
+    return LoadedConfig(cfg.replace(**update), sources)
 
 
-def resolve_gpt2(loaded: LoadedConfig, ckpt: Mapping[str, Any] | None = None) -> LoadedConfig:
-    """A GPT-2 run's config as it will run: a resumed LoRA run finds its saved base model
-    (unless GPT2_MODEL_NAME is set), and the shape is the model's (:func:`fit_shape`)."""
+def resolve_gpt2(loaded: LoadedConfig, saved_base: Mapping[str, str] | None = None
+                 ) -> LoadedConfig:
+    """A GPT-2 run's config as it will run: a resumed LoRA run finds the base model its
+    checkpoint names (``saved_base``; unless GPT2_MODEL_NAME is set), and the shape is the
+    model's (:func:`fit_shape`)."""
     cfg = loaded.config
-    if cfg.model_type != "gpt2":
+    if cfg.model.model_type != "gpt2":
         return loaded
-    if (ckpt is not None and cfg.use_lora
+    if (saved_base is not None and cfg.model.use_lora
             and loaded.sources.get("gpt2_model_name", "default") in UNSET_SOURCES):
-        name = find_base(dict(ckpt.get("lora_base") or {}), None)
-        loaded = LoadedConfig(cfg.model_copy(update={"gpt2_model_name": name}),
+        name = find_base(dict(saved_base), None)
+        loaded = LoadedConfig(cfg.replace(gpt2_model_name=name),
                               {**loaded.sources, "gpt2_model_name": "checkpoint's lora_base"})
     return fit_shape(loaded)
 
@@ -154,7 +156,7 @@ def locate(name: str, allow_download: bool = False) -> dict[str, str]:
     from transformers.utils import cached_file
 
     try:
-        found = Path(cached_file(name, "config.json", local_files_only=not allow_download))
+        found = Path(str(cached_file(name, "config.json", local_files_only=not allow_download)))
     except (OSError, ValueError):
         return {"resolved": name, "revision": ""}
     snapshot = found.parent

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -60,19 +61,20 @@ def base_location(config: ModelSettings) -> dict[str, str]:
     return locate(config.gpt2_model_name, config.allow_download)
 
 
-def with_base(config: TrainingConfig, ckpt: dict[str, Any], override: str | None
-              ) -> TrainingConfig:
+def with_base(config: TrainingConfig, saved_base: Mapping[str, str] | None,
+              override: str | None) -> TrainingConfig:
     """A GPT-2 checkpoint's config with GPT2_MODEL_NAME set to where the base is found now:
-    ``override`` (``--base`` / ``GPT2_MODEL_NAME``) or, for an adapter, :func:`find_base`."""
+    ``override`` (``--base`` / ``GPT2_MODEL_NAME``) or, for an adapter, :func:`find_base` of
+    the checkpoint's ``saved_base`` reference."""
     from lmtrain.models.gpt2 import find_base
 
-    if config.model_type != "gpt2":
+    if config.model.model_type != "gpt2":
         return config
-    if config.use_lora:
-        name = find_base(dict(ckpt.get("lora_base") or {}), override)
+    if config.model.use_lora:
+        name = find_base(dict(saved_base or {}), override)
     else:
-        name = override or config.gpt2_model_name
-    return config.model_copy(update={"gpt2_model_name": name})
+        name = override or config.model.gpt2_model_name
+    return config.replace(gpt2_model_name=name)
 
 
 def apply_lora(model: nn.Module, config: ModelSettings) -> nn.Module:
@@ -148,6 +150,7 @@ def load_adapter_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
     except RuntimeError as exc:  # shape mismatch
         raise UserError(f"the checkpoint's LoRA adapter does not fit the model "
                         f"({str(exc).splitlines()[0][:160]})") from None
-    if result.unexpected_keys:
+    unexpected: list[str] = list(getattr(result, "unexpected_keys", []))
+    if unexpected:
         raise UserError(f"the checkpoint's LoRA adapter has tensors the model lacks: "
-                        f"{', '.join(result.unexpected_keys[:5])}")
+                        f"{', '.join(unexpected[:5])}")

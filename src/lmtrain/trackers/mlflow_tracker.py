@@ -50,12 +50,18 @@ class MlflowTracker(Tracker):
                          else self.client.create_experiment(name))
         self.run_id = self.client.create_run(experiment_id, run_name=run_name).info.run_id
 
+    @property
+    def _id(self) -> str:
+        """The run id (always set once the tracker is open)."""
+        assert self.run_id is not None
+        return self.run_id
+
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
         items = [Param(k, str(v)) for k, v in flat_params(params).items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self.client.log_batch(self._id, params=items[i:i + 100])
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
@@ -63,13 +69,13 @@ class MlflowTracker(Tracker):
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
         for i in range(0, len(metrics), BATCH):
-            self.client.log_batch(self.run_id, metrics=metrics[i:i + BATCH])
+            self.client.log_batch(self._id, metrics=metrics[i:i + BATCH])
 
     def log_text(self, key: str, text: str, step: int) -> None:
-        self.client.log_text(self.run_id, text, f"{key}-step-{step:07d}.txt")
+        self.client.log_text(self._id, text, f"{key}-step-{step:07d}.txt")
 
     def close(self, status: str = "finished") -> None:
-        self.client.set_terminated(self.run_id, status=STATUS[status])
+        self.client.set_terminated(self._id, status=STATUS[status])
 
 
 def open_tracker(folder: Path, run_name: str, run_id: str | None) -> Tracker:

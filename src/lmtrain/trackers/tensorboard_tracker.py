@@ -25,8 +25,10 @@ class TensorBoardTracker(Tracker):
 
         exp, start, end = hparams(flat_params(params),
                                   {"eval/val_loss": 0.0, "train/train_loss": 0.0})
+        file_writer = self.writer.file_writer
+        assert file_writer is not None  # SummaryWriter opens it in __init__
         for summary in (exp, start, end):
-            self.writer.file_writer.add_summary(summary)
+            file_writer.add_summary(summary)
 
     def log_scalars(self, step: int, values: dict[str, float]) -> None:
         for key, value in values.items():

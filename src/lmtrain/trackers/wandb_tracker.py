@@ -25,7 +25,7 @@ class WandbTracker(Tracker):
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT, name=run_name,
             id=run_id, resume="allow", dir=str(folder),
-            mode=os.environ.get("WANDB_MODE") or "offline",
+            mode=os.environ.get("WANDB_MODE") or "offline",  # type: ignore[arg-type]
             settings=wandb.Settings(console="off", quiet=True, x_disable_stats=True,
                                     disable_git=True, save_code=False))
         self.run_id = self.run.id

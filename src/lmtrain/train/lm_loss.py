@@ -94,9 +94,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 # d loss / d logits = (softmax - one-hot) * ok / count; the per-row factor is
                 # applied to the (chunk, C) products, not to the (chunk, vocab) block
                 scale = (ok.to(torch.float32) / count)[:, None]
-                if need_h:
+                if grad_h is not None:
                     grad_h[s:s + chunk] = (g @ w).to(hidden.dtype) * scale
-                if need_w:
+                if grad_w is not None:
                     grad_w += (g.t() @ (rows * scale).to(compute_dtype)).float()
         ctx.save_for_backward(*(t for t in (grad_h, grad_w) if t is not None))
         ctx.has = (need_h, need_w)

@@ -15,16 +15,19 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
-from lmtrain.checkpoint_schema import build as build_checkpoint
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
+from lmtrain.train.answer_eval import measure_answers
+from lmtrain.train.checkpointing import build as build_checkpoint
+from lmtrain.train.checkpointing import gather_rank_states
 from lmtrain.train.evaluate import compute_loss, estimate_loss
 from lmtrain.train.optim import set_learning_rate
-from lmtrain.train.state import RunContext, gather_rank_states
+from lmtrain.train.state import RunContext
 
 log = logging.getLogger("lmtrain")
 
@@ -39,8 +42,9 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
     """Train/val loss now; logs it, records it and tracks the best validation loss."""
     t0 = time.perf_counter()
     cfg = ctx.config
-    losses = estimate_loss(ctx.model, ctx.data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
-                           ctx.device, cfg.seed + ctx.rank, ctx.autocast())
+    losses = estimate_loss(ctx.model, ctx.data, cfg.optimization.batch_size, cfg.model.block_size,
+                           cfg.evaluation.eval_iters,
+                           ctx.device, cfg.optimization.seed + ctx.rank, ctx.autocast())
     if ctx.world_size > 1:  # each rank drew its own batches: report the mean over all of them
         keys = sorted(losses)
         mean = all_reduce_mean(torch.tensor([losses[k] for k in keys], device=ctx.device))
@@ -53,6 +57,7 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
         if ctx.metrics:
             ctx.metrics.write(step=ctx.step, train_loss=losses["train"], val_loss=losses["val"],
                               kind="eval")
+    measure_answers(ctx)  # question/answer records: answer accuracy beside the loss
     return losses
 
 
@@ -74,7 +79,7 @@ def save(ctx: RunContext) -> Path | None:
     spared by rotation; older files go only once the new one is on disk. A model whose weights
     are no longer finite is never saved.
     """
-    if not ctx.config.enable_checkpoints:
+    if not ctx.config.checkpointing.enable_checkpoints:
         return None
     path = ctx.checkpoint_dir / checkpoint_filename(ctx.step)
     if (ctx.saved_steps and ctx.saved_steps[-1] == ctx.step
@@ -83,7 +88,7 @@ def save(ctx: RunContext) -> Path | None:
     if not _weights_finite(ctx):  # every rank holds the same weights: all refuse together
         raise UserError(
             f"the model's weights are no longer finite at step {ctx.step} "
-            f"(ON_NAN={ctx.config.on_nan}); the step is not saved and "
+            f"(ON_NAN={ctx.config.optimization.on_nan}); the step is not saved and "
             f"{_previous_checkpoint(ctx)} — lower LEARNING_RATE or set GRAD_CLIP, then resume")
     t0 = time.perf_counter()
     rank_states = gather_rank_states(ctx)  # every rank takes part; rank 0 writes
@@ -105,7 +110,7 @@ def save(ctx: RunContext) -> Path | None:
             f" — free space or pick another CHECKPOINT_DIR, then resume") from None
     ctx.saved_steps.append(ctx.step)
     protect = {ctx.best_step} if ctx.best_step is not None else set()
-    rotate_checkpoints(ctx.checkpoint_dir, ctx.config.keep_last_checkpoints, protect,
+    rotate_checkpoints(ctx.checkpoint_dir, ctx.config.checkpointing.keep_last_checkpoints, protect,
                        upto=ctx.step)
     ctx.timings["checkpoint"] += time.perf_counter() - t0
     log.info("step %d: saved checkpoint %s", ctx.step, path)
@@ -119,43 +124,46 @@ def train_step(ctx: RunContext, step: int, params: list[torch.nn.Parameter],
     ``ON_NAN=skip``. Returns the step's mean loss (over micro-batches and ranks; NaN for a
     skipped step) and the gradient norm before clipping, both on the device.
     """
-    cfg, model, opt, scaler = ctx.config, ctx.model, ctx.optimizer, ctx.grad_scaler
+    settings, scaler = ctx.config.optimization, ctx.grad_scaler
     loss_sum = torch.zeros((), device=ctx.device)
-    for micro in range(cfg.grad_accum_steps):
-        t0 = time.perf_counter()
-        x, y = ctx.data.get_batch("train", cfg.batch_size, cfg.block_size, ctx.sampler,
-                                  ctx.device)
-        t1 = time.perf_counter()
-        ctx.timings["data"] += t1 - t0
-        with contextlib.ExitStack() as micro_ctx:
-            micro_ctx.enter_context(ctx.autocast())
-            if micro < cfg.grad_accum_steps - 1 and hasattr(model, "no_sync"):
-                micro_ctx.enter_context(model.no_sync())  # DDP: all-reduce on the last one
-            loss = compute_loss(model, x, y) / cfg.grad_accum_steps
-        (scaler.scale(loss) if scaler else loss).backward()
-        loss_sum += loss.detach()
-        ctx.timings["train"] += time.perf_counter() - t1
-    t2 = time.perf_counter()
+    for micro in range(settings.grad_accum_steps):
+        loss_sum += _forward_backward(ctx, last=micro == settings.grad_accum_steps - 1)
+    t0 = time.perf_counter()
     loss = all_reduce_mean(loss_sum)  # the same value on every rank
     if scaler:
-        scaler.unscale_(opt)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                 if cfg.grad_clip > 0 else None)
+        scaler.unscale_(ctx.optimizer)
+    grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+                 if settings.grad_clip > 0 else None)
     # the grad scaler skips non-finite gradients itself; without it they would poison the weights
-    if cfg.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
-        what = ("loss", loss.item()) if not torch.isfinite(loss) else ("gradient norm",
-                                                                     grad_norm.item())
-        log.warning("step %d: %s is %s, step skipped (ON_NAN=skip)", step + 1, *what)
+    if settings.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
+        _warn_skipped(step, loss, grad_norm)
         loss = torch.full_like(loss, math.nan)  # marks the step as skipped
     elif scaler:
-        scaler.step(opt)
+        scaler.step(ctx.optimizer)
     else:
-        opt.step()
+        ctx.optimizer.step()
     if scaler:
         scaler.update()
-    opt.zero_grad(set_to_none=True)
-    ctx.timings["train"] += time.perf_counter() - t2
+    ctx.optimizer.zero_grad(set_to_none=True)
+    ctx.timings["train"] += time.perf_counter() - t0
     return loss, grad_norm
+
+
+def _forward_backward(ctx: RunContext, last: bool) -> torch.Tensor:
+    """One micro-batch: draw it (timed as ``data``), forward under autocast, backward; returns
+    its loss over ``GRAD_ACCUM_STEPS``, detached. DDP all-reduces on the ``last`` one only."""
+    settings, model = ctx.config.optimization, ctx.model
+    t0 = time.perf_counter()
+    x, y = ctx.data.get_batch("train", settings.batch_size, ctx.config.model.block_size,
+                              ctx.sampler, ctx.device)
+    t1 = time.perf_counter()
+    ctx.timings["data"] += t1 - t0
+    no_sync = getattr(model, "no_sync", None)
+    with ctx.autocast(), (contextlib.nullcontext() if last or no_sync is None else no_sync()):
+        loss = compute_loss(model, x, y) / settings.grad_accum_steps
+    (ctx.grad_scaler.scale(loss) if ctx.grad_scaler else loss).backward()
+    ctx.timings["train"] += time.perf_counter() - t1
+    return loss.detach()
 
 
 def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
@@ -163,11 +171,22 @@ def _finite(loss: torch.Tensor, grad_norm: torch.Tensor | None) -> bool:
     return bool(torch.isfinite(checked).all())
 
 
-class LossWindow:
-    """The steps since the last progress line; their losses stay on the device until read."""
+def _warn_skipped(step: int, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+    """The ``ON_NAN=skip`` warning for step ``step`` (0-based): what was not finite."""
+    if grad_norm is None or not torch.isfinite(loss):
+        what, value = "loss", loss.item()
+    else:
+        what, value = "gradient norm", grad_norm.item()
+    log.warning("step %d: %s is %s, step skipped (ON_NAN=skip)", step + 1, what, value)
 
-    def __init__(self, ctx: RunContext) -> None:
+
+class LossWindow:
+    """The steps since the last progress line; their losses stay on the device until read.
+    ``bar``: the progress bar it advances and annotates (``None``: no bar)."""
+
+    def __init__(self, ctx: RunContext, bar: Any = None) -> None:
         self.ctx = ctx
+        self.bar = bar
         self.reset()
 
     def reset(self) -> None:
@@ -182,8 +201,11 @@ class LossWindow:
         return self.ctx.timings["eval"] + self.ctx.timings["checkpoint"]
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor | None) -> None:
+        """One more step's loss and gradient norm (on the device)."""
         self.pending.append(loss)
         self.grad_norm = grad_norm
+        if self.bar is not None:
+            self.bar.update(1)
 
     def check(self, extra: torch.Tensor | None = None) -> float | None:
         """Bring the pending losses (and ``extra``) to the host in one transfer; a non-finite
@@ -194,7 +216,7 @@ class LossWindow:
         extra_value = values.pop() if extra is not None else None
         self.values += values
         self.pending.clear()
-        if self.ctx.config.on_nan == "stop":
+        if self.ctx.config.optimization.on_nan == "stop":
             for i, value in enumerate(self.values):
                 if not math.isfinite(value):
                     raise UserError(
@@ -202,19 +224,20 @@ class LossWindow:
                         f"checkpoint is kept — lower LEARNING_RATE or set ON_NAN=skip")
         return extra_value
 
-    def report(self, lr: float, end: int, bar) -> None:
+    def report(self, lr: float, end: int) -> None:
         """One progress line: mean loss and tokens/s (evaluation and saving time excluded)."""
         ctx, cfg = self.ctx, self.ctx.config
         grad_norm = self.check(self.grad_norm)
         kept = [v for v in self.values if math.isfinite(v)]  # skipped steps are left out
         seconds = time.perf_counter() - self.t0 - (self._excluded() - self.excluded0)
-        tokens = (cfg.batch_size * cfg.block_size * cfg.grad_accum_steps * ctx.world_size
+        opt = cfg.optimization
+        tokens = (opt.batch_size * cfg.model.block_size * opt.grad_accum_steps * ctx.world_size
                   * len(self.values))
         tps = tokens / max(seconds, 1e-9)
         mean_loss = sum(kept) / len(kept) if kept else math.nan
         if ctx.is_main:
-            if bar is not None:
-                bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{mean_loss:.4f}", tok_s=f"{tps:,.0f}")
             log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s", ctx.step, end, mean_loss, lr,
                      tps)
             if ctx.metrics:
@@ -223,7 +246,7 @@ class LossWindow:
         self.reset()
 
 
-def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int):
+def _progress(ctx: RunContext, stack: contextlib.ExitStack, start: int, end: int) -> Any:
     """A tqdm bar (step, loss, tokens/s, ETA) on a terminal; ``None`` when output is not a TTY.
 
     While the bar is up, log lines are routed through ``tqdm.write`` so they never tear it;
@@ -247,26 +270,23 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     every ``CHECKPOINT_INTERVAL`` steps and at the end; all step numbers are absolute.
     """
     cfg = ctx.config
-    optimization = cfg.optimization
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     end = start_step + n_steps
     ctx.model.train()
     ctx.step = start_step
-    window = LossWindow(ctx)
     with contextlib.ExitStack() as stack:
-        bar = _progress(ctx, stack, start_step, end)
+        window = LossWindow(ctx, _progress(ctx, stack, start_step, end))
         for step in range(start_step, end):
-            lr = set_learning_rate(ctx.optimizer, step, optimization)
+            lr = set_learning_rate(ctx.optimizer, step, cfg.optimization)
             window.add(*train_step(ctx, step, params))
             ctx.step = step + 1
-            if bar is not None:
-                bar.update(1)
-            if ctx.step % cfg.log_interval == 0 or ctx.step == end:
-                window.report(lr, end, bar)
-            if ctx.step % cfg.eval_interval == 0:
+            if ctx.step % cfg.evaluation.log_interval == 0 or ctx.step == end:
+                window.report(lr, end)
+            # window.check(): under ON_NAN=stop a NaN loss is never evaluated or saved
+            if ctx.step % cfg.evaluation.eval_interval == 0:
                 window.check()
                 evaluate(ctx)
-            if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:
+            if ctx.step % cfg.checkpointing.checkpoint_interval == 0 and ctx.step != end:
                 window.check()
                 save(ctx)
             share_stop_signal(ctx)  # a signal seen by any rank stops all at the same step

@@ -1,5 +1,5 @@
-"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW for the rest) and the
-warmup + cosine learning-rate schedule."""
+"""The optimizers (AdamW, or Muon for hidden matrices beside AdamW for the rest), loading a
+saved optimizer state into one, and the warmup + cosine learning-rate schedule."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from lmtrain.config import OptimizationSettings
+from lmtrain.errors import UserError
 
 #: Param-group key naming the setting that holds the group's peak learning rate.
 LR_SETTING = "lr_setting"
@@ -55,7 +56,7 @@ class CombinedOptimizer:
 
 def adamw_only_params(model: nn.Module) -> set[int]:
     """Ids of the 2-D weights Muon leaves to AdamW: embeddings and the output head."""
-    ids = set()
+    ids: set[int] = set()
     for name, module in model.named_modules():
         if isinstance(module, nn.Embedding) or name.rsplit(".", 1)[-1] == "lm_head":
             ids.update(id(p) for p in module.parameters(recurse=False))
@@ -66,7 +67,7 @@ def build_optimizer(model: nn.Module, config: OptimizationSettings, device: torc
                     ) -> torch.optim.AdamW | CombinedOptimizer:
     """AdamW over the trainable parameters (2-D+ tensors decay, biases and norms do not); with
     ``OPTIMIZER=muon``, the hidden matrices go to Muon at ``MUON_LEARNING_RATE`` instead."""
-    params = [p for p in model.parameters() if p.requires_grad]  # shared weights listed once
+    params: list[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     muon: list[torch.Tensor] = []
     if config.optimizer == "muon":
         skip = adamw_only_params(model)
@@ -124,3 +125,24 @@ def set_learning_rate(optimizer: torch.optim.Optimizer | CombinedOptimizer, step
     for group in optimizer.param_groups:
         group["lr"] = getattr(config, group.get(LR_SETTING, "learning_rate")) * multiplier
     return config.learning_rate * multiplier
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer | CombinedOptimizer,
+                         sd: dict[str, Any], where: str) -> None:
+    """Load a saved optimizer state into the freshly built optimizer, whatever its kind;
+    a state that does not fit it (other layout, other parameters, other shapes) is one line.
+    ``where`` names the checkpoint in messages."""
+    try:
+        optimizer.load_state_dict(sd)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError, AttributeError) as exc:
+        detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
+        raise UserError(f"{where}: its optimizer state does not fit this run's optimizer "
+                        f"({detail}); the file is damaged or from another model") from None
+    for group in getattr(optimizer, "param_groups", []):
+        for p in group["params"]:
+            for name, value in getattr(optimizer, "state", {}).get(p, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape != p.shape:
+                    raise UserError(
+                        f"{where}: its optimizer state {name!r} has shape {tuple(value.shape)} "
+                        f"for a parameter of shape {tuple(p.shape)}; the file is damaged or "
+                        f"from another model")

@@ -8,14 +8,15 @@ downloads, outputs) only from the user or the defaults (``INVOCATION_FIELDS``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
-from lmtrain.checkpoint import AUTO_RESUME, find_resumable, list_checkpoints, load_checkpoint
+from lmtrain.checkpoint import AUTO_RESUME, find_resumable, list_checkpoints, load_run
+from lmtrain.checkpoint_format import SavedRun
 from lmtrain.config import LoadedConfig, TrainingConfig, load_fresh, load_resumed
+from lmtrain.data.tokenizers import saved_tokenizer
 from lmtrain.models.gpt2 import resolve_gpt2
 from lmtrain.reporting import default_run_name, stable_run_name
 from lmtrain.run_folder import RunPaths, branch_name, check_run_name
@@ -27,7 +28,7 @@ class ResumeSource:
 
     path: Path
     step: int
-    checkpoint: Mapping[str, Any]
+    checkpoint: SavedRun
 
 
 @dataclass(frozen=True)
@@ -60,42 +61,53 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
     """
     if values.get("run_name") is not None:
         check_run_name(str(values["run_name"]))
-    notes: list[str] = []
     resume = values.get("checkpoint_path")
     if str(resume).strip().lower() == AUTO_RESUME:
-        fresh = _load_fresh(values, sources)
-        # RUN_NAME is this invocation's (never the checkpoint's): the same for both plans below
-        run_name, name_source = fresh.config.run_name, None
-        if not run_name:
-            run_name = stable_run_name(fresh.config)
-            name_source = "CHECKPOINT_PATH=auto: <model>-<data>"
-        folder = _paths(fresh.config, run_name).checkpoints
-        path, ckpt, problems = find_resumable(folder)
-        notes += [f"CHECKPOINT_PATH=auto: {p}" for p in problems]
-        if path is None:
-            notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
-                         f"{run_name} fresh")
-            return _plan(fresh, run_name, None, notes, name_source)
-        notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
-        loaded = load_resumed(ckpt["hyperparameters"], {**values, "checkpoint_path": str(path)},
-                              {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
-        return _plan(loaded, run_name, ResumeSource(path, int(ckpt["step"]), ckpt), notes,
-                     name_source)
-    if not resume:
-        fresh = _load_fresh(values, sources)
-        return _plan(fresh, agree(fresh.config.run_name or default_run_name(fresh.config)), None,
-                     notes)
-    path = Path(str(resume))
-    ckpt = load_checkpoint(path)
-    loaded = load_resumed(ckpt["hyperparameters"], values, sources)
-    source = ResumeSource(path, int(ckpt["step"]), ckpt)
+        return _auto_plan(values, sources)
+    if resume:
+        return _resume_plan(Path(str(resume)), values, sources, agree)
+    fresh = _load_fresh(values, sources)
+    return _plan(fresh, agree(fresh.config.run.run_name or default_run_name(fresh.config)),
+                 None, [])
+
+
+def _auto_plan(values: dict[str, Any], sources: dict[str, str]) -> RunPlan:
+    """``CHECKPOINT_PATH=auto``: the run's newest usable checkpoint, else a fresh start."""
+    fresh = _load_fresh(values, sources)
+    # RUN_NAME is this invocation's (never the checkpoint's): the same for both plans below
+    run_name, name_source = fresh.config.run.run_name, None
+    if not run_name:
+        run_name = stable_run_name(fresh.config)
+        name_source = "CHECKPOINT_PATH=auto: <model>-<data>"
+    folder = _paths(fresh.config, run_name).checkpoints
+    path, ckpt, problems = find_resumable(folder, check=saved_tokenizer)
+    notes = [f"CHECKPOINT_PATH=auto: {p}" for p in problems]
+    if path is None or ckpt is None:
+        notes.append(f"CHECKPOINT_PATH=auto: no usable checkpoint in {folder}; starting run "
+                     f"{run_name} fresh")
+        return _plan(fresh, run_name, None, notes, name_source)
+    notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
+    loaded = load_resumed(ckpt.hyperparameters, {**values, "checkpoint_path": str(path)},
+                          {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
+    return _plan(loaded, run_name, ResumeSource(path, ckpt.step, ckpt), notes, name_source)
+
+
+def _resume_plan(path: Path, values: dict[str, Any], sources: dict[str, str],
+                 agree: Callable[[str], str]) -> RunPlan:
+    """A resume from the checkpoint at ``path``: under RUN_NAME, else the run folder the file
+    lies in, else a new name; a branch when that run already went further."""
+    ckpt = load_run(path)
+    saved_tokenizer(ckpt)  # a tokenizer that does not rebuild fails before anything is created
+    loaded = load_resumed(ckpt.hyperparameters, values, sources)
+    source = ResumeSource(path, ckpt.step, ckpt)
     cfg = loaded.config
-    run_name, name_source = cfg.run_name, None
+    notes: list[str] = []
+    run_name, name_source = cfg.run.run_name, None
     if not run_name:
         run_name = _run_folder_of(path, cfg)
         name_source = "the checkpoint's run folder" if run_name else "new name"
         run_name = run_name or agree(default_run_name(cfg))
-    if cfg.enable_checkpoints:
+    if cfg.checkpointing.enable_checkpoints:
         later = [s for s, _ in list_checkpoints(_paths(cfg, run_name).checkpoints)
                  if s > source.step]
         if later:  # history is never rewritten: branch instead of overwriting later steps
@@ -111,40 +123,39 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
 def _run_folder_of(path: Path, cfg: TrainingConfig) -> str | None:
     """The run a checkpoint file belongs to when it lies in ``CHECKPOINT_DIR/<run>/``."""
     try:
-        inside = path.resolve().parent.parent == Path(cfg.checkpoint_dir).resolve()
+        inside = path.resolve().parent.parent == Path(cfg.checkpointing.checkpoint_dir).resolve()
     except OSError:
         return None
     return path.resolve().parent.name if inside else None
 
 
 def _paths(cfg: TrainingConfig, run_name: str) -> RunPaths:
-    return RunPaths.of(cfg.checkpoint_dir, cfg.log_dir, cfg.output_dir, run_name)
+    return RunPaths.of(cfg.checkpointing.checkpoint_dir, cfg.run.log_dir, cfg.run.output_dir,
+                       run_name)
 
 
 def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
     loaded = load_fresh(values, sources)
-    if loaded.config.lr_decay_steps is not None:
+    if loaded.config.optimization.lr_decay_steps is not None:
         return loaded
-    horizon = max(loaded.config.training_steps, 1)  # the horizon is saved with the run
-    return LoadedConfig(loaded.config.model_copy(update={"lr_decay_steps": horizon}),
+    horizon = max(loaded.config.optimization.training_steps, 1)  # the horizon is saved with the run
+    return LoadedConfig(loaded.config.replace(lr_decay_steps=horizon),
                         {**loaded.sources, "lr_decay_steps": "TRAINING_STEPS"})
 
 
 def _plan(loaded: LoadedConfig, run_name: str, resume: ResumeSource | None,
           notes: list[str], name_source: str | None = None) -> RunPlan:
     """The final plan: the config names its run (and where that name came from, when lmtrain
-    chose it) and its resume file; the checkpoint is made read-only."""
+    chose it) and its resume file."""
     check_run_name(run_name)
-    loaded = resolve_gpt2(loaded, resume.checkpoint if resume else None)  # base, real shape
-    cfg = loaded.config.model_copy(update={
-        "run_name": run_name, "checkpoint_path": str(resume.path) if resume else None})
+    loaded = resolve_gpt2(loaded, resume.checkpoint.lora_base if resume else None)  # base, shape
+    cfg = loaded.config.replace(run_name=run_name,
+                                checkpoint_path=str(resume.path) if resume else None)
     loaded = LoadedConfig(cfg, {**loaded.sources,
                                 **({"run_name": name_source} if name_source else {})})
-    if resume is not None:
-        resume = ResumeSource(resume.path, resume.step, MappingProxyType(resume.checkpoint))
-        if loaded.sources.get("training_data_source") == "checkpoint":
-            notes.append(f"data: TRAINING_DATA_SOURCE={cfg.training_data_source!r} comes from "
-                         f"the checkpoint (set TRAINING_DATA_SOURCE to train on other data)")
+    if resume is not None and loaded.sources.get("training_data_source") == "checkpoint":
+        notes.append(f"data: TRAINING_DATA_SOURCE={cfg.data.training_data_source!r} comes from "
+                     f"the checkpoint (set TRAINING_DATA_SOURCE to train on other data)")
     # Settings that validate but mean nothing for this run (RESUME_STEPS on a fresh run,
     # WARMUP_STEPS past the steps run, ...) are not notes: the session warns about them in the
     # run's log (advice.run_warnings), once the start step is known.

@@ -1,5 +1,5 @@
-"""The live state of a run (what the loop reads and advances); its checkpoint format lives in
-:mod:`lmtrain.checkpoint_schema`."""
+"""The live state of a run (what the loop reads and advances); writing it into a checkpoint
+and restoring it from one live in :mod:`lmtrain.train.checkpointing`."""
 
 from __future__ import annotations
 
@@ -17,9 +17,9 @@ from lmtrain.config import TrainingConfig
 from lmtrain.data.dataset import TokenData
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.device import autocast_context
-from lmtrain.distributed import all_gather_objects
 
 if TYPE_CHECKING:
+    from lmtrain.answers import AnswerReport
     from lmtrain.reporting import MetricsWriter
 
 log = logging.getLogger("lmtrain")
@@ -55,6 +55,8 @@ class RunContext:
     saved_steps: list[int] = field(default_factory=list)
     #: tracker name -> its run id, saved in checkpoints so a resume continues the same run
     tracker_run_ids: dict[str, str] = field(default_factory=dict)
+    #: the last answer accuracy measured (question/answer records; see train/answer_eval.py)
+    last_answers: AnswerReport | None = None
 
     @property
     def raw_model(self) -> nn.Module:
@@ -66,14 +68,3 @@ class RunContext:
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast_context(self.device, self.autocast_dtype)
 
-
-def gather_rank_states(ctx: RunContext) -> dict[str, Any]:
-    """Checkpoint keys holding every rank's sampler and RNG state (a collective: all ranks
-    call it); empty in a single process, whose states the checkpoint's own keys hold."""
-    if ctx.world_size == 1:
-        return {}
-    cuda = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else torch.empty(0)
-    mine = {"sampler": ctx.sampler.get_state(), "cpu": torch.get_rng_state(), "cuda": cuda}
-    states = all_gather_objects(mine)
-    return {"sampler_state": [s["sampler"] for s in states],
-            "rank_rng_states": [{"cpu": s["cpu"], "cuda": s["cuda"]} for s in states]}

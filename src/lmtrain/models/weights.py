@@ -1,0 +1,55 @@
+"""A model's weights in a checkpoint: what is stored (every weight, or only the LoRA adapter)
+and putting them back into a freshly built model."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtrain.checkpoint_format import SavedRun
+from lmtrain.config import ModelSettings
+from lmtrain.errors import UserError
+
+
+def model_state(model: nn.Module, config: ModelSettings) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stores: all of them, or only the LoRA adapter.
+
+    Tied weights (``wte``/``lm_head``) stay one tensor, so ``torch.save`` stores them once.
+    """
+    if config.use_lora:
+        from lmtrain.models.lora import adapter_state_dict
+
+        return adapter_state_dict(model)
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def load_model_state(model: nn.Module, config: ModelSettings, sd: Mapping[str, Any]) -> None:
+    """Put saved weights into ``model``; one line if they do not fit it."""
+    if config.use_lora:
+        from lmtrain.models.lora import load_adapter_state_dict
+
+        load_adapter_state_dict(model, dict(sd))
+        return
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise UserError(
+            f"the checkpoint's weights do not fit the model built from its settings "
+            f"(GPT2_MODEL_NAME={config.gpt2_model_name!r} for gpt2 runs): "
+            f"{' '.join(first[1:2] or first[:1])[:200]}; point GPT2_MODEL_NAME at the model "
+            f"the run was trained from") from None
+
+
+def load_weights(model: nn.Module, config: ModelSettings, run: SavedRun) -> None:
+    """Put a saved run's weights into ``model``; a LoRA adapter only once the base it was
+    trained on is verified."""
+    if config.use_lora:  # the adapter only fits the base it was trained on
+        from lmtrain.models.lora import check_base_reference
+
+        base = run.lora_base
+        check_base_reference(model, dict(base) if base else None, run.where)
+    load_model_state(model, config, run.model_state)

@@ -53,10 +53,10 @@ TARGET = 0.90  # exact answers on unseen questions ...
 BUDGET_S = 180.0  # ... within this many training seconds
 CALIBRATION_ROUNDS = 2  # segments that measure the speed (the first one includes start-up)
 
-#: The recipes: TrainingConfig settings over lmtrain's defaults. ``qa``: the proposed
-#: question/answer preset, from a small search (width, depth, batch, learning rate, block size,
-#: answers-only loss); in three interleaved runs half the width first reached 90% at 48-97 s of
-#: training where the default did at 72-129 s.
+#: The recipes: TrainingConfig settings over lmtrain's defaults. ``qa``: the question/answer
+#: preset of a small search (width, depth, batch, learning rate, block size, answers-only loss,
+#: docs/question-answering.md): in four interleaved runs half the width first reached 90% at
+#: 46-97 s of training where the defaults did at 67-129 s.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "qa": {"n_embd": 64, "n_head": 2},

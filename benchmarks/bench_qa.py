@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=BUDGET_S, help="training-time budget")
     p.add_argument("--steps", type=int, help="train this many steps instead of --seconds")
     p.add_argument("--evals", type=int, help="accuracy evaluations per recipe after the "
-                                               "calibration [default: 6; --quick: 2]")
+                                               "calibration [default: 6; --quick: 1]")
     p.add_argument("--calibration-steps", type=int, default=20)
     p.add_argument("--train-records", type=int, default=50_000)
     p.add_argument("--test", default="200,16,64",
@@ -445,15 +445,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speed", type=int, default=0, metavar="N",
                    help="time batched vs one-at-a-time answering on N test questions at the end")
     p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--threads", type=int, help="torch threads [default: torch's]")
+    p.add_argument("--threads", type=int,
+                   help="torch threads [default: torch's; --quick: 1]")
     p.add_argument("--quick", action="store_true", help="a smoke run (< 1 min)")
     p.add_argument("--plot", action="store_true", help="write qa.png")
     p.add_argument("--out", default="bench-qa-out")
     args = p.parse_args(argv)
     if args.quick:
-        args.seconds, args.train_records, args.test = 15.0, 4000, "30,6,12"
-        args.calibration_steps = min(args.calibration_steps, 5)
-    args.evals = args.evals or (2 if args.quick else 6)
+        args.seconds, args.train_records, args.test = 8.0, 3000, "20,4,8"
+        args.calibration_steps = min(args.calibration_steps, 4)
+        args.threads = args.threads or 1  # a smoke run: not at the mercy of thread contention
+    args.evals = args.evals or (1 if args.quick else 6)
     import torch
 
     if args.threads:

@@ -36,9 +36,12 @@ def share_stop_signal(ctx: RunContext) -> None:
 
 
 def evaluate(ctx: RunContext) -> dict[str, float]:
-    """Train/val loss now; logs it, records it and tracks the best validation loss."""
-    t0 = time.perf_counter()
+    """Train/val loss now; logs it, records it and tracks the best validation loss. Nothing
+    (``{}``) with ``EVAL_ITERS=0``: evaluation is off."""
     cfg = ctx.config
+    if not cfg.evaluation.eval_iters:
+        return {}
+    t0 = time.perf_counter()
     losses = estimate_loss(ctx.model, ctx.data, cfg.batch_size, cfg.block_size, cfg.eval_iters,
                            ctx.device, cfg.seed + ctx.rank, ctx.autocast())
     if ctx.world_size > 1:  # each rank drew its own batches: report the mean over all of them
@@ -243,11 +246,13 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     """Advance ``ctx`` from ``start_step`` by ``n_steps`` optimizer steps.
 
     Logs every ``LOG_INTERVAL`` steps, evaluates every ``EVAL_INTERVAL`` steps and at the end
-    (before the final checkpoint, which then holds its own losses), checkpoints
-    every ``CHECKPOINT_INTERVAL`` steps and at the end; all step numbers are absolute.
+    (before the final checkpoint, which then holds its own losses; never with
+    ``EVAL_ITERS=0``), checkpoints every ``CHECKPOINT_INTERVAL`` steps and at the end; all step
+    numbers are absolute.
     """
     cfg = ctx.config
     optimization = cfg.optimization
+    evaluating = cfg.evaluation.eval_iters > 0  # EVAL_ITERS=0: evaluation is off
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     end = start_step + n_steps
     ctx.model.train()
@@ -263,7 +268,7 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 bar.update(1)
             if ctx.step % cfg.log_interval == 0 or ctx.step == end:
                 window.report(lr, end, bar)
-            if ctx.step % cfg.eval_interval == 0:
+            if evaluating and ctx.step % cfg.eval_interval == 0:
                 window.check()
                 evaluate(ctx)
             if ctx.step % cfg.checkpoint_interval == 0 and ctx.step != end:
@@ -274,6 +279,6 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 window.check()
                 raise TrainingInterrupted(ctx.stop_signal, save(ctx))
     if n_steps > 0:
-        if ctx.last_losses.get("step") != ctx.step:  # the final checkpoint holds its own losses
-            evaluate(ctx)
+        if evaluating and ctx.last_losses.get("step") != ctx.step:
+            evaluate(ctx)  # the final checkpoint holds its own losses
         save(ctx)

@@ -310,7 +310,7 @@ def _train(plan: RunPlan, placement: tuple[DistInfo, torch.device], log_file: Pa
     results = {"run": ctx.run_name, "start_step": start, "end_step": ctx.step,
                **summary.start_losses,
                **{f"final_{k}": v for k, v in summary.final_losses.items()}}
-    if resumed:
+    if resumed and summary.start_losses:  # none with EVAL_ITERS=0
         for key in ("train", "val"):
             before, after = summary.start_losses[key], summary.final_losses[key]
             results[f"{key}_change"] = after - before
@@ -385,6 +385,8 @@ def _resume_steps(ctx: RunContext, step: int, end: int) -> int | None:
 
 def _report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
     """Val perplexity beside val loss at the end of the run: logged, recorded, summarized."""
+    if "val" not in losses:  # EVAL_ITERS=0: nothing was evaluated
+        return
     losses["val_perplexity"] = perplexity(losses["val"])
     if ctx.is_main:
         log.info("final: val loss %.4f, val perplexity %.2f", losses["val"],

@@ -43,6 +43,7 @@ import logging
 import os
 import platform
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -273,21 +274,25 @@ class Process:
     env: dict[str, str]
     optimizer: str
     walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # user + system seconds, all threads
     timings: list[dict[str, float]] = field(default_factory=list)
     losses: list[str] = field(default_factory=list)
     precision: str = ""
 
     def run(self, tag: str, timed: bool) -> None:
         env = {**self.env, "RUN_NAME": f"{re.sub(r'[^a-z0-9]+', '-', self.name)}{tag}"}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t0 = time.perf_counter()
         done = subprocess.run(self.command, env=env, capture_output=True, text=True, cwd=ROOT)
         wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = done.stdout + done.stderr
         if done.returncode:
             raise SystemExit(f"{self.name} failed ({done.returncode}):\n{out[-3000:]}")
         if not timed:
             return
         self.walls.append(wall)
+        self.cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
         if m := re.search(r"^time: (.*)$", out, re.M):
             self.timings.append({k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)s", m[1])})
         if m := re.search(r"step (\d+)/\1: loss ([\d.na]+)", out):
@@ -360,28 +365,35 @@ def report_process(args: argparse.Namespace, sides: list[Process], load_before: 
           f"after {'/'.join(f'{x:.1f}' for x in load_after)}; "
           f"lmtrain: ENABLE_CHECKPOINTS=0, EVAL_ITERS={args.process_eval_iters}, "
           f"MAX_NEW_TOKENS=0, PRECISION={args.precision}\n")
-    keys = ("setup", "data", "train", "eval", "sample", "other", "total")
-    print("| side | precision | optimizer | wall s (median) | min-max | plain bf16 / side "
-          "(median of rounds) | mean train loss | " + " | ".join(keys) + " | wall - total |")
-    print("| --- | --- | --- | ---: | ---: | ---: | --- | " + " | ".join("---:" for _ in keys)
-          + " | ---: |")
+    print("| side | precision | optimizer | wall s (median) | min-max | plain bf16 / side | "
+          "CPU s (median) | plain bf16 / side, CPU | mean train loss |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     for s in sides:
         rounds = statistics.median(p / w for p, w in zip(plain.walls, s.walls, strict=True))
-        parts = [f"{statistics.median(t.get(k, 0.0) for t in s.timings):.2f}" if s.timings
-                 else "" for k in keys]
-        outside = [w - t["total"] for w, t in zip(s.walls, s.timings, strict=True)]
-        parts.append(f"{statistics.median(outside):.2f}" if outside else "")
         print(f"| {s.name} | {s.precision} | {s.optimizer} | {statistics.median(s.walls):.2f} "
               f"| {min(s.walls):.1f}-{max(s.walls):.1f} "
               f"| {statistics.median(plain.walls) / statistics.median(s.walls):.3f}x "
-              f"({rounds:.3f}x) | {'/'.join(sorted(set(s.losses)))} | " + " | ".join(parts)
-              + " |")
+              f"({rounds:.3f}x) | {statistics.median(s.cpus):.1f} "
+              f"| {statistics.median(plain.cpus) / statistics.median(s.cpus):.3f}x "
+              f"| {'/'.join(sorted(set(s.losses)))} |")
+    keys = ("setup", "data", "train", "eval", "sample", "other", "total")
+    print("\nWhere the time goes (medians, seconds):\n")
+    print("| side | " + " | ".join(keys) + " | wall - total |")
+    print("| --- | " + " | ".join("---:" for _ in keys) + " | ---: |")
+    for s in sides:
+        parts = [f"{statistics.median(t.get(k, 0.0) for t in s.timings):.2f}"
+                 if any(k in t for t in s.timings) else "" for k in keys]
+        outside = statistics.median(w - t["total"] for w, t in zip(s.walls, s.timings,
+                                                                   strict=True))
+        print(f"| {s.name} | " + " | ".join(parts) + f" | {outside:.2f} |")
     ratio = statistics.median(plain.walls) / statistics.median(ours.walls)
     print(f"\nlmtrain {ratio:.3f}x the plain bf16 loop as whole processes "
-          f"(target >= 0.95: {verdict(ratio >= 0.95)}). setup ... total: each side's own "
-          "`time:` line, medians (the plain loop's setup runs from its first line to its first "
-          "step); wall - total: the interpreter, the imports and the settings before that, and "
-          "the exit.")
+          f"(target >= 0.95: {verdict(ratio >= 0.95)}). plain bf16 / side: the ratio of the "
+          "median wall times (in brackets: the median over rounds of each round's ratio); "
+          "CPU s: user + system time of the process, all threads. setup ... total: each "
+          "side's own `time:` line, medians (the plain loop's setup runs from its first line "
+          "to its first step); wall - total: the interpreter, the imports and the settings "
+          "before that, and the exit.")
 
 
 # ---------------------------------------------------------------- report

@@ -104,15 +104,25 @@ class GPT(nn.Module):
         return self.lm_head(self.transformer.ln_f(x))
 
 
+def get_batch(train: np.ndarray, batch_size: int, block_size: int,
+              sampler: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of ``block_size`` inputs and their next-token targets."""
+    starts = torch.randint(len(train) - block_size, (batch_size,), generator=sampler).numpy()
+    rows = torch.from_numpy(train[starts[:, None] + np.arange(block_size + 1)].astype(np.int64))
+    return rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+
+
 def get_lr(step: int, args: argparse.Namespace) -> float:
     """Linear warmup, then cosine to ``min_lr_ratio`` of the peak at ``steps``."""
     if step < args.warmup_steps:
-        return args.lr * (step + 1) / (args.warmup_steps + 1)
-    if step >= args.steps:
-        return args.lr * args.min_lr_ratio
-    progress = (step - args.warmup_steps) / max(args.steps - args.warmup_steps, 1)
-    return args.lr * (args.min_lr_ratio
-                      + (1 - args.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        multiplier = (step + 1) / (args.warmup_steps + 1)
+    elif step >= args.steps:
+        multiplier = args.min_lr_ratio
+    else:
+        progress = (step - args.warmup_steps) / max(args.steps - args.warmup_steps, 1)
+        cosine = 0.5 * (1.0 + math.cos(math.pi * progress))
+        multiplier = args.min_lr_ratio + (1.0 - args.min_lr_ratio) * cosine
+    return args.lr * multiplier
 
 
 def main() -> None:
@@ -146,7 +156,6 @@ def main() -> None:
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
         lr=args.lr, betas=(0.9, 0.95), fused=True)
     sampler = torch.Generator().manual_seed(args.seed)
-    offsets = np.arange(args.block_size + 1)
     dtype = torch.bfloat16 if args.precision == "bf16" else None
     losses = []
     model.train()
@@ -154,10 +163,7 @@ def main() -> None:
     for step in range(args.steps):
         for group in optimizer.param_groups:
             group["lr"] = get_lr(step, args)
-        starts = torch.randint(len(train) - args.block_size, (args.batch_size,),
-                               generator=sampler).numpy()
-        rows = torch.from_numpy(train[starts[:, None] + offsets].astype(np.int64))
-        x, y = rows[:, :-1].contiguous(), rows[:, 1:].contiguous()
+        x, y = get_batch(train, args.batch_size, args.block_size, sampler)
         with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
             logits = model(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))

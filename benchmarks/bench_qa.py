@@ -194,7 +194,7 @@ def evaluate(ckpt: Path, test: list[Question], batch_size: int) -> tuple[Any, An
 
     loaded = load_trained_model(ckpt, torch.device("cpu"))
     report = answer_accuracy(loaded.model, loaded.tokenizer, [q.pair() for q in test],
-                             device=torch.device("cpu"), block_size=loaded.config.block_size,
+                             device=torch.device("cpu"), block_size=loaded.config.model.block_size,
                              batch_size=batch_size, progress=False)
     return report, loaded
 
@@ -234,7 +234,7 @@ class RecipeRun:
         then measure accuracy."""
         from lmtrain.checkpoint import checkpoint_filename
 
-        horizon = self.result.steps or self.config.decay_horizon
+        horizon = self.result.steps or self.config.optimization.decay_horizon
         flags = {**self.base, "training_steps": to_step, "lr_decay_steps": horizon}
         if self.ckpt is not None:
             flags["checkpoint_path"] = str(self.ckpt)
@@ -254,7 +254,7 @@ class RecipeRun:
     def calibration(self) -> list[int]:
         """The steps that end the calibration segments: within warmup (whose learning rates
         ignore the horizon, not yet known), in ``CALIBRATION_ROUNDS`` equal parts."""
-        warmup = self.config.warmup_steps
+        warmup = self.config.optimization.warmup_steps
         first = min(self.args.calibration_steps, warmup) if warmup else \
             self.args.calibration_steps
         parts = min(CALIBRATION_ROUNDS, first)
@@ -329,7 +329,7 @@ def measure_speed(ckpt: Path, test: list[Question], batch_size: int) -> dict[str
         t0 = time.perf_counter()
         outputs[label] = naive_greedy_answers(
             loaded.model, loaded.tokenizer, prompts, budget, device=torch.device("cpu"),
-            block_size=loaded.config.block_size, stops=stops, use_cache=cache)
+            block_size=loaded.config.model.block_size, stops=stops, use_cache=cache)
         times[label] = time.perf_counter() - t0
     agree = all([a.strip() for a in got] == report.answers for got in outputs.values())
     speed = {"questions": len(test), "max_new_tokens": budget, "batch_size": batch_size,

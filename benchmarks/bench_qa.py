@@ -11,22 +11,24 @@ Synthetic question/answer tasks, generated from ``--seed``:
 - ``next letter``: ``QUESTION: next c d e ANSWER: f`` (3-5 consecutive letters);
 - ``next number``: ``QUESTION: next 4 5 6 ANSWER: 7`` (3-5 consecutive numbers, answers <= 100).
 
-The test questions are drawn first and never occur in training (asserted). The training text is a
-``.jsonl`` of ``{"text": "QUESTION: ... ANSWER: ..."}`` records, which lmtrain joins with the end
-of text (a blank line for a character vocabulary). Each recipe trains through lmtrain's session
-(``lmtrain.train.session.train``, as ``lmtrain train`` does) on the CPU, in segments that resume
-exactly from the previous segment's checkpoint; after each segment the checkpoint is loaded as
-``lmtrain eval`` loads it and every test question is answered greedily
-(:func:`lmtrain.answers.answer_accuracy`). Training seconds are the session's own training and
-batch timings, so evaluation, checkpoints and start-up are not counted.
+The test questions are drawn first and never occur in training (asserted). The training records
+are a ``.jsonl`` of ``{"question", "answer"}`` records (``--format qa``: lmtrain renders them as
+``QUESTION: ... ANSWER: ...`` and, with ``LOSS_ON=auto``, takes the loss on the answers) or of
+the rendered ``{"text": ...}`` (``--format text``: plain text, the loss on every token); the end
+of text (a blank line for a character vocabulary) follows each record. Each recipe trains
+through lmtrain's session (``lmtrain.train.session.train``, as ``lmtrain train`` does) on the
+CPU, in segments that resume exactly from the previous segment's checkpoint; after each segment
+the checkpoint is loaded as ``lmtrain eval`` loads it and every test question is answered
+greedily (:func:`lmtrain.answers.answer_accuracy`). Training seconds are the session's own
+training and batch timings, so evaluation, checkpoints and start-up are not counted.
 
 ``--seconds`` is a training-time budget: two short segments within warmup measure the speed (the
 faster of the two counts: the less disturbed by other load), and the run's length
 (``TRAINING_STEPS``, and the cosine horizon) is set from it; ``--steps`` fixes it instead
-(reproducible to the step). Several recipes
-(``--recipe a,b``, ``--variant NAME:K=V,...``) run interleaved, segment by segment, so the load of
-other processes falls on all of them alike. On a machine that other processes load, ``--threads
-1`` is much faster than two threads that contend for the cores.
+(reproducible to the step). Several recipes (``--recipe a,b``, ``--variant NAME:K=V,...``) run
+interleaved, segment by segment, so the load of other processes falls on all of them alike. On a
+machine that other processes load, ``--threads 1`` is much faster than two threads that contend
+for the cores.
 Writes ``table.md``, ``results.json`` (and ``qa.png`` with ``--plot``) under ``--out``.
 """
 
@@ -51,10 +53,10 @@ TARGET = 0.90  # exact answers on unseen questions ...
 BUDGET_S = 180.0  # ... within this many training seconds
 CALIBRATION_ROUNDS = 2  # segments that measure the speed (the first one includes start-up)
 
-#: The recipes: TrainingConfig settings over lmtrain's defaults. ``qa``: the proposed
-#: question/answer preset, from a small search (width, depth, batch, learning rate, block size,
-#: answers-only loss); in three interleaved runs half the width first reached 90% at 48-97 s of
-#: training where the default did at 72-129 s.
+#: The recipes: TrainingConfig settings over lmtrain's defaults. ``qa``: the question/answer
+#: preset of a small search (width, depth, batch, learning rate, block size, answers-only loss,
+#: docs/question-answering.md): in four interleaved runs half the width first reached 90% at
+#: 46-97 s of training where the defaults did at 67-129 s.
 RECIPES: dict[str, dict[str, Any]] = {
     "default": {},
     "qa": {"n_embd": 64, "n_head": 2},
@@ -64,6 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
 FIXED: dict[str, Any] = {
     "device": "cpu", "max_new_tokens": 0, "eval_iters": 4, "eval_interval": 10**9,
     "checkpoint_interval": 10**9, "keep_last_checkpoints": 1, "log_interval": 100,
+    "eval_answers": 0,  # the bench answers its own unseen questions after each segment
 }
 
 
@@ -136,11 +139,16 @@ def make_questions(seed: int, n_train: int, n_test: dict[str, int]
     return train, test
 
 
-def write_corpus(path: Path, records: list[Question]) -> Path:
-    """One ``{"text": ...}`` record per line; lmtrain puts the end of text between records."""
+def write_corpus(path: Path, records: list[Question], form: str = "qa") -> Path:
+    """One record per line: ``{"question", "answer"}`` (``form="qa"``), which lmtrain renders
+    through its template with the answer mask from the record; or the rendered
+    ``{"text": ...}`` (``form="text"``), plain text to lmtrain. Either way the end of text (a
+    blank line for a character vocabulary) follows each record."""
     with path.open("w", encoding="utf-8") as fh:
         for q in records:
-            fh.write(json.dumps({"text": q.text()}) + "\n")
+            record = ({"question": q.question, "answer": q.answer} if form == "qa"
+                      else {"text": q.text()})
+            fh.write(json.dumps(record) + "\n")
     return path
 
 
@@ -430,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train-records", type=int, default=50_000)
     p.add_argument("--test", default="200,16,64",
                    help="test questions per task: reverse,next letter,next number")
+    p.add_argument("--format", choices=["qa", "text"], default="qa",
+                   help="training records: qa {question, answer} (answers-only loss by "
+                        "default) or text {text} (loss on every token) [default: qa]")
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--speed", type=int, default=0, metavar="N",
                    help="time batched vs one-at-a-time answering on N test questions at the end")
@@ -457,7 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     n_test = dict(zip(TASKS, map(int, args.test.split(",")), strict=True))
     train, test = make_questions(args.seed, args.train_records, n_test)
-    corpus = write_corpus(out / "qa_train.jsonl", train)
+    corpus = write_corpus(out / "qa_train.jsonl", train, args.format)
     load = os.getloadavg()
     print(f"{len(train)} training records, {len(test)} unseen test questions; "
           f"{torch.get_num_threads()} torch threads; load average {load[0]:.2f} "
@@ -475,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
     results = run_interleaved(runs)
     text = table(results, args.seconds)
     load_end = os.getloadavg()
-    text += (f"\n\n{len(train)} training records, {len(test)} unseen test questions, seed "
+    text += (f"\n\n{len(train)} training records ({args.format} format), {len(test)} unseen "
+             f"test questions, seed "
              f"{args.seed}; {torch.get_num_threads()} torch threads; load average "
              f"{load[0]:.2f} at the start, {load_end[0]:.2f} at the end, on {os.cpu_count()} "
              f"CPUs.\n")

@@ -46,6 +46,10 @@ def test_tasks_answer_correctly_and_test_questions_are_unseen() -> None:
     assert again == (train, test)  # seeded
 
 
+RECORDS = [bench.Question("reverse", f"reverse {w}", w[::-1])
+           for w in ("abc", "hello", "xyzzy", "qwerty")] * 20
+
+
 @pytest.mark.unit
 def test_prompts_follow_the_template() -> None:
     q = bench.Question("reverse", "reverse abc", "cba")
@@ -54,26 +58,43 @@ def test_prompts_follow_the_template() -> None:
 
 
 @pytest.mark.unit
-def test_the_corpus_puts_end_of_text_between_records_and_masks_answers(tmp_path: Path) -> None:
-    """What the bench relies on: lmtrain joins .jsonl records with the end of text (a learned
+def test_text_records_get_the_end_of_text_between_them_and_answers_masked(tmp_path: Path) -> None:
+    """``--format text``: lmtrain joins .jsonl text records with the end of text (a learned
     BPE), and LOSS_ON=answers keeps exactly the answers and that end of text."""
     from lmtrain.config import TrainingConfig
     from lmtrain.data.prepare import load_token_data
 
-    records = [bench.Question("reverse", f"reverse {w}", w[::-1])
-               for w in ("abc", "hello", "xyzzy", "qwerty")] * 20
-    corpus = bench.write_corpus(tmp_path / "qa.jsonl", records)
+    corpus = bench.write_corpus(tmp_path / "qa.jsonl", RECORDS, "text")
     cfg = TrainingConfig(training_data_source=str(corpus), tokenization_method="custom_bpe",
                          custom_vocab_size=260, loss_on="answers", cache_dir=str(tmp_path),
                          train_split=0.5)
     tok, data = load_token_data(cfg.data, block_size=16)
     ids = np.asarray(data.train)
-    eot = tok.eot_id
     assert tok.decode(ids[:80].tolist()).startswith(
         "QUESTION: reverse abc ANSWER: cba<|endoftext|>QUESTION: reverse hello")
     kept = tok.decode(ids[data.train_mask].tolist())
     assert kept.startswith(" cba<|endoftext|> olleh<|endoftext|> yzzyx<|endoftext|>")
-    assert int((ids == eot).sum()) == int((ids[data.train_mask] == eot).sum())
+    assert int((ids == tok.eot_id).sum()) == int((ids[data.train_mask] == tok.eot_id).sum())
+
+
+@pytest.mark.unit
+def test_qa_records_train_on_their_answers_with_a_character_vocabulary(tmp_path: Path) -> None:
+    """``--format qa`` (the default): the template renders each record, a blank line ends it,
+    and LOSS_ON=auto keeps the answers and that blank line."""
+    from lmtrain.config import TrainingConfig
+    from lmtrain.data.prepare import load_token_data
+
+    corpus = bench.write_corpus(tmp_path / "qa.jsonl", RECORDS)
+    assert json.loads(corpus.read_text().splitlines()[0]) == {"question": "reverse abc",
+                                                              "answer": "cba"}
+    cfg = TrainingConfig(training_data_source=str(corpus), cache_dir=str(tmp_path),
+                         train_split=0.5)
+    tok, data = load_token_data(cfg.data, block_size=16)
+    ids = np.asarray(data.train)
+    assert tok.kind == "character"
+    assert tok.decode(ids[:80].tolist()).startswith(
+        "QUESTION: reverse abc ANSWER: cba\n\nQUESTION: reverse hello")
+    assert tok.decode(ids[data.train_mask].tolist()).startswith(" cba\n\n olleh\n\n")
 
 
 @pytest.mark.integration

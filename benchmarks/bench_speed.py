@@ -3,8 +3,9 @@
     python benchmarks/bench_speed.py           # the figures for the README (~15 min on 2 cores)
     python benchmarks/bench_speed.py --quick   # a few steps of each part (smoke run, ~1 min)
     python benchmarks/bench_speed.py --device cuda --precision bf16 [--compile]   # on a GPU
+    python benchmarks/bench_speed.py --parts process --repeats 5   # whole processes only
 
-Four parts, each printed as a markdown table:
+Five parts, each printed as a markdown table:
 
 a. From-scratch GPT, 6 layers, 6 heads, N_EMBD=384, BLOCK_SIZE=256, BATCH_SIZE=16 on the
    bundled corpus: lmtrain's own session assembly and loop (``prepare_run`` + ``run_training``
@@ -18,6 +19,17 @@ c. Matmul throughput measured here (fp32 and bf16) and the MFU of each side agai
    bf16/fp32 matmul ratio bounds what bf16 autocast can give a whole training step.
 d. Saving a checkpoint of the 6-layer model (< 0.5 s) and going from that checkpoint to the
    end of the first resumed step (< 3 s; in-process, so Python imports are excluded).
+e. Whole processes, the trainer tax: ``python training.py`` (ARCH=gpt2, the 6-layer shape of
+   part a, DROPOUT=0, 40 steps, checkpoints, evaluation and the sample off, PRECISION=auto)
+   against ``benchmarks/plain_loop.py``, a self-contained nanoGPT-style loop of the same model,
+   batches, schedule and optimizer in bf16 autocast, each timed from launch to exit, the sides
+   taking turns; target >= 0.95x. Both print the mean training loss of the run, which must
+   agree (the same work). Evaluation off is EVAL_ITERS=0 (a large EVAL_INTERVAL alone leaves
+   the evaluation at the end of the run). lmtrain runs with OPTIMIZER=adamw, the plain loop's
+   optimizer: the default, Muon, is another algorithm (Newton-Schulz iterations on every
+   hidden matrix, about a third more arithmetic per step here), which ``--with-muon`` times as
+   a side of its own. ``--baseline DIR`` adds another checkout's ``training.py`` (e.g. the code
+   before a change) as a side.
 
 The sides run interleaved, a chunk of steps at a time, so that load from other processes on
 a shared machine hits them alike; each side keeps its own dropout RNG stream.
@@ -30,7 +42,11 @@ import contextlib
 import logging
 import os
 import platform
+import re
+import resource
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -244,6 +260,142 @@ def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float
     return statistics.median(saves), time.perf_counter() - t0
 
 
+# ---------------------------------------------------------------- e. whole processes
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class Process:
+    """One side of the whole-process race: a command line and what its runs reported."""
+
+    name: str
+    command: list[str]
+    env: dict[str, str]
+    optimizer: str
+    walls: list[float] = field(default_factory=list)
+    cpus: list[float] = field(default_factory=list)  # user + system seconds, all threads
+    timings: list[dict[str, float]] = field(default_factory=list)
+    losses: list[str] = field(default_factory=list)
+    precision: str = ""
+
+    def run(self, tag: str, timed: bool) -> None:
+        env = {**self.env, "RUN_NAME": f"{re.sub(r'[^a-z0-9]+', '-', self.name)}{tag}"}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        done = subprocess.run(self.command, env=env, capture_output=True, text=True, cwd=ROOT)
+        wall = time.perf_counter() - t0
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        out = done.stdout + done.stderr
+        if done.returncode:
+            raise SystemExit(f"{self.name} failed ({done.returncode}):\n{out[-3000:]}")
+        if not timed:
+            return
+        self.walls.append(wall)
+        self.cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        if m := re.search(r"^time: (.*)$", out, re.M):
+            self.timings.append({k: float(v) for k, v in re.findall(r"(\w+) ([\d.]+)s", m[1])})
+        if m := re.search(r"step (\d+)/\1: loss ([\d.na]+)", out):
+            self.losses.append(m[2])
+        if m := re.search(r"precision (\S+),", out):
+            self.precision = m[1].replace("torch.", "").replace("bfloat16", "bf16")
+
+
+def _setting_env() -> set[str]:
+    from lmtrain.config import FIELDS, env_name
+
+    return {env_name(name) for name in FIELDS}
+
+
+def process_sides(args: argparse.Namespace, workdir: Path) -> list[Process]:
+    """lmtrain's ``training.py`` (this checkout's, and ``--baseline``'s) and the plain loop."""
+    shape = {"ARCH": "gpt2", "N_LAYER": SIX["n_layer"], "N_HEAD": SIX["n_head"],
+             "N_EMBD": SIX["n_embd"], "BLOCK_SIZE": SIX["block_size"],
+             "BATCH_SIZE": SIX["batch_size"], "DROPOUT": 0, "SEED": args.seed,
+             "TRAINING_STEPS": args.process_steps, "ENABLE_CHECKPOINTS": 0,
+             "EVAL_INTERVAL": 10**9, "MAX_NEW_TOKENS": 0, "PRECISION": args.precision,
+             "DEVICE": args.device,
+             "LOG_DIR": workdir / "logs", "CACHE_DIR": workdir / "cache"}
+    clean = {k: v for k, v in os.environ.items() if k not in _setting_env()}
+    clean.pop("PYTHONPATH", None)  # each training.py puts its own src/ first anyway
+
+    def lmtrain(name: str, root: Path, optimizer: str, eval_iters: int) -> Process:
+        env = {**clean, **{k: str(v) for k, v in shape.items()}, "OPTIMIZER": optimizer,
+               "EVAL_ITERS": str(eval_iters)}
+        return Process(name, [sys.executable, str(root / "training.py")], env, optimizer)
+
+    sides = [lmtrain("lmtrain", ROOT, "adamw", args.process_eval_iters)]
+    if args.baseline:
+        sides.append(lmtrain(f"baseline (EVAL_ITERS={args.baseline_eval_iters})",
+                             Path(args.baseline), "adamw", args.baseline_eval_iters))
+    if args.with_muon:
+        sides.append(lmtrain("lmtrain default optimizer", ROOT, "muon", args.process_eval_iters))
+    plain = [sys.executable, str(ROOT / "benchmarks" / "plain_loop.py"),
+             "--steps", str(args.process_steps), "--seed", str(args.seed)]
+    precisions = ["bf16", "fp32"] if args.with_fp32 else ["bf16"]
+    for precision in precisions:
+        side = Process(f"plain loop {precision}", [*plain, "--precision", precision], clean,
+                       "adamw", precision=precision)
+        sides.append(side)
+    return sides
+
+
+def part_process(args: argparse.Namespace, workdir: Path) -> tuple[list[Process], tuple, tuple]:
+    """Every side once untimed (caches, page cache), then ``--repeats`` rounds, alternating
+    the order of the sides from round to round; returns the sides and the load averages."""
+    sides = process_sides(args, workdir)
+    for side in sides:
+        for i in range(args.process_warmup):
+            side.run(f"warmup{i}", timed=False)
+    load_before = os.getloadavg()
+    for r in range(args.repeats):
+        for side in (sides if r % 2 == 0 else sides[::-1]):
+            side.run(str(r), timed=True)
+    return sides, load_before, os.getloadavg()
+
+
+def report_process(args: argparse.Namespace, sides: list[Process], load_before: tuple,
+                   load_after: tuple) -> None:
+    plain = next(s for s in sides if s.name == "plain loop bf16")
+    ours = sides[0]
+    print(f"\n### e. whole processes: 6-layer GPT-2-style model (6 heads, N_EMBD=384, "
+          f"BLOCK_SIZE=256, BATCH_SIZE=16, DROPOUT=0), {args.process_steps} steps, "
+          f"{args.repeats} interleaved runs per side\n")
+    print(f"load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, "
+          f"after {'/'.join(f'{x:.1f}' for x in load_after)}; "
+          f"lmtrain: ENABLE_CHECKPOINTS=0, EVAL_ITERS={args.process_eval_iters}, "
+          f"MAX_NEW_TOKENS=0, PRECISION={args.precision}\n")
+    print("| side | precision | optimizer | wall s (median) | min-max | plain bf16 / side | "
+          "CPU s (median) | plain bf16 / side, CPU | mean train loss |")
+    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+    for s in sides:
+        rounds = statistics.median(p / w for p, w in zip(plain.walls, s.walls, strict=True))
+        print(f"| {s.name} | {s.precision} | {s.optimizer} | {statistics.median(s.walls):.2f} "
+              f"| {min(s.walls):.1f}-{max(s.walls):.1f} "
+              f"| {statistics.median(plain.walls) / statistics.median(s.walls):.3f}x "
+              f"({rounds:.3f}x) | {statistics.median(s.cpus):.1f} "
+              f"| {statistics.median(plain.cpus) / statistics.median(s.cpus):.3f}x "
+              f"| {'/'.join(sorted(set(s.losses)))} |")
+    keys = ("setup", "data", "train", "eval", "sample", "other", "total")
+    print("\nWhere the time goes (medians, seconds):\n")
+    print("| side | " + " | ".join(keys) + " | wall - total |")
+    print("| --- | " + " | ".join("---:" for _ in keys) + " | ---: |")
+    for s in sides:
+        parts = [f"{statistics.median(t.get(k, 0.0) for t in s.timings):.2f}"
+                 if any(k in t for t in s.timings) else "" for k in keys]
+        outside = statistics.median(w - t["total"] for w, t in zip(s.walls, s.timings,
+                                                                   strict=True))
+        print(f"| {s.name} | " + " | ".join(parts) + f" | {outside:.2f} |")
+    ratio = statistics.median(plain.walls) / statistics.median(ours.walls)
+    print(f"\nlmtrain {ratio:.3f}x the plain bf16 loop as whole processes "
+          f"(target >= 0.95: {verdict(ratio >= 0.95)}). plain bf16 / side: the ratio of the "
+          "median wall times (in brackets: the median over rounds of each round's ratio); "
+          "CPU s: user + system time of the process, all threads. setup ... total: each "
+          "side's own `time:` line, medians (the plain loop's setup runs from its first line "
+          "to its first step); wall - total: the interpreter, the imports and the settings "
+          "before that, and the exit.")
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -287,26 +439,55 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="cpu", help="cpu | cuda [cpu]")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--parts", default="in-process,process",
+                        help="comma list: in-process (parts a-d), process (part e) [both]")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="whole-process runs per side [5; 1]")
+    parser.add_argument("--process-steps", type=int, default=None,
+                        help="TRAINING_STEPS of each whole process [40; 3]")
+    parser.add_argument("--process-warmup", type=int, default=None,
+                        help="untimed whole-process runs per side first [1; 0]")
+    parser.add_argument("--process-eval-iters", type=int, default=0,
+                        help="lmtrain's EVAL_ITERS in part e [0: evaluation off]")
+    parser.add_argument("--baseline", metavar="DIR", default=None,
+                        help="another checkout whose training.py is a side of part e")
+    parser.add_argument("--baseline-eval-iters", type=int, default=1,
+                        help="--baseline's EVAL_ITERS [1: before EVAL_ITERS=0 turned "
+                             "evaluation off, the fewest]")
+    parser.add_argument("--with-muon", action="store_true",
+                        help="part e: also lmtrain with its default optimizer (Muon)")
+    parser.add_argument("--with-fp32", action="store_true",
+                        help="part e: also the plain loop in fp32")
     args = parser.parse_args()
     q = args.quick
     for name, full, quick in (("steps", 40, 2), ("ref_steps", 300, 6), ("warmup", 3, 1),
-                              ("chunk", 5, 1), ("ref_chunk", 25, 2), ("eval_iters", 20, 2)):
+                              ("chunk", 5, 1), ("ref_chunk", 25, 2), ("eval_iters", 20, 2),
+                              ("repeats", 5, 1), ("process_steps", 40, 3),
+                              ("process_warmup", 1, 0)):
         if getattr(args, name) is None:
             setattr(args, name, quick if q else full)
+    parts = {p.strip() for p in args.parts.split(",")}
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.getLogger("lmtrain").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        six, six_ctx, losses = part_six(args, workdir)
-        four = part_four(args, workdir)
-        n = 1024 if q else (8192 if args.device.startswith("cuda") else 2048)
-        peak = {"fp32": matmul_tflops(torch.float32, n, 3 if q else 10, args.device),
-                "bfloat16": matmul_tflops(torch.bfloat16, n, 3 if q else 10, args.device)}
-        save_s, resume_s = part_checkpoint(six_ctx, workdir, 2 if q else 5)
+        if "process" in parts:  # first: nothing of this process runs beside it
+            process = part_process(args, workdir)
+        if "in-process" in parts:
+            six, six_ctx, losses = part_six(args, workdir)
+            four = part_four(args, workdir)
+            n = 1024 if q else (8192 if args.device.startswith("cuda") else 2048)
+            peak = {"fp32": matmul_tflops(torch.float32, n, 3 if q else 10, args.device),
+                    "bfloat16": matmul_tflops(torch.bfloat16, n, 3 if q else 10, args.device)}
+            save_s, resume_s = part_checkpoint(six_ctx, workdir, 2 if q else 5)
 
     print(f"\nmachine: {machine()}" + ("  (--quick: smoke run, not a measurement)" if q else ""))
+    if "process" in parts:
+        report_process(args, *process)
+    if "in-process" not in parts:
+        return
     print(f"\n### a. 6-layer GPT (6 heads, N_EMBD=384, BLOCK_SIZE=256, BATCH_SIZE=16, "
           f"DROPOUT={args.dropout}), {args.steps} timed steps\n")
     print("| side | precision | tokens/s | ms/step | MFU | val loss after "

@@ -40,17 +40,20 @@ torch.version.cuda, "|", torch.cuda.get_device_name(0), "| transformers",
 transformers.__version__, "| peft", peft.__version__)'
 } | tee "$OUT/machine.md"
 
-part tests 85 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py
+part tests 85 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_precision.py \
+    tests/test_answers_accuracy.py
 # all seven recipe runs take ~150 s on an H100; three give the GPU table of docs/recipe.md in ~75 s
 part recipe 95 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 \
     --only default,llama-adamw,gpt2-adamw --out "$OUT/recipe"
-part recipe_compile 90 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 --compile \
+part recipe_compile 60 "$PY" benchmarks/bench_recipe.py --device cuda --precision bf16 --compile \
     --only default --out "$OUT/recipe_compile"
 part step_parts 30 "$PY" benchmarks/bench_step_parts.py --device cuda --steps 40
-part speed 40 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --steps 60 \
+part speed 40 "$PY" benchmarks/bench_speed.py --parts in-process --device cuda --precision bf16 --steps 60 \
     --ref-steps 200 --eval-iters 10
-part speed_compile 60 "$PY" benchmarks/bench_speed.py --device cuda --precision bf16 --compile \
+part speed_compile 60 "$PY" benchmarks/bench_speed.py --parts in-process --device cuda --precision bf16 --compile \
     --steps 60 --ref-steps 200 --eval-iters 10
 part lora 35 "$PY" benchmarks/bench_lora.py --device cuda --precision bf16 --steps 20
 part sample 35 "$PY" benchmarks/bench_sample.py --device cuda
+# question/answer learning: a smoke run of bench_qa (it trains on the CPU; answers batched)
+part qa 40 "$PY" benchmarks/bench_qa.py --quick --out "$OUT/qa"
 echo "=== done in ${SECONDS}s"

@@ -101,3 +101,19 @@ def test_the_final_checkpoint_holds_the_final_losses(train_run):
     vals = {r["step"]: r["val_loss"] for r in evals}  # every evaluated step was checkpointed
     best = min(vals, key=vals.get)
     assert (final["best_step"], final["best_val_loss"]) == (best, vals[best])
+
+
+def test_eval_iters_0_turns_evaluation_off_even_at_the_end(train_run):
+    summary = train_run(training_steps=6, eval_interval=2, checkpoint_interval=3, eval_iters=0,
+                        run_name="noeval")
+    assert summary.final_losses == {}
+    kinds = [r["kind"] for r in read_metrics(summary.metrics_file)]
+    assert "eval" not in kinds and "final" not in kinds and kinds.count("train") == 6
+    assert summary.timings["eval"] == 0.0
+    final = load_checkpoint(summary.checkpoint_dir / checkpoint_filename(6))
+    assert final["last_losses"] == {} and final["best_val_loss"] is None
+    resumed = train_run(checkpoint_path=str(summary.checkpoint_dir / checkpoint_filename(3)),
+                        resume_steps=3, eval_iters=0)
+    assert (resumed.start_losses, resumed.final_losses) == ({}, {})
+    log = resumed.log_file.read_text()
+    assert "val loss" not in log and "step 6/6" in log

@@ -157,7 +157,8 @@ class EvaluationSettings(Settings):
     """How often a run measures itself and says so."""
 
     eval_interval: int = Field(250, ge=1, description="steps between evaluations")
-    eval_iters: int = Field(50, ge=1, description="batches per evaluation")
+    eval_iters: int = Field(
+        50, ge=0, description="batches per evaluation (0 = no evaluation, not even at the end)")
     log_interval: int = Field(50, ge=1, description="steps between progress lines")
     eval_answers: int = Field(
         256, ge=0, description="held-out questions answered greedily at each evaluation of "

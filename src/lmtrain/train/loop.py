@@ -39,9 +39,12 @@ def share_stop_signal(ctx: RunContext) -> None:
 
 
 def evaluate(ctx: RunContext) -> dict[str, float]:
-    """Train/val loss now; logs it, records it and tracks the best validation loss."""
-    t0 = time.perf_counter()
+    """Train/val loss now; logs it, records it and tracks the best validation loss. Nothing
+    (``{}``) with ``EVAL_ITERS=0``: evaluation is off."""
     cfg = ctx.config
+    if not cfg.evaluation.eval_iters:
+        return {}
+    t0 = time.perf_counter()
     losses = estimate_loss(ctx.model, ctx.data, cfg.optimization.batch_size, cfg.model.block_size,
                            cfg.evaluation.eval_iters,
                            ctx.device, cfg.optimization.seed + ctx.rank, ctx.autocast())
@@ -266,10 +269,12 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     """Advance ``ctx`` from ``start_step`` by ``n_steps`` optimizer steps.
 
     Logs every ``LOG_INTERVAL`` steps, evaluates every ``EVAL_INTERVAL`` steps and at the end
-    (before the final checkpoint, which then holds its own losses), checkpoints
-    every ``CHECKPOINT_INTERVAL`` steps and at the end; all step numbers are absolute.
+    (before the final checkpoint, which then holds its own losses; never with
+    ``EVAL_ITERS=0``), checkpoints every ``CHECKPOINT_INTERVAL`` steps and at the end; all step
+    numbers are absolute.
     """
     cfg = ctx.config
+    evaluating = cfg.evaluation.eval_iters > 0  # EVAL_ITERS=0: evaluation is off
     params = [p for p in ctx.model.parameters() if p.requires_grad]
     end = start_step + n_steps
     ctx.model.train()
@@ -283,7 +288,7 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
             if ctx.step % cfg.evaluation.log_interval == 0 or ctx.step == end:
                 window.report(lr, end)
             # window.check(): under ON_NAN=stop a NaN loss is never evaluated or saved
-            if ctx.step % cfg.evaluation.eval_interval == 0:
+            if evaluating and ctx.step % cfg.evaluation.eval_interval == 0:
                 window.check()
                 evaluate(ctx)
             if ctx.step % cfg.checkpointing.checkpoint_interval == 0 and ctx.step != end:
@@ -294,6 +299,6 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 window.check()
                 raise TrainingInterrupted(ctx.stop_signal, save(ctx))
     if n_steps > 0:
-        if ctx.last_losses.get("step") != ctx.step:  # the final checkpoint holds its own losses
-            evaluate(ctx)
+        if evaluating and ctx.last_losses.get("step") != ctx.step:
+            evaluate(ctx)  # the final checkpoint holds its own losses
         save(ctx)

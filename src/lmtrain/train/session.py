@@ -341,6 +341,8 @@ def _final_evaluation(ctx: RunContext) -> dict[str, float]:
 
 def _report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
     """Val perplexity beside val loss at the end of the run: logged, recorded, summarized."""
+    if "val" not in losses:  # EVAL_ITERS=0: nothing was evaluated
+        return
     losses["val_perplexity"] = perplexity(losses["val"])
     if ctx.is_main:
         report_final(losses, ctx.step, ctx.metrics)

@@ -70,7 +70,7 @@ class LmtrainSide:
         torch.manual_seed(cfg.optimization.seed)
         model = build_model(cfg.model, 50257).to(device)
         dtype = autocast_dtype(cfg.run.precision, device)
-        if not args.without_speedups:  # as the session does (lmtrain.train.session.prepare_run)
+        if not args.without_speedups:  # as the session does (lmtrain.train.build.prepare_run)
             store_frozen_base_in(model, dtype)
         self.ctx = RunContext(
             config=cfg, model=model, optimizer=build_optimizer(model, cfg.optimization, device),

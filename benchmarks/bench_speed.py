@@ -100,7 +100,7 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
     """A RunContext assembled by lmtrain's own session code (fresh run, PRECISION=auto)."""
     from lmtrain.config import explicit_settings
     from lmtrain.train.plan import resolve_plan
-    from lmtrain.train.session import prepare_run
+    from lmtrain.train.build import prepare_run
 
     # the GPT-2 architecture and AdamW on every side: this measures the trainer, not the recipe
     flags = {**shape, "arch": "gpt2", "optimizer": "adamw",
@@ -247,7 +247,7 @@ def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float
     from lmtrain.train.checkpointing import build as checkpoint_payload
     from lmtrain.train.loop import run_training
     from lmtrain.train.plan import resolve_plan
-    from lmtrain.train.session import prepare_run
+    from lmtrain.train.build import prepare_run
 
     path = workdir / "six" / "bench.pt"
     saves = [_timed(lambda: save_checkpoint(path, checkpoint_payload(ctx)))

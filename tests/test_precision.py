@@ -20,7 +20,7 @@ from lmtrain.train.checkpointing import build as checkpoint_payload
 from lmtrain.train.checkpointing import restore
 from lmtrain.train.loop import run_training
 from lmtrain.train.plan import resolve_plan
-from lmtrain.train.session import prepare_run
+from lmtrain.train.build import prepare_run
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")

@@ -2,54 +2,42 @@
 spirit of a torchtune recipe), each a short method of :class:`Session`:
 
 - **setup**: join the process group, resolve and check the plan, claim the run's folders
-  (:mod:`lmtrain.run_folder`), open the log, build the run (:func:`prepare_run`: restored
-  from the checkpoint on resume) and open its metrics;
+  (:mod:`lmtrain.run_folder`), open the log, build the run (:mod:`lmtrain.train.build`:
+  restored from the checkpoint on resume) and open its metrics;
 - **train**: on resume, the losses it starts from; then :func:`~lmtrain.train.loop.run_training`
   to the last step and its checkpoint (a stop or an error says how to resume:
   :mod:`lmtrain.train.resume`);
-- **save**: the final evaluation and perplexity, the sample, the loss plot, the output file
-  and the timings (report lines: :mod:`lmtrain.reporting`);
+- **save**: the final evaluation, perplexity and sample (:mod:`lmtrain.train.finish`), the
+  loss plot, the output file and the timings (report lines: :mod:`lmtrain.reporting`);
 - **close**: metrics, log, folder locks and the process group, however the others ended.
 
 Fresh and resumed runs differ only in where config and state come from (the plan, then
-:func:`prepare_run`); every line after that is the same code.
+:func:`~lmtrain.train.build.prepare_run`); every line after that is the same code.
 """
 
 from __future__ import annotations
 
 import contextlib
-import glob
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
-from torch import nn
 
 from lmtrain.advice import run_warnings, steps_to_run
 from lmtrain.config import FIELDS
-from lmtrain.data.hf_datasets import HF_PREFIX
-from lmtrain.data.prepare import load_token_data
-from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
-from lmtrain.distributed import (
-    DistInfo,
-    broadcast_object,
-    cleanup,
-    init_distributed,
-    main_process_first,
-    wrap_model,
-)
+from lmtrain.device import select_device
+from lmtrain.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from lmtrain.durable import remove_stale_temp_files
 from lmtrain.errors import TrainingInterrupted, UserError
-from lmtrain.generate import default_prompt, generate_text, start_context
-from lmtrain.models import build_model, count_parameters
+from lmtrain.generate import default_prompt, start_context
+from lmtrain.models import count_parameters
 from lmtrain.plotting import plot_run
 from lmtrain.reporting import (
     close_logging,
     open_metrics,
-    report_final,
     report_output_file,
     run_results,
     settings_lines,
@@ -59,13 +47,9 @@ from lmtrain.reporting import (
 )
 from lmtrain.run_folder import claim_run_folders
 from lmtrain.signals import StopRequest, stop_on_signals
-from lmtrain.trackers import check_installed, tracker_names
-from lmtrain.train.answer_eval import report_final_answers
-from lmtrain.train.checkpointing import restore
-from lmtrain.train.frozen import store_frozen_base_in
+from lmtrain.train.build import check_before_start, prepare_run
+from lmtrain.train.finish import finish
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
-from lmtrain.train.optim import build_optimizer
-from lmtrain.train.perplexity import perplexity
 from lmtrain.train.plan import RunPlan, resolve_plan
 from lmtrain.train.resume import ResumeHints
 from lmtrain.train.state import RunContext
@@ -138,7 +122,7 @@ class Session:
                                                        FIELDS["device"].default)))
         self.resources.callback(cleanup)
         self.plan = plan = resolve_plan(self.values, self.sources, agree=broadcast_object)
-        _check_before_start(plan)
+        check_before_start(plan)
         is_main = placement[0].is_main
         self.resources.enter_context(claim_run_folders(
             plan.paths, checkpoints=plan.config.checkpointing.enable_checkpoints,
@@ -163,10 +147,7 @@ class Session:
         """The final losses and the sample; once the metrics are complete, the loss plot, the
         output file and the timings."""
         ctx, summary = self.ctx, self.summary
-        summary.final_losses = _final_evaluation(ctx)
-        _report_perplexity(ctx, summary.final_losses)
-        report_final_answers(ctx, summary.final_losses)  # question/answer records
-        summary.sample = _sample_at_end(ctx)
+        summary.final_losses, summary.sample = finish(ctx)
         self._close_metrics()
         if ctx.is_main:
             summary.plot_file = plot_run(summary.metrics_file)
@@ -255,61 +236,6 @@ class Session:
         return dict(timings)
 
 
-def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None = None,
-                ) -> RunContext:
-    """Tokenizer, data, model, optimizer and RNG: from scratch, then restored from the plan's
-    checkpoint. ``placement`` is the session's (process group, device); joined here if absent."""
-    cfg = plan.config
-    dist_info, device = placement or init_distributed(select_device(cfg.run.device))
-    ckpt = plan.resume.checkpoint if plan.resume else None
-    torch.manual_seed(cfg.optimization.seed)  # the same initial weights on every rank
-    with main_process_first():  # rank 0 fills caches before the others read them
-        tokenizer = None
-        if ckpt is not None:  # validated with the checkpoint; rebuilt with this run's options
-            from lmtrain.data.tokenizers import saved_tokenizer
-
-            tokenizer = saved_tokenizer(ckpt, drop_unknown=cfg.data.drop_unknown_chars)
-        if tokenizer is None and cfg.model.model_type == "gpt2":  # GPT-2's own BPE, checked early
-            from lmtrain.models.gpt2 import gpt2_tokenizer
-
-            tokenizer = gpt2_tokenizer(cfg.model, cfg.data)
-        tokenizer, data = load_token_data(cfg.data, tokenizer, block_size=cfg.model.block_size,
-                                          allow_download=cfg.model.allow_download)
-        model = build_model(cfg.model, tokenizer.vocab_size).to(device)
-    if dist_info.world_size > 1:
-        torch.manual_seed(cfg.optimization.seed + dist_info.rank)  # dropout differs between ranks
-    dtype = autocast_dtype(cfg.run.precision, device, model)
-    # Muon's CombinedOptimizer is no torch Optimizer subclass but offers its API
-    optimizer = cast(torch.optim.Optimizer, build_optimizer(model, cfg.optimization, device))
-    ctx = RunContext(
-        config=cfg, model=model, optimizer=optimizer,
-        tokenizer=tokenizer, data=data, device=device,
-        sampler=torch.Generator().manual_seed(cfg.optimization.seed + dist_info.rank),
-        run_name=plan.run_name, checkpoint_dir=plan.paths.checkpoints, log_dir=plan.paths.logs,
-        autocast_dtype=dtype, grad_scaler=make_grad_scaler(dtype, device),
-        is_main=dist_info.is_main, rank=dist_info.rank, world_size=dist_info.world_size,
-    )
-    if plan.resume is not None:
-        restore(ctx, plan.resume.checkpoint)
-    store_frozen_base_in(ctx.model, dtype)  # LoRA: cast the frozen base once, not every step
-    ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
-    if cfg.run.compile:
-        ctx.model = cast(nn.Module, torch.compile(ctx.model))
-    return ctx
-
-
-def _check_before_start(plan: RunPlan) -> None:
-    """What can fail without touching the disk fails here, before any folder is created."""
-    cfg = plan.config
-    check_installed(tracker_names(cfg.run.metrics))  # a missing extra fails before any work
-    source = cfg.data.training_data_source
-    if not source.startswith(HF_PREFIX) and not glob.has_magic(source) \
-            and not Path(source).expanduser().exists():
-        from lmtrain.data.sources import resolve_files
-
-        resolve_files(source)  # raises the one-line error for a missing source
-
-
 def _log_start(ctx: RunContext, settings: list[str], start: int, end: int,
                resumed: bool) -> None:
     """What this run is: its settings, device, data and model size, and the advice for it."""
@@ -331,40 +257,3 @@ def _log_start(ctx: RunContext, settings: list[str], start: int, end: int,
         log.warning(warning)
 
 
-def _final_evaluation(ctx: RunContext) -> dict[str, float]:
-    """The losses at the last step: the loop's own final evaluation, else a new one."""
-    fresh = ctx.last_losses.get("step") == ctx.step
-    losses = dict(ctx.last_losses) if fresh else evaluate(ctx)
-    losses.pop("step", None)
-    return losses
-
-
-def _report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
-    """Val perplexity beside val loss at the end of the run: logged, recorded, summarized."""
-    if "val" not in losses:  # EVAL_ITERS=0: nothing was evaluated
-        return
-    losses["val_perplexity"] = perplexity(losses["val"])
-    if ctx.is_main:
-        report_final(losses, ctx.step, ctx.metrics)
-
-
-def _sample_at_end(ctx: RunContext) -> str:
-    """The end-of-run sample (rank 0; timed as ``sample``): logged and recorded."""
-    t0 = time.perf_counter()
-    sample = _sample(ctx) if ctx.is_main else ""
-    ctx.timings["sample"] = time.perf_counter() - t0
-    log.info("sample:\n%s", sample)
-    if ctx.metrics and sample:
-        ctx.metrics.text("sample", sample, ctx.step)
-    return sample
-
-
-def _sample(ctx: RunContext) -> str:
-    cfg = ctx.config
-    if cfg.generation.max_new_tokens == 0:
-        return ""
-    prompt = default_prompt(cfg.generation, cfg.model.model_type)
-    gen = cfg.generation
-    return generate_text(ctx.raw_model, ctx.tokenizer, prompt, gen.max_new_tokens,
-                         cfg.model.block_size, ctx.device, gen.temperature, gen.top_k,
-                         seed=cfg.optimization.seed, top_p=gen.top_p, stop_at_eot=gen.stop_at_eot)

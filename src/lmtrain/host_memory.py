@@ -1,0 +1,70 @@
+"""Keep a CPU run's freed activation memory for its next step instead of returning it.
+
+A training step on the CPU allocates its activations and gradients (hundreds of MB for a
+6-layer model at batch 16 x 256) through glibc's ``malloc`` and frees them by the end of the
+step. glibc's defaults then hand the top of the heap back to the kernel (``M_TRIM_THRESHOLD``,
+twice its adaptive mmap threshold) and serve blocks above the mmap threshold with fresh
+``mmap`` calls, so the next step faults every page in again: on the 6-layer benchmark that was
+about 83,000 minor page faults and 0.14 s of kernel time per step, 10-15% of the step. A plain
+script escapes it only by luck of heap layout (a small tensor kept alive at the top of the heap
+stops the trim).
+
+:func:`keep_freed_memory` sets the two thresholds once per process, the way torch's CPU launcher
+(``torch.backends.xeon.run_cpu``) gets the same effect by preloading jemalloc or tcmalloc: blocks
+up to 32 MiB come from the heap and up to ``TRIM_THRESHOLD`` of free heap is kept for reuse.
+The process's resident memory then stays near its peak instead of dropping between steps.
+Nothing is changed where the allocator is not glibc's, or where the user already tuned it
+(``MALLOC_*`` variables, a preloaded allocator).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+
+log = logging.getLogger("lmtrain")
+
+#: ``mallopt`` parameters (glibc's malloc.h)
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+#: Blocks up to this size come from the heap (glibc's largest mmap threshold on 64-bit)
+MMAP_THRESHOLD = 32 * 1024 * 1024
+#: Free memory at the top of the heap kept for the next step before any goes back to the kernel
+TRIM_THRESHOLD = 1024 * 1024 * 1024
+#: Environment that means the allocator is already someone's choice
+_USER_TUNED = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+               "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+
+_applied: bool | None = None
+
+
+def user_tuned(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+    """Whether the environment already chooses the allocator or its thresholds."""
+    preload = environ.get("LD_PRELOAD", "")
+    return any(name in environ for name in _USER_TUNED) or any(
+        lib in preload for lib in ("jemalloc", "tcmalloc", "mimalloc"))
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process (once); returns whether they are
+    set. A no-op returning ``False`` off glibc or when :func:`user_tuned`."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or user_tuned():
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
+                    and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if not _applied:
+        log.debug("mallopt refused the thresholds; the allocator keeps its defaults")
+    return _applied

@@ -1,0 +1,75 @@
+"""A CPU run keeps its freed activation memory: the next step does not fault it in again."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lmtrain import host_memory
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+glibc = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                           reason="the thresholds are glibc's")
+
+#: Steps of a training-like pattern: 40 blocks of 6 MB allocated, written, then all freed.
+STEPS = """
+import resource, sys, torch
+from lmtrain.host_memory import keep_freed_memory
+torch.set_num_threads(1)
+applied = keep_freed_memory() if sys.argv[1] == "tuned" else False
+def step():
+    blocks = [torch.ones(1536 * 1024) for _ in range(40)]
+    del blocks
+step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(3):
+    step()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def _faults(mode: str) -> tuple[bool, int]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "LD_PRELOAD"))}
+    env["PYTHONPATH"] = str(SRC)
+    out = subprocess.run([sys.executable, "-c", STEPS, mode], env=env, capture_output=True,
+                         text=True, timeout=120, check=True).stdout.split()
+    return out[0] == "True", int(out[1])
+
+
+@pytest.mark.integration
+@glibc
+def test_freed_step_memory_is_reused_not_faulted_in_again() -> None:
+    default_applied, default_faults = _faults("default")
+    tuned_applied, tuned_faults = _faults("tuned")
+    assert not default_applied and tuned_applied
+    # 3 steps x 240 MB is ~180,000 pages: the default trims the heap after every step and
+    # faults them all in again; tuned, the freed heap is reused
+    assert default_faults > 100_000
+    assert tuned_faults < default_faults / 10
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("env", [
+    {"MALLOC_TRIM_THRESHOLD_": "0"}, {"MALLOC_ARENA_MAX": "2"},
+    {"GLIBC_TUNABLES": "glibc.malloc.trim_threshold=1"},
+    {"LD_PRELOAD": "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"},
+    {"LD_PRELOAD": "libtcmalloc_minimal.so.4"},
+])
+def test_an_allocator_the_user_chose_is_left_alone(env: dict[str, str],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    assert host_memory.user_tuned(env)
+    monkeypatch.setattr(host_memory, "_applied", None)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert host_memory.keep_freed_memory() is False
+
+
+@pytest.mark.unit
+def test_a_plain_environment_is_not_user_tuned() -> None:
+    assert not host_memory.user_tuned({"HOME": "/tmp", "LD_PRELOAD": "libfoo.so"})

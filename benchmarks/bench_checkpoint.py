@@ -21,10 +21,10 @@ from lmtrain.checkpoint import load_checkpoint, save_checkpoint
 from lmtrain.checkpoint_format import content_digest
 from lmtrain.config import explicit_settings
 from lmtrain.durable import atomic_write
+from lmtrain.train.build import prepare_run
 from lmtrain.train.checkpointing import build as build_checkpoint
 from lmtrain.train.loop import run_training
 from lmtrain.train.plan import resolve_plan
-from lmtrain.train.build import prepare_run
 
 SIX = {"n_layer": 6, "n_head": 6, "n_embd": 384, "block_size": 256, "batch_size": 8}
 

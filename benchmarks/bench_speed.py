@@ -99,8 +99,8 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
                     compile_model: bool) -> Any:
     """A RunContext assembled by lmtrain's own session code (fresh run, PRECISION=auto)."""
     from lmtrain.config import explicit_settings
-    from lmtrain.train.plan import resolve_plan
     from lmtrain.train.build import prepare_run
+    from lmtrain.train.plan import resolve_plan
 
     # the GPT-2 architecture and AdamW on every side: this measures the trainer, not the recipe
     flags = {**shape, "arch": "gpt2", "optimizer": "adamw",
@@ -244,10 +244,10 @@ def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float
     """(median seconds to save the 6-layer checkpoint, seconds from it to one resumed step)."""
     from lmtrain.checkpoint import save_checkpoint
     from lmtrain.config import explicit_settings
+    from lmtrain.train.build import prepare_run
     from lmtrain.train.checkpointing import build as checkpoint_payload
     from lmtrain.train.loop import run_training
     from lmtrain.train.plan import resolve_plan
-    from lmtrain.train.build import prepare_run
 
     path = workdir / "six" / "bench.pt"
     saves = [_timed(lambda: save_checkpoint(path, checkpoint_payload(ctx)))

@@ -16,11 +16,11 @@ from lmtrain.config import explicit_settings
 from lmtrain.device import CPU_BF16_MIN_WIDTH, autocast_dtype, make_grad_scaler, matmul_width
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT, GPTConfig, build_from_scratch
+from lmtrain.train.build import prepare_run
 from lmtrain.train.checkpointing import build as checkpoint_payload
 from lmtrain.train.checkpointing import restore
 from lmtrain.train.loop import run_training
 from lmtrain.train.plan import resolve_plan
-from lmtrain.train.build import prepare_run
 from tests.conftest import TINY
 
 CPU = torch.device("cpu")

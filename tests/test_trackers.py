@@ -229,12 +229,12 @@ def test_trackers_end_a_stopped_or_failed_run_as_such(tmp_path, train_run, monke
     pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
 
-    import lmtrain.train.session as session
+    import lmtrain.train.finish as finish
 
     def broken_sample(ctx):
         raise UserError("PROMPT: cannot sample")
 
-    monkeypatch.setattr(session, "_sample", broken_sample)
+    monkeypatch.setattr(finish, "_sample", broken_sample)
     with pytest.raises(UserError):
         train_run(training_steps=2, metrics="mlflow")
     client = MlflowClient(tracking_uri=(tmp_path / "logs" / "mlruns").resolve().as_uri())

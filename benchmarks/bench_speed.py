@@ -107,7 +107,9 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
              "learning_rate": LR, "lr_scheduler": "none", "warmup_steps": 0,
              "weight_decay": WEIGHT_DECAY, "grad_clip": GRAD_CLIP, "dropout": args.dropout,
              "seed": args.seed, "precision": args.precision, "device": args.device,
-             "compile": compile_model, "enable_checkpoints": False, "eval_interval": 10**9,
+             # the harness measures val loss itself: the loop evaluates nothing (EVAL_ITERS=0),
+             # not even at the end of each chunk of steps
+             "compile": compile_model, "enable_checkpoints": False, "eval_iters": 0,
              "log_interval": 10**9, "max_new_tokens": 0, "training_steps": 10**6,
              "run_name": "bench", "checkpoint_dir": str(workdir / "ckpt"),
              "log_dir": str(workdir / "logs"), "cache_dir": str(workdir / "cache")}
@@ -254,7 +256,8 @@ def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float
              for _ in range(repeats)]
     t0 = time.perf_counter()
     values, sources = explicit_settings(
-        flags={"checkpoint_path": str(path), "resume_steps": 1, "compile": False}, env={})
+        flags={"checkpoint_path": str(path), "resume_steps": 1, "compile": False,
+               "eval_iters": 0}, env={})  # to the end of the step, no evaluation around it
     resumed = prepare_run(resolve_plan(values, sources))
     run_training(resumed, resumed.step, 1)
     return statistics.median(saves), time.perf_counter() - t0

@@ -24,6 +24,7 @@ import ctypes.util
 import logging
 import os
 import platform
+from collections.abc import Mapping
 
 log = logging.getLogger("lmtrain")
 
@@ -41,7 +42,7 @@ _USER_TUNED = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_P
 _applied: bool | None = None
 
 
-def user_tuned(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+def user_tuned(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the environment already chooses the allocator or its thresholds."""
     preload = environ.get("LD_PRELOAD", "")
     return any(name in environ for name in _USER_TUNED) or any(

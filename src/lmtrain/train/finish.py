@@ -18,13 +18,13 @@ log = logging.getLogger("lmtrain")
 
 def finish(ctx: RunContext) -> tuple[dict[str, float], str]:
     """The final losses (with perplexity and answer accuracy) and the end-of-run sample."""
-    losses = final_evaluation(ctx)
-    report_perplexity(ctx, losses)
+    losses = _final_evaluation(ctx)
+    _report_perplexity(ctx, losses)
     report_final_answers(ctx, losses)  # question/answer records
-    return losses, sample_at_end(ctx)
+    return losses, _sample_at_end(ctx)
 
 
-def final_evaluation(ctx: RunContext) -> dict[str, float]:
+def _final_evaluation(ctx: RunContext) -> dict[str, float]:
     """The losses at the last step: the loop's own final evaluation, else a new one."""
     fresh = ctx.last_losses.get("step") == ctx.step
     losses = dict(ctx.last_losses) if fresh else evaluate(ctx)
@@ -32,7 +32,7 @@ def final_evaluation(ctx: RunContext) -> dict[str, float]:
     return losses
 
 
-def report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
+def _report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
     """Val perplexity beside val loss at the end of the run: logged, recorded, summarized."""
     if "val" not in losses:  # EVAL_ITERS=0: nothing was evaluated
         return
@@ -41,7 +41,7 @@ def report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
         report_final(losses, ctx.step, ctx.metrics)
 
 
-def sample_at_end(ctx: RunContext) -> str:
+def _sample_at_end(ctx: RunContext) -> str:
     """The end-of-run sample (rank 0; timed as ``sample``): logged and recorded."""
     t0 = time.perf_counter()
     sample = _sample(ctx) if ctx.is_main else ""

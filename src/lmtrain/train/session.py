@@ -255,5 +255,3 @@ def _log_start(ctx: RunContext, settings: list[str], start: int, end: int,
         log.info("resuming from step %d for %d steps (to step %d)", start, end - start, end)
     for warning in run_warnings(cfg, start, resumed):
         log.warning(warning)
-
-

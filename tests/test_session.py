@@ -95,26 +95,25 @@ def test_a_refused_claim_fails_on_every_rank_and_leaves_no_folder(tmp_path):
 
 @pytest.mark.unit
 def test_resume_hints_point_at_the_newest_checkpoint_on_disk(tmp_path):
-    from types import SimpleNamespace
-
     from lmtrain.checkpoint import checkpoint_filename
+    from lmtrain.progress import TrainProgress
     from lmtrain.train.resume import ResumeHints
 
-    ctx = SimpleNamespace(step=7, saved_steps=[], checkpoint_dir=tmp_path,
-                          config=SimpleNamespace(optimization=SimpleNamespace(training_steps=20)))
-    hints = ResumeHints(start=4, end=10, resumed_from="old.pt")
-    assert hints.checkpoint_on_disk(ctx) == (4, "old.pt")
-    ctx.saved_steps = [6]
-    assert hints.checkpoint_on_disk(ctx) == (6, tmp_path / checkpoint_filename(6))
-    assert hints.resume_steps(ctx, 6) == 4  # a plain resume would run to 20
-    error = hints.with_resume_command(UserError("disk full"), ctx)
+    progress = TrainProgress(step=7)
+    hints = ResumeHints(start=4, end=10, resumed_from="old.pt", checkpoint_dir=tmp_path,
+                        training_steps=20)
+    assert hints.checkpoint_on_disk(progress) == (4, "old.pt")
+    progress.saved_steps = [6]
+    assert hints.checkpoint_on_disk(progress) == (6, tmp_path / checkpoint_filename(6))
+    assert hints.resume_steps(6) == 4  # a plain resume would run to 20
+    error = hints.with_resume_command(UserError("disk full"), progress)
     assert str(error).startswith("disk full; resume with: CHECKPOINT_PATH=")
     assert "RESUME_STEPS=4" in str(error)
-    stop = hints.interrupted(TrainingInterrupted(15), ctx)
+    stop = hints.interrupted(TrainingInterrupted(15), progress)
     assert (stop.step, stop.resume_steps) == (6, 4)
-    fresh = ResumeHints(start=0, end=20)
-    ctx.saved_steps, ctx.step = [], 0
-    assert fresh.interrupted(TrainingInterrupted(2), ctx).step is None  # nothing trained yet
+    fresh = ResumeHints(start=0, end=20, resumed_from=None, checkpoint_dir=tmp_path,
+                        training_steps=20)
+    assert fresh.interrupted(TrainingInterrupted(2), TrainProgress()).step is None  # not begun
 
 
 def _long_functions(root: Path) -> list[str]:

@@ -131,3 +131,41 @@ def _long_functions(root: Path) -> list[str]:
 @pytest.mark.unit
 def test_no_function_in_src_is_over_60_lines():
     assert not _long_functions(ROOT / "src"), _long_functions(ROOT / "src")
+
+
+def _count_validations(monkeypatch) -> list[object]:
+    """Record every validation of a whole config (``TrainingConfig.model_validate``)."""
+    from lmtrain.config import TrainingConfig
+
+    calls: list[object] = []
+    real = TrainingConfig.model_validate.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, *args, **kwargs):
+        calls.append(args[0] if args else kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingConfig, "model_validate", classmethod(counted))
+    return calls
+
+
+@pytest.mark.integration
+def test_a_run_validates_its_config_once(corpus, run_dirs, tiny_checkpoint, monkeypatch):
+    from lmtrain.checkpoint import load_run
+    from lmtrain.config import check_settings, explicit_settings
+    from lmtrain.train.session import train
+
+    calls = _count_validations(monkeypatch)
+    fresh = explicit_settings(flags={"training_data_source": str(corpus), **run_dirs,
+                                     "training_steps": 2, "max_new_tokens": 0}, env={})
+    check_settings(*fresh)  # the front end's early check: each value alone
+    train(*fresh)
+    assert len(calls) == 1
+    calls.clear()
+    load_run(tiny_checkpoint)  # reading a checkpoint checks the settings saved in it
+    reading = len(calls)
+    calls.clear()
+    resumed = explicit_settings(flags={"checkpoint_path": str(tiny_checkpoint), **run_dirs,
+                                       "resume_steps": 1, "max_new_tokens": 0}, env={})
+    check_settings(*resumed)
+    train(*resumed)
+    assert len(calls) == reading + 1  # the checkpoint read once, the merged settings once

@@ -304,7 +304,8 @@ ARCHITECTURE_FIELDS = frozenset({
     "optimizer",
     "lora_r", "lora_alpha", "lora_targets", "tokenization_method", "custom_vocab_size",
 })
-#: A GPT-2 run's shape: its model decides it (``lmtrain.models.gpt2.fit_shape``).
+#: A GPT-2 run's shape: its model decides it (``lmtrain.models.gpt2.gpt2_shape``, recorded by
+#: the plan).
 GPT2_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
 #: Run settings added with the llama/Muon recipe, as every checkpoint without them was trained.
 SETTINGS_BEFORE_RECIPE: dict[str, Any] = {"arch": "gpt2", "qk_norm": False, "optimizer": "adamw"}

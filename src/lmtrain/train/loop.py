@@ -86,9 +86,8 @@ def train_step(parts: Components, progress: TrainProgress, settings: LoopSetting
     (over micro-batches and ranks; NaN for a skipped step) and the gradient norm before
     clipping, both on the device.
     """
-    opt, place, model, scaler = settings.optimization, parts.placement, parts.model, \
-        parts.grad_scaler
-    timings, accum = services.timings, opt.grad_accum_steps
+    opt, place, model = settings.optimization, parts.placement, parts.model
+    scaler, timings, accum = parts.grad_scaler, services.timings, opt.grad_accum_steps
     no_sync = getattr(model, "no_sync", None)
     loss_sum = torch.zeros((), device=place.device)
     for micro in range(accum):

@@ -16,7 +16,7 @@ from lmtrain.config import ModelSettings, TrainingConfig
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
 from lmtrain.errors import UserError
 from lmtrain.models import build_model
-from lmtrain.models.lora import with_base
+from lmtrain.models.lora import base_location_now
 from lmtrain.models.weights import load_weights
 from lmtrain.train.optim import build_optimizer, load_optimizer_state
 
@@ -38,7 +38,9 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     (``--base`` / ``GPT2_MODEL_NAME``) says where a GPT-2 run's base model lives now.
     """
     run = load_run(path, label=label)
-    cfg = with_base(run.config, run.lora_base, base)  # GPT-2: where its base model is now
+    cfg = run.config
+    if cfg.model.model_type == "gpt2":  # where its base model is now
+        cfg = cfg.with_facts(gpt2_model_name=base_location_now(cfg.model, run.lora_base, base))
     tokenizer = saved_tokenizer(run)
     torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, tokenizer.vocab_size)

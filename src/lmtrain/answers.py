@@ -20,7 +20,6 @@ that runs on past the expected one is still seen to be wrong.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +32,16 @@ from torch import nn
 from lmtrain.data.tokenizers import CharTokenizer, Tokenizer
 from lmtrain.device import autocast_context
 from lmtrain.errors import UserError
-from lmtrain.generate import Decoder, _low_precision, sample_tokens, start_context
-from lmtrain.models import hf_model
+from lmtrain.generate import (
+    Decoder,
+    cache_argument,
+    greedy,
+    low_precision,
+    model_kind,
+    sample_tokens,
+    start_context,
+)
+from lmtrain.models import hf_model, unwrap_model
 
 #: Tokens generated beyond the longest expected answer: room for a leading space, the end of
 #: text, and one token more that shows an answer running on.
@@ -178,18 +185,6 @@ class _Stops:
         return cut_at_stop(self.tokenizer.decode(ids), self.stops)[0]
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """The model without a DDP or ``torch.compile`` wrapper (decoding needs neither)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def _kind(model: nn.Module) -> str:
-    if hf_model(model) is not None:
-        return "hf"
-    return "gpt" if hasattr(model, "make_kv_cache") else "plain"
-
-
 @torch.no_grad()
 def _greedy_padded(model: nn.Module, kind: str, contexts: list[list[int]], max_new_tokens: int,
                    device: torch.device, ended: Callable[[list[int]], bool]) -> list[list[int]]:
@@ -213,8 +208,8 @@ def _greedy_padded(model: nn.Module, kind: str, contexts: list[list[int]], max_n
             return (out[0] if isinstance(out, tuple) else out)[:, -1]
     else:  # Hugging Face: attention_mask hides the padding, position_ids restart each row at 0
         hf = hf_model(model)
-        arg = ("cache" if "cache" in inspect.signature(hf.forward).parameters
-               else "past_key_values")  # transformers 5 renamed past_key_values
+        assert hf is not None  # kind "hf"
+        arg = cache_argument(hf)
         attention = (torch.arange(width, device=device)[None] >= pad[:, None]).long()
         state: dict[str, Any] = {"cache": None, "attention": attention, "fed": 0}
 
@@ -250,7 +245,7 @@ def _greedy_alone(model: nn.Module, context: list[int], max_new_tokens: int, blo
                   device: torch.device, ended: Callable[[list[int]], bool]) -> list[int]:
     """Greedy ids after one context through :func:`sample_tokens` (its window slides)."""
     generated: list[int] = []
-    for token in sample_tokens(model, context, max_new_tokens, block_size, device, top_k=1):
+    for token in sample_tokens(model, context, greedy(max_new_tokens), block_size, device):
         generated.append(token)
         if ended(generated):
             break
@@ -281,8 +276,8 @@ def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_toke
     results: list[list[int]] = [[] for _ in contexts]
     if max_new_tokens <= 0 or not contexts:
         return results
-    model = _bare(model)
-    kind = _kind(model)
+    model = unwrap_model(model)
+    kind = model_kind(model)
     window = _window(model, block_size)
     fits = [i for i, c in enumerate(contexts) if kind != "plain"
             and len(c) + max_new_tokens - 1 <= window]
@@ -291,7 +286,7 @@ def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_toke
     was_training = model.training
     model.eval()
     try:
-        with autocast_context(device, _low_precision(model)):
+        with autocast_context(device, low_precision(model)):
             for lo in range(0, len(fits), batch_size):
                 rows = fits[lo:lo + batch_size]
                 out = _greedy_padded(model, kind, [list(contexts[i]) for i in rows],
@@ -383,7 +378,7 @@ def naive_greedy_answers(model: nn.Module, tokenizer: Tokenizer, prompts: Sequen
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast_context(device, _low_precision(model)):
+        with torch.no_grad(), autocast_context(device, low_precision(model)):
             for prompt in prompts:
                 ids = encode_prompt(tokenizer, prompt)
                 decoder = Decoder(model, block_size, device, use_cache)

@@ -57,7 +57,5 @@ def _sample(ctx: RunContext) -> str:
     if cfg.generation.max_new_tokens == 0:
         return ""
     prompt = default_prompt(cfg.generation, cfg.model.model_type)
-    gen = cfg.generation
-    return generate_text(ctx.raw_model, ctx.tokenizer, prompt, gen.max_new_tokens,
-                         cfg.model.block_size, ctx.device, gen.temperature, gen.top_k,
-                         seed=cfg.optimization.seed, top_p=gen.top_p, stop_at_eot=gen.stop_at_eot)
+    return generate_text(ctx.raw_model, ctx.tokenizer, prompt, cfg.generation,
+                         cfg.model.block_size, ctx.device, seed=cfg.optimization.seed)

@@ -35,6 +35,7 @@ from lmtrain.errors import UserError
 from lmtrain.generate import (
     Decoder,
     cache_argument,
+    context_window,
     greedy,
     low_precision,
     model_kind,
@@ -252,12 +253,6 @@ def _greedy_alone(model: nn.Module, context: list[int], max_new_tokens: int, blo
     return generated
 
 
-def _window(model: nn.Module, block_size: int) -> int:
-    """The tokens the model attends to: ``block_size``, or fewer when its positions end sooner."""
-    positions = getattr(getattr(hf_model(model), "config", None), "n_positions", None)
-    return min(block_size, positions) if positions else block_size
-
-
 def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int, *,
                device: torch.device, block_size: int, batch_size: int = BATCH_SIZE,
                ended: Callable[[list[int]], bool] | None = None,
@@ -278,7 +273,7 @@ def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_toke
         return results
     model = unwrap_model(model)
     kind = model_kind(model)
-    window = _window(model, block_size)
+    window = context_window(model, block_size)
     fits = [i for i, c in enumerate(contexts) if kind != "plain"
             and len(c) + max_new_tokens - 1 <= window]
     alone = sorted(set(range(len(contexts))) - set(fits))

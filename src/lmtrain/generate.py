@@ -93,6 +93,12 @@ def cache_argument(hf: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
+def context_window(model: nn.Module, block_size: int) -> int:
+    """The tokens the model attends to: ``block_size``, or fewer when its positions end sooner."""
+    positions = getattr(getattr(hf_model(model), "config", None), "n_positions", None)
+    return min(block_size, positions) if positions else block_size
+
+
 def low_precision(model: nn.Module) -> torch.dtype | None:
     """The dtype to autocast to when the model holds bf16/fp16 weights (a bf16 LoRA run keeps
     its frozen base in bf16: :mod:`lmtrain.train.frozen`); ``None`` for an fp32 model."""

@@ -103,7 +103,7 @@ class _Row:
             return self._end("stop")
         if last:
             return self._end("length")
-        self._send(len(self.text) - self.hold)
+        self._send(len(self.text) - self._stop_begun())
         return True
 
     def _cut_at_stop(self) -> bool:
@@ -112,6 +112,15 @@ class _Row:
         if found:
             self.text = self.text[:min(found)]
         return bool(found)
+
+    def _stop_begun(self) -> int:
+        """How many of the text's last characters may be the start of a stop string (held
+        back until the next tokens tell)."""
+        for k in range(min(self.hold, len(self.text)), 0, -1):
+            tail = self.text[-k:]
+            if any(stop.startswith(tail) for stop in self.job.stops):
+                return k
+        return 0
 
     def _send(self, upto: int) -> None:
         if upto > self.sent:

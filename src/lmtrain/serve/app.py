@@ -77,8 +77,8 @@ def create_app(served: Served) -> FastAPI:
                             status_code=exc.status_code)
 
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "in_flight": served.engine.in_flight}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

@@ -171,6 +171,11 @@ class Engine:
         self.waiting.put(job)
 
     @property
+    def in_flight(self) -> int:
+        """Requests queued or being decoded (read from any thread: a moment's count)."""
+        return len(self.batched) + len(self.alone) + len(self.held) + self.waiting.qsize()
+
+    @property
     def busy(self) -> bool:
         return bool(self.batched or self.alone or self.held or not self.waiting.empty())
 

@@ -143,5 +143,5 @@ def test_a_character_outside_the_vocabulary_is_a_user_error() -> None:
     from lmtrain.errors import UserError
 
     model, tok = _random_gpt()
-    with pytest.raises(UserError, match="outside the training vocabulary"):
+    with pytest.raises(UserError, match="outside the model's vocabulary"):
         Engine(model, tok, 64, CPU).job("QUESTION: é", greedy(3), lambda e: None)

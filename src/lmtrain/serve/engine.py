@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 from lmtrain.config import GenerationSettings
-from lmtrain.data.tokenizers import Tokenizer
+from lmtrain.data.tokenizers import CharTokenizer, Tokenizer
 from lmtrain.device import autocast_context
+from lmtrain.errors import UserError
 from lmtrain.generate import (
     Decoder,
     context_window,
@@ -159,6 +160,11 @@ class Engine:
             seed: int | None = None, stops: Sequence[str] = ()) -> Job:
         """A request for ``prompt`` (token-healed as ``lmtrain sample`` heals it); a character
         outside the vocabulary is a :class:`~lmtrain.errors.UserError`."""
+        if isinstance(self.tokenizer, CharTokenizer) and not self.tokenizer.drop_unknown:
+            unknown = sorted(set(prompt) - set(self.tokenizer.chars))
+            if unknown:
+                raise UserError(f"the prompt holds characters outside the model's vocabulary "
+                                f"({', '.join(map(repr, unknown[:20]))})")
         ids = start_context(self.tokenizer, prompt)
         healed = heal_prompt(ids, self.table)
         seed = secrets.randbits(63) if seed is None else seed

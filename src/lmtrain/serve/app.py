@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from importlib import resources
@@ -49,6 +50,7 @@ class Served:
     max_tokens: int = MAX_TOKENS
     max_body: int = MAX_BODY
     created: int = field(default_factory=lambda: int(time.time()))
+    relay: Relay = field(default_factory=lambda: Relay())
 
 
 
@@ -167,12 +169,8 @@ async def _answer(request: Request, served: Served, req: Any, prompt: str, stops
                   chat: bool) -> Any:
     """Queue the request, then stream its events or gather them into one response."""
     settings = sampling(req, served.defaults, served.max_tokens)
-    loop = asyncio.get_running_loop()
     events: asyncio.Queue[Event] = asyncio.Queue()
-
-    def emit(event: Event) -> None:
-        loop.call_soon_threadsafe(events.put_nowait, event)
-
+    emit = served.relay.to(events)
     try:
         job = served.engine.job(prompt, settings, emit, seed=req.seed, stops=stops)
     except UserError as exc:
@@ -216,23 +214,19 @@ class _Reply:
                 "choices": choices}
 
     async def whole(self, events: asyncio.Queue[Event], request: Request) -> dict[str, Any]:
+        watch = asyncio.create_task(_cancel_on_disconnect(request, self.job))
         parts: list[str] = []
-        while True:
-            try:
-                event = await asyncio.wait_for(events.get(), timeout=0.5)
-            except TimeoutError:
-                if await request.is_disconnected():
-                    self.job.cancel()
-                continue
-            if event.finish is None:
+        try:
+            while (event := await events.get()).finish is None:
                 parts.append(event.text)
-                continue
-            if event.error:
-                raise ApiError(500, event.error, kind="server_error", code="decoding_failed")
-            text = "".join(parts)
-            out = self.envelope([self.choice(text.strip() if self.chat else text,
-                                             _finish(event))], streamed=False)
-            return out | {"usage": self.usage(event.tokens)}
+        finally:
+            watch.cancel()
+        if event.error:
+            raise ApiError(500, event.error, kind="server_error", code="decoding_failed")
+        text = "".join(parts)
+        out = self.envelope([self.choice(text.strip() if self.chat else text, _finish(event))],
+                            streamed=False)
+        return out | {"usage": self.usage(event.tokens)}
 
     async def stream(self, events: asyncio.Queue[Event], usage: bool) -> AsyncIterator[str]:
         try:
@@ -242,26 +236,71 @@ class _Reply:
                 yield _sse(self.envelope([first], streamed=True))
             held = ""  # a chat answer's whitespace, sent once text follows it (it is stripped)
             while True:
-                event = await events.get()
-                if event.finish is None:
-                    text = event.text
-                    if self.chat:
-                        text, held = hold_whitespace(held + text, self.started)
-                        self.started = self.started or bool(text)
-                    if text:
-                        yield _sse(self.envelope([self.choice(text, None, delta=True)], True))
+                text, end = await _next_events(events)
+                if self.chat:
+                    text, held = hold_whitespace(held + text, self.started)
+                    self.started = self.started or bool(text)
+                if text:
+                    yield _sse(self.envelope([self.choice(text, None, delta=True)], True))
+                if end is None:
                     continue
-                if event.error:
-                    yield _sse(ApiError(500, event.error, kind="server_error").body())
+                if end.error:
+                    yield _sse(ApiError(500, end.error, kind="server_error").body())
                 else:
-                    yield _sse(self.envelope([self.choice("", _finish(event), delta=True)],
-                                             True))
+                    yield _sse(self.envelope([self.choice("", _finish(end), delta=True)], True))
                     if usage:
-                        yield _sse(self.envelope([], True) | {"usage": self.usage(event.tokens)})
+                        yield _sse(self.envelope([], True) | {"usage": self.usage(end.tokens)})
                 yield "data: [DONE]\n\n"
                 return
         finally:  # the client went away (or all was sent): stop generating for it
             self.job.cancel()
+
+
+async def _next_events(events: asyncio.Queue[Event]) -> tuple[str, Event | None]:
+    """The text of the next events, all those queued joined (one chunk, not many, when the
+    client reads slower than the model writes), and the end event if it came."""
+    got = [await events.get()]
+    while not events.empty():
+        got.append(events.get_nowait())
+    end = next((event for event in got if event.finish is not None), None)
+    return "".join(event.text for event in got), end
+
+
+async def _cancel_on_disconnect(request: Request, job: Job) -> None:
+    """Cancel ``job`` once its client has gone away (checked twice a second)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(0.5)
+    job.cancel()
+
+
+class Relay:
+    """Events from the engine's thread to the event loop's queues, with one wake-up of the
+    loop per batch of events rather than one per event."""
+
+    def __init__(self) -> None:
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.pending: list[tuple[asyncio.Queue[Event], Event]] = []
+        self.lock = threading.Lock()
+
+    def to(self, events: asyncio.Queue[Event]) -> Callable[[Event], None]:
+        """An ``emit`` for the engine that puts events into ``events``."""
+        self.loop = asyncio.get_running_loop()
+
+        def emit(event: Event) -> None:
+            with self.lock:
+                self.pending.append((events, event))
+                first = len(self.pending) == 1
+            if first:
+                assert self.loop is not None
+                self.loop.call_soon_threadsafe(self._deliver)
+
+        return emit
+
+    def _deliver(self) -> None:
+        with self.lock:
+            pending, self.pending = self.pending, []
+        for events, event in pending:
+            events.put_nowait(event)
 
 
 def _finish(event: Event) -> str:

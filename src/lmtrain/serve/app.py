@@ -67,6 +67,14 @@ def create_app(served: Served) -> FastAPI:
 
     app = FastAPI(title="lmtrain", lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
+    _add_error_handlers(app)
+    _add_routes(app, served)
+    _add_completion_routes(app, served)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error in OpenAI's shape: the API's own, and FastAPI's 404 and 405."""
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError) -> JSONResponse:
@@ -77,6 +85,11 @@ def create_app(served: Served) -> FastAPI:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(ApiError(exc.status_code, str(exc.detail), code=code).body(),
                             status_code=exc.status_code)
+
+
+
+def _add_routes(app: FastAPI, served: Served) -> None:
+    """``/health``, the page and the model list."""
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -96,6 +109,11 @@ def create_app(served: Served) -> FastAPI:
         _authorize(request, served.api_key)
         _check_model(served, name)
         return _model_card(served)
+
+
+
+def _add_completion_routes(app: FastAPI, served: Served) -> None:
+    """``/v1/completions`` and ``/v1/chat/completions``."""
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
@@ -122,8 +140,6 @@ def create_app(served: Served) -> FastAPI:
         prompt = chat_prompt(served.template, turns, question, tokenizer)
         stops = chat_stops(served.template, tokenizer) + req.stops
         return await _answer(request, served, req, prompt, stops, chat=True)
-
-    return app
 
 
 def _authorize(request: Request, api_key: str | None) -> None:

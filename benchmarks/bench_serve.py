@@ -5,17 +5,21 @@
     python benchmarks/bench_serve.py --quick                       # a smoke run (< 1 min)
 
 A small question/answer model is trained first on bench_qa's synthetic tasks (the ``qa``
-recipe with a learned 512-token BPE, ``--steps`` steps) and exported to Hugging Face format (``lmtrain export``). Two servers
-then run side by side on 127.0.0.1: ``--max-batch 64`` (concurrent requests decode together)
-and ``--max-batch 1`` (one request at a time), both with ``--no-stop-at-eot`` so every answer
-has the same length. For each number of concurrent clients (1, 4, 16,
-64), each client sends ``--requests`` streamed completion requests one after another (the
-unseen test questions, ``temperature: 0``, ``max_tokens`` tokens each, no stop), and the bench
-records requests/s, generated tokens/s (from ``usage``), and the p50/p95 latency and time to
-first token. The two servers are measured interleaved, level by level and round by round, so
-other load falls on both alike; the better round counts. ``transformers``' ``generate`` (greedy,
-the same ``max_tokens``) answers the same questions one request at a time in this process,
-without HTTP. Writes ``table.md``, ``results.json`` (and ``serve.png`` with ``--plot``).
+recipe with a learned 512-token BPE, ``--steps`` steps) and exported to Hugging Face format
+(``lmtrain export``). Two servers then run side by side on 127.0.0.1: ``--max-batch 64``
+(concurrent requests decode together) and ``--max-batch 1`` (one request at a time), both with
+``--no-stop-at-eot`` so every answer has the same length. For each number of concurrent
+clients (1, 4, 16, 64), each client sends ``--requests`` streamed completion requests one after
+another (the unseen test questions, ``temperature: 0``, ``max_tokens`` tokens each, no stop),
+and the bench records requests/s, generated tokens/s (from ``usage``), the p50/p95 latency and
+time to first token, and the tokens per CPU-second of the server process (its user + system
+time, all threads: a measure other load on the machine disturbs little). The two servers are
+measured interleaved, level by level and round by round, so other load falls on both alike;
+the table shows each measure's median over the rounds, the batched server's speed-ups too
+(each round pairs its numbers with the one-at-a-time server's in the same round).
+``transformers``' ``generate`` (greedy, the same ``max_tokens``) answers the same questions one
+request at a time in this process, without HTTP. Writes ``table.md``, ``results.json`` (and
+``serve.png`` with ``--plot``).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import json
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -125,11 +130,41 @@ def summarize(rows: list[dict[str, float]], wall: float) -> dict[str, Any]:
 
     latency = np.array([r["latency"] for r in rows])
     ttft = np.array([r["ttft"] for r in rows])
+    tokens = sum(r["tokens"] for r in rows)
     return {"requests": len(rows), "seconds": wall, "requests_per_s": len(rows) / wall,
-            "tokens_per_s": sum(r["tokens"] for r in rows) / wall,
+            "tokens": tokens, "tokens_per_s": tokens / wall,
             "p50_latency": float(np.percentile(latency, 50)),
             "p95_latency": float(np.percentile(latency, 95)),
             "p50_ttft": float(np.percentile(ttft, 50)), "p95_ttft": float(np.percentile(ttft, 95))}
+
+
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a process has used so far, all its threads (Linux ``/proc``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Each measure's median over the rounds (the speed-ups too: each round pairs the two
+    servers measured one after the other)."""
+    return {key: statistics.median(r[key] for r in rounds) for key in rounds[0]
+            if isinstance(rounds[0][key], int | float)}
+
+
+def measure(side: str, server: tuple[subprocess.Popen, str], prompts: list[str], clients: int,
+            args: argparse.Namespace) -> dict[str, Any]:
+    """One load test of one server, with the CPU time the server used for it."""
+    proc, url = server
+    cpu, mine = cpu_seconds(proc.pid), time.process_time()
+    r = asyncio.run(load_test(url, prompts, clients, args.requests, args.max_tokens))
+    r["tokens_per_cpu_s"] = r["tokens"] / max(cpu_seconds(proc.pid) - cpu, 1e-9)
+    r["client_cpu_share"] = (time.process_time() - mine) / r["seconds"]
+    r["server_cpu_share"] = r["tokens"] / r["tokens_per_cpu_s"] / r["seconds"]
+    print(f"{side}, {clients} "
+          f"clients: {r['tokens_per_s']:.0f} tokens/s, {r['tokens_per_cpu_s']:.0f} per server "
+          f"CPU-s, p95 {1000 * r['p95_latency']:.0f} ms; CPU cores used: server "
+          f"{r['server_cpu_share']:.2f}, client {r['client_cpu_share']:.2f}", flush=True)
+    return r
 
 
 def hf_generate(folder: Path, prompts: list[str], n: int, max_tokens: int) -> dict[str, Any]:
@@ -155,15 +190,17 @@ def hf_generate(folder: Path, prompts: list[str], n: int, max_tokens: int) -> di
 
 
 def table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
-    lines = ["| server | clients | requests/s | tokens/s | p50 latency | p95 latency | "
-             "p50 TTFT | p95 TTFT | tokens/s vs one at a time |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    lines = ["| server | clients | requests/s | tokens/s | tokens per server CPU-s | "
+             "p50 latency | p95 latency | p50 TTFT | p95 TTFT | vs one at a time: tokens/s "
+             "(per CPU-s) |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for side, levels in results.items():
         for clients, r in levels.items():
-            base = results["one at a time"].get(clients)
-            ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}x" if base else ""
+            ratio = (f"{r['speedup']:.2f}x ({r['cpu_speedup']:.2f}x)" if "speedup" in r
+                     else "")
             lines.append(
                 f"| {side} | {clients} | {r['requests_per_s']:.1f} | {r['tokens_per_s']:.0f} | "
+                f"{r['tokens_per_cpu_s']:.0f} | "
                 f"{1000 * r['p50_latency']:.0f} ms | {1000 * r['p95_latency']:.0f} ms | "
                 f"{1000 * r['p50_ttft']:.0f} ms | {1000 * r['p95_ttft']:.0f} ms | {ratio} |")
     return "\n".join(lines)
@@ -219,36 +256,40 @@ def main(argv: list[str] | None = None) -> int:
     assert lmtrain(["export", str(ckpt), str(out / "hf")]) == 0
     servers = {"batched": start_server(ckpt, 64, args.threads),
                "one at a time": start_server(ckpt, 1, args.threads)}
-    results: dict[str, dict[int, dict[str, Any]]] = {side: {} for side in SIDES}
-    results["transformers generate"] = {}
+    rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}
     load = os.getloadavg()
     print(f"load average {load[0]:.2f} on {os.cpu_count()} CPUs; {args.threads} torch "
           f"thread(s) per server", flush=True)
     try:
         for clients in levels:
             for _ in range(args.rounds):
-                for side in SIDES:
-                    r = asyncio.run(load_test(servers[side][1], prompts, clients, args.requests,
-                                              args.max_tokens))
-                    best = results[side].get(clients)
-                    if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
-                        results[side][clients] = r
-                    print(f"{side}, {clients} clients: {r['tokens_per_s']:.0f} tokens/s, "
-                          f"p95 {1000 * r['p95_latency']:.0f} ms", flush=True)
+                one_round = {side: measure(side, servers[side], prompts, clients, args)
+                             for side in SIDES}
+                batched, alone = one_round["batched"], one_round["one at a time"]
+                batched["speedup"] = batched["tokens_per_s"] / alone["tokens_per_s"]
+                batched["cpu_speedup"] = batched["tokens_per_cpu_s"] / alone["tokens_per_cpu_s"]
+                for side, r in one_round.items():
+                    rounds.setdefault((side, clients), []).append(r)
         for _ in range(args.rounds):
+            cpu = time.process_time()
             r = hf_generate(out / "hf", prompts, max(levels) * args.requests // 4 or 1,
                             args.max_tokens)
-            best = results["transformers generate"].get(1)
-            if best is None or r["tokens_per_s"] > best["tokens_per_s"]:
-                results["transformers generate"][1] = r
+            r["tokens_per_cpu_s"] = r["tokens"] / (time.process_time() - cpu)
+            rounds.setdefault(("transformers generate", 1), []).append(r)
     finally:
         for proc, _ in servers.values():
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
+    results: dict[str, dict[int, dict[str, Any]]] = {}
+    for (side, clients), runs in rounds.items():
+        results.setdefault(side, {})[clients] = median_round(runs)
     text = table(results)
     print(text)
     (out / "table.md").write_text(text + "\n", encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(results, indent=1), encoding="utf-8")
+    (out / "results.json").write_text(json.dumps(
+        {"median": results, "rounds": {f"{side}, {clients}": runs
+                                       for (side, clients), runs in rounds.items()}},
+        indent=1), encoding="utf-8")
     if args.plot:
         plot(results, out / "serve.png")
     return 0

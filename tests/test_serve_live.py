@@ -312,7 +312,7 @@ class _Browser:
         result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
         return result["result"].get("value")
 
-    def wait_for(self, expression: str, seconds: float = 60) -> Any:
+    def wait_for(self, expression: str, seconds: float = 90) -> Any:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             value = self.js(expression)
@@ -342,10 +342,11 @@ def test_the_playground_page_streams_an_answer_in_chromium(server: Server,
         browser.open(server.url + "/")
         browser.wait_for("document.readyState === 'complete' && !!document.getElementById('send')")
         browser.js(f"""
-            window.updates = 0;
-            new MutationObserver(() => window.updates++).observe(
-                document.getElementById('answer'),
-                {{childList: true, characterData: true, subtree: true}});
+            window.seen = [];
+            const answer = document.getElementById('answer');
+            new MutationObserver((records) => records.forEach(
+                () => window.seen.push(answer.textContent))).observe(
+                answer, {{childList: true, characterData: true, subtree: true}});
             document.getElementById('question').value = {json.dumps(QUESTIONS[3])};
             document.getElementById('temperature').value = '0';
             document.getElementById('max_tokens').value = '20';
@@ -355,6 +356,9 @@ def test_the_playground_page_streams_an_answer_in_chromium(server: Server,
             "document.getElementById('status').textContent")
         assert status.startswith("done")
         assert browser.js("document.getElementById('answer').textContent") == expected
-        assert browser.js("window.updates") >= (2 if len(expected) > 1 else 1)
+        chunks = int(browser.js("document.getElementById('answer').dataset.chunks"))
+        seen = [text for text in browser.js("window.seen") if text]
+        assert chunks >= 1 and len(seen) >= chunks  # each streamed piece was shown as it came
+        assert all(expected.startswith(text) for text in seen) and seen[-1] == expected
     finally:
         browser.close()

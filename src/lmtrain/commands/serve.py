@@ -12,6 +12,8 @@ from lmtrain.config import GenerationSettings
 #: The sampling settings a server (or a chat) takes as its defaults: the run's own values,
 #: changed by these flags or their env vars; each request may change them again.
 SERVE_SETTINGS = [name for name in GenerationSettings.model_fields if name != "prompt"]
+#: The tokens an answer may have when the run's ``MAX_NEW_TOKENS`` is 0 (no end-of-run sample).
+ANSWER_TOKENS = 256
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -28,7 +30,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub) -> None:
-    from lmtrain.serve.engine import MAX_BATCH
+    from lmtrain.serve import MAX_BATCH
 
     p = sub.add_parser(
         "serve", help="serve a trained model over an OpenAI-compatible API",
@@ -65,6 +67,7 @@ def load_engine(args: argparse.Namespace, max_batch: int) -> tuple[Any, Any, Gen
     path = find_checkpoint(args.path, args.step)
     loaded = load_trained_model(path, device, label="PATH", base=base_override(args))
     run_values = loaded.config.generation.model_dump()
+    run_values["max_new_tokens"] = run_values["max_new_tokens"] or ANSWER_TOKENS  # 0: no sample
     defaults = GenerationSettings(**{name: setting_value(args, name, run_values[name])
                                      for name in SERVE_SETTINGS})
     engine = Engine(loaded.model, loaded.tokenizer, loaded.config.model.block_size, device,

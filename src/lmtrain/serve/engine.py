@@ -38,12 +38,10 @@ from lmtrain.generate import (
 )
 from lmtrain.healing import TextPieces, heal_prompt, token_bytes
 from lmtrain.models import unwrap_model
+from lmtrain.serve import MAX_BATCH
 from lmtrain.serve.batch import PaddedBatch
 
 log = logging.getLogger("lmtrain")
-
-#: Requests decoded together at most, by default.
-MAX_BATCH = 64
 
 
 @dataclass(frozen=True)
@@ -160,6 +158,8 @@ class Engine:
             seed: int | None = None, stops: Sequence[str] = ()) -> Job:
         """A request for ``prompt`` (token-healed as ``lmtrain sample`` heals it); a character
         outside the vocabulary is a :class:`~lmtrain.errors.UserError`."""
+        if sampling.max_new_tokens < 1:
+            raise UserError("an answer needs room for at least one token (max_new_tokens >= 1)")
         if isinstance(self.tokenizer, CharTokenizer) and not self.tokenizer.drop_unknown:
             unknown = sorted(set(prompt) - set(self.tokenizer.chars))
             if unknown:

@@ -212,17 +212,20 @@ def plot(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    panels = [("tokens_per_s", 1, "generated tokens/s"),
+              ("tokens_per_cpu_s", 1, "tokens per server CPU-second"),
+              ("p95_latency", 1000, "p95 latency (ms)")]
     for side, levels in results.items():
         xs = list(levels)
-        left.plot(xs, [levels[x]["tokens_per_s"] for x in xs], marker="o", label=side)
-        right.plot(xs, [1000 * levels[x]["p95_latency"] for x in xs], marker="o", label=side)
-    for ax, label in ((left, "generated tokens/s"), (right, "p95 latency (ms)")):
+        for ax, (key, scale, _) in zip(axes, panels, strict=True):
+            ax.plot(xs, [scale * levels[x][key] for x in xs], marker="o", label=side)
+    for ax, (_, _, label) in zip(axes, panels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("concurrent clients")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    left.legend()
+    axes[0].legend()
     fig.suptitle("lmtrain serve: batching on vs off, and transformers generate per request")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

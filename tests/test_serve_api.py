@@ -186,3 +186,16 @@ def test_find_checkpoint_picks_the_best_or_the_step_asked_for(tiny_checkpoint: P
         find_checkpoint(folder, 3)
     with pytest.raises(UserError, match="holds no checkpoint"):
         find_checkpoint(tmp_path / "run" / ".." / "run" / "..")
+
+
+@pytest.mark.parametrize("args", [["serve", "missing.pt"], ["chat", "missing.pt"],
+                                  ["serve", "{ckpt}", "--step", "3"],
+                                  ["serve", "{ckpt}", "--max-batch", "0"],
+                                  ["serve", "{ckpt}", "--port", "70000"],
+                                  ["chat", "{ckpt}", "--temperature", "0"]])
+def test_bad_serve_and_chat_arguments_are_one_line(args, tiny_checkpoint: Path, capsys) -> None:
+    from lmtrain.cli import main
+
+    assert main([a.replace("{ckpt}", str(tiny_checkpoint)) for a in args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err

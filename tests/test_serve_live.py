@@ -69,12 +69,12 @@ def _free_port() -> int:
 class Server:
     """``lmtrain serve`` in a child process, ready once ``/health`` answers."""
 
-    def __init__(self, path: Path, *flags: str) -> None:
+    def __init__(self, path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "lmtrain", "serve", str(path), "--port", str(self.port),
-             "--device", "cpu", *flags], env=child_env({"OMP_NUM_THREADS": "1"}),
+             "--device", "cpu", *flags], env=child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
         while True:
@@ -208,7 +208,7 @@ def test_a_gpt2_lora_checkpoint_serves_through_the_openai_client(tmp_path: Path,
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(qa_run: Path) -> None:
-    served = Server(qa_run, "--api-key", "k", "--max-tokens-limit", "100000")
+    served = Server(qa_run, "--max-tokens-limit", "100000", env={"LMTRAIN_API_KEY": "k"})
     headers = {"Authorization": "Bearer k"}
     assert httpx.get(served.url + "/v1/models").status_code == 401
     assert httpx.get(served.url + "/health").status_code == 200

@@ -34,7 +34,6 @@ from lmtrain.device import autocast_context
 from lmtrain.errors import UserError
 from lmtrain.generate import (
     Decoder,
-    cache_argument,
     context_window,
     greedy,
     low_precision,
@@ -42,7 +41,8 @@ from lmtrain.generate import (
     sample_tokens,
     start_context,
 )
-from lmtrain.models import hf_model, unwrap_model
+from lmtrain.models import unwrap_model
+from lmtrain.padded_batch import PaddedBatch
 
 #: Tokens generated beyond the longest expected answer: room for a leading space, the end of
 #: text, and one token more that shows an answer running on.
@@ -187,49 +187,19 @@ class _Stops:
 
 
 @torch.no_grad()
-def _greedy_padded(model: nn.Module, kind: str, contexts: list[list[int]], max_new_tokens: int,
-                   device: torch.device, ended: Callable[[list[int]], bool]) -> list[list[int]]:
-    """Greedy ids after each context, all rows at once: left-padded, one KV cache.
+def _greedy_padded(model: nn.Module, kind: str, window: int, contexts: list[list[int]],
+                   max_new_tokens: int, device: torch.device,
+                   ended: Callable[[list[int]], bool]) -> list[list[int]]:
+    """Greedy ids after each context, all rows at once: left-padded, one KV cache
+    (:class:`~lmtrain.padded_batch.PaddedBatch`).
 
-    Every ``len(context) + max_new_tokens - 1`` fits the model's window (the caller checks).
+    Every ``len(context) + max_new_tokens - 1`` fits the model's ``window`` (the caller checks).
     """
+    batch = PaddedBatch(model, kind, window, device)
     n_rows = len(contexts)
-    lengths = torch.tensor([len(c) for c in contexts], device=device)
-    width = int(lengths.max())
-    pad = width - lengths
-    ids = torch.zeros(n_rows, width, dtype=torch.long, device=device)
-    for row, context in enumerate(contexts):
-        ids[row, width - len(context):] = torch.tensor(context, dtype=torch.long)
-    if kind == "gpt":
-        cache = model.make_kv_cache(n_rows, width + max_new_tokens - 1)
-        cache.left_pad = pad if bool(pad.any()) else None
-
-        def forward(new: torch.Tensor) -> torch.Tensor:
-            out = model(new, kv_cache=cache)
-            return (out[0] if isinstance(out, tuple) else out)[:, -1]
-    else:  # Hugging Face: attention_mask hides the padding, position_ids restart each row at 0
-        hf = hf_model(model)
-        assert hf is not None  # kind "hf"
-        arg = cache_argument(hf)
-        attention = (torch.arange(width, device=device)[None] >= pad[:, None]).long()
-        state: dict[str, Any] = {"cache": None, "attention": attention, "fed": 0}
-
-        def forward(new: torch.Tensor) -> torch.Tensor:
-            fed, n = state["fed"], new.shape[1]
-            if fed:
-                state["attention"] = torch.cat(
-                    [state["attention"], state["attention"].new_ones(n_rows, n)], dim=1)
-            positions = (torch.arange(fed, fed + n, device=device)[None] - pad[:, None]).clamp(
-                min=0)
-            out = model(input_ids=new, attention_mask=state["attention"],
-                        position_ids=positions, use_cache=True, logits_to_keep=1,
-                        **{arg: state["cache"]})
-            state["cache"], state["fed"] = getattr(out, arg), fed + n
-            return out.logits[:, -1]
-
     generated: list[list[int]] = [[] for _ in contexts]
     active = [True] * n_rows
-    logits = forward(ids)
+    logits = batch.add(contexts)
     for step in range(max_new_tokens):
         tokens = logits.float().argmax(dim=-1)
         for row, token in enumerate(tokens.tolist()):
@@ -238,7 +208,7 @@ def _greedy_padded(model: nn.Module, kind: str, contexts: list[list[int]], max_n
                 active[row] = not ended(generated[row])
         if not any(active) or step == max_new_tokens - 1:
             break
-        logits = forward(tokens[:, None])
+        logits = batch.step(tokens)
     return generated
 
 
@@ -284,7 +254,7 @@ def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_toke
         with autocast_context(device, low_precision(model)):
             for lo in range(0, len(fits), batch_size):
                 rows = fits[lo:lo + batch_size]
-                out = _greedy_padded(model, kind, [list(contexts[i]) for i in rows],
+                out = _greedy_padded(model, kind, window, [list(contexts[i]) for i in rows],
                                      max_new_tokens, device, ended)
                 for i, ids in zip(rows, out, strict=True):
                     results[i] = ids

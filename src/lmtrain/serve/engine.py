@@ -2,7 +2,7 @@
 and leave it as they end, each with its own settings and random generator.
 
 Each request gets what it would get alone: its rows' logits are computed as they would be alone
-(:mod:`lmtrain.serve.batch`), and its tokens are drawn with :func:`lmtrain.generate.pick_token`
+(:mod:`lmtrain.padded_batch`), and its tokens are drawn with :func:`lmtrain.generate.pick_token`
 from its own ``torch.Generator``, so a greedy answer and a seeded sample do not depend on the
 requests beside it. A request whose prompt and ``max_tokens`` do not fit the model's window
 (or a model without a KV cache) decodes on its own through :class:`lmtrain.generate.Decoder`,
@@ -38,8 +38,8 @@ from lmtrain.generate import (
 )
 from lmtrain.healing import TextPieces, heal_prompt, token_bytes
 from lmtrain.models import unwrap_model
+from lmtrain.padded_batch import PaddedBatch
 from lmtrain.serve import MAX_BATCH
-from lmtrain.serve.batch import PaddedBatch
 
 log = logging.getLogger("lmtrain")
 

@@ -4,7 +4,8 @@ between steps.
 Every row ends at the same cache slot, ``width``; row ``b`` starts after ``pad[b]`` empty slots,
 its first real token sits at position 0 and no token attends to an empty slot, so each row is
 computed as it would be alone (the from-scratch GPT through ``KVCache.left_pad``, GPT-2 through
-``attention_mask`` and ``position_ids``, as :mod:`lmtrain.answers` batches). Rows that join are
+``attention_mask`` and ``position_ids``). :mod:`lmtrain.answers` decodes its questions through
+it, and the server's engine (:mod:`lmtrain.serve.engine`). Rows that join are
 prefilled as a batch of their own and then put beside the running rows, the narrower cache
 shifted right; when rows leave, the padding every remaining row shares is dropped, so ``width``
 is always the longest row's length.

@@ -202,3 +202,18 @@ def test_bad_serve_and_chat_arguments_are_one_line(args, tiny_checkpoint: Path, 
     assert main([a.replace("{ckpt}", str(tiny_checkpoint)) for a in args]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(tiny_checkpoint: Path,
+                                                          capsys) -> None:
+    import socket
+
+    from lmtrain.cli import main
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tiny_checkpoint), "--port", str(port)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: cannot listen on --host 127.0.0.1 --port {port}")

@@ -75,6 +75,24 @@ def load_engine(args: argparse.Namespace, max_batch: int) -> tuple[Any, Any, Gen
     return loaded, engine, defaults
 
 
+def _check_address(host: str, port: int) -> None:
+    """Fail before the model loads when the server could not listen on ``host:port``."""
+    import socket
+
+    from lmtrain.errors import UserError
+
+    if not 0 <= port <= 65535:
+        raise UserError(f"--port {port} is not a port (0-65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind(infos[0][4])
+    except OSError as exc:
+        raise UserError(f"cannot listen on --host {host} --port {port}: "
+                        f"{exc.strerror or exc}") from None
+
+
 def run(args: argparse.Namespace) -> int:
     from lmtrain.errors import UserError
 
@@ -92,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
     limit = args.max_tokens_limit or MAX_TOKENS
     if limit < 1:
         raise UserError("--max-tokens-limit must be at least 1")
-    if not 0 <= args.port <= 65535:
-        raise UserError(f"--port {args.port} is not a port (0-65535)")
+    _check_address(args.host, args.port)
     loaded, engine, defaults = load_engine(args, args.max_batch)
     api_key = args.api_key or os.environ.get("LMTRAIN_API_KEY", "").strip() or None
     name = args.model_name or loaded.checkpoint.run_name or loaded.checkpoint.where

@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install --quiet --upgrade pip
 	# torch first, pinned to the CPU wheel on disk, so nothing pulls a CUDA build
 	$(PIP) install --quiet "torch==2.13.0"
-	$(PIP) install --quiet -e ".[dev,tensorboard,wandb,mlflow,datasets]"
+	$(PIP) install --quiet -e ".[dev,tensorboard,wandb,mlflow,datasets,serve]"
 	touch $(STAMP)
 
 setup: $(STAMP)

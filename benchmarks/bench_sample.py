@@ -53,13 +53,15 @@ def _sync(device: torch.device) -> None:
 
 def time_lmtrain(model: nn.Module, ids: list[int], n: int, block: int, greedy: bool,
                  seed: int, device: torch.device) -> tuple[float, list[int]]:
+    from lmtrain.config import GenerationSettings
     from lmtrain.generate import sample_tokens
 
     gen = torch.Generator().manual_seed(seed)
     _sync(device)
     t0 = time.perf_counter()
-    out = list(sample_tokens(model, ids, n, block, device, TEMPERATURE,
-                             1 if greedy else TOP_K, gen))
+    sampling = GenerationSettings(max_new_tokens=n, temperature=TEMPERATURE,
+                                  top_k=1 if greedy else TOP_K)
+    out = list(sample_tokens(model, ids, sampling, block, device, gen))
     _sync(device)
     return time.perf_counter() - t0, out
 

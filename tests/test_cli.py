@@ -192,9 +192,10 @@ def test_streamed_sample_equals_the_whole_decoded_sample(train_run, capsys):
                  "--seed", "5", "--temperature", "1.5"]) == 0
     streamed = capsys.readouterr().out
     loaded = load_trained_model(ckpt)
-    whole = generate_text(loaded.model, loaded.tokenizer, "Ay, ", 40,
-                          loaded.config.model.block_size,
-                          torch.device("cpu"), 1.5, loaded.config.generation.top_k, seed=5)
+    sampling = loaded.config.generation.model_copy(update={"max_new_tokens": 40,
+                                                           "temperature": 1.5})
+    whole = generate_text(loaded.model, loaded.tokenizer, "Ay, ", sampling,
+                          loaded.config.model.block_size, torch.device("cpu"), seed=5)
     assert streamed == whole + "\n"
 
 

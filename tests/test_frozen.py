@@ -61,11 +61,11 @@ def test_fp32_runs_and_plain_models_are_left_alone(tiny_gpt2_dir) -> None:
 
 @pytest.mark.integration
 def test_a_bf16_base_still_samples(tiny_gpt2_dir) -> None:
-    from lmtrain.generate import sample_tokens
+    from lmtrain.generate import greedy, sample_tokens
 
     model = _lora_gpt2(tiny_gpt2_dir)
     store_frozen_base_in(model, torch.bfloat16)
-    out = list(sample_tokens(model, [1, 2, 3], 5, 16, torch.device("cpu"), top_k=1))
+    out = list(sample_tokens(model, [1, 2, 3], greedy(5), 16, torch.device("cpu")))
     assert len(out) == 5
 
 

@@ -7,15 +7,16 @@ import torch
 from torch import nn
 
 from lmtrain.cli import main
+from lmtrain.config import GenerationSettings
 from lmtrain.data.tokenizers import GPT2_EOT, BPETokenizer, GPT2Tokenizer
-from lmtrain.generate import Decoder, Sampling, generate_text, pick_token, sample_tokens
+from lmtrain.generate import Decoder, generate_text, greedy, pick_token, sample_tokens
 from lmtrain.healing import heal_prompt, stream_text, token_bytes
 
 CPU = torch.device("cpu")
 
 
 def _greedy(model: nn.Module, context: list[int], n: int, block_size: int, cache: bool):
-    return list(sample_tokens(model, context, n, block_size, CPU, top_k=1, use_cache=cache))
+    return list(sample_tokens(model, context, greedy(n), block_size, CPU, use_cache=cache))
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +56,8 @@ def test_sampling_feeds_the_healed_prompt_and_starts_with_the_removed_text(tiny_
     model.register_forward_pre_hook(
         lambda _m, args, kwargs: fed.append(kwargs["input_ids"][0].tolist()), with_kwargs=True)
     tok = GPT2Tokenizer()
-    text = generate_text(model, tok, "QUESTION: ", 5, 64, CPU, top_k=1, stop_at_eot=False)
+    settings = GenerationSettings(max_new_tokens=5, top_k=1, stop_at_eot=False)
+    text = generate_text(model, tok, "QUESTION: ", settings, 64, CPU)
     assert fed[0] == tok.encode("QUESTION:")  # the prefill: no id 220 last
     assert all(len(ids) == 1 for ids in fed[1:])  # then one new token per step (cache)
     first = fed[1][0]
@@ -113,10 +115,12 @@ class _Always(nn.Module):
 @pytest.mark.unit
 def test_sampling_stops_at_end_of_text_unless_told_not_to() -> None:
     tok, model = GPT2Tokenizer(), _Always(50257, GPT2_EOT)
-    assert generate_text(model, tok, "", 5, 16, CPU) == ""
-    assert generate_text(model, tok, "", 3, 16, CPU, stop_at_eot=False) == "<|endoftext|>" * 3
+    five, three = GenerationSettings(max_new_tokens=5), GenerationSettings(max_new_tokens=3,
+                                                                          stop_at_eot=False)
+    assert generate_text(model, tok, "", five, 16, CPU) == ""
+    assert generate_text(model, tok, "", three, 16, CPU) == "<|endoftext|>" * 3
     # a healed prompt: the first token must extend " there", then end of text stops it
-    healed = generate_text(model, tok, "Hi there", 5, 16, CPU)
+    healed = generate_text(model, tok, "Hi there", five, 16, CPU)
     assert healed.startswith("Hi there") and len(tok.encode(healed)) == 2
 
 
@@ -126,7 +130,8 @@ def test_top_p_keeps_the_smallest_set_holding_the_mass() -> None:
     gen = torch.Generator().manual_seed(0)
 
     def drawn(top_p: float) -> set[int]:
-        return {pick_token(logits, Sampling(top_k=None, top_p=top_p), gen) for _ in range(300)}
+        return {pick_token(logits, GenerationSettings(temperature=1.0, top_k=None, top_p=top_p),
+                           gen) for _ in range(300)}
 
     assert drawn(0.6) == {0, 1}
     assert drawn(0.5) == {0}
@@ -139,8 +144,8 @@ def test_first_token_is_drawn_from_the_allowed_ids() -> None:
     logits = torch.tensor([5.0, 0.0, 0.0, 0.0])
     gen = torch.Generator().manual_seed(0)
     allowed = torch.tensor([2, 3])
-    assert {pick_token(logits, Sampling(), gen, allowed) for _ in range(100)} == {2, 3}
-    assert pick_token(logits, Sampling(top_k=1), gen, allowed) == 2
+    assert {pick_token(logits, GenerationSettings(), gen, allowed) for _ in range(100)} == {2, 3}
+    assert pick_token(logits, greedy(1), gen, allowed) == 2
 
 
 @pytest.mark.unit

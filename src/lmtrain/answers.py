@@ -20,7 +20,6 @@ that runs on past the expected one is still seen to be wrong.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,8 +32,17 @@ from torch import nn
 from lmtrain.data.tokenizers import CharTokenizer, Tokenizer
 from lmtrain.device import autocast_context
 from lmtrain.errors import UserError
-from lmtrain.generate import Decoder, _low_precision, sample_tokens, start_context
-from lmtrain.models import hf_model
+from lmtrain.generate import (
+    Decoder,
+    context_window,
+    greedy,
+    low_precision,
+    model_kind,
+    sample_tokens,
+    start_context,
+)
+from lmtrain.models import unwrap_model
+from lmtrain.padded_batch import PaddedBatch
 
 #: Tokens generated beyond the longest expected answer: room for a leading space, the end of
 #: text, and one token more that shows an answer running on.
@@ -178,62 +186,20 @@ class _Stops:
         return cut_at_stop(self.tokenizer.decode(ids), self.stops)[0]
 
 
-def _bare(model: nn.Module) -> nn.Module:
-    """The model without a DDP or ``torch.compile`` wrapper (decoding needs neither)."""
-    model = getattr(model, "module", model)
-    return getattr(model, "_orig_mod", model)
-
-
-def _kind(model: nn.Module) -> str:
-    if hf_model(model) is not None:
-        return "hf"
-    return "gpt" if hasattr(model, "make_kv_cache") else "plain"
-
-
 @torch.no_grad()
-def _greedy_padded(model: nn.Module, kind: str, contexts: list[list[int]], max_new_tokens: int,
-                   device: torch.device, ended: Callable[[list[int]], bool]) -> list[list[int]]:
-    """Greedy ids after each context, all rows at once: left-padded, one KV cache.
+def _greedy_padded(model: nn.Module, kind: str, window: int, contexts: list[list[int]],
+                   max_new_tokens: int, device: torch.device,
+                   ended: Callable[[list[int]], bool]) -> list[list[int]]:
+    """Greedy ids after each context, all rows at once: left-padded, one KV cache
+    (:class:`~lmtrain.padded_batch.PaddedBatch`).
 
-    Every ``len(context) + max_new_tokens - 1`` fits the model's window (the caller checks).
+    Every ``len(context) + max_new_tokens - 1`` fits the model's ``window`` (the caller checks).
     """
+    batch = PaddedBatch(model, kind, window, device)
     n_rows = len(contexts)
-    lengths = torch.tensor([len(c) for c in contexts], device=device)
-    width = int(lengths.max())
-    pad = width - lengths
-    ids = torch.zeros(n_rows, width, dtype=torch.long, device=device)
-    for row, context in enumerate(contexts):
-        ids[row, width - len(context):] = torch.tensor(context, dtype=torch.long)
-    if kind == "gpt":
-        cache = model.make_kv_cache(n_rows, width + max_new_tokens - 1)
-        cache.left_pad = pad if bool(pad.any()) else None
-
-        def forward(new: torch.Tensor) -> torch.Tensor:
-            out = model(new, kv_cache=cache)
-            return (out[0] if isinstance(out, tuple) else out)[:, -1]
-    else:  # Hugging Face: attention_mask hides the padding, position_ids restart each row at 0
-        hf = hf_model(model)
-        arg = ("cache" if "cache" in inspect.signature(hf.forward).parameters
-               else "past_key_values")  # transformers 5 renamed past_key_values
-        attention = (torch.arange(width, device=device)[None] >= pad[:, None]).long()
-        state: dict[str, Any] = {"cache": None, "attention": attention, "fed": 0}
-
-        def forward(new: torch.Tensor) -> torch.Tensor:
-            fed, n = state["fed"], new.shape[1]
-            if fed:
-                state["attention"] = torch.cat(
-                    [state["attention"], state["attention"].new_ones(n_rows, n)], dim=1)
-            positions = (torch.arange(fed, fed + n, device=device)[None] - pad[:, None]).clamp(
-                min=0)
-            out = model(input_ids=new, attention_mask=state["attention"],
-                        position_ids=positions, use_cache=True, logits_to_keep=1,
-                        **{arg: state["cache"]})
-            state["cache"], state["fed"] = getattr(out, arg), fed + n
-            return out.logits[:, -1]
-
     generated: list[list[int]] = [[] for _ in contexts]
     active = [True] * n_rows
-    logits = forward(ids)
+    logits = batch.add(contexts)
     for step in range(max_new_tokens):
         tokens = logits.float().argmax(dim=-1)
         for row, token in enumerate(tokens.tolist()):
@@ -242,7 +208,7 @@ def _greedy_padded(model: nn.Module, kind: str, contexts: list[list[int]], max_n
                 active[row] = not ended(generated[row])
         if not any(active) or step == max_new_tokens - 1:
             break
-        logits = forward(tokens[:, None])
+        logits = batch.step(tokens)
     return generated
 
 
@@ -250,17 +216,11 @@ def _greedy_alone(model: nn.Module, context: list[int], max_new_tokens: int, blo
                   device: torch.device, ended: Callable[[list[int]], bool]) -> list[int]:
     """Greedy ids after one context through :func:`sample_tokens` (its window slides)."""
     generated: list[int] = []
-    for token in sample_tokens(model, context, max_new_tokens, block_size, device, top_k=1):
+    for token in sample_tokens(model, context, greedy(max_new_tokens), block_size, device):
         generated.append(token)
         if ended(generated):
             break
     return generated
-
-
-def _window(model: nn.Module, block_size: int) -> int:
-    """The tokens the model attends to: ``block_size``, or fewer when its positions end sooner."""
-    positions = getattr(getattr(hf_model(model), "config", None), "n_positions", None)
-    return min(block_size, positions) if positions else block_size
 
 
 def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_tokens: int, *,
@@ -281,9 +241,9 @@ def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_toke
     results: list[list[int]] = [[] for _ in contexts]
     if max_new_tokens <= 0 or not contexts:
         return results
-    model = _bare(model)
-    kind = _kind(model)
-    window = _window(model, block_size)
+    model = unwrap_model(model)
+    kind = model_kind(model)
+    window = context_window(model, block_size)
     fits = [i for i, c in enumerate(contexts) if kind != "plain"
             and len(c) + max_new_tokens - 1 <= window]
     alone = sorted(set(range(len(contexts))) - set(fits))
@@ -291,10 +251,10 @@ def greedy_ids(model: nn.Module, contexts: Sequence[Sequence[int]], max_new_toke
     was_training = model.training
     model.eval()
     try:
-        with autocast_context(device, _low_precision(model)):
+        with autocast_context(device, low_precision(model)):
             for lo in range(0, len(fits), batch_size):
                 rows = fits[lo:lo + batch_size]
-                out = _greedy_padded(model, kind, [list(contexts[i]) for i in rows],
+                out = _greedy_padded(model, kind, window, [list(contexts[i]) for i in rows],
                                      max_new_tokens, device, ended)
                 for i, ids in zip(rows, out, strict=True):
                     results[i] = ids
@@ -383,7 +343,7 @@ def naive_greedy_answers(model: nn.Module, tokenizer: Tokenizer, prompts: Sequen
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), autocast_context(device, _low_precision(model)):
+        with torch.no_grad(), autocast_context(device, low_precision(model)):
             for prompt in prompts:
                 ids = encode_prompt(tokenizer, prompt)
                 decoder = Decoder(model, block_size, device, use_cache)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -50,19 +49,17 @@ def default_prompt(config: GenerationSettings, model_type: str) -> str:
     return "QUESTION: " if model_type == "gpt2" else ""
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen. ``top_k=1`` is greedy decoding."""
-
-    temperature: float = 1.0
-    top_k: int | None = None
-    top_p: float = 1.0
-    stop_at_eot: bool = True
+def greedy(max_new_tokens: int) -> GenerationSettings:
+    """Settings for greedy decoding (argmax; ``top_k=1``) of up to ``max_new_tokens`` tokens."""
+    return GenerationSettings(max_new_tokens=max_new_tokens, top_k=1)
 
 
-def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Generator | None,
-               allowed: torch.Tensor | None = None) -> int:
-    """One id from next-token ``logits`` ``(vocab,)``; only ``allowed`` ids when given."""
+def pick_token(logits: torch.Tensor, sampling: GenerationSettings,
+               generator: torch.Generator | None, allowed: torch.Tensor | None = None) -> int:
+    """One id from next-token ``logits`` ``(vocab,)``; only ``allowed`` ids when given.
+
+    ``sampling.top_k == 1`` is greedy decoding (argmax; the temperature does not matter).
+    """
     logits = logits.float()
     if allowed is not None:
         mask = torch.ones_like(logits, dtype=torch.bool)
@@ -82,6 +79,33 @@ def pick_token(logits: torch.Tensor, sampling: Sampling, generator: torch.Genera
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def model_kind(model: nn.Module) -> str:
+    """How a model decodes: ``hf`` (``transformers``' cache), ``gpt`` (its own
+    ``make_kv_cache``) or ``plain`` (re-reads its window every token)."""
+    if hf_model(model) is not None:
+        return "hf"
+    return "gpt" if hasattr(model, "make_kv_cache") else "plain"
+
+
+def cache_argument(hf: nn.Module) -> str:
+    """The name of the cache argument of a ``transformers`` model's ``forward`` (transformers 5
+    renamed ``past_key_values`` to ``cache``)."""
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
+def context_window(model: nn.Module, block_size: int) -> int:
+    """The tokens the model attends to: ``block_size``, or fewer when its positions end sooner."""
+    positions = getattr(getattr(hf_model(model), "config", None), "n_positions", None)
+    return min(block_size, positions) if positions else block_size
+
+
+def low_precision(model: nn.Module) -> torch.dtype | None:
+    """The dtype to autocast to when the model holds bf16/fp16 weights (a bf16 LoRA run keeps
+    its frozen base in bf16: :mod:`lmtrain.train.frozen`); ``None`` for an fp32 model."""
+    low = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
+    return low.pop() if low else None
+
+
 class Decoder:
     """Next-token logits for a growing sequence, reusing a KV cache where the model has one."""
 
@@ -89,13 +113,11 @@ class Decoder:
                  use_cache: bool = True) -> None:
         self.model, self.block_size, self.device = model, block_size, device
         hf = hf_model(model)
-        self.kind = ("hf" if hf is not None else "gpt" if hasattr(model, "make_kv_cache")
-                     else "plain")
+        self.kind = model_kind(model)
         if not use_cache:
             self.kind = "plain" if self.kind == "gpt" else self.kind + "_nocache"
-        if hf is not None:  # transformers 5 renamed past_key_values to cache
-            self._cache_arg = ("cache" if "cache" in inspect.signature(hf.forward).parameters
-                               else "past_key_values")
+        if hf is not None:
+            self._cache_arg = cache_argument(hf)
         self.cache: Any = None
         self.start = self.length = 0  # the cache holds ids[start:start + length]
 
@@ -126,26 +148,24 @@ class Decoder:
 
 @torch.no_grad()
 def sample_tokens(
-    model: nn.Module, context: list[int], max_new_tokens: int, block_size: int,
-    device: torch.device, temperature: float = 1.0, top_k: int | None = None,
-    generator: torch.Generator | None = None, *, top_p: float = 1.0,
+    model: nn.Module, context: list[int], sampling: GenerationSettings, block_size: int,
+    device: torch.device, generator: torch.Generator | None = None, *,
     stop_id: int | None = None, first_allowed: list[int] | None = None, use_cache: bool = True,
 ) -> Iterator[int]:
-    """Yield up to ``max_new_tokens`` ids after ``context`` (non-empty), one at a time.
+    """Yield up to ``sampling.max_new_tokens`` ids after ``context`` (non-empty), one at a time.
 
     Stops early, without yielding it, when ``stop_id`` is sampled; the first token is drawn
     from ``first_allowed`` when given (token healing).
     """
-    sampling = Sampling(temperature, top_k, top_p)
     allowed = (torch.tensor(first_allowed, dtype=torch.long, device=device)
                if first_allowed is not None else None)
     decoder = Decoder(model, block_size, device, use_cache)
-    low = _low_precision(model)
+    low = low_precision(model)
     ids = list(context)
     was_training = model.training
     model.eval()
     try:
-        for _ in range(max_new_tokens):
+        for _ in range(sampling.max_new_tokens):
             with autocast_context(device, low):
                 logits = decoder.next_logits(ids)
             token = pick_token(logits, sampling, generator, allowed)
@@ -158,16 +178,9 @@ def sample_tokens(
         model.train(was_training)
 
 
-def _low_precision(model: nn.Module) -> torch.dtype | None:
-    """The dtype to autocast to when the model holds bf16/fp16 weights (a bf16 LoRA run keeps
-    its frozen base in bf16: :mod:`lmtrain.train.frozen`); ``None`` for an fp32 model."""
-    low = {p.dtype for p in model.parameters()} & {torch.bfloat16, torch.float16}
-    return low.pop() if low else None
-
-
 def stream_sample(
-    model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, block_size: int,
-    device: torch.device, sampling: Sampling, generator: torch.Generator | None = None,
+    model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: GenerationSettings,
+    block_size: int, device: torch.device, generator: torch.Generator | None = None,
     table: list[bytes] | None = None,
 ) -> Iterator[str]:
     """The text that follows ``prompt``, piece by piece as tokens are sampled.
@@ -176,21 +189,17 @@ def stream_sample(
     """
     table = table if table is not None else token_bytes(tokenizer)
     healed = heal_prompt(start_context(tokenizer, prompt), table)  # one id: left as it is
-    ids = sample_tokens(
-        model, healed.context, max_new_tokens, block_size, device, sampling.temperature,
-        sampling.top_k, generator, top_p=sampling.top_p,
-        stop_id=tokenizer.eot_id if sampling.stop_at_eot else None,
-        first_allowed=healed.allowed)
+    ids = sample_tokens(model, healed.context, sampling, block_size, device, generator,
+                        stop_id=tokenizer.eot_id if sampling.stop_at_eot else None,
+                        first_allowed=healed.allowed)
     yield from stream_text(ids, table, healed.prefix)
 
 
 def generate_text(
-    model: nn.Module, tokenizer: Tokenizer, prompt: str, max_new_tokens: int, block_size: int,
-    device: torch.device, temperature: float = 1.0, top_k: int | None = None, seed: int = 0,
-    top_p: float = 1.0, stop_at_eot: bool = True,
+    model: nn.Module, tokenizer: Tokenizer, prompt: str, sampling: GenerationSettings,
+    block_size: int, device: torch.device, seed: int = 0,
 ) -> str:
-    """Prompt plus up to ``max_new_tokens`` sampled tokens, decoded."""
+    """Prompt plus up to ``sampling.max_new_tokens`` sampled tokens, decoded."""
     gen = torch.Generator().manual_seed(seed)
-    sampling = Sampling(temperature, top_k, top_p, stop_at_eot)
-    return prompt + "".join(stream_sample(model, tokenizer, prompt, max_new_tokens, block_size,
-                                          device, sampling, gen))
+    return prompt + "".join(stream_sample(model, tokenizer, prompt, sampling, block_size,
+                                          device, gen))

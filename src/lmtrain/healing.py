@@ -68,20 +68,35 @@ def heal_prompt(ids: list[int], table: list[bytes]) -> HealedPrompt:
     return HealedPrompt(list(ids[:-1]), prefix, allowed)
 
 
-def stream_text(ids: Iterable[int], table: list[bytes], skip: bytes = b"") -> Iterator[str]:
-    """Decode ``ids`` piece by piece, holding back bytes of a character not yet complete.
+class TextPieces:
+    """Token ids in, text out, one token at a time: bytes of a character not yet complete are
+    held back until it is. ``skip`` is dropped from the front of the first token (the healed
+    prefix, already shown as part of the prompt)."""
 
-    ``skip`` is dropped from the front of the first token (the healed prefix, already shown as
-    part of the prompt). The pieces join to what the tokenizer decodes at once.
-    """
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    def __init__(self, table: list[bytes], skip: bytes = b"") -> None:
+        self.table, self.skip = table, skip
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def push(self, token: int) -> str:
+        """The text that ``token`` completes (perhaps ``""``)."""
+        piece = self.table[token]
+        if self.skip:
+            piece, self.skip = piece[len(self.skip):], b""
+        return self.decoder.decode(piece)
+
+    def end(self) -> str:
+        """What is left once no token follows (an incomplete character, replaced)."""
+        return self.decoder.decode(b"", final=True)
+
+
+def stream_text(ids: Iterable[int], table: list[bytes], skip: bytes = b"") -> Iterator[str]:
+    """Decode ``ids`` piece by piece (:class:`TextPieces`); the pieces join to what the
+    tokenizer decodes at once."""
+    pieces = TextPieces(table, skip)
     for i in ids:
-        piece = table[i]
-        if skip:
-            piece, skip = piece[len(skip):], b""
-        text = decoder.decode(piece)
+        text = pieces.push(i)
         if text:
             yield text
-    tail = decoder.decode(b"", final=True)
+    tail = pieces.end()
     if tail:
         yield tail

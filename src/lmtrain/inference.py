@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lmtrain.checkpoint import load_run
+from lmtrain.checkpoint import list_checkpoints, load_run
 from lmtrain.checkpoint_format import SavedRun
 from lmtrain.config import ModelSettings, TrainingConfig
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
@@ -47,6 +47,28 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     load_weights(model, cfg.model, run)
     model.to(device or torch.device("cpu")).eval()
     return LoadedModel(model, tokenizer, cfg, run)
+
+
+def find_checkpoint(path: str | Path, step: int | None = None, label: str = "PATH") -> Path:
+    """A checkpoint file as it is, or in a run folder the checkpoint of ``step``, else the
+    run's best (the step with the lowest val loss, when its file is kept), else its newest."""
+    path = Path(path)
+    if not path.is_dir():
+        if step is not None:
+            raise UserError(f"--step picks a checkpoint in a run folder; {label}={str(path)!r} "
+                            f"is a file")
+        return path
+    found = dict(list_checkpoints(path))
+    if not found:
+        raise UserError(f"{label}={str(path)!r} holds no checkpoint (step_*.pt)")
+    if step is not None:
+        if step not in found:
+            raise UserError(f"{label}={str(path)!r} has no checkpoint of step {step} (it has "
+                            f"steps {', '.join(map(str, sorted(found)))})")
+        return found[step]
+    newest = found[max(found)]
+    best = load_run(newest, label=label).best_step
+    return found.get(best, newest) if best is not None else newest
 
 
 def check_fits(run: SavedRun) -> None:

@@ -35,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
     from lmtrain.cli import base_override, setting_value
     from lmtrain.device import select_device
     from lmtrain.errors import UserError
-    from lmtrain.generate import Sampling, default_prompt, start_context, stream_sample
+    from lmtrain.generate import default_prompt, start_context, stream_sample
     from lmtrain.healing import token_bytes
     from lmtrain.inference import load_trained_model
 
@@ -48,9 +48,8 @@ def run(args: argparse.Namespace) -> int:
     value = {name: setting_value(args, name, run_values[name]) for name in SAMPLE_SETTINGS}
     if args.num_samples < 1:
         raise UserError("--num-samples must be at least 1")
-    prompt, max_new = value["prompt"], value["max_new_tokens"]
-    sampling = Sampling(value["temperature"], value["top_k"], value["top_p"],
-                        value["stop_at_eot"])
+    prompt = value["prompt"]
+    sampling = GenerationSettings(**{name: value[name] for name in GenerationSettings.model_fields})
     generator = torch.Generator().manual_seed(value["seed"])
     start_context(tok, prompt)  # an unencodable prompt fails before any output
     table = token_bytes(tok)
@@ -58,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         if args.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(prompt)
-        for piece in stream_sample(loaded.model, tok, prompt, max_new, cfg.model.block_size, device,
-                                   sampling, generator, table):
+        for piece in stream_sample(loaded.model, tok, prompt, sampling, cfg.model.block_size,
+                                   device, generator, table):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

@@ -47,6 +47,12 @@ def hf_model(model: nn.Module) -> nn.Module | None:
     return base if isinstance(base, PreTrainedModel) else None
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model without a DDP or ``torch.compile`` wrapper (decoding and saving need neither)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts; tied weights are counted once."""
     params = list(model.parameters())  # ``parameters()`` yields a shared tensor only once

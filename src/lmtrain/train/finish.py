@@ -54,7 +54,5 @@ def _sample(parts: Components, settings: LoopSettings, gen: GenerationSettings,
     if gen.max_new_tokens == 0:
         return ""
     prompt = default_prompt(gen, model_type)
-    return generate_text(parts.raw_model, parts.tokenizer, prompt, gen.max_new_tokens,
-                         settings.block_size, parts.placement.device, gen.temperature,
-                         gen.top_k, seed=settings.optimization.seed, top_p=gen.top_p,
-                         stop_at_eot=gen.stop_at_eot)
+    return generate_text(parts.raw_model, parts.tokenizer, prompt, gen, settings.block_size,
+                         parts.placement.device, seed=settings.optimization.seed)

@@ -40,7 +40,7 @@ def test_the_guard_passes_lmtrains_lora_bf16_step(tmp_path):
 @pytest.mark.integration
 def test_the_guard_fails_loudly_on_a_step_that_also_evaluates(tmp_path):
     # issue 28: each timed "step" also evaluated EVAL_ITERS batches of both splits
-    result = run_entrypoint([GUARD, "--quick", "--threads", "1", "--steps", "3", "--warmup", "1",
+    result = run_entrypoint([GUARD, "--quick", "--threads", "1", "--steps", "2", "--warmup", "1",
                              "--eval-iters", "20"], env={}, cwd=tmp_path, timeout=280)
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAIL: lmtrain's bf16 LoRA step is" in result.stderr

@@ -6,9 +6,10 @@ training loop (``run_training`` for one step, exactly as ``bench_lora.py`` times
 plain step: ``peft`` LoRA on the fp32 model, ``torch.autocast`` bf16, the loss from the model's
 logits, backward, clipping, AdamW. It fails (exit 1) with the environment printed when the median
 over adjacent pairs of lmtrain's time / the plain time exceeds ``--limit`` (1.5). Not a timed
-test: the limit is far below a pathology (issue 28's step: 5x and more here) and above what a
-sound step gives (0.34-0.37 at one thread; up to 1.25 at two threads on a 2-core machine with
-load 8, where OpenMP threads wait on each other: see docs/benchmarks.md).
+test: the limit is far below a pathology (issue 28's step, ``--quick --threads 1``: 17x with
+``--eval-iters 50``, 4.9x with 20) and above what a sound step gives (0.34-0.37 at one thread;
+up to 1.25 at two threads on a 2-core machine with load 8, where OpenMP threads wait on each
+other: see docs/benchmarks.md).
 
     python benchmarks/guard_lora_step.py            # a small model (2 x 256), 10 step pairs
     python benchmarks/guard_lora_step.py --quick    # tiny sizes (the test suite's smoke run)

@@ -7,9 +7,10 @@ load from other processes falls on both alike; the first ``--warmup`` steps are 
     python benchmarks/bench_lora.py            # GPT2Config() defaults: 124M parameters
     python benchmarks/bench_lora.py --quick    # a tiny model, a few steps (smoke run)
 
-Prints one markdown table row; ratio = lmtrain time / Trainer time (below 1: lmtrain is faster),
-as the ratio of the mean step times and as the median over adjacent pairs of steps (the pair
-shares whatever load the machine had at that moment).
+Prints the environment (torch build, threads, allocator, bf16 support, lmtrain's extras: see
+``environment.py``), then one markdown table row; ratio = lmtrain time / Trainer time (below 1:
+lmtrain is faster), as the ratio of the mean step times and as the median over adjacent pairs of
+steps (the pair shares whatever load the machine had at that moment).
 """
 
 from __future__ import annotations
@@ -26,16 +27,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from environment import print_environment
+
 LORA = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "lora_targets": "c_attn,c_proj,c_fc"}
 LR, WEIGHT_DECAY, BETAS, GRAD_CLIP, DROPOUT = 3e-4, 0.1, (0.9, 0.95), 1.0, 0.1
 
 
-def save_random_gpt2(folder: Path, quick: bool, seed: int) -> None:
+#: ``--quick``'s model: GPT-2's vocabulary (so its output layer) with a tiny body
+QUICK_SHAPE = {"n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
+
+
+def save_random_gpt2(folder: Path, quick: bool, seed: int,
+                     shape: dict[str, int] | None = None) -> None:
+    """A randomly initialised GPT-2 in ``folder``: ``shape`` (``GPT2Config`` fields), else
+    :data:`QUICK_SHAPE` when ``quick``, else GPT-2 small."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(seed)
-    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=64) if quick else GPT2Config()
-    GPT2LMHeadModel(config).save_pretrained(folder)
+    GPT2LMHeadModel(GPT2Config(**(shape or (QUICK_SHAPE if quick else {})))).save_pretrained(
+        folder)
 
 
 def random_tokens(n: int, vocab: int, seed: int) -> np.ndarray:
@@ -51,6 +61,7 @@ class LmtrainSide:
         from lmtrain.data.dataset import TokenData
         from lmtrain.data.tokenizers import GPT2Tokenizer
         from lmtrain.device import autocast_dtype, select_device
+        from lmtrain.host_memory import keep_freed_memory
         from lmtrain.models import build_model
         from lmtrain.progress import TrainProgress
         from lmtrain.train.checkpointing import Checkpointer
@@ -65,10 +76,14 @@ class LmtrainSide:
             tokenization_method="gpt2", block_size=args.block_size, batch_size=args.batch_size,
             learning_rate=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, dropout=DROPOUT,
             training_steps=total, warmup_steps=args.warmup, lr_decay_steps=total,
-            enable_checkpoints=False, eval_interval=10**9, log_interval=10**9,
+            # run_training evaluates at the end of every call: with EVAL_ITERS' default of 50, one
+            # timed step was 1 training step + 100 evaluation batches (issue 28's 28x); 0 = none
+            enable_checkpoints=False, eval_iters=args.eval_iters, log_interval=10**9,
             precision=args.precision, device=args.device, seed=args.seed,
             optimizer="adamw", **LORA)  # the Trainer's optimizer (lmtrain's default is Muon)
         device = select_device(cfg.run.device)
+        if device.type == "cpu":  # as the session does (lmtrain.train.build.prepare_run)
+            keep_freed_memory()
         torch.manual_seed(cfg.optimization.seed)
         model = build_model(cfg.model, 50257).to(device)
         dtype = autocast_dtype(cfg.run.precision, device)
@@ -82,6 +97,7 @@ class LmtrainSide:
         self.run = LiveRun(parts, progress, LoopSettings.of(cfg),
                            RunServices(Checkpointer(cfg, "bench", tmp)))
         self.device = device
+        self.eval_iters = args.eval_iters
 
     def run_step(self) -> float:
         from lmtrain.train.loop import run_training
@@ -90,7 +106,11 @@ class LmtrainSide:
         t0 = time.perf_counter()
         run_training(*self.run, 1)
         _sync(self.device)
-        return time.perf_counter() - t0
+        seconds = time.perf_counter() - t0
+        progress = self.run.progress
+        if progress.saved_steps or (progress.last_losses and not self.eval_iters):
+            raise RuntimeError("lmtrain's timed step evaluated or saved: it must only train")
+        return seconds
 
 
 class TrainerSide:
@@ -176,6 +196,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--eval-iters", type=int, default=0,
+                        help="lmtrain evaluates this many batches per split after each timed "
+                             "step, as bench_lora did before issue 28's fix [0]")
     parser.add_argument("--without-speedups", action="store_true",
                         help="lmtrain as before its LoRA speed-ups: loss from the full logits, "
                              "frozen base re-cast by autocast at every step")
@@ -208,6 +231,7 @@ def main() -> None:
                 ours.append(pair[0])
                 theirs.append(pair[1])
         trainer.thread.join()
+    print_environment()  # after the run: lmtrain's allocator setting has been applied
     shape = "tiny (2x64)" if args.quick else "GPT-2 small (124M)"
     threads = torch.get_num_threads() if args.device == "cpu" else "-"
     print("| model | batch x block | precision | device (threads) | lmtrain ms/step "

@@ -36,8 +36,8 @@ MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of the heap kept for the next step before any goes back to the kernel
 TRIM_THRESHOLD = 1024 * 1024 * 1024
 #: Environment that means the allocator is already someone's choice
-_USER_TUNED = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
-               "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
+USER_TUNED_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
+                        "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
 
 _applied: bool | None = None
 
@@ -45,8 +45,14 @@ _applied: bool | None = None
 def user_tuned(environ: Mapping[str, str] = os.environ) -> bool:
     """Whether the environment already chooses the allocator or its thresholds."""
     preload = environ.get("LD_PRELOAD", "")
-    return any(name in environ for name in _USER_TUNED) or any(
+    return any(name in environ for name in USER_TUNED_VARIABLES) or any(
         lib in preload for lib in ("jemalloc", "tcmalloc", "mimalloc"))
+
+
+def thresholds_set() -> bool | None:
+    """Whether :func:`keep_freed_memory` set the thresholds in this process (``None``: it has
+    not run yet)."""
+    return _applied
 
 
 def keep_freed_memory() -> bool:

@@ -169,3 +169,20 @@ def test_a_run_validates_its_config_once(corpus, run_dirs, tiny_checkpoint, monk
     check_settings(*resumed)
     train(*resumed)
     assert len(calls) == reading + 1  # the checkpoint read once, the merged settings once
+
+
+@pytest.mark.unit
+def test_only_the_session_places_the_process():
+    """The process group is joined once, by the session (``Placement.join``); nothing below
+    it falls back to joining it."""
+    src = ROOT / "src" / "lmtrain"
+    calls: dict[str, set[str]] = {}
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                owner = getattr(getattr(func, "value", None), "id", "")
+                if name == "init_distributed" or (owner, name) == ("Placement", "join"):
+                    calls.setdefault(name, set()).add(str(path.relative_to(src)))
+    assert calls == {"init_distributed": {"train/state.py"}, "join": {"train/session.py"}}

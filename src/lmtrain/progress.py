@@ -39,7 +39,8 @@ def _plain(value: Any) -> Any:
 
 @dataclass
 class TrainProgress:
-    """Where a run stands; only the loop and the checkpoint restore change it."""
+    """Where a run stands; only the loop (its evaluations and checkpoints too) and the
+    checkpoint restore change it."""
 
     #: the batch sampler's own generator (its state is part of the progress)
     sampler: torch.Generator = field(default_factory=torch.Generator)

@@ -128,6 +128,8 @@ def test_resuming_the_last_step_twice_without_checkpoints_branches(train_run):
 def test_training_py_takes_no_arguments(tmp_path):
     from tests.conftest import run_entrypoint
 
+    tmp_path = tmp_path / "cwd"
+    tmp_path.mkdir()
     root = Path(__file__).resolve().parents[1]
     for args in (["--help"], ["--steps", "3"]):
         proc = run_entrypoint([str(root / "training.py"), *args], {}, tmp_path, timeout=60)
@@ -136,3 +138,36 @@ def test_training_py_takes_no_arguments(tmp_path):
         assert "lmtrain train --help" in proc.stderr
         assert "Traceback" not in proc.stderr
     assert os.listdir(tmp_path) == []  # no run started
+
+
+QA_SURROGATE = '{"question": "What is \\ud800?", "answer": "Lost."}\n'
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("method", ["character", "custom_bpe"])
+def test_a_record_with_an_unpaired_surrogate_is_refused_when_read(train_run, tmp_path, method,
+                                                                   capsys):
+    data = tmp_path / "qa.jsonl"
+    good = '{"question": "What is two?", "answer": "Two."}\n'
+    data.write_text(good * 40 + QA_SURROGATE + good * 10, encoding="utf-8")
+    with pytest.raises(UserError) as exc:
+        train_run(training_data_source=str(data), tokenization_method=method,
+                  custom_vocab_size=300, training_steps=2)
+    message = str(exc.value)
+    assert f"{data} line 41" in message and "'question'" in message
+    assert "unpaired surrogate" in message
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("line, expected", [
+    ('{"text": "a\\udc80"}', "field 'text' holds an unpaired surrogate"),
+    ('{"q": 1' + "0" * 5000 + "}", "a number is too long"),
+    ("[" * 200_000 + "]" * 200_000, "nests deeper"),
+    ('{"messages": [{"content": ["\\ud800"]}]}', "field 'messages[0].content[0]' holds"),
+])
+def test_json_lines_that_python_reads_badly_are_one_line(line, expected):
+    from lmtrain.data.sources import parse_json_line
+
+    with pytest.raises(UserError, match=r"^f line 3") as exc:
+        parse_json_line(line, "f line 3")
+    assert expected in str(exc.value)

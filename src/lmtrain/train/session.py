@@ -28,6 +28,7 @@ import torch
 
 from lmtrain.advice import run_warnings, steps_to_run
 from lmtrain.config import FIELDS
+from lmtrain.crash_report import LOG_ATTRIBUTE
 from lmtrain.device import select_device
 from lmtrain.distributed import DistInfo, broadcast_object, cleanup, init_distributed
 from lmtrain.durable import remove_stale_temp_files
@@ -111,6 +112,11 @@ class Session:
         except UserError as exc:
             if self.logging:  # the entrypoint prints it; the log file keeps it too
                 log.error("error: %s", exc, extra={"file_only": True})
+            raise
+        except Exception as exc:  # a bug: its traceback in the log, named by the entrypoint
+            if self.logging:
+                log.exception("internal error", extra={"file_only": True})
+                setattr(exc, LOG_ATTRIBUTE, self.log_file)
             raise
         finally:
             self.close()

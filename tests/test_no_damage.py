@@ -19,13 +19,12 @@ def test_atomic_folder_refuses_a_filled_folder_and_a_file(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "mine.txt").write_text("keep")
-    with pytest.raises(UserError, match=r"OUT_DIR=.*not empty.*--force"):
-        with atomic_folder(out, "OUT_DIR"):
-            pass
+    with pytest.raises(UserError, match=r"OUT_DIR=.*not empty.*--force"), \
+            atomic_folder(out, "OUT_DIR"):
+        pass
     (tmp_path / "file").write_text("keep")
-    with pytest.raises(UserError, match="is a file"):
-        with atomic_folder(tmp_path / "file", "OUT_DIR"):
-            pass
+    with pytest.raises(UserError, match="is a file"), atomic_folder(tmp_path / "file", "OUT_DIR"):
+        pass
     assert (out / "mine.txt").read_text() == "keep"
     assert (tmp_path / "file").read_text() == "keep"
 

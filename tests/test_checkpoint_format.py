@@ -28,7 +28,8 @@ FORMAT_MODULE = SRC / "checkpoint_format.py"
 SHARED_WORDS = {fmt.STEP_KEY, fmt.TOKENIZER_KEY, fmt.RUN_NAME_KEY, fmt.MODEL_TYPE_KEY,
                 fmt.VOCAB_SIZE_KEY, fmt.BLOCK_SIZE_KEY, fmt.BATCH_SIZE_KEY}
 #: What the format module may import from lmtrain (nothing above the settings layer).
-ALLOWED_INTERNAL = {"lmtrain", "lmtrain.config", "lmtrain.errors", "lmtrain.durable"}
+ALLOWED_INTERNAL = {"lmtrain", "lmtrain.config", "lmtrain.errors", "lmtrain.durable",
+                    "lmtrain.checkpoint_structure"}
 
 
 def _modules() -> list[Path]:

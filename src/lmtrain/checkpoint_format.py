@@ -20,6 +20,7 @@ from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from lmtrain.checkpoint_structure import structure_problem
 from lmtrain.config import TrainingConfig, saved_run_settings
 from lmtrain.errors import UserError
 
@@ -366,6 +367,9 @@ def validate(ckpt: Any, where: str) -> None:
     last, so a crafted file is told by what is wrong with it, a flipped bit by the digest.
     """
     _check_envelope(ckpt, where)
+    structure = structure_problem(ckpt, (MODEL_STATE_KEY, OPTIMIZER_STATE_KEY))  # first
+    if structure:
+        raise damaged(where, structure)
     found = problems(ckpt)
     if found:
         raise damaged(where, "; ".join(found))

@@ -15,6 +15,7 @@ from lmtrain.checkpoint_format import SavedRun
 from lmtrain.config import ModelSettings, TrainingConfig
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
 from lmtrain.errors import UserError
+from lmtrain.memory_estimate import check_memory
 from lmtrain.models import build_model
 from lmtrain.models.lora import with_base
 from lmtrain.models.weights import load_weights
@@ -40,6 +41,8 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     run = load_run(path, label=label)
     cfg = with_base(run.config, run.lora_base, base)  # GPT-2: where its base model is now
     tokenizer = saved_tokenizer(run)
+    check_memory(cfg.model, tokenizer.vocab_size, (device or torch.device("cpu")).type,
+                 training=False, origin="the checkpoint's ")
     torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, tokenizer.vocab_size)
     load_weights(model, cfg.model, run)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO
 
 from lmtrain.errors import UserError
+from lmtrain.paths import user_path
 
 TMP_PREFIX = ".tmp-"
 TMP_SUFFIX = ".part"
@@ -128,7 +129,7 @@ def atomic_folder(path: str | Path, setting: str, force: bool = False) -> Iterat
     anything is written; a failed or interrupted block leaves ``path`` as it was and no temp
     folder behind. A storage error is one line naming ``setting``.
     """
-    path = Path(path).expanduser()
+    path = user_path(path, setting)
     if path.exists() and not path.is_dir():
         raise UserError(f"{setting}={str(path)!r} is a file, not a folder; give a folder "
                         f"name (it is created)")

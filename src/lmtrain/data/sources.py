@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import UserError
+from lmtrain.paths import not_a_file
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: What separates documents for a tokenizer without an end-of-text token: a blank line.
@@ -42,8 +43,10 @@ def resolve_files(source: str) -> list[Path]:
         if not files:
             raise UserError(f"TRAINING_DATA_SOURCE={source!r}: the pattern matches no files")
         return files
+    problem = not_a_file(path)
+    what = "no such file or folder" if problem == "no such file" else problem
     raise UserError(
-        f"TRAINING_DATA_SOURCE={source!r}: no such file or folder; give a text file, a folder "
+        f"TRAINING_DATA_SOURCE={source!r}: {what}; give a text file, a folder "
         f"of .txt/.md files, a glob or a .jsonl file")
 
 

@@ -1,0 +1,176 @@
+"""Issue 27's traceback classes, as attacks: crafted checkpoints that pass the loader, settings
+that ask for more memory than there is, paths the OS cannot take, TOML that lies about types.
+Each ends in one line and exit status 2, and changes no file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from lmtrain.checkpoint import save_checkpoint
+from lmtrain.cli import main
+from lmtrain.errors import UserError
+
+
+def _deep(depth: int) -> Any:
+    value: Any = 1
+    for _ in range(depth):
+        value = [value]
+    return value
+
+
+def craft(src: Path, dest: Path, sealed: bool = True, **changes: Any) -> Path:
+    """A copy of checkpoint ``src`` with top-level keys (or hyperparameters, given as a dict)
+    changed; sealed with a valid digest, or written as ``torch.save`` would."""
+    ckpt = torch.load(src, weights_only=True)
+    for key, value in changes.items():
+        ckpt[key] = {**ckpt[key], **value} if key == "hyperparameters" else value
+    if sealed:
+        save_checkpoint(dest, ckpt)
+    else:
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(max(limit, 50_000))
+        try:
+            torch.save(ckpt, dest)
+        finally:
+            sys.setrecursionlimit(limit)
+    return dest
+
+
+def _weights(src: Path, change) -> dict[str, Any]:
+    weights = dict(torch.load(src, weights_only=True)["model_state_dict"])
+    name = next(iter(weights))
+    weights[name] = change(weights[name])
+    return weights
+
+
+def _nan(t: torch.Tensor) -> torch.Tensor:
+    t = t.clone()
+    t.view(-1)[0] = float("nan")
+    return t
+
+
+ATTACKS = {
+    "deep settings": (lambda src: {"hyperparameters": {"prompt": _deep(10_000)}}, False,
+                      "nests deeper"),
+    "sparse weights": (lambda src: {"model_state_dict": _weights(src, lambda t: t.to_sparse())},
+                       False, "not a dense one"),
+    "meta weights": (lambda src: {"model_state_dict": _weights(src, lambda t: t.to("meta"))},
+                     False, "the meta device"),
+    "NaN weights": (lambda src: {"model_state_dict": _weights(src, _nan)}, True,
+                    "NaN or infinite"),
+    "complex weights": (lambda src: {"model_state_dict": _weights(
+        src, lambda t: t.to(torch.complex64))}, False, "dtype torch.complex64"),
+    "huge step": (lambda src: {"step": 2**70}, False, "beyond 64 bits"),
+    "odd key": (lambda src: {"last_losses": {(1, 2): 1.0}}, False, "key of type tuple"),
+    "endless sample": (lambda src: {"hyperparameters": {"max_new_tokens": 10**12}}, True,
+                       "max_new_tokens"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_crafted_checkpoints_are_one_line_in_every_command(attack, tiny_checkpoint, tmp_path,
+                                                           capsys):
+    make, sealed, expected = ATTACKS[attack]
+    bad = craft(tiny_checkpoint, tmp_path / "bad.pt", sealed=sealed, **make(tiny_checkpoint))
+    before = bad.read_bytes()
+    for command in (["inspect", str(bad)], ["sample", str(bad), "--max-new-tokens", "3"],
+                    ["export", str(bad), str(tmp_path / "hf")]):
+        assert main(command) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and "\n" not in err, err
+        assert expected in err and "damaged" in err, err
+    assert bad.read_bytes() == before and not (tmp_path / "hf").exists()
+
+
+@pytest.mark.integration
+def test_a_checkpoint_claiming_a_huge_model_is_refused_before_allocating(tiny_checkpoint,
+                                                                          tmp_path, capsys):
+    big = craft(tiny_checkpoint, tmp_path / "big.pt",
+                hyperparameters={"n_embd": 1_048_576, "n_head": 512})
+    assert main(["sample", str(big)]) == 2
+    err = capsys.readouterr().err
+    assert "the checkpoint's N_EMBD=1048576" in err and "TB" in err
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("setting, value, named", [
+    ("batch_size", 300_000_000, "BATCH_SIZE=300000000"),
+    ("n_embd", 1_048_576, "N_EMBD=1048576"),
+])
+def test_memory_is_estimated_before_allocating(setting, value, named):
+    from lmtrain.config import ModelSettings
+    from lmtrain.memory_estimate import check_memory
+
+    model = ModelSettings(**({"n_embd": value, "n_head": 512} if setting == "n_embd" else {}))
+    batch = value if setting == "batch_size" else 4
+    with pytest.raises(UserError, match=named) as exc:
+        check_memory(model, 50257, "cpu", batch)
+    assert "needs about" in str(exc.value) and "of memory of this cpu" in str(exc.value)
+    check_memory(ModelSettings(), 50257, "cpu", 32)  # the default run fits
+
+
+@pytest.mark.integration
+def test_training_with_a_batch_no_memory_holds_is_refused_before_anything_is_written(
+        train_run, tmp_path):
+    with pytest.raises(UserError, match=r"BATCH_SIZE=300000000.*needs about"):
+        train_run(batch_size=300_000_000)
+    assert not (tmp_path / "ckpt").exists() and not (tmp_path / "logs").exists()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize("value, expected", [
+    ("a" * 300, "over the 255 a file name may have"),
+    ("/x" * 2100, "over the 4095 a path may have"),
+    ("~nosuchuser_lmtrain/x", "~nosuchuser_lmtrain names the home folder"),
+    ("bad\0name", "nul character"),
+])
+@pytest.mark.parametrize("setting", ["TRAINING_DATA_SOURCE", "CHECKPOINT_PATH",
+                                     "CHECKPOINT_DIR", "LOG_DIR"])
+def test_paths_the_os_cannot_take_are_one_line(setting, value, expected):
+    from lmtrain.config import explicit_settings, load_fresh
+
+    values, sources = explicit_settings(env={setting: value})
+    with pytest.raises(UserError, match=f"^{setting}=") as exc:
+        load_fresh(values, sources)
+    assert expected in str(exc.value)
+
+
+@pytest.mark.unit
+def test_what_is_no_file_is_told_apart(tmp_path, capsys):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    (tmp_path / "dir").mkdir()
+    for name, said in (("fifo", "a FIFO"), ("loop", "a symlink loop"), ("dir", "a folder"),
+                       ("none", "no such file")):
+        assert main(["inspect", str(tmp_path / name)]) == 2
+        assert said in capsys.readouterr().err
+    assert main(["inspect", "~nosuchuser_lmtrain/x.pt"]) == 2
+    assert "home folder of a user" in capsys.readouterr().err
+
+
+@pytest.mark.unit
+def test_toml_true_for_a_number_is_refused(tmp_path):
+    from lmtrain.config import read_config_file
+
+    (tmp_path / "c.toml").write_text("training_steps = true\nenable_checkpoints = false\n")
+    with pytest.raises(UserError, match="training_steps = true is true/false, not a whole"):
+        read_config_file(tmp_path / "c.toml")
+    (tmp_path / "ok.toml").write_text("enable_checkpoints = false\n")
+    assert read_config_file(tmp_path / "ok.toml") == {"enable_checkpoints": False}
+
+
+@pytest.mark.unit
+def test_a_lock_that_is_a_folder_is_named(tmp_path):
+    from lmtrain.run_folder import LOCK_NAME, RunLock
+
+    (tmp_path / LOCK_NAME).mkdir()
+    with pytest.raises(UserError, match=r"\.lock' is a folder, where lmtrain keeps"):
+        RunLock(tmp_path).acquire()

@@ -174,3 +174,48 @@ def test_a_lock_that_is_a_folder_is_named(tmp_path):
     (tmp_path / LOCK_NAME).mkdir()
     with pytest.raises(UserError, match=r"\.lock' is a folder, where lmtrain keeps"):
         RunLock(tmp_path).acquire()
+
+
+class _Code:
+    def __reduce__(self):
+        return (print, ("code ran",))
+
+
+def _damage(folder: Path, how: str) -> str:
+    """Damage a copy of a tiny GPT-2 folder; returns the file a message must name."""
+    import pickle
+
+    weights = folder / "model.safetensors"
+    if how == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:1000])
+        return "model.safetensors"
+    if how == "code in pytorch_model.bin":
+        weights.unlink()
+        (folder / "pytorch_model.bin").write_bytes(pickle.dumps({"w": _Code()}))
+        return "pytorch_model.bin"
+    from lmtrain.data.tokenizers import gpt2_file
+
+    (folder / "vocab.json").write_bytes(gpt2_file("encoder.json"))
+    (folder / "merges.txt").write_bytes(gpt2_file("vocab.bpe"))
+    if how == "invalid vocab.json":
+        (folder / "vocab.json").write_text('{"a": 1,')
+        return "vocab.json"
+    (folder / "merges.txt").write_text("#version: 0.2\nthis is not a merge line\n\x00\x01\n")
+    return "merges.txt"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("how", ["truncated weights", "code in pytorch_model.bin",
+                                 "invalid vocab.json", "garbage merges.txt"])
+def test_a_damaged_gpt2_folder_is_one_line_naming_the_file(how, tiny_gpt2_dir, train_run,
+                                                           tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    name = _damage(folder, how)
+    with pytest.raises(UserError) as exc:
+        train_run(model_type="gpt2", gpt2_model_name=str(folder), training_steps=1)
+    message = str(exc.value)
+    assert message.startswith(f"GPT2_MODEL_NAME={str(folder)!r}") and name in message, message
+    assert "code ran" not in capsys.readouterr().out

@@ -219,3 +219,40 @@ def test_a_damaged_gpt2_folder_is_one_line_naming_the_file(how, tiny_gpt2_dir, t
     message = str(exc.value)
     assert message.startswith(f"GPT2_MODEL_NAME={str(folder)!r}") and name in message, message
     assert "code ran" not in capsys.readouterr().out
+
+
+def _table(path: Path, rows: int = 400) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"question": [f"What is {i} plus one, my friend?" for i in range(rows)],
+                      "answer": [f"It is {i + 1}, as always." for i in range(rows)],
+                      "text": [f"line {i} " * 8 for i in range(rows)]})
+    if path.suffix == ".parquet":
+        pq.write_table(table, path, row_group_size=50)
+    else:
+        with pa.OSFile(str(path), "wb") as sink, pa.ipc.new_stream(sink, table.schema) as w:
+            for batch in table.to_batches(max_chunksize=50):
+                w.write_batch(batch)
+    return path
+
+
+def _corrupt(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    if path.suffix == ".parquet":  # garbage over the data pages in the middle
+        for i in range(len(data) // 4, len(data) * 3 // 4, 7):
+            data[i] = 0xFF
+    else:  # a stream cut in the middle of a batch
+        data = data[: len(data) * 2 // 3]
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("suffix", [".parquet", ".arrow"])
+@pytest.mark.parametrize("fmt", ["text", "qa"])
+def test_a_damaged_table_is_one_line_naming_the_file(suffix, fmt, train_run, tmp_path):
+    data = _table(tmp_path / f"data{suffix}")
+    _corrupt(data)
+    with pytest.raises(UserError) as exc:
+        train_run(training_data_source=str(data), data_format=fmt, training_steps=1)
+    assert str(data) in str(exc.value), str(exc.value)

@@ -256,3 +256,59 @@ def test_a_damaged_table_is_one_line_naming_the_file(suffix, fmt, train_run, tmp
     with pytest.raises(UserError) as exc:
         train_run(training_data_source=str(data), data_format=fmt, training_steps=1)
     assert str(data) in str(exc.value), str(exc.value)
+
+
+@pytest.mark.integration
+def test_an_invalid_utf8_prompt_is_one_line(train_run, tmp_path, capsys):
+    run = train_run(tokenization_method="custom_bpe", custom_vocab_size=300, training_steps=1)
+    ckpt = str(run.checkpoint_dir / "step_0000001.pt")
+    bad = b"caf\xe9 \xff".decode("utf-8", "surrogateescape")  # as Python reads such argv
+    assert main(["sample", ckpt, "--prompt", bad, "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --prompt=") and "invalid utf-8" in err and "\n" not in err
+
+
+def _qa_records(path: Path, n: int = 60) -> Path:
+    import json
+
+    lines = [json.dumps({"question": f"What is {i} plus one?", "answer": f"{i + 1}."})
+             for i in range(n)]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.integration
+def test_eval_checks_templates_as_training_does(train_run, tmp_path, capsys):
+    data = _qa_records(tmp_path / "qa.jsonl")
+    run = train_run(training_data_source=str(data), training_steps=1)
+    ckpt = str(run.checkpoint_dir / "step_0000001.pt")
+    assert main(["eval", ckpt, "--answers", "--qa-template", "bad"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: QA_TEMPLATE='bad' is invalid") and "{question}" in err
+
+
+@pytest.mark.integration
+def test_eval_says_when_every_held_out_question_was_seen_in_training(train_run, tmp_path,
+                                                                      capsys):
+    import json
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": "Same?", "answer": "Yes."}) + "\n"
+                            for _ in range(60)), encoding="utf-8")
+    run = train_run(training_data_source=str(data), training_steps=1)
+    assert main(["eval", str(run.checkpoint_dir / "step_0000001.pt"), "--answers"]) == 2
+    err = capsys.readouterr().err
+    assert "are also asked in its training records" in err and "every question" not in err
+
+
+@pytest.mark.integration
+def test_eval_follows_its_own_drop_unknown_chars_advice(train_run, tmp_path, corpus_text,
+                                                         capsys):
+    run = train_run(training_steps=1)
+    ckpt = str(run.checkpoint_dir / "step_0000001.pt")
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_text[:5000] + " ✓ ☃ " * 50, encoding="utf-8")
+    assert main(["eval", ckpt, "--data", str(other), "--cache-dir", str(tmp_path / "c")]) == 2
+    assert "DROP_UNKNOWN_CHARS=1" in capsys.readouterr().err
+    assert main(["eval", ckpt, "--data", str(other), "--cache-dir", str(tmp_path / "c"),
+                 "--drop-unknown-chars"]) == 0

@@ -30,6 +30,7 @@ from pydantic import (
 
 from lmtrain.errors import UserError
 from lmtrain.paths import not_a_file, path_problem, user_path
+from lmtrain.unicode_text import not_text
 
 DEFAULT_CORPUS = str(resources.files("lmtrain") / "corpus" / "shakespeare.txt")
 
@@ -39,6 +40,15 @@ class Settings(BaseModel):
     validation are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        """Text settings hold text (no invalid UTF-8 from an argument or env var)."""
+        problem = not_text(value) if isinstance(value, str) else None
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_validator("training_data_source", "cache_dir", "gpt2_model_name", "checkpoint_dir",
                      "checkpoint_path", "log_dir", "output_dir", check_fields=False)
@@ -519,9 +529,13 @@ def check_value(name: str, value: Any, label: str) -> Any:
     kind: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     adapter: TypeAdapter[Any] = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
     try:
-        return adapter.validate_python(value)
+        checked = adapter.validate_python(value)
     except ValidationError as exc:
         raise UserError(_invalid(name, f"{label}={value!r}", exc.errors()[0]["msg"])) from None
+    problem = not_text(checked) if isinstance(checked, str) else None
+    if problem:
+        raise UserError(_invalid(name, f"{label}={value!r}", problem))
+    return checked
 
 
 def _expected(name: str) -> str:

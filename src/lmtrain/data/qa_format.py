@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from lmtrain.data.sources import unpaired_surrogate
+from lmtrain.unicode_text import unpaired_surrogate
 
 if TYPE_CHECKING:
     from lmtrain.data.tokenizers import Tokenizer

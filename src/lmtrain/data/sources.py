@@ -18,6 +18,7 @@ from typing import Any
 
 from lmtrain.errors import UserError
 from lmtrain.paths import not_a_file
+from lmtrain.unicode_text import unpaired_surrogate
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: What separates documents for a tokenizer without an end-of-text token: a blank line.
@@ -192,15 +193,6 @@ def json_problem(value: Any) -> str | None:
                 stack.append((sub, name, depth + 1))
         elif isinstance(item, list):
             stack.extend((sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(item))
-    return None
-
-
-def unpaired_surrogate(text: str) -> int | None:
-    """Where ``text`` holds a lone surrogate (not encodable as UTF-8), else ``None``."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as exc:
-        return exc.start
     return None
 
 

@@ -312,3 +312,30 @@ def test_eval_follows_its_own_drop_unknown_chars_advice(train_run, tmp_path, cor
     assert "DROP_UNKNOWN_CHARS=1" in capsys.readouterr().err
     assert main(["eval", ckpt, "--data", str(other), "--cache-dir", str(tmp_path / "c"),
                  "--drop-unknown-chars"]) == 0
+
+
+@pytest.mark.unit
+def test_a_from_scratch_shape_mismatch_does_not_speak_of_gpt2(tiny_checkpoint):
+    from lmtrain.config import ModelSettings
+    from lmtrain.models import build_model
+    from lmtrain.models.weights import load_model_state
+
+    weights = torch.load(tiny_checkpoint, weights_only=True)["model_state_dict"]
+    config = ModelSettings(n_layer=1, n_head=2, n_embd=32)
+    with pytest.raises(UserError) as exc:
+        load_model_state(build_model(config, 65), config, weights)
+    assert "GPT2_MODEL_NAME" not in str(exc.value) and "N_EMBD=32" in str(exc.value)
+
+
+@pytest.mark.integration
+def test_the_format_is_told_from_more_than_the_first_record(train_run, tmp_path):
+    import json
+
+    data = tmp_path / "alpaca.jsonl"
+    first = json.dumps({"instruction": "Say hi."})  # no output: refused as alpaca, not text
+    rest = [json.dumps({"instruction": f"Count to {i}.", "output": "1 2 3."}) for i in range(40)]
+    data.write_text("\n".join([first, *rest]) + "\n", encoding="utf-8")
+    with pytest.raises(UserError) as exc:
+        train_run(training_data_source=str(data), training_steps=1)
+    assert "line 1" in str(exc.value) and "'output' is missing" in str(exc.value)
+    assert "TEXT_FIELD" not in str(exc.value)

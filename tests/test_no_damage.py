@@ -170,3 +170,16 @@ def test_json_lines_that_python_reads_badly_are_one_line(line, expected):
     with pytest.raises(UserError, match=r"^f line 3") as exc:
         parse_json_line(line, "f line 3")
     assert expected in str(exc.value)
+
+
+@pytest.mark.integration
+def test_logged_losses_after_an_off_grid_resume_are_the_straight_runs(train_run):
+    from tests.conftest import train_losses, whole_and_resumed
+
+    whole, part, _ = whole_and_resumed(train_run, total=20, split=7, log_interval=5,
+                                       lr_decay_steps=20, eval_interval=100,
+                                       checkpoint_interval=100)
+    straight = train_losses(Path(whole.log_file).parent / "metrics.jsonl")
+    resumed = train_losses(Path(part.log_file).parent / "metrics.jsonl", since=8)
+    assert sorted(resumed) == [10, 15, 20]
+    assert resumed == {step: straight[step] for step in (10, 15, 20)}

@@ -57,6 +57,7 @@ LAST_LOSSES_KEY = "last_losses"
 GRAD_SCALER_STATE_KEY = "grad_scaler_state_dict"
 TRACKER_RUN_IDS_KEY = "tracker_run_ids"
 LORA_BASE_KEY = "lora_base"
+LOSS_WINDOW_KEY = "loss_window"
 
 #: Every key a checkpoint may hold, in the order they are written.
 KEYS = (
@@ -65,7 +66,7 @@ KEYS = (
     VOCAB_SIZE_KEY, BLOCK_SIZE_KEY, BATCH_SIZE_KEY, TOKENIZER_KEY, RNG_STATE_KEY,
     CUDA_RNG_STATE_KEY, SAMPLER_STATE_KEY, WORLD_SIZE_KEY, BEST_VAL_LOSS_KEY, BEST_STEP_KEY,
     LAST_LOSSES_KEY, GRAD_SCALER_STATE_KEY, TRACKER_RUN_IDS_KEY, LORA_BASE_KEY,
-    RANK_RNG_STATES_KEY, DIGEST_KEY,
+    RANK_RNG_STATES_KEY, LOSS_WINDOW_KEY, DIGEST_KEY,
 )
 REQUIRED_KEYS = (
     FORMAT_VERSION_KEY, STEP_KEY, MODEL_STATE_KEY, OPTIMIZER_STATE_KEY, HYPERPARAMETERS_KEY,
@@ -217,6 +218,8 @@ _OPTIONAL: tuple[tuple[str, Any, Callable[[Any], bool], str], ...] = (
      "best_val_loss is not a number"),
     (BEST_STEP_KEY, None, lambda v: v is None or _is_int(v), "best_step is not a step number"),
     (LAST_LOSSES_KEY, {}, _is_loss_map, "last_losses is not a map of names to numbers"),
+    (LOSS_WINDOW_KEY, [], lambda v: isinstance(v, list) and all(map(_is_number, v)),
+     "loss_window is not a list of losses"),
     (GRAD_SCALER_STATE_KEY, {}, lambda v: isinstance(v, dict),
      "grad_scaler_state_dict is not a dict"),
     (TRACKER_RUN_IDS_KEY, {}, _is_text_map,
@@ -531,6 +534,11 @@ class SavedRun:
     def last_losses(self) -> dict[str, float]:
         """The last evaluation's losses by name (with the ``step`` they were taken at)."""
         return dict(self.payload.get(LAST_LOSSES_KEY) or {})
+
+    @property
+    def loss_window(self) -> list[float]:
+        """The train losses of the steps since the last ``LOG_INTERVAL`` step."""
+        return [float(v) for v in self.payload.get(LOSS_WINDOW_KEY) or []]
 
     @property
     def tracker_run_ids(self) -> dict[str, str]:

@@ -27,6 +27,7 @@ from lmtrain.checkpoint_format import (
     LAST_LOSSES_KEY,
     LMTRAIN_VERSION_KEY,
     LORA_BASE_KEY,
+    LOSS_WINDOW_KEY,
     MODEL_STATE_KEY,
     MODEL_TYPE_KEY,
     OPTIMIZER_STATE_KEY,
@@ -97,6 +98,7 @@ def build(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, Any
         BEST_VAL_LOSS_KEY: ctx.best_val_loss if math.isfinite(ctx.best_val_loss) else None,
         BEST_STEP_KEY: ctx.best_step,
         LAST_LOSSES_KEY: dict(ctx.last_losses),
+        LOSS_WINDOW_KEY: list(ctx.loss_window),
         GRAD_SCALER_STATE_KEY: ctx.grad_scaler.state_dict() if ctx.grad_scaler else {},
         TRACKER_RUN_IDS_KEY: dict(ctx.tracker_run_ids),
     }
@@ -131,6 +133,7 @@ def restore(ctx: RunContext, run: SavedRun) -> None:
     ctx.best_val_loss = math.inf if best is None else best
     ctx.best_step = run.best_step
     ctx.last_losses = run.last_losses
+    ctx.loss_window = run.loss_window
     # a branch (or a renamed run) is a tracker run of its own
     ctx.tracker_run_ids = run.tracker_run_ids if run.run_name == ctx.run_name else {}
     if ctx.grad_scaler is not None and run.grad_scaler_state:

@@ -218,6 +218,7 @@ class LossWindow:
         values = torch.stack([t.float() for t in tensors]).tolist() if tensors else []
         extra_value = values.pop() if extra is not None else None
         self.values += values
+        self.ctx.loss_window += values  # since the last LOG_INTERVAL step, kept in checkpoints
         self.pending.clear()
         if self.ctx.config.optimization.on_nan == "stop":
             for i, value in enumerate(self.values):
@@ -231,7 +232,10 @@ class LossWindow:
         """One progress line: mean loss and tokens/s (evaluation and saving time excluded)."""
         ctx, cfg = self.ctx, self.ctx.config
         grad_norm = self.check(self.grad_norm)
-        kept = [v for v in self.values if math.isfinite(v)]  # skipped steps are left out
+        on_grid = ctx.step % cfg.evaluation.log_interval == 0  # else the run's last step
+        # on the grid: the mean since the last grid step, also across a resume in between
+        window = ctx.loss_window if on_grid else self.values
+        kept = [v for v in window if math.isfinite(v)]  # skipped steps are left out
         seconds = time.perf_counter() - self.t0 - (self._excluded() - self.excluded0)
         opt = cfg.optimization
         tokens = (opt.batch_size * cfg.model.block_size * opt.grad_accum_steps * ctx.world_size
@@ -246,6 +250,8 @@ class LossWindow:
             if ctx.metrics:
                 ctx.metrics.write(step=ctx.step, train_loss=mean_loss, lr=lr,
                                   tokens_per_s=round(tps, 1), grad_norm=grad_norm, kind="train")
+        if on_grid:
+            ctx.loss_window.clear()
         self.reset()
 
 
@@ -279,6 +285,8 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
     end = start_step + n_steps
     ctx.model.train()
     ctx.step = start_step
+    if len(ctx.loss_window) != start_step % cfg.evaluation.log_interval:
+        ctx.loss_window = []  # saved under another LOG_INTERVAL (or none): start a new window
     with contextlib.ExitStack() as stack:
         window = LossWindow(ctx, _progress(ctx, stack, start_step, end))
         for step in range(start_step, end):

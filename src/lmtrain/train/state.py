@@ -46,6 +46,9 @@ class RunContext:
     best_val_loss: float = math.inf
     best_step: int | None = None
     last_losses: dict[str, float] = field(default_factory=dict)
+    #: train losses since the last LOG_INTERVAL step: saved, so that a run resumed off that
+    #: grid logs the very means the straight run logs
+    loss_window: list[float] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("data", "train", "eval", "checkpoint"), 0.0))
     is_main: bool = True

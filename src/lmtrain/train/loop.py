@@ -22,6 +22,7 @@ import torch
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
+from lmtrain.signals import StopNow, interruptible
 from lmtrain.train.answer_eval import measure_answers
 from lmtrain.train.checkpointing import build as build_checkpoint
 from lmtrain.train.checkpointing import gather_rank_states
@@ -62,6 +63,19 @@ def evaluate(ctx: RunContext) -> dict[str, float]:
                               kind="eval")
     measure_answers(ctx)  # question/answer records: answer accuracy beside the loss
     return losses
+
+
+def evaluate_unless_stopped(ctx: RunContext) -> None:
+    """:func:`evaluate`, cut short by a stop signal (one process: others would wait for it in
+    the evaluation's collective); the step's checkpoint and the stop then follow as usual."""
+    if ctx.world_size > 1:
+        evaluate(ctx)
+        return
+    try:
+        with interruptible():
+            evaluate(ctx)
+    except StopNow as exc:
+        ctx.stop_signal = exc.signum
 
 
 def _previous_checkpoint(ctx: RunContext) -> str:
@@ -298,7 +312,7 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
             # window.check(): under ON_NAN=stop a NaN loss is never evaluated or saved
             if evaluating and ctx.step % cfg.evaluation.eval_interval == 0:
                 window.check()
-                evaluate(ctx)
+                evaluate_unless_stopped(ctx)
             if ctx.step % cfg.checkpointing.checkpoint_interval == 0 and ctx.step != end:
                 window.check()
                 save(ctx)
@@ -307,6 +321,6 @@ def run_training(ctx: RunContext, start_step: int, n_steps: int) -> None:
                 window.check()
                 raise TrainingInterrupted(ctx.stop_signal, save(ctx))
     if n_steps > 0:
-        if evaluating and ctx.last_losses.get("step") != ctx.step:
-            evaluate(ctx)  # the final checkpoint holds its own losses
+        if evaluating and ctx.last_losses.get("step") != ctx.step and ctx.stop_signal is None:
+            evaluate_unless_stopped(ctx)  # the final checkpoint holds its own losses
         save(ctx)

@@ -47,7 +47,7 @@ from lmtrain.reporting import (
     timings_line,
 )
 from lmtrain.run_folder import claim_run_folders
-from lmtrain.signals import StopRequest, stop_on_signals
+from lmtrain.signals import StopNow, StopRequest, interruptible, stop_on_signals
 from lmtrain.train.build import check_before_start, prepare_run
 from lmtrain.train.finish import finish
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
@@ -113,6 +113,8 @@ class Session:
             if self.logging:  # the entrypoint prints it; the log file keeps it too
                 log.error("error: %s", exc, extra={"file_only": True})
             raise
+        except TrainingInterrupted:
+            raise
         except Exception as exc:  # a bug: its traceback in the log, named by the entrypoint
             if self.logging:
                 log.exception("internal error", extra={"file_only": True})
@@ -153,7 +155,11 @@ class Session:
         """The final losses and the sample; once the metrics are complete, the loss plot, the
         output file and the timings."""
         ctx, summary = self.ctx, self.summary
-        summary.final_losses, summary.sample = finish(ctx)
+        try:  # a stop signal cuts the final evaluation and sample short: the run is saved
+            with interruptible() if ctx.world_size == 1 else contextlib.nullcontext():
+                summary.final_losses, summary.sample = finish(ctx)
+        except StopNow as exc:
+            raise self.hints.interrupted(TrainingInterrupted(exc.signum), ctx) from None
         self._close_metrics()
         if ctx.is_main:
             summary.plot_file = plot_run(summary.metrics_file)

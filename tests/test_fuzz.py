@@ -28,9 +28,9 @@ from lmtrain.cli import build_parser, run_guarded  # noqa: E402
 from lmtrain.config import FIELDS, check_settings, env_name, explicit_settings  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 
-pytestmark = pytest.mark.fuzz
-
 LONG = os.environ.get("LMTRAIN_FUZZ", "").strip().lower() == "long"
+
+pytestmark = [pytest.mark.fuzz, pytest.mark.timeout(7200 if LONG else 300)]
 
 
 def budget(examples: int) -> Callable[[Any], Any]:
@@ -350,6 +350,7 @@ def _mutate(ckpt: Any, path: list[int], op: str, tensor_op: str, value: Any) -> 
 @example(mutations=[([5, 0], "tensor", "sparse", None)], sealed=False)
 @example(mutations=[([5, 0], "tensor", "meta", None)], sealed=False)
 @example(mutations=[([8], "replace", "nan", "deep")], sealed=False)  # settings 5,000 deep
+@example(mutations=[([4], "replace", "nan", "\ud800")], sealed=True)  # run_name not Unicode
 def test_checkpoint_mutations_end_in_success_or_one_line(mutations, sealed, tiny_checkpoint,
                                                          fresh_dir, capsys):
     import torch

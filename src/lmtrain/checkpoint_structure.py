@@ -1,6 +1,7 @@
 """The shape of a loaded checkpoint, checked before anything else reads it: how deep it nests,
-how many items and how much text it holds, and that every tensor is plain (dense, strided, on
-the CPU, of an allowed dtype) and its weights and optimizer moments finite. What passes can be
+how many items and how much text it holds (and that the text is Unicode), and that every
+tensor is plain (dense, strided, on the CPU, of an allowed dtype) and its weights and
+optimizer moments finite. What passes can be
 walked, hashed and validated without recursion limits, allocator errors or NaN surprises.
 
 The walk is iterative, so a file nested 10,000 deep is told by its depth, not a
@@ -12,6 +13,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import Any
+
+from lmtrain.unicode_text import not_text
 
 #: How deep a checkpoint may nest (a combined optimizer's moments sit at depth 5).
 MAX_DEPTH = 16
@@ -50,6 +53,8 @@ def structure_problem(ckpt: Mapping[str, Any], finite_keys: tuple[str, ...] = ()
             for key, sub in value.items():
                 if not isinstance(key, str | int) or isinstance(key, bool):
                     return f"{_short(where)} has a key of type {type(key).__name__}"
+                if isinstance(key, str) and not_text(key):
+                    return f"a key of {_short(where)} {not_text(key)}"
                 stack.append((sub, f"{where}.{key}", depth + 1, finite))
         elif isinstance(value, list | tuple):
             stack.extend((sub, f"{where}[{i}]", depth + 1, finite) for i, sub in enumerate(value))
@@ -82,7 +87,9 @@ def _scalar_problem(value: Any) -> str | None:
     if isinstance(value, int):
         return None if -MAX_INT <= value < MAX_INT else "is a whole number beyond 64 bits"
     if isinstance(value, str):
-        return None if len(value) <= MAX_TEXT else f"is text longer than {MAX_TEXT:,} characters"
+        if len(value) > MAX_TEXT:
+            return f"is text longer than {MAX_TEXT:,} characters"
+        return not_text(value)
     return f"is a {type(value).__name__}, not plain data"
 
 

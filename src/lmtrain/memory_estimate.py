@@ -2,9 +2,11 @@
 anything is allocated, and refused in one line naming the setting and the estimate when the
 device cannot hold it (instead of an allocator error, or a machine swapping to a halt).
 
-The estimate is deliberately low (fp32 weights, gradients and AdamW's two moments; activations
-of one micro-batch at ~18 values per width per layer and token; no attention matrices): a run
-it refuses could never fit, and one it lets through may still be tight.
+The estimate is deliberately low (fp32 weights, gradients and AdamW's two moments; a LoRA base
+in bf16; activations of one micro-batch at 8 values per width, layer and token, about half of
+what a transformer block keeps for its backward pass, or one per layer with gradient
+checkpointing; no attention matrices): a run it refuses could never fit, and one it lets
+through may still be tight.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ def estimate(model: ModelSettings, vocab_size: int, batch_size: int = 0,
     if training:
         trained = params if not model.use_lora else params // 100  # adapters: a small part
     tokens = batch_size * model.block_size
-    per_token = max(model.n_layer, 1) * 18 * model.n_embd + model.n_embd
-    return MemoryEstimate(weights=FP32 * params, training_state=3 * FP32 * trained,
-                          activations=FP32 * tokens * per_token if training else 0)
+    layers = max(model.n_layer, 1)
+    kept = layers + 8 if model.gradient_checkpointing else 8 * layers  # values per width
+    weight_bytes = 2 if model.use_lora else FP32  # a LoRA base may be kept in bf16
+    return MemoryEstimate(weights=weight_bytes * params, training_state=3 * FP32 * trained,
+                          activations=FP32 * tokens * kept * model.n_embd if training else 0)
 
 
 def expected_vocab_size(model: ModelSettings, tokenization: str, custom_vocab_size: int) -> int:

@@ -107,7 +107,8 @@ def _resume_plan(path: Path, values: dict[str, Any], sources: dict[str, str],
         run_name = _run_folder_of(path, cfg)
         name_source = "the checkpoint's run folder" if run_name else "new name"
         run_name = run_name or agree(default_run_name(cfg))
-    later = _steps_after(_paths(cfg, run_name), source.step)
+    later = _steps_after(_paths(cfg, run_name), source.step,
+                         metrics=not cfg.checkpointing.enable_checkpoints)
     if later:  # history is never rewritten, whatever the settings: branch instead
         branch = branch_name(run_name, source.step, lambda n: _paths(cfg, n).logs.exists()
                              or _paths(cfg, n).checkpoints.exists())
@@ -118,11 +119,15 @@ def _resume_plan(path: Path, values: dict[str, Any], sources: dict[str, str],
     return _plan(loaded, run_name, source, notes, name_source)
 
 
-def _steps_after(paths: RunPaths, step: int) -> int | None:
-    """The furthest step past ``step`` that the run reached: a later checkpoint, or the end of
-    a run (its ``final`` or ``text`` metrics record) past it. Plain metrics past the newest
-    checkpoint (a run killed between checkpoints) do not count: resuming continues it."""
+def _steps_after(paths: RunPaths, step: int, metrics: bool) -> int | None:
+    """The furthest step past ``step`` that the run reached: a later checkpoint, or (with
+    ``metrics``: a resume that writes no checkpoint, whose run's checkpoints may not tell) the
+    end of a run past it in its metrics (a ``final`` or ``text`` record). Plain metrics past
+    the newest checkpoint (a run killed between checkpoints) do not count: resuming continues
+    it."""
     later = [s for s, _ in list_checkpoints(paths.checkpoints) if s > step]
+    if not metrics:
+        return max(later) if later else None
     metrics = paths.logs / "metrics.jsonl"
     try:
         records = read_metrics(metrics) if metrics.is_file() else []

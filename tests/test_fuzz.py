@@ -278,10 +278,11 @@ def _tensor_ops():
         "inf": lambda t: t.float().fill_(float("inf")),
         "half": lambda t: t.half(), "int": lambda t: t.long(), "bool": lambda t: t.bool(),
         "complex": lambda t: t.to(torch.complex64), "double": lambda t: t.double(),
-        "flat": lambda t: t.reshape(-1), "empty": lambda t: t[:0],
+        "flat": lambda t: t.reshape(-1), "empty": lambda t: t.reshape(-1)[:0],
         "sparse": lambda t: t.to_sparse(), "meta": lambda t: t.to("meta"),
         "transposed": lambda t: t.t() if t.dim() == 2 else t,
-        "bigger": lambda t: torch.zeros(*(s + 1 for s in t.shape)),
+        "bigger": lambda t: torch.zeros(*(s + 1 for s in t.shape)) if t.dim() else
+        torch.zeros(2),
         "scalar": lambda t: torch.tensor(3.0),
     }
 

@@ -352,6 +352,7 @@ def _mutate(ckpt: Any, path: list[int], op: str, tensor_op: str, value: Any) -> 
 @example(mutations=[([5, 0], "tensor", "meta", None)], sealed=False)
 @example(mutations=[([8], "replace", "nan", "deep")], sealed=False)  # settings 5,000 deep
 @example(mutations=[([4], "replace", "nan", "\ud800")], sealed=True)  # run_name not Unicode
+@example(mutations=[([0], "replace", "nan", "deep")], sealed=False)  # format_version 5,000 deep
 def test_checkpoint_mutations_end_in_success_or_one_line(mutations, sealed, tiny_checkpoint,
                                                          fresh_dir, capsys):
     import torch

@@ -354,9 +354,12 @@ def _check_envelope(ckpt: Any, where: str) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{where} is not an lmtrain checkpoint: it lacks {', '.join(missing)}")
+    structure = structure_problem(ckpt, (MODEL_STATE_KEY, OPTIMIZER_STATE_KEY))  # first: what
+    if structure:  # follows walks, prints and hashes it
+        raise damaged(where, structure)
     version = ckpt[FORMAT_VERSION_KEY]
     if not _is_int(version, 1):
-        raise UserError(f"{where} has an invalid format version {version!r}")
+        raise UserError(f"{where} has an invalid format version {version!r:.60}")
     if version > FORMAT_VERSION:
         raise UserError(
             f"{where} has format version {version}, newer than this lmtrain understands "
@@ -370,9 +373,6 @@ def validate(ckpt: Any, where: str) -> None:
     last, so a crafted file is told by what is wrong with it, a flipped bit by the digest.
     """
     _check_envelope(ckpt, where)
-    structure = structure_problem(ckpt, (MODEL_STATE_KEY, OPTIMIZER_STATE_KEY))  # first
-    if structure:
-        raise damaged(where, structure)
     found = problems(ckpt)
     if found:
         raise damaged(where, "; ".join(found))

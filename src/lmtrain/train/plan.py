@@ -128,9 +128,9 @@ def _steps_after(paths: RunPaths, step: int, metrics: bool) -> int | None:
     later = [s for s, _ in list_checkpoints(paths.checkpoints) if s > step]
     if not metrics:
         return max(later) if later else None
-    metrics = paths.logs / "metrics.jsonl"
+    metrics_file = paths.logs / "metrics.jsonl"
     try:
-        records = read_metrics(metrics) if metrics.is_file() else []
+        records = read_metrics(metrics_file) if metrics_file.is_file() else []
     except (OSError, UnicodeDecodeError):
         records = []
     later += [r["step"] for r in records if isinstance(r, dict)

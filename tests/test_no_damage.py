@@ -12,6 +12,7 @@ import pytest
 from lmtrain.cli import main
 from lmtrain.durable import atomic_folder, remove_stale_temp_files
 from lmtrain.errors import UserError
+from tests.test_trust import tmpfs  # noqa: F401  (a fixture: small tmpfs mounts)
 
 
 @pytest.mark.unit
@@ -183,3 +184,14 @@ def test_logged_losses_after_an_off_grid_resume_are_the_straight_runs(train_run)
     resumed = train_losses(Path(part.log_file).parent / "metrics.jsonl", since=8)
     assert sorted(resumed) == [10, 15, 20]
     assert resumed == {step: straight[step] for step in (10, 15, 20)}
+
+
+@pytest.mark.integration
+def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(train_run, capsys, request):
+    mount = request.getfixturevalue("tmpfs")
+    run = train_run(tokenization_method="gpt2", training_steps=1)
+    disk = mount("small", "256k")
+    assert main(["export", str(run.checkpoint_dir / "step_0000001.pt"), str(disk / "hf")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: OUT_DIR:") and "\n" not in err, err
+    assert list(disk.iterdir()) == []

@@ -160,5 +160,20 @@ def atomic_folder(path: str | Path, setting: str, force: bool = False) -> Iterat
         shutil.rmtree(old, ignore_errors=True)
     except OSError as exc:
         raise storage_error(setting, path, exc) from None
+    except Exception as exc:  # a library's own error around a failed write (safetensors')
+        wrapped = os_error_of(exc)
+        if wrapped is None:
+            raise
+        raise storage_error(setting, path, wrapped) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def os_error_of(exc: BaseException) -> OSError | None:
+    """The ``OSError`` a library's exception reports in its text (``... (os error 28)``, as
+    Rust libraries such as safetensors write it), or ``None``."""
+    found = re.search(r"os error (\d+)", str(exc))
+    if not found:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))

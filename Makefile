@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run test test-fast lint bench clean
+.PHONY: setup run test test-fast fuzz lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ test: lint
 # quiet machine, and extra threads only wait on each other on a busy one.
 test-fast: $(STAMP)
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m unit
+
+# The fuzz lane with many more examples than make test's fixed budget (LMTRAIN_FUZZ=long).
+fuzz: $(STAMP)
+	LMTRAIN_FUZZ=long OMP_NUM_THREADS=1 $(PY) -m pytest -q -m fuzz -p no:cacheprovider
 
 # ruff, then the type checker over src/ (it refuses a whole config where a group is typed)
 lint: $(STAMP)

@@ -12,7 +12,10 @@ Every test is in exactly one lane, chosen with a mark:
 ``integration``
     Everything else: child processes (``python training.py``, ``lmtrain …``, torchrun), crash
     and signal tests, training runs in-process or not, pretrained-model folders, anything slow.
-    ``make test`` runs both lanes (and ruff).
+``fuzz``
+    Hypothesis drawing hostile settings, records and checkpoints (``tests/test_fuzz.py``): a
+    fixed, derandomized budget under three minutes in ``make test``; ``make fuzz`` runs many
+    more examples. ``make test`` runs all three lanes (and ruff).
 
 A file whose tests share a lane says so once (``pytestmark = pytest.mark.unit``); a file with
 both marks each test. A test with no lane, or both, stops collection with its name. ``slow``
@@ -47,7 +50,7 @@ import pytest
 from lmtrain.config import DEFAULT_CORPUS, explicit_settings
 
 ROOT = Path(__file__).resolve().parents[1]
-LANES = frozenset({"unit", "integration"})
+LANES = frozenset({"unit", "integration", "fuzz"})
 
 #: Variables that send output somewhere of the developer's choosing: dropped for the session.
 WRITES_ELSEWHERE = ("CACHE_DIR", "CHECKPOINT_DIR", "LOG_DIR", "OUTPUT_DIR", "HF_HOME",
@@ -93,7 +96,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             wrong.append(f"  {item.nodeid}: {' and '.join(lanes) or 'no lane'}")
     if wrong:
         raise pytest.UsageError(
-            "every test needs exactly one lane, @pytest.mark.unit or @pytest.mark.integration "
+            "every test needs exactly one lane, @pytest.mark.unit, @pytest.mark.integration "
+            "or @pytest.mark.fuzz "
             "(see tests/conftest.py):\n" + "\n".join(wrong))
 
 

@@ -135,18 +135,18 @@ def test_every_torch_load_in_the_code_base_is_weights_only():
 @pytest.mark.unit
 def test_stale_temp_files_are_ignored_and_removed(tmp_path, tiny_checkpoint):
     shutil.copy(tiny_checkpoint, tmp_path / checkpoint_filename(4))
-    dead = tmp_path / ".tmp-999999999-abc.part"  # no such process
-    legacy = tmp_path / ".tmp-xyz.part"
-    live = tmp_path / f".tmp-{os.getppid()}-abc.part"  # a writer that is still running
+    dead = tmp_path / ".tmp-999999999-0123456789ab.part"  # no such process
+    legacy = tmp_path / ".tmp-xyz.part"  # not lmtrain's form: a user's own file, kept
+    live = tmp_path / f".tmp-{os.getppid()}-0123456789ab.part"  # a writer still running
     from lmtrain.durable import _host_tag
 
-    dead_here = tmp_path / f".tmp-999999999@{_host_tag()}-abc.part"
-    other_host = tmp_path / ".tmp-999999999@some_other_node-abc.part"  # cannot be checked
+    dead_here = tmp_path / f".tmp-999999999@{_host_tag()}-0123456789ab.part"
+    other_host = tmp_path / ".tmp-999999999@some_other_node-0123456789ab.part"  # unknowable
     for p in (dead, legacy, live, dead_here, other_host):
         p.write_bytes(b"PK\x03\x04 half a checkpoint")
     assert [s for s, _ in list_checkpoints(tmp_path)] == [4]
-    assert sorted(remove_stale_temp_files(tmp_path)) == sorted([dead, legacy, dead_here])
-    assert live.exists() and other_host.exists()
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted([dead, dead_here])
+    assert live.exists() and other_host.exists() and legacy.exists()
     assert (tmp_path / checkpoint_filename(4)).exists()
 
 

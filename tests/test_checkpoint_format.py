@@ -30,7 +30,7 @@ SHARED_WORDS = {fmt.STEP_KEY, fmt.TOKENIZER_KEY, fmt.RUN_NAME_KEY, fmt.MODEL_TYP
 #: What the format module may import from lmtrain (nothing above the settings layer; the
 #: progress record it saves is a base module).
 ALLOWED_INTERNAL = {"lmtrain", "lmtrain.config", "lmtrain.errors", "lmtrain.durable",
-                    "lmtrain.progress"}
+                    "lmtrain.progress", "lmtrain.checkpoint_structure"}
 
 
 def _modules() -> list[Path]:

@@ -205,3 +205,46 @@ def test_a_stop_agreed_between_ranks_stops_the_rank_that_saw_no_signal():
     with pytest.raises(TrainingInterrupted) as err:
         request.check()
     assert err.value.signum == signal.SIGTERM
+
+
+def _start_and_wait_for(env: dict[str, str], log_dir: Path, text: str) -> subprocess.Popen:
+    """Start ``python training.py``; return once its log holds ``text``."""
+    proc = subprocess.Popen([sys.executable, "training.py"], env=child_env(env), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 90
+    while not any(text in p.read_text(errors="replace") for p in log_dir.rglob("*.log")):
+        if proc.poll() is not None:
+            raise AssertionError(proc.communicate()[1])
+        assert time.monotonic() < deadline, f"the run never logged {text!r}"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigterm_during_the_end_of_run_sample_stops_promptly(tmp_path, sig_env):
+    env = {**sig_env, "TRAINING_STEPS": "2", "EVAL_ITERS": "1",
+           "MAX_NEW_TOKENS": "1000000", "CHECKPOINT_INTERVAL": "2"}
+    proc = _start_and_wait_for(env, tmp_path / "logs", "final: val loss")
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 10, "the sample was not cut short"
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and "interrupted by SIGTERM at step 2" in err
+    assert [s for s, _ in list_checkpoints(tmp_path / "ckpt" / "sig")] == [2]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_sigint_during_a_long_evaluation_stops_promptly(tmp_path, sig_env):
+    env = {**sig_env, "EVAL_INTERVAL": "3", "EVAL_ITERS": "1000000"}
+    proc = _start_and_wait_for(env, tmp_path / "logs", "step 3/")
+    time.sleep(0.5)  # inside the evaluation of step 3
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert time.monotonic() - t0 < 10, "the evaluation was not cut short"
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted by SIGINT at step 3" in err
+    assert [s for s, _ in list_checkpoints(tmp_path / "ckpt" / "sig")] == [3]

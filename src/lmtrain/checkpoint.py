@@ -15,6 +15,7 @@ from typing import IO, TYPE_CHECKING, Any
 from lmtrain.checkpoint_format import SavedRun, seal, validate
 from lmtrain.durable import atomic_write
 from lmtrain.errors import UserError
+from lmtrain.paths import not_a_file, user_path
 
 if TYPE_CHECKING:  # torch is imported where it is used: finding checkpoints stays light
     import torch
@@ -96,9 +97,11 @@ def _read(path: Path, where: str, map_location: str | torch.device, label: str) 
     or code-carrying file is one line."""
     import torch
 
-    if not path.is_file():
+    problem = not_a_file(user_path(path, label))
+    if problem:
         auto = f", or {AUTO_RESUME!r}" if label == "CHECKPOINT_PATH" else ""
-        raise UserError(f"{where}: no such file; give a .pt checkpoint written by lmtrain{auto}")
+        raise UserError(f"{where}: {problem}; give a .pt checkpoint written by lmtrain{auto}")
+    path = user_path(path, label)
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise UserError(f"{where} is not a checkpoint: not a torch.save archive (truncated, "
                         f"or some other kind of file); pick an earlier checkpoint")

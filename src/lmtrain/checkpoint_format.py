@@ -25,6 +25,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from lmtrain import __version__
+from lmtrain.checkpoint_structure import structure_problem
 from lmtrain.config import TrainingConfig, saved_run_settings
 from lmtrain.errors import UserError
 from lmtrain.progress import Generators, TrainProgress
@@ -62,6 +63,7 @@ LAST_LOSSES_KEY = "last_losses"
 GRAD_SCALER_STATE_KEY = "grad_scaler_state_dict"
 TRACKER_RUN_IDS_KEY = "tracker_run_ids"
 LORA_BASE_KEY = "lora_base"
+LOSS_WINDOW_KEY = "loss_window"
 
 #: Every key a checkpoint may hold, in the order they are written.
 KEYS = (
@@ -70,7 +72,7 @@ KEYS = (
     VOCAB_SIZE_KEY, BLOCK_SIZE_KEY, BATCH_SIZE_KEY, TOKENIZER_KEY, RNG_STATE_KEY,
     CUDA_RNG_STATE_KEY, SAMPLER_STATE_KEY, WORLD_SIZE_KEY, BEST_VAL_LOSS_KEY, BEST_STEP_KEY,
     LAST_LOSSES_KEY, GRAD_SCALER_STATE_KEY, TRACKER_RUN_IDS_KEY, LORA_BASE_KEY,
-    RANK_RNG_STATES_KEY, DIGEST_KEY,
+    RANK_RNG_STATES_KEY, LOSS_WINDOW_KEY, DIGEST_KEY,
 )
 REQUIRED_KEYS = (
     FORMAT_VERSION_KEY, STEP_KEY, MODEL_STATE_KEY, OPTIMIZER_STATE_KEY, HYPERPARAMETERS_KEY,
@@ -222,6 +224,8 @@ _OPTIONAL: tuple[tuple[str, Any, Callable[[Any], bool], str], ...] = (
      "best_val_loss is not a number"),
     (BEST_STEP_KEY, None, lambda v: v is None or _is_int(v), "best_step is not a step number"),
     (LAST_LOSSES_KEY, {}, _is_loss_map, "last_losses is not a map of names to numbers"),
+    (LOSS_WINDOW_KEY, [], lambda v: isinstance(v, list) and all(map(_is_number, v)),
+     "loss_window is not a list of losses"),
     (GRAD_SCALER_STATE_KEY, {}, lambda v: isinstance(v, dict),
      "grad_scaler_state_dict is not a dict"),
     (TRACKER_RUN_IDS_KEY, {}, _is_text_map,
@@ -356,9 +360,12 @@ def _check_envelope(ckpt: Any, where: str) -> None:
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]
     if missing:
         raise UserError(f"{where} is not an lmtrain checkpoint: it lacks {', '.join(missing)}")
+    structure = structure_problem(ckpt, (MODEL_STATE_KEY, OPTIMIZER_STATE_KEY))  # first: what
+    if structure:  # follows walks, prints and hashes it
+        raise damaged(where, structure)
     version = ckpt[FORMAT_VERSION_KEY]
     if not _is_int(version, 1):
-        raise UserError(f"{where} has an invalid format version {version!r}")
+        raise UserError(f"{where} has an invalid format version {version!r:.60}")
     if version > FORMAT_VERSION:
         raise UserError(
             f"{where} has format version {version}, newer than this lmtrain understands "
@@ -455,6 +462,7 @@ def to_state_dict(run: RunSnapshot, progress: TrainProgress,
         BEST_VAL_LOSS_KEY: best if math.isfinite(best) else None,
         BEST_STEP_KEY: progress.best_step,
         LAST_LOSSES_KEY: dict(progress.last_losses),
+        LOSS_WINDOW_KEY: list(progress.loss_window),
         GRAD_SCALER_STATE_KEY: dict(run.grad_scaler_state),
         TRACKER_RUN_IDS_KEY: dict(progress.tracker_run_ids),
     }
@@ -616,6 +624,7 @@ class SavedRun:
         best = self.best_val_loss
         saved = TrainProgress(step=self.step, best_val_loss=math.inf if best is None else best,
                               best_step=self.best_step, last_losses=self.last_losses,
+                              loss_window=self.loss_window,
                               tracker_run_ids=self.tracker_run_ids)
         return saved.state_dict(self.generators(rank))
 
@@ -633,6 +642,11 @@ class SavedRun:
     def last_losses(self) -> dict[str, float]:
         """The last evaluation's losses by name (with the ``step`` they were taken at)."""
         return dict(self.payload.get(LAST_LOSSES_KEY) or {})
+
+    @property
+    def loss_window(self) -> list[float]:
+        """The train losses of the steps since the last ``LOG_INTERVAL`` step."""
+        return [float(v) for v in self.payload.get(LOSS_WINDOW_KEY) or []]
 
     @property
     def tracker_run_ids(self) -> dict[str, str]:

@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "through one entrypoint. Every setting is also an environment variable.",
     )
     parser.add_argument("--version", action="version", version=f"lmtrain {__version__}")
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help="show the traceback of an internal error (a bug in lmtrain; "
+                             "also LMTRAIN_DEBUG=1); allowed anywhere on the line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     train_p = sub.add_parser(
@@ -147,11 +150,17 @@ COMMAND_MODULES: list[str] = ["sample", "plot", "inspect", "tokenize", "prepare"
                               "eval", "serve", "chat"]
 
 
-def run_guarded(fn: Callable[[], int]) -> int:
+def run_guarded(fn: Callable[[], int], debug: bool = False) -> int:
     """Run ``fn``; a :class:`UserError` becomes one ``error:`` line and exit status 2, a
-    :class:`TrainingInterrupted` the resume command and exit status 130 / 143."""
+    :class:`TrainingInterrupted` the resume command and exit status 130 / 143, a closed
+    stdout a quiet exit, and any other exception one line naming what failed and where its
+    traceback was written, exit status 1 (:mod:`lmtrain.crash_report`; ``debug`` shows it)."""
+    from lmtrain.crash_report import debug_wanted, report_crash
+
     try:
-        return fn()
+        code = fn()
+        sys.stdout.flush()  # a reader that went away shows here, not in the exit's flush
+        return code
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -163,14 +172,25 @@ def run_guarded(fn: Callable[[], int]) -> int:
     except KeyboardInterrupt:  # Ctrl-C in a command without its own signal handling
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # the last line of defence: a bug, not the user's mistake
+        return report_crash(exc, debug or debug_wanted())
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``lmtrain`` command; ``argv=None`` means it owns the process (:func:`run_process`)."""
-    args = _parse(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    debug = DEBUG_FLAG in given[: given.index("--") if "--" in given else len(given)]
+    if debug:
+        given.remove(DEBUG_FLAG)
+    args = _parse(given)
     if argv is None:
-        return run_process(lambda: args.func(args), exit_on_signal=args.func is cmd_train)
-    return run_guarded(lambda: args.func(args))
+        return run_process(lambda: args.func(args), exit_on_signal=args.func is cmd_train,
+                           debug=debug)
+    return run_guarded(lambda: args.func(args), debug)
+
+
+#: Anywhere before ``--``: show the traceback of an internal error (as ``LMTRAIN_DEBUG=1``).
+DEBUG_FLAG = "--debug"
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -183,7 +203,7 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_process(fn: Callable[[], int], exit_on_signal: bool) -> int:
+def run_process(fn: Callable[[], int], exit_on_signal: bool, debug: bool = False) -> int:
     """Run ``fn`` as the whole process. One stopped by a signal ends without the interpreter's
     teardown, during which a further signal would kill it half-way or raise inside ``atexit``
     code. With ``exit_on_signal`` (training: its state is safe in atomic checkpoints) a signal
@@ -192,14 +212,20 @@ def run_process(fn: Callable[[], int], exit_on_signal: bool) -> int:
 
     if exit_on_signal:
         exit_on_signals()
-    code = run_guarded(fn)
+    code = run_guarded(fn, debug)
     if code >= 128:
         exit_process(code)
     return code
 
 
 def env_entrypoint() -> int:
-    """``python training.py``: every setting from the environment."""
+    """``python training.py``: every setting from the environment, and no arguments."""
+    if sys.argv[1:]:
+        script = os.path.basename(sys.argv[0]) or "training.py"
+        print(f"error: {script} takes no arguments (got {' '.join(sys.argv[1:])!r}); settings "
+              f"are environment variables, or use `lmtrain train --help`", file=sys.stderr)
+        return 2
+
     def go() -> int:
         values, sources = explicit_settings()
         return run_training_session(values, sources)

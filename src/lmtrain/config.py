@@ -17,7 +17,6 @@ import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -30,6 +29,8 @@ from pydantic import (
 )
 
 from lmtrain.errors import UserError
+from lmtrain.paths import not_a_file, path_problem, user_path
+from lmtrain.unicode_text import not_text
 
 DEFAULT_CORPUS = str(resources.files("lmtrain") / "corpus" / "shakespeare.txt")
 
@@ -39,6 +40,25 @@ class Settings(BaseModel):
     validation are refused."""
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        """Text settings hold text (no invalid UTF-8 from an argument or env var)."""
+        problem = not_text(value) if isinstance(value, str) else None
+        if problem:
+            raise ValueError(problem)
+        return value
+
+    @field_validator("training_data_source", "cache_dir", "gpt2_model_name", "checkpoint_dir",
+                     "checkpoint_path", "log_dir", "output_dir", check_fields=False)
+    @classmethod
+    def _usable_path(cls, value: Any) -> Any:
+        """A path setting the OS can use (a name it can hold, a ``~user`` it knows)."""
+        problem = path_problem(value) if isinstance(value, str) else None
+        if problem:
+            raise ValueError(f"not a usable path: {problem}")
+        return value
 
 
 class ModelSettings(Settings):
@@ -137,7 +157,8 @@ class OptimizationSettings(Settings):
     muon_learning_rate: float = Field(
         0.01, gt=0.0, description="OPTIMIZER=muon: peak learning rate of the Muon matrices")
     batch_size: int = Field(32, ge=1, description="sequences per step (per process)")
-    grad_accum_steps: int = Field(1, ge=1, description="micro-batches per optimizer step")
+    grad_accum_steps: int = Field(1, ge=1, le=1_000_000,
+                                  description="micro-batches per optimizer step")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW weight decay (matrices only)")
     grad_clip: float = Field(1.0, ge=0.0, description="max gradient norm (0 = off)")
     lr_scheduler: Literal["none", "cosine"] = Field("cosine", description="none | cosine")
@@ -158,7 +179,8 @@ class EvaluationSettings(Settings):
 
     eval_interval: int = Field(250, ge=1, description="steps between evaluations")
     eval_iters: int = Field(
-        50, ge=0, description="batches per evaluation (0 = no evaluation, not even at the end)")
+        50, ge=0, le=1_000_000,
+        description="batches per evaluation (0 = no evaluation, not even at the end)")
     log_interval: int = Field(50, ge=1, description="steps between progress lines")
     eval_answers: int = Field(
         256, ge=0, description="held-out questions answered greedily at each evaluation of "
@@ -169,7 +191,8 @@ class GenerationSettings(Settings):
     """How text is sampled at the end of a run and by ``lmtrain sample``."""
 
     max_new_tokens: int = Field(
-        300, ge=0, description="tokens generated per sample (at the end of a run; lmtrain sample)")
+        300, ge=0, le=1_000_000,
+        description="tokens generated per sample (at the end of a run; lmtrain sample)")
     prompt: str | None = Field(
         None, description="generation prompt (gpt2 default 'QUESTION: ', else empty)")
     temperature: float = Field(0.8, ge=1e-3, description="sampling temperature")
@@ -449,9 +472,10 @@ def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     """Settings from a TOML file; keys are setting names in any case (``training_steps``)."""
     if not path:
         return {}
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config {path}: file not found; pass a TOML file of settings")
+    p = user_path(path, "--config")
+    problem = not_a_file(p)
+    if problem:
+        raise UserError(f"--config {path}: {problem}; pass a TOML file of settings")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
@@ -465,8 +489,17 @@ def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
             hint = f"did you mean {close[0]}? " if close else ""
             raise UserError(f"--config {path}: unknown setting '{key}'; {hint}"
                             f"see `lmtrain train --help`")
+        if isinstance(value, bool) and bool not in _annotation_types(name):
+            raise UserError(f"--config {path}: {key} = {str(value).lower()} is true/false, "
+                            f"not {_expected(name)}; write the value itself")
         out[name] = value
     return out
+
+
+def _annotation_types(name: str) -> tuple[Any, ...]:
+    """The types a setting's annotation names (``int | None`` -> ``(int, NoneType)``)."""
+    ann = FIELDS[name].annotation
+    return getattr(ann, "__args__", None) or (ann,)
 
 
 def settle(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
@@ -511,9 +544,13 @@ def _check_alone(name: str, value: Any, given: str) -> Any:
     kind: Any = Annotated[info.annotation, *info.metadata] if info.metadata else info.annotation
     adapter: TypeAdapter[Any] = TypeAdapter(kind, config=ConfigDict(allow_inf_nan=False))
     try:
-        return adapter.validate_python(value)
+        checked = adapter.validate_python(value)
     except ValidationError as exc:
         raise UserError(_invalid(name, given, exc.errors()[0]["msg"])) from None
+    problem = not_text(checked) if isinstance(checked, str) else None
+    if problem:
+        raise UserError(_invalid(name, given, problem))
+    return checked
 
 
 def _checked(name: str, values: Mapping[str, Any], sources: Mapping[str, str]) -> Any:

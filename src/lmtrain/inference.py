@@ -15,6 +15,7 @@ from lmtrain.checkpoint_format import SavedRun
 from lmtrain.config import ModelSettings, TrainingConfig
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
 from lmtrain.errors import UserError
+from lmtrain.memory_estimate import check_memory
 from lmtrain.models import build_model
 from lmtrain.models.lora import base_location_now
 from lmtrain.models.weights import load_weights
@@ -42,6 +43,8 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     if cfg.model.model_type == "gpt2":  # where its base model is now
         cfg = cfg.with_facts(gpt2_model_name=base_location_now(cfg.model, run.lora_base, base))
     tokenizer = saved_tokenizer(run)
+    check_memory(cfg.model, tokenizer.vocab_size, (device or torch.device("cpu")).type,
+                 training=False, origin="the checkpoint's ")
     torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, tokenizer.vocab_size)
     load_weights(model, cfg.model, run)

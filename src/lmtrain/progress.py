@@ -49,6 +49,9 @@ class TrainProgress:
     best_step: int | None = None
     #: the last evaluation's losses by name, with the ``step`` they were taken at
     last_losses: dict[str, float] = field(default_factory=dict)
+    #: train losses since the last LOG_INTERVAL step: saved, so that a run resumed off that
+    #: grid logs the very means the straight run logs
+    loss_window: list[float] = field(default_factory=list)
     #: the steps this session wrote a checkpoint for (not saved: a new session starts empty)
     saved_steps: list[int] = field(default_factory=list)
     #: tracker name -> its run id, so a resume continues the same tracker run

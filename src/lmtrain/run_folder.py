@@ -85,6 +85,9 @@ class RunLock:
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fh = self.path.open("a+", encoding="utf-8")
+        except IsADirectoryError:
+            raise UserError(f"{setting}: {str(self.path)!r} is a folder, where lmtrain keeps "
+                            f"the run's lock file; move it away, then run again") from None
         except OSError as exc:
             raise unwritable_dir_error(setting, self.path.parent, exc) from None
         try:

@@ -32,6 +32,16 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+class StopNow(BaseException):
+    """A stop signal inside an :func:`interruptible` block: the work it was doing (a long
+    evaluation, the end-of-run sample) is abandoned at once. A ``BaseException``, like
+    ``KeyboardInterrupt``, so that no ``except Exception`` swallows it."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal_name(signum)}")
+        self.signum = signum
+
+
 class StopRequest:
     """Remembers the first stop signal; the run reads it (:attr:`signal`) after each step.
 
@@ -42,6 +52,7 @@ class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None  # the signal this process received
         self.shared: int | None = None  # the signal any rank received (agreed by all ranks)
+        self.raising = False  # inside interruptible(): the handler raises StopNow
 
     @property
     def signal(self) -> int | None:
@@ -63,6 +74,11 @@ class StopRequest:
         if self.signum is not None:
             _exit_now(signum, " again")
         self.signum = signum
+        if self.raising:
+            self.raising = False
+            _write_stderr(f"\n{signal_name(signum)}: stopping now (send it again to exit at "
+                          f"once)\n")
+            raise StopNow(signum)
         _write_stderr(f"\n{signal_name(signum)}: stopping after the current step and saving a "
                       f"checkpoint (send it again to exit at once)\n")
 
@@ -125,6 +141,24 @@ def stop_on_signals() -> Iterator[StopRequest]:
         _active = None
         for s, handler in previous.items():  # None: a handler not set from Python
             signal.signal(s, signal.SIG_DFL if handler is None else handler)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Work a stop signal may cut short (a long evaluation, the end-of-run sample): within the
+    block the first signal raises :class:`StopNow` at once, and one already received raises
+    it on entry. Outside :func:`stop_on_signals`, or off the main thread, it does nothing."""
+    request = _active
+    if request is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if request.signum is not None:
+        raise StopNow(request.signum)
+    request.raising = True
+    try:
+        yield
+    finally:
+        request.raising = False
 
 
 def resume_commands(checkpoint: object, resume_steps: int | None = None) -> list[str]:

@@ -9,7 +9,7 @@ from typing import Any
 
 #: The run's data settings ``eval`` may change (each defaults to the run's own value).
 DATA_SETTINGS = ["training_data_source", "text_field", "data_format", "qa_template",
-                 "answer_prefix"]
+                 "answer_prefix", "drop_unknown_chars"]
 
 
 def register(sub) -> None:
@@ -68,12 +68,31 @@ def run(args: argparse.Namespace) -> int:
 
 def _data_settings(args: argparse.Namespace, loaded):
     """The run's data settings, as this command's flags (or their env vars) change them."""
+    from pydantic import ValidationError
+
     from lmtrain.cli import setting_value
+    from lmtrain.errors import UserError
 
     run = loaded.config.data
     fallback = {name: getattr(run, name) for name in DATA_SETTINGS} | {"cache_dir": None}
-    return run.model_copy(update={name: setting_value(args, name, value)
-                                  for name, value in fallback.items()})
+    changes = {name: setting_value(args, name, value) for name, value in fallback.items()}
+    try:  # checked together, as training checks them (a QA_TEMPLATE's placeholders, ...)
+        return loaded.config.replace(**changes).data
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = str((err.get("loc") or ("",))[-1])
+        shown = f"{name.upper()}={changes.get(name)!r}" if name in changes else "the settings"
+        raise UserError(f"{shown} is invalid: {err['msg'].removeprefix('Value error, ')}"
+                        ) from None
+
+
+def _tokenizer(loaded, data_cfg):
+    """The run's tokenizer, dropping unknown characters when DROP_UNKNOWN_CHARS says so."""
+    if not data_cfg.drop_unknown_chars:
+        return loaded.tokenizer
+    from lmtrain.data.tokenizers import saved_tokenizer
+
+    return saved_tokenizer(loaded.checkpoint, drop_unknown=True)
 
 
 def _loss(args: argparse.Namespace, loaded, device) -> dict[str, Any]:
@@ -87,7 +106,8 @@ def _loss(args: argparse.Namespace, loaded, device) -> dict[str, Any]:
     cfg = loaded.config
     data_cfg = _data_settings(args, loaded)
     allow_download = setting_value(args, "allow_download", False)  # env only, as training
-    _, data = load_token_data(data_cfg, loaded.tokenizer, block_size=cfg.model.block_size,
+    _, data = load_token_data(data_cfg, _tokenizer(loaded, data_cfg),
+                              block_size=cfg.model.block_size,
                               allow_download=allow_download)
     tokens, mask = (data.val, data.val_mask) if args.split == "val" else (data.train,
                                                                            data.train_mask)
@@ -132,9 +152,14 @@ def _answers(args: argparse.Namespace, loaded, device) -> dict[str, Any]:
                              data_cfg.train_split).get(end_of_text)
     where = "every question" if given else "validation records"
     if not held.questions:
-        raise UserError(f"TRAINING_DATA_SOURCE={data_cfg.training_data_source!r}: no "
-                        f"question to answer in its {where}")
-    report = answer_accuracy(loaded.model, loaded.tokenizer,
+        source = f"TRAINING_DATA_SOURCE={data_cfg.training_data_source!r}"
+        if held.seen:
+            raise UserError(f"{source}: all {held.seen} questions of its validation records "
+                            f"are also asked in its training records, so none is held out; "
+                            f"give unseen questions with --data FILE")
+        raise UserError(f"{source}: no question to answer in "
+                        f"{'the file' if given else 'its validation records'}")
+    report = answer_accuracy(loaded.model, _tokenizer(loaded, data_cfg),
                              [QAPair(q.prompt, q.answer) for q in held.questions],
                              device=device, block_size=loaded.config.model.block_size,
                              batch_size=args.batch_size or BATCH_SIZE,

@@ -23,12 +23,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder for the whole model (created if needed)")
     parser.add_argument("--adapter", metavar="DIR", default=None,
                         help="folder for the LoRA adapter in PEFT's layout (created if needed)")
+    parser.add_argument("--force", action="store_true",
+                        help="replace a folder that is not empty (the whole folder is replaced "
+                             "with this export; without --force such a folder is refused)")
     add_base_flag(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from lmtrain.cli import base_override
+    from lmtrain.durable import atomic_folder
     from lmtrain.errors import UserError
     from lmtrain.inference import load_trained_model
     from lmtrain.models.export import export_adapter, export_model
@@ -36,18 +40,33 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.out_dir and not args.adapter:
         raise UserError("export: give OUT_DIR (the whole model), --adapter DIR, or both")
+    if args.out_dir and args.adapter and _same_folder(args.out_dir, args.adapter):
+        raise UserError(f"export: OUT_DIR and --adapter are one folder ({args.out_dir!r}); a "
+                        f"folder holding both loads as base + adapter, not the merged model: "
+                        f"give them two folders")
     with quiet_transformers():  # one load serves both exports
         loaded = load_trained_model(args.checkpoint, base=base_override(args))
     model, config, tokenizer = loaded.model, loaded.config.model, loaded.tokenizer
     step = loaded.checkpoint.step
     if args.adapter:  # first: the whole-model export merges the adapter in place
-        info = export_adapter(model, config, tokenizer, loaded.checkpoint.lora_base,
-                              args.adapter)
+        with atomic_folder(args.adapter, "--adapter", force=args.force) as tmp:
+            info = export_adapter(model, config, tokenizer, loaded.checkpoint.lora_base, tmp)
         print(f"exported the LoRA adapter of step {step} (base {info['base']}, "
-              f"n_positions {info['n_positions']}) to {info['out_dir']}")
+              f"n_positions {info['n_positions']}) to {args.adapter}")
     if args.out_dir:
-        info = export_model(model, config, tokenizer, args.out_dir)
+        with atomic_folder(args.out_dir, "OUT_DIR", force=args.force) as tmp:
+            info = export_model(model, config, tokenizer, tmp)
         merged = ", LoRA merged" if info["lora_merged"] else ""
         print(f"exported step {step} ({info['model_type']}{merged}, {info['tokenizer']} "
-              f"tokenizer, n_positions {info['n_positions']}) to {info['out_dir']}")
+              f"tokenizer, n_positions {info['n_positions']}) to {args.out_dir}")
     return 0
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two folder names lead to one folder (it need not exist yet)."""
+    from pathlib import Path
+
+    try:
+        return Path(a).expanduser().resolve() == Path(b).expanduser().resolve()
+    except (OSError, RuntimeError):
+        return a == b

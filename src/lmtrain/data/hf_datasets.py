@@ -170,8 +170,26 @@ def _open_parquet(path: Path):
     pa, pq = _pyarrow()
     try:
         return pq.ParquetFile(path)
-    except pa.ArrowInvalid as exc:
+    except (pa.ArrowException, OSError) as exc:
         raise UserError(f"TRAINING_DATA_SOURCE: {path} is not a Parquet file ({exc})") from None
+
+
+def _guarded(path: Path, rows: Iterator[Any]) -> Iterator[Any]:
+    """``rows`` (batches or lists of a table file), where a damaged page, a truncated stream
+    or text that is not UTF-8 found while reading is one line naming the file and the row."""
+    pa, _ = _pyarrow()
+    read = 0
+    while True:
+        try:
+            batch = next(rows)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError, UnicodeDecodeError, ValueError) as exc:
+            detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise UserError(f"TRAINING_DATA_SOURCE: {path} is damaged after row {read} "
+                            f"({detail}); rewrite the file, or leave it out") from None
+        read += len(batch)
+        yield batch
 
 
 class ArrowStream:
@@ -230,10 +248,13 @@ class ArrowStream:
     def _count_rows(self, path: Path) -> int:
         if path.suffix == ".parquet":
             return _open_parquet(path).metadata.num_rows
-        return sum(len(batch) for batch in self._arrow_batches(path))
+        return sum(len(batch) for batch in _guarded(path, self._arrow_batches(path)))
 
     def _batches(self, path: Path) -> Iterator[list[str | None]]:
         """The text column of ``path``, ``BATCH_ROWS`` rows at a time."""
+        return _guarded(path, self._text_batches(path))
+
+    def _text_batches(self, path: Path) -> Iterator[list[str | None]]:
         if path.suffix == ".parquet":
             reader = _open_parquet(path)
             self._check_column(path, reader.schema_arrow)
@@ -284,13 +305,17 @@ def table_columns(path: Path) -> list[str]:
     """The column names of a Parquet or Arrow file."""
     if path.suffix == ".parquet":
         return list(_open_parquet(path).schema_arrow.names)
-    for batch in arrow_batches(path):
+    for batch in _guarded(path, arrow_batches(path)):
         return list(batch.schema.names)
     return []
 
 
 def table_rows(path: Path, columns: list[str]) -> Iterator[list[dict[str, Any]]]:
     """The rows of a Parquet or Arrow file as dicts of ``columns``, ``BATCH_ROWS`` at a time."""
+    return _guarded(path, _table_rows(path, columns))
+
+
+def _table_rows(path: Path, columns: list[str]) -> Iterator[list[dict[str, Any]]]:
     if path.suffix == ".parquet":
         reader = _open_parquet(path)
         for batch in reader.iter_batches(batch_size=BATCH_ROWS, columns=columns):

@@ -41,16 +41,26 @@ RECORD_SUFFIXES = (".jsonl", *TABLE_SUFFIXES)
 OPTIONAL = {"alpaca": ("input",)}
 
 
+#: How many records of a .jsonl ``DATA_FORMAT=auto`` looks at to tell the format.
+DETECT_RECORDS = 100
+
+
 def source_format(data_format: str, files: list[Path]) -> str:
     """The format a source is read in: ``DATA_FORMAT``, or for ``auto`` the record format the
-    first record's fields (a table's columns) name; anything else is plain text."""
+    fields of its first records (a table's columns) name; anything else is plain text. A
+    record lacking a field does not make the file text: it is refused by its format later."""
     if data_format != "auto":
         return data_format
     first = files[0]
     if first.suffix == ".jsonl":
+        seen = 0
         for _, _, record in read_jsonl(first):
-            if record is not BLANK_LINE:
-                return detect_format(record) if isinstance(record, dict) else "text"
+            if record is BLANK_LINE:
+                continue
+            fmt = detect_format(record) if isinstance(record, dict) else "text"
+            seen += 1
+            if fmt != "text" or seen >= DETECT_RECORDS:
+                return fmt
         return "text"
     if first.suffix in TABLE_SUFFIXES:
         return detect_format(table_columns(first))

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from lmtrain.errors import UserError
+from lmtrain.paths import not_a_file
+from lmtrain.unicode_text import unpaired_surrogate
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: What separates documents for a tokenizer without an end-of-text token: a blank line.
@@ -42,8 +44,10 @@ def resolve_files(source: str) -> list[Path]:
         if not files:
             raise UserError(f"TRAINING_DATA_SOURCE={source!r}: the pattern matches no files")
         return files
+    problem = not_a_file(path)
+    what = "no such file or folder" if problem == "no such file" else problem
     raise UserError(
-        f"TRAINING_DATA_SOURCE={source!r}: no such file or folder; give a text file, a folder "
+        f"TRAINING_DATA_SOURCE={source!r}: {what}; give a text file, a folder "
         f"of .txt/.md files, a glob or a .jsonl file")
 
 
@@ -142,13 +146,54 @@ def read_jsonl(path: Path) -> Iterator[tuple[int, int, Any]]:
             if not line:
                 yield lineno, len(raw), BLANK_LINE
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise UserError(
-                    f"TRAINING_DATA_SOURCE: {path} line {lineno} is not JSON ({exc.msg})"
-                ) from None
+            record = parse_json_line(line, f"TRAINING_DATA_SOURCE: {path} line {lineno}")
             yield lineno, len(raw), record
+
+
+def parse_json_line(line: str, where: str) -> Any:
+    """One JSON value, refused in one line starting with ``where`` when it is not JSON, nests
+    deeper than :data:`MAX_JSON_DEPTH`, holds a number of over 4300 digits, or holds text that
+    is not Unicode (an unpaired surrogate such as ``"\\ud800"``)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{where} is not JSON ({exc.msg})") from None
+    except ValueError as exc:  # an integer of over 4300 digits
+        raise UserError(f"{where}: a number is too long ({exc})") from None
+    except RecursionError:
+        raise UserError(f"{where} nests deeper than Python's JSON reader allows") from None
+    problem = json_problem(record)
+    if problem:
+        raise UserError(f"{where}: {problem}")
+    return record
+
+
+#: How deep a JSON record may nest (a chat record needs 3: record, messages, turn).
+MAX_JSON_DEPTH = 64
+
+
+def json_problem(value: Any) -> str | None:
+    """What makes a parsed JSON value unfit as a record, walked without recursion: nesting
+    deeper than :data:`MAX_JSON_DEPTH`, or a string (key or value) that is not Unicode."""
+    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    while stack:
+        item, path, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            return f"it nests deeper than {MAX_JSON_DEPTH} levels"
+        if isinstance(item, str):
+            bad = unpaired_surrogate(item)
+            if bad is not None:
+                where = f"field {path!r}" if path else "the record"
+                return (f"{where} holds an unpaired surrogate (U+{ord(item[bad]):04X} at "
+                        f"character {bad}), which is not text; fix the file's writer")
+        elif isinstance(item, dict):
+            for key, sub in item.items():
+                name = f"{path}.{key}" if path else str(key)
+                stack.append((key, f"{name} (its name)", depth + 1))
+                stack.append((sub, name, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((sub, f"{path}[{i}]", depth + 1) for i, sub in enumerate(item))
+    return None
 
 
 def _cut_point(buf: str, target: int) -> int:

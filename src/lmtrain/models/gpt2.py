@@ -187,12 +187,46 @@ def gpt2_tokenizer(config: ModelSettings, data: DataSettings) -> Tokenizer:
             f"set it to gpt2")
     hf_config = gpt2_config(config)
     vocab_file, merges_file = _model_file(config, "vocab.json"), _model_file(config, "merges.txt")
-    if vocab_file and merges_file and not _is_genuine_gpt2(vocab_file, merges_file):
-        tokenizer: Tokenizer = GPT2FilesTokenizer.from_files(vocab_file, merges_file)
-    else:
-        tokenizer = GPT2Tokenizer()
+    tokenizer: Tokenizer = GPT2Tokenizer()
+    if vocab_file and merges_file:
+        _check_bpe_files(config, vocab_file, merges_file)
+        if not _is_genuine_gpt2(vocab_file, merges_file):
+            try:
+                tokenizer = GPT2FilesTokenizer.from_files(vocab_file, merges_file)
+            except Exception as exc:  # the tokenizers library's own error types
+                raise damaged_file(config, merges_file, exc) from None
     check_vocab_size(config, tokenizer.vocab_size, hf_config.vocab_size)
     return tokenizer
+
+
+def damaged_file(config: ModelSettings, file: str | Path, exc: BaseException) -> UserError:
+    """The one line for a file of a GPT-2 folder that does not read."""
+    return UserError(
+        f"GPT2_MODEL_NAME={config.gpt2_model_name!r} (or --base): {file} is damaged "
+        f"({type(exc).__name__}: {_first_line(exc)}); restore that file, e.g. with "
+        f"save_pretrained again, or point to another folder")
+
+
+def _check_bpe_files(config: ModelSettings, vocab_file: str, merges_file: str) -> None:
+    """``vocab.json`` is a JSON map of tokens to ids, ``merges.txt`` UTF-8 lines of two
+    tokens (after a ``#version`` line); else one line naming the file."""
+    try:
+        with open(vocab_file, encoding="utf-8") as fh:
+            vocab = json.load(fh)
+        if not isinstance(vocab, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) for k, v in vocab.items()):
+            raise ValueError("not a JSON object of tokens to ids")
+    except (OSError, ValueError, RecursionError) as exc:
+        raise damaged_file(config, vocab_file, exc) from None
+    try:
+        with open(merges_file, encoding="utf-8") as fh:
+            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+        bad = next((i for i, ln in enumerate(lines, 1)
+                    if not ln.startswith("#version") and len(ln.split()) != 2), None)
+        if bad is not None:
+            raise ValueError(f"line {bad} is not two tokens")
+    except (OSError, ValueError) as exc:
+        raise damaged_file(config, merges_file, exc) from None
 
 
 def check_vocab_size(config: ModelSettings, tokenizer_size: int, model_size: int) -> None:
@@ -224,9 +258,20 @@ def load_gpt2(config: ModelSettings, vocab_size: int) -> GPT2LMHeadModel:
                 **dropout_overrides(config.dropout))
     except (OSError, ValueError) as exc:
         raise _not_found(config, _first_line(exc)) from None
+    except Exception as exc:  # a damaged weights file: safetensors' or torch's own errors
+        raise damaged_file(config, _weights_file(config), exc) from None
     if config.gradient_checkpointing:  # recompute activations in backward: less memory
         enable_checkpointing(model)
     return model
+
+
+def _weights_file(config: ModelSettings) -> str:
+    """The weights file a GPT-2 folder loads from (safetensors first, as transformers does)."""
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        found = _model_file(config, name)
+        if found:
+            return found
+    return "its weights file"
 
 
 def enable_checkpointing(model: GPT2LMHeadModel) -> None:

@@ -37,11 +37,16 @@ def load_model_state(model: nn.Module, config: ModelSettings, sd: Mapping[str, A
         model.load_state_dict(sd)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
+        detail = ' '.join(first[1:2] or first[:1])[:200]
+        if config.model_type == "gpt2":
+            raise UserError(
+                f"the checkpoint's weights do not fit the model built from its settings "
+                f"(GPT2_MODEL_NAME={config.gpt2_model_name!r}): {detail}; point "
+                f"GPT2_MODEL_NAME at the model the run was trained from") from None
         raise UserError(
-            f"the checkpoint's weights do not fit the model built from its settings "
-            f"(GPT2_MODEL_NAME={config.gpt2_model_name!r} for gpt2 runs): "
-            f"{' '.join(first[1:2] or first[:1])[:200]}; point GPT2_MODEL_NAME at the model "
-            f"the run was trained from") from None
+            f"the checkpoint's weights do not fit the from-scratch model its settings "
+            f"describe (N_LAYER={config.n_layer}, N_EMBD={config.n_embd}): {detail}; the "
+            f"file is damaged, pick an earlier checkpoint") from None
 
 
 def load_weights(model: nn.Module, config: ModelSettings, run: SavedRun) -> None:

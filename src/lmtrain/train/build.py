@@ -19,9 +19,10 @@ from lmtrain.data.dataset import TokenData
 from lmtrain.data.hf_datasets import HF_PREFIX
 from lmtrain.data.prepare import load_token_data
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
-from lmtrain.device import autocast_dtype, make_grad_scaler
+from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import DistInfo, main_process_first, wrap_model
 from lmtrain.host_memory import keep_freed_memory
+from lmtrain.memory_estimate import check_memory, expected_vocab_size
 from lmtrain.models import build_model
 from lmtrain.progress import TrainProgress
 from lmtrain.signals import StopRequest
@@ -92,9 +93,20 @@ def check_before_start(plan: RunPlan) -> None:
     """What can fail without touching the disk fails here, before any folder is created."""
     cfg = plan.config
     check_installed(tracker_names(cfg.run.metrics))  # a missing extra fails before any work
+    check_run_memory(plan)
     source = cfg.data.training_data_source
     if not source.startswith(HF_PREFIX) and not glob.has_magic(source) \
             and not Path(source).expanduser().exists():
         from lmtrain.data.sources import resolve_files
 
         resolve_files(source)  # raises the one-line error for a missing source
+
+
+def check_run_memory(plan: RunPlan) -> None:
+    """The model, optimizer and one batch fit the device: else one line naming the setting."""
+    cfg = plan.config
+    vocab = (plan.resume.checkpoint.vocab_size if plan.resume else expected_vocab_size(
+        cfg.model, cfg.data.tokenization_method, cfg.data.custom_vocab_size))
+    device = select_device(cfg.run.device)
+    check_memory(cfg.model, vocab, device.type, cfg.optimization.batch_size,
+                 origin="the checkpoint's " if plan.resume else "", index=device.index)

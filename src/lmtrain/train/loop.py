@@ -24,6 +24,7 @@ import torch
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.progress import TrainProgress
+from lmtrain.signals import StopNow, interruptible
 from lmtrain.train.answer_eval import measure_answers
 from lmtrain.train.evaluate import estimate_loss
 from lmtrain.train.lm_loss import compute_loss
@@ -65,6 +66,18 @@ def evaluate(parts: Components, progress: TrainProgress, settings: LoopSettings,
                                    val_loss=losses["val"], kind="eval")
     measure_answers(parts, progress, settings, services)  # question/answer records
     return losses
+
+
+def evaluate_unless_stopped(parts: Components, progress: TrainProgress,
+                            settings: LoopSettings, services: RunServices) -> None:
+    """:func:`evaluate`, cut short by a stop signal (one process: others would wait for it in
+    the evaluation's collective); the stop request holds the signal, and the step's checkpoint
+    and the stop then follow as usual."""
+    if parts.placement.world_size > 1:
+        evaluate(parts, progress, settings, services)
+        return
+    with contextlib.suppress(StopNow), interruptible():
+        evaluate(parts, progress, settings, services)
 
 
 def save(parts: Components, progress: TrainProgress, services: RunServices) -> Any:
@@ -173,6 +186,7 @@ class LossWindow:
         values = torch.stack([t.float() for t in tensors]).tolist() if tensors else []
         extra_value = values.pop() if extra is not None else None
         self.values += values
+        self.progress.loss_window += values  # since the last LOG_INTERVAL step, saved
         self.pending.clear()
         if on_nan == "stop":
             for i, value in enumerate(self.values):
@@ -186,7 +200,10 @@ class LossWindow:
         """One progress line: mean loss and tokens/s (evaluation and saving time excluded)."""
         opt, step = settings.optimization, self.progress.step
         grad_norm = self.check(opt.on_nan, self.grad_norm)
-        kept = [v for v in self.values if math.isfinite(v)]  # skipped steps are left out
+        on_grid = step % settings.evaluation.log_interval == 0  # else the run's last step
+        # on the grid: the mean since the last grid step, also across a resume in between
+        window = self.progress.loss_window if on_grid else self.values
+        kept = [v for v in window if math.isfinite(v)]  # skipped steps are left out
         seconds = time.perf_counter() - self.t0 - (self._excluded() - self.excluded0)
         tokens = (opt.batch_size * settings.block_size * opt.grad_accum_steps * place.world_size
                   * len(self.values))
@@ -200,6 +217,8 @@ class LossWindow:
                 self.services.metrics.write(step=step, train_loss=mean_loss, lr=lr,
                                             tokens_per_s=round(tps, 1), grad_norm=grad_norm,
                                             kind="train")
+        if on_grid:
+            self.progress.loss_window.clear()
         self.reset()
 
 
@@ -234,6 +253,8 @@ def run_training(parts: Components, progress: TrainProgress, settings: LoopSetti
     params = [p for p in parts.model.parameters() if p.requires_grad]
     start, end = progress.step, progress.step + n_steps
     parts.model.train()
+    if len(progress.loss_window) != start % cadence.log_interval:
+        progress.loss_window = []  # saved under another LOG_INTERVAL (or none): a new window
     with contextlib.ExitStack() as stack:
         window = LossWindow(progress, services,
                             _progress_bar(parts.placement.is_main, stack, start, end))
@@ -246,7 +267,7 @@ def run_training(parts: Components, progress: TrainProgress, settings: LoopSetti
             # window.check(): under ON_NAN=stop a NaN loss is never evaluated or saved
             if evaluating and progress.step % cadence.eval_interval == 0:
                 window.check(opt.on_nan)
-                evaluate(parts, progress, settings, services)
+                evaluate_unless_stopped(parts, progress, settings, services)
             if progress.step % every == 0 and progress.step != end:
                 window.check(opt.on_nan)
                 save(parts, progress, services)
@@ -255,6 +276,6 @@ def run_training(parts: Components, progress: TrainProgress, settings: LoopSetti
                 window.check(opt.on_nan)
                 raise TrainingInterrupted(services.stop.signal, save(parts, progress, services))
     if n_steps > 0:
-        if evaluating and not progress.evaluated:
-            evaluate(parts, progress, settings, services)  # the final checkpoint holds them
-        save(parts, progress, services)
+        if evaluating and not progress.evaluated and services.stop.signal is None:
+            evaluate_unless_stopped(parts, progress, settings, services)  # the final checkpoint
+        save(parts, progress, services)                                   # holds its losses

@@ -30,7 +30,7 @@ from lmtrain.config import (
 from lmtrain.data.tokenizers import saved_tokenizer
 from lmtrain.errors import UserError
 from lmtrain.models.gpt2 import find_base, gpt2_shape
-from lmtrain.reporting import default_run_name, stable_run_name
+from lmtrain.reporting import default_run_name, read_metrics, stable_run_name
 from lmtrain.run_folder import RunPaths, branch_name, check_run_name
 
 
@@ -121,17 +121,36 @@ def _resume_plan(path: Path, values: dict[str, Any], sources: dict[str, str],
         run_name = _run_folder_of(path, cfg)
         name_source = "the checkpoint's run folder" if run_name else "new name"
         run_name = run_name or agree(default_run_name(cfg))
-    if cfg.checkpointing.enable_checkpoints:
-        later = [s for s, _ in list_checkpoints(_paths(cfg, run_name).checkpoints)
-                 if s > source.step]
-        if later:  # history is never rewritten: branch instead of overwriting later steps
-            branch = branch_name(run_name, source.step, lambda n: _paths(cfg, n).logs.exists()
-                                 or _paths(cfg, n).checkpoints.exists())
-            notes.append(f"run {run_name} already has checkpoints after step {source.step} "
-                         f"(up to step {max(later)}); this resume continues as run {branch} "
-                         f"and leaves them untouched")
-            run_name, name_source = branch, f"branch of {run_name} at step {source.step}"
+    later = _steps_after(_paths(cfg, run_name), source.step,
+                         metrics=not cfg.checkpointing.enable_checkpoints)
+    if later:  # history is never rewritten, whatever the settings: branch instead
+        branch = branch_name(run_name, source.step, lambda n: _paths(cfg, n).logs.exists()
+                             or _paths(cfg, n).checkpoints.exists())
+        notes.append(f"run {run_name} already went past step {source.step} (up to step "
+                     f"{later}); this resume continues as run {branch} and leaves its "
+                     f"checkpoints and history untouched")
+        run_name, name_source = branch, f"branch of {run_name} at step {source.step}"
     return _plan(loaded, run_name, source, notes, name_source)
+
+
+def _steps_after(paths: RunPaths, step: int, metrics: bool) -> int | None:
+    """The furthest step past ``step`` that the run reached: a later checkpoint, or (with
+    ``metrics``: a resume that writes no checkpoint, whose run's checkpoints may not tell) the
+    end of a run past it in its metrics (a ``final`` or ``text`` record). Plain metrics past
+    the newest checkpoint (a run killed between checkpoints) do not count: resuming continues
+    it."""
+    later = [s for s, _ in list_checkpoints(paths.checkpoints) if s > step]
+    if not metrics:
+        return max(later) if later else None
+    metrics_file = paths.logs / "metrics.jsonl"
+    try:
+        records = read_metrics(metrics_file) if metrics_file.is_file() else []
+    except (OSError, UnicodeDecodeError):
+        records = []
+    later += [r["step"] for r in records if isinstance(r, dict)
+              and r.get("kind") in ("final", "text")
+              and isinstance(r.get("step"), int) and r["step"] > step]
+    return max(later) if later else None
 
 
 def _run_folder_of(path: Path, cfg: TrainingConfig) -> str | None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from lmtrain.advice import run_warnings, steps_to_run
 from lmtrain.config import FIELDS
+from lmtrain.crash_report import LOG_ATTRIBUTE
 from lmtrain.distributed import broadcast_object, cleanup
 from lmtrain.durable import remove_stale_temp_files
 from lmtrain.errors import TrainingInterrupted, UserError
@@ -43,7 +44,7 @@ from lmtrain.reporting import (
     timings_line,
 )
 from lmtrain.run_folder import claim_run_folders
-from lmtrain.signals import StopRequest, stop_on_signals
+from lmtrain.signals import StopNow, StopRequest, interruptible, stop_on_signals
 from lmtrain.train.build import assemble, check_before_start
 from lmtrain.train.finish import finish
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
@@ -111,6 +112,13 @@ class Session:
             if self.logging:  # the entrypoint prints it; the log file keeps it too
                 log.error("error: %s", exc, extra={"file_only": True})
             raise
+        except TrainingInterrupted:
+            raise
+        except Exception as exc:  # a bug: its traceback in the log, named by the entrypoint
+            if self.logging:
+                log.exception("internal error", extra={"file_only": True})
+                setattr(exc, LOG_ATTRIBUTE, self.log_file)
+            raise
         finally:
             self.close()
 
@@ -148,8 +156,12 @@ class Session:
         output file and the timings."""
         parts, progress, settings, services = self.live
         plan, summary, cfg = self.plan, self.summary, self.plan.config
-        summary.final_losses, summary.sample = finish(parts, progress, settings, services,
-                                                      cfg.generation, cfg.model.model_type)
+        try:  # a stop signal cuts the final evaluation and sample short: the run is saved
+            with interruptible() if parts.placement.world_size == 1 else contextlib.nullcontext():
+                summary.final_losses, summary.sample = finish(
+                    parts, progress, settings, services, cfg.generation, cfg.model.model_type)
+        except StopNow as exc:
+            raise self.hints.interrupted(TrainingInterrupted(exc.signum), progress) from None
         self._close_metrics()
         is_main = parts.placement.is_main
         if is_main:

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 from lmtrain.answers import AnswerReport, QAPair, answer_accuracy
 from lmtrain.data.tokenizers import document_separator
+from lmtrain.sharding import is_sharded
 from lmtrain.train.state import RunContext
 
 log = logging.getLogger("lmtrain")
@@ -57,7 +58,7 @@ def held_out_pairs(ctx: RunContext) -> list[QAPair]:
 
 def measure_answers(ctx: RunContext) -> None:
     """Score answers now (see the module doc); nothing on plain text or with EVAL_ANSWERS=0."""
-    if not ctx.is_main:
+    if not ctx.is_main or is_sharded(ctx.raw_model):  # FSDP: `lmtrain eval --answers` after
         return
     t0 = time.perf_counter()
     pairs = held_out_pairs(ctx)

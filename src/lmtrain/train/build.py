@@ -18,8 +18,9 @@ from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import DistInfo, init_distributed, main_process_first, wrap_model
 from lmtrain.host_memory import keep_freed_memory
 from lmtrain.models import build_model
+from lmtrain.sharding import check_fits, check_fsdp_launch, shard_model
 from lmtrain.trackers import check_installed, tracker_names
-from lmtrain.train.checkpointing import restore
+from lmtrain.train.checkpointing import check_checkpoint_kind, restore
 from lmtrain.train.frozen import store_frozen_base_in
 from lmtrain.train.optim import build_optimizer
 from lmtrain.train.plan import RunPlan
@@ -52,6 +53,10 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     if dist_info.world_size > 1:
         torch.manual_seed(cfg.optimization.seed + dist_info.rank)  # dropout differs between ranks
     dtype = autocast_dtype(cfg.run.precision, device, model)
+    fsdp = cfg.run.parallel == "fsdp"
+    if fsdp:  # the optimizer is built over the shards
+        check_fits(model, dist_info.world_size, device)
+        shard_model(model, dist_info.world_size, dtype)
     # Muon's CombinedOptimizer is no torch Optimizer subclass but offers its API
     optimizer = cast(torch.optim.Optimizer, build_optimizer(model, cfg.optimization, device))
     ctx = RunContext(
@@ -64,8 +69,9 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     )
     if plan.resume is not None:
         restore(ctx, plan.resume.checkpoint)
-    store_frozen_base_in(ctx.model, dtype)  # LoRA: cast the frozen base once, not every step
-    ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
+    if not fsdp:
+        store_frozen_base_in(ctx.model, dtype)  # LoRA: cast the frozen base once, not every step
+        ctx.model = wrap_model(ctx.model, dist_info, device)  # checkpoints keep the raw model
     if cfg.run.compile:
         ctx.model = cast(nn.Module, torch.compile(ctx.model))
     return ctx
@@ -75,6 +81,9 @@ def check_before_start(plan: RunPlan) -> None:
     """What can fail without touching the disk fails here, before any folder is created."""
     cfg = plan.config
     check_installed(tracker_names(cfg.run.metrics))  # a missing extra fails before any work
+    check_fsdp_launch(cfg.run.parallel, cfg.optimization.optimizer)
+    if plan.resume is not None:
+        check_checkpoint_kind(plan.resume.checkpoint, cfg.run.parallel)
     source = cfg.data.training_data_source
     if not source.startswith(HF_PREFIX) and not glob.has_magic(source) \
             and not Path(source).expanduser().exists():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,9 +45,11 @@ from lmtrain.checkpoint_format import (
     WORLD_SIZE_KEY,
     SavedRun,
 )
-from lmtrain.distributed import all_gather_objects
+from lmtrain.distributed import all_gather_objects, broadcast_object
+from lmtrain.errors import UserError
 from lmtrain.models.gpt2 import model_positions
 from lmtrain.models.weights import load_weights, model_state
+from lmtrain.sharded_checkpoint import ShardedRun, load_sharded_state, save_sharded
 from lmtrain.train.optim import load_optimizer_state
 from lmtrain.train.state import RunContext
 
@@ -124,8 +127,11 @@ def gather_rank_states(ctx: RunContext) -> dict[str, Any]:
 def restore(ctx: RunContext, run: SavedRun) -> None:
     """Load weights, optimizer, bookkeeping, RNG and sampler state so training continues bit
     for bit. Reads ``run`` (validated when it was loaded) and never changes it."""
-    load_weights(ctx.raw_model, ctx.config.model, run)
-    load_optimizer_state(ctx.optimizer, run.optimizer_state, run.where)
+    if isinstance(run, ShardedRun):  # PARALLEL=fsdp: DCP reshards onto this world size
+        _load_sharded(ctx, run)
+    else:
+        load_weights(ctx.raw_model, ctx.config.model, run)
+        load_optimizer_state(ctx.optimizer, run.optimizer_state, run.where)
     ctx.step = run.step
     best = run.best_val_loss
     ctx.best_val_loss = math.inf if best is None else best
@@ -171,3 +177,42 @@ def _reseed_for_new_world(ctx: RunContext, saved_world: int) -> None:
             "continuation (resume with the same number of processes for that)", saved_world,
             ctx.world_size, ctx.world_size, saved_world)
 
+
+
+def _load_sharded(ctx: RunContext, run: ShardedRun) -> None:
+    """The weights and optimizer state of a sharded checkpoint (LoRA: the adapter's, once its
+    base is verified)."""
+    lora = ctx.config.model.use_lora
+    if lora:
+        from lmtrain.models.lora import check_base_reference
+
+        base = run.lora_base
+        check_base_reference(ctx.raw_model, dict(base) if base else None, run.where)
+    load_sharded_state(run, ctx.raw_model, ctx.optimizer, trainable_only=lora)
+
+
+def write_sharded(ctx: RunContext, folder: Path, extra: dict[str, Any]) -> None:
+    """The sharded checkpoint of ``ctx`` now (``PARALLEL=fsdp``; a collective). A write that
+    failed on any rank raises ``OSError`` on every rank."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    payload = build(ctx, extra) if ctx.is_main else {}
+    try:
+        save_sharded(folder, ctx.raw_model, ctx.optimizer, payload, ctx.is_main,
+                     ctx.world_size, trainable_only=ctx.config.model.use_lora,
+                     agree=broadcast_object)
+    except CheckpointException as exc:  # DCP's: raised on every rank
+        raise OSError(str(exc).strip().splitlines()[-1][:160] or "DCP write failed") from None
+
+
+def check_checkpoint_kind(run: SavedRun, parallel: str) -> None:
+    """A sharded checkpoint resumes only a ``PARALLEL=fsdp`` run, a single file only the
+    others; one line naming the fix otherwise."""
+    sharded = isinstance(run, ShardedRun)
+    if sharded and parallel != "fsdp":
+        raise UserError(f"{run.where} is a sharded checkpoint (PARALLEL=fsdp); resume it with "
+                        f"PARALLEL=fsdp under torchrun, or make it one file with `lmtrain "
+                        f"checkpoint consolidate` and resume that")
+    if not sharded and parallel == "fsdp":
+        raise UserError(f"{run.where} is a single-file checkpoint; resume it with PARALLEL=ddp "
+                        f"(the default), or start a fresh PARALLEL=fsdp run")

@@ -8,6 +8,7 @@ import time
 
 from lmtrain.generate import default_prompt, generate_text
 from lmtrain.reporting import report_final
+from lmtrain.sharding import is_sharded
 from lmtrain.train.answer_eval import report_final_answers
 from lmtrain.train.loop import evaluate
 from lmtrain.train.perplexity import perplexity
@@ -44,7 +45,8 @@ def _report_perplexity(ctx: RunContext, losses: dict[str, float]) -> None:
 def _sample_at_end(ctx: RunContext) -> str:
     """The end-of-run sample (rank 0; timed as ``sample``): logged and recorded."""
     t0 = time.perf_counter()
-    sample = _sample(ctx) if ctx.is_main else ""
+    # FSDP: every rank takes part in the forward passes (the same seed, the same sample)
+    sample = _sample(ctx) if ctx.is_main or is_sharded(ctx.raw_model) else ""
     ctx.timings["sample"] = time.perf_counter() - t0
     log.info("sample:\n%s", sample)
     if ctx.metrics and sample:

@@ -22,9 +22,10 @@ import torch
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
+from lmtrain.sharding import is_sharded, local, replicated_value
 from lmtrain.train.answer_eval import measure_answers
 from lmtrain.train.checkpointing import build as build_checkpoint
-from lmtrain.train.checkpointing import gather_rank_states
+from lmtrain.train.checkpointing import gather_rank_states, write_sharded
 from lmtrain.train.evaluate import compute_loss, estimate_loss
 from lmtrain.train.optim import set_learning_rate
 from lmtrain.train.state import RunContext
@@ -70,9 +71,12 @@ def _previous_checkpoint(ctx: RunContext) -> str:
 
 
 def _weights_finite(ctx: RunContext) -> bool:
-    """Whether every trainable weight is finite (one transfer to the host)."""
-    params = [p for p in ctx.raw_model.parameters() if p.requires_grad]
-    return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    """Whether every trainable weight is finite (one transfer to the host; FSDP: every
+    rank's shard)."""
+    params = [local(p) for p in ctx.raw_model.parameters() if p.requires_grad]
+    finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    return finite if not is_sharded(ctx.raw_model) else not max_across_ranks(
+        int(not finite), ctx.device)
 
 
 def save(ctx: RunContext) -> Path | None:
@@ -84,9 +88,10 @@ def save(ctx: RunContext) -> Path | None:
     """
     if not ctx.config.checkpointing.enable_checkpoints:
         return None
-    path = ctx.checkpoint_dir / checkpoint_filename(ctx.step)
+    sharded = ctx.config.run.parallel == "fsdp"  # every rank writes its shards
+    path = ctx.checkpoint_dir / checkpoint_filename(ctx.step, sharded)
     if (ctx.saved_steps and ctx.saved_steps[-1] == ctx.step
-            and (ctx.world_size > 1 or path.is_file())):
+            and (ctx.world_size > 1 or path.exists())):
         return path  # already written at this step
     if not _weights_finite(ctx):  # every rank holds the same weights: all refuse together
         raise UserError(
@@ -95,7 +100,7 @@ def save(ctx: RunContext) -> Path | None:
             f"{_previous_checkpoint(ctx)} — lower LEARNING_RATE or set GRAD_CLIP, then resume")
     t0 = time.perf_counter()
     rank_states = gather_rank_states(ctx)  # every rank takes part; rank 0 writes
-    if not ctx.is_main:
+    if not ctx.is_main and not sharded:
         ctx.saved_steps.append(ctx.step)
         ctx.timings["checkpoint"] += time.perf_counter() - t0
         return path
@@ -104,7 +109,10 @@ def save(ctx: RunContext) -> Path | None:
     if evaluated and ctx.last_losses["val"] < ctx.best_val_loss:
         ctx.best_val_loss, ctx.best_step = ctx.last_losses["val"], ctx.step
     try:
-        save_checkpoint(path, build_checkpoint(ctx, rank_states))
+        if sharded:
+            write_sharded(ctx, path, rank_states)
+        else:
+            save_checkpoint(path, build_checkpoint(ctx, rank_states))
     except OSError as exc:
         ctx.best_val_loss, ctx.best_step = best
         raise UserError(
@@ -112,6 +120,8 @@ def save(ctx: RunContext) -> Path | None:
             f"failed ({exc.strerror or exc}); the run stops here and {_previous_checkpoint(ctx)}"
             f" — free space or pick another CHECKPOINT_DIR, then resume") from None
     ctx.saved_steps.append(ctx.step)
+    if not ctx.is_main:
+        return path
     protect = {ctx.best_step} if ctx.best_step is not None else set()
     rotate_checkpoints(ctx.checkpoint_dir, ctx.config.checkpointing.keep_last_checkpoints, protect,
                        upto=ctx.step)
@@ -135,7 +145,7 @@ def train_step(ctx: RunContext, step: int, params: list[torch.nn.Parameter],
     loss = all_reduce_mean(loss_sum)  # the same value on every rank
     if scaler:
         scaler.unscale_(ctx.optimizer)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
+    grad_norm = (replicated_value(torch.nn.utils.clip_grad_norm_(params, settings.grad_clip))
                  if settings.grad_clip > 0 else None)
     # the grad scaler skips non-finite gradients itself; without it they would poison the weights
     if settings.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):

@@ -41,7 +41,6 @@ from lmtrain.checkpoint_format import (
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 SUFFIX = ".dcp"
@@ -352,9 +351,8 @@ def load_sharded_state(run: ShardedRun, model: nn.Module, optimizer: Any,
     """Load the weights and optimizer state of ``run`` into ``model``/``optimizer`` (sharded or
     whole, at any world size: DCP reshards); one line if they do not fit."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
     state = _state(model, optimizer, trainable_only)
     try:

@@ -272,7 +272,9 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: Any, payload: dict[s
     tmp = folder.parent / f"{TEMP_PREFIX}{folder.name}"
     _agreed(agree, is_main, lambda: _start(tmp))
     writer = dcp.FileSystemWriter(tmp, sync_files=True, single_file_per_rank=True)
-    dcp.save(_state(model, optimizer, trainable_only), storage_writer=writer)
+    with warnings.catch_warnings():  # one process: DCP says it saves without a group
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.save(_state(model, optimizer, trainable_only), storage_writer=writer)
     _agreed(agree, is_main, lambda: _seal(tmp, folder, payload, world_size))
     return folder
 

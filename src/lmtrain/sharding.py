@@ -12,6 +12,7 @@ autocast dtype, gradients are reduced in fp32, and the sharded master weights st
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -72,10 +73,9 @@ def shard_model(model: nn.Module, world_size: int, dtype: torch.dtype | None) ->
 
 
 def is_sharded(model: nn.Module) -> bool:
-    """Whether ``fully_shard`` was applied to ``model``."""
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(model, FSDPModule)
+    """Whether ``fully_shard`` was applied to ``model`` (no import when FSDP never was)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:

@@ -90,8 +90,9 @@ def test_elastic_restart_after_a_killed_worker_finishes_bit_for_bit(corpus, tmp_
     env = child_env({"OMP_NUM_THREADS": "1", **_env(corpus, tmp_path,
                                                     checkpoint_dir=tmp_path / "elastic",
                                                     **settings)})
-    agent = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    log = tmp_path / "agent.log"  # a file, not a pipe: the run never waits for a reader
+    with open(log, "w", encoding="utf-8") as out:
+        agent = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 240
         while not (folder / "step_0000040.pt").exists() and time.monotonic() < deadline:
@@ -100,10 +101,11 @@ def test_elastic_restart_after_a_killed_worker_finishes_bit_for_bit(corpus, tmp_
         workers = _workers(agent.pid)
         assert before and len(workers) == 2, "the run ended before a worker could be killed"
         os.kill(workers[-1], signal.SIGKILL)
-        output = agent.communicate(timeout=300)[0]
+        agent.wait(timeout=240)
     finally:
         if agent.poll() is None:
             agent.kill()
+    output = log.read_text(encoding="utf-8")
     assert agent.returncode == 0, output[-4000:]
     assert max(int(n[5:12]) for n in before) < steps, "killed after the last checkpoint"
     assert "CHECKPOINT_PATH=auto: resuming" in output

@@ -265,3 +265,22 @@ def test_fsdp_trains_each_model_kind(corpus, tmp_path, tiny_gpt2_dir, extra):
     if extra.get("use_lora"):  # only the adapter is saved, as in a single-file LoRA checkpoint
         assert all("lora_" in k for k in one["model_state_dict"])
     assert "step 4/4: loss" in proc.stdout + proc.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_on_cuda_with_nccl_saves_resumes_and_consolidates(corpus, tmp_path):
+    """On the GPU (NCCL across GPUs when there are 2; one GPU keeps the model whole, but the
+    sharded checkpoint of CUDA tensors, bf16 and the resume are the same code)."""
+    nproc = min(torch.cuda.device_count(), 2)
+    gpu = {"device": "cuda", "precision": "bf16"}
+    _launch(_fsdp_env(corpus, tmp_path, training_steps=8, checkpoint_dir=tmp_path / "full",
+                      **gpu), tmp_path, nproc)
+    mid = tmp_path / "full" / "f" / "step_0000004.dcp"
+    _launch(_fsdp_env(corpus, tmp_path, training_steps=8, checkpoint_path=mid, resume_steps=4,
+                      checkpoint_dir=tmp_path / "res", **gpu), tmp_path, nproc)
+    full = _consolidated(mid.parent / "step_0000008.dcp", tmp_path / "full.pt")
+    res = _consolidated(tmp_path / "res" / "f" / "step_0000008.dcp", tmp_path / "res.pt")
+    for name, tensor in full["model_state_dict"].items():  # GPU kernels: close, not bitwise
+        torch.testing.assert_close(res["model_state_dict"][name], tensor, rtol=1e-3, atol=1e-3)

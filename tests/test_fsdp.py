@@ -284,3 +284,27 @@ def test_fsdp_on_cuda_with_nccl_saves_resumes_and_consolidates(corpus, tmp_path)
     res = _consolidated(tmp_path / "res" / "f" / "step_0000008.dcp", tmp_path / "res.pt")
     for name, tensor in full["model_state_dict"].items():  # GPU kernels: close, not bitwise
         torch.testing.assert_close(res["model_state_dict"][name], tensor, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.integration
+def test_a_stop_signal_writes_the_sharded_checkpoint_of_that_step(train_run, under_torchrun,
+                                                                  tmp_path, monkeypatch):
+    import signal
+
+    import lmtrain.train.loop as loop
+    from lmtrain.errors import TrainingInterrupted
+    from tests.test_signals import send_self
+
+    real, calls = loop.compute_loss, []
+
+    def compute_loss(model, x, y):
+        calls.append(1)
+        if len(calls) == 3:
+            send_self(signal.SIGTERM)  # arrives during step 3
+        return real(model, x, y)
+
+    monkeypatch.setattr(loop, "compute_loss", compute_loss)
+    with pytest.raises(TrainingInterrupted) as err:
+        train_run(**{**FSDP, "training_steps": 50, "checkpoint_interval": 100})
+    assert err.value.checkpoint == tmp_path / "ckpt" / "f" / "step_0000003.dcp"
+    assert load_run(err.value.checkpoint).step == 3

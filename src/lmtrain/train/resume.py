@@ -64,7 +64,8 @@ class ResumeHints:
         the one it resumed from (at ``start``); ``None`` when there is neither."""
         if ctx.saved_steps:
             step = ctx.saved_steps[-1]
-            return step, ctx.checkpoint_dir / checkpoint_filename(step)
+            return step, ctx.checkpoint_dir / checkpoint_filename(
+                step, sharded=ctx.config.run.parallel == "fsdp")
         if self.resumed_from:
             return self.start, self.resumed_from
         return None

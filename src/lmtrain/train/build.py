@@ -16,7 +16,7 @@ from lmtrain.data.hf_datasets import HF_PREFIX
 from lmtrain.data.prepare import load_token_data
 from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import DistInfo, init_distributed, main_process_first, wrap_model
-from lmtrain.host_memory import keep_freed_memory
+from lmtrain.host_memory import keep_freed_memory, return_freed_memory
 from lmtrain.models import build_model
 from lmtrain.sharding import check_fits, check_fsdp_launch, shard_model
 from lmtrain.trackers import check_installed, tracker_names
@@ -33,8 +33,10 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     checkpoint. ``placement`` is the session's (process group, device); joined here if absent."""
     cfg = plan.config
     dist_info, device = placement or init_distributed(select_device(cfg.run.device))
-    if device.type == "cpu":
-        keep_freed_memory()  # the next step reuses this one's activations: no page faults
+    fsdp = cfg.run.parallel == "fsdp"
+    if device.type == "cpu":  # DDP: the next step reuses this one's activations (no page
+        # faults); FSDP: gathered weights go back as they are freed (a low peak)
+        (return_freed_memory if fsdp else keep_freed_memory)()
     ckpt = plan.resume.checkpoint if plan.resume else None
     torch.manual_seed(cfg.optimization.seed)  # the same initial weights on every rank
     with main_process_first():  # rank 0 fills caches before the others read them
@@ -53,7 +55,6 @@ def prepare_run(plan: RunPlan, placement: tuple[DistInfo, torch.device] | None =
     if dist_info.world_size > 1:
         torch.manual_seed(cfg.optimization.seed + dist_info.rank)  # dropout differs between ranks
     dtype = autocast_dtype(cfg.run.precision, device, model)
-    fsdp = cfg.run.parallel == "fsdp"
     if fsdp:  # the optimizer is built over the shards
         check_fits(model, dist_info.world_size, device)
         shard_model(model, dist_info.world_size, dtype)

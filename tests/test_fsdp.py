@@ -82,10 +82,15 @@ def test_sharded_checkpoint_is_a_sealed_folder_that_consolidates(sharded, tmp_pa
         name.endswith(".distcp") for name in files)
     run = load_run(sharded)
     assert isinstance(run, ShardedRun) and run.step == 2
+    from lmtrain.inference import load_trained_model
+
+    with pytest.raises(UserError, match="sharded checkpoint .*lmtrain checkpoint consolidate"):
+        load_trained_model(sharded)  # sample, eval, export: one file first
     out, path = consolidate(sharded, tmp_path / "one.pt")
     assert path == tmp_path / "one.pt" and out.step == 2
     one = load_run(path)  # today's single file, validated and sealed
     assert not isinstance(one, ShardedRun) and one.step == 2
+    assert load_trained_model(path).checkpoint.step == 2
     assert one.optimizer_state["state"]  # AdamW's moments came along
     with pytest.raises(UserError, match="exists; nothing was replaced"):
         consolidate(sharded, tmp_path / "one.pt")

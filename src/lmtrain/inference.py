@@ -18,6 +18,7 @@ from lmtrain.errors import UserError
 from lmtrain.models import build_model
 from lmtrain.models.lora import with_base
 from lmtrain.models.weights import load_weights
+from lmtrain.sharded_checkpoint import ShardedRun
 from lmtrain.train.optim import build_optimizer, load_optimizer_state
 
 
@@ -38,6 +39,9 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     (``--base`` / ``GPT2_MODEL_NAME``) says where a GPT-2 run's base model lives now.
     """
     run = load_run(path, label=label)
+    if isinstance(run, ShardedRun):
+        raise UserError(f"{run.where} is a sharded checkpoint (PARALLEL=fsdp); make it one file "
+                        f"first: lmtrain checkpoint consolidate {path}")
     cfg = with_base(run.config, run.lora_base, base)  # GPT-2: where its base model is now
     tokenizer = saved_tokenizer(run)
     torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
@@ -52,7 +56,7 @@ def check_fits(run: SavedRun) -> None:
     and check that the saved weights and optimizer state fit them. A LoRA adapter is checked
     against its base when it is loaded; a GPT-2 run whose base model is not here is skipped."""
     cfg = run.config
-    if cfg.model.use_lora:
+    if cfg.model.use_lora or isinstance(run, ShardedRun):  # checked when loaded (DCP: by name)
         return
     model = _model_on_meta(cfg.model, run.vocab_size)
     if model is None:

@@ -36,7 +36,7 @@ def run_steps(folder: str, checkpointing: bool, steps: int, batch: int, block: i
 
     from lmtrain.config import TrainingConfig
     from lmtrain.models.gpt2 import load_gpt2
-    from lmtrain.train.evaluate import compute_loss
+    from lmtrain.train.lm_loss import compute_loss
     from lmtrain.train.optim import build_optimizer
 
     device = torch.device(device_name)

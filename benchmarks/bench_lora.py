@@ -52,9 +52,11 @@ class LmtrainSide:
         from lmtrain.data.tokenizers import GPT2Tokenizer
         from lmtrain.device import autocast_dtype, select_device
         from lmtrain.models import build_model
+        from lmtrain.progress import TrainProgress
+        from lmtrain.train.checkpointing import Checkpointer
         from lmtrain.train.frozen import store_frozen_base_in
         from lmtrain.train.optim import build_optimizer
-        from lmtrain.train.state import RunContext
+        from lmtrain.train.state import Components, LiveRun, LoopSettings, Placement, RunServices
 
         logging.getLogger("lmtrain").setLevel(logging.WARNING)
         total = args.warmup + args.steps
@@ -72,22 +74,22 @@ class LmtrainSide:
         dtype = autocast_dtype(cfg.run.precision, device)
         if not args.without_speedups:  # as the session does (lmtrain.train.build.prepare_run)
             store_frozen_base_in(model, dtype)
-        self.ctx = RunContext(
-            config=cfg, model=model, optimizer=build_optimizer(model, cfg.optimization, device),
+        parts = Components(
+            model=model, optimizer=build_optimizer(model, cfg.optimization, device),
             tokenizer=GPT2Tokenizer(), data=TokenData.split(tokens, 0.9, cfg.model.block_size),
-            device=device, sampler=torch.Generator().manual_seed(cfg.optimization.seed),
-            run_name="bench",
-            checkpoint_dir=tmp, log_dir=tmp, autocast_dtype=dtype)
-        self.step = 0
+            placement=Placement(device, precision=dtype))
+        progress = TrainProgress(torch.Generator().manual_seed(cfg.optimization.seed))
+        self.run = LiveRun(parts, progress, LoopSettings.of(cfg),
+                           RunServices(Checkpointer(cfg, "bench", tmp)))
+        self.device = device
 
     def run_step(self) -> float:
         from lmtrain.train.loop import run_training
 
-        _sync(self.ctx.device)
+        _sync(self.device)
         t0 = time.perf_counter()
-        run_training(self.ctx, self.step, 1)
-        _sync(self.ctx.device)
-        self.step += 1
+        run_training(*self.run, 1)
+        _sync(self.device)
         return time.perf_counter() - t0
 
 

@@ -39,7 +39,7 @@ from lmtrain.config import DEFAULT_CORPUS, TrainingConfig
 from lmtrain.device import autocast_dtype, select_device
 from lmtrain.models import build_model
 from lmtrain.models.gpt import GPT, GPTConfig
-from lmtrain.train.evaluate import compute_loss
+from lmtrain.train.lm_loss import compute_loss
 from lmtrain.train.optim import build_optimizer, set_learning_rate
 
 BLOCK, BATCH, SEED = 64, 12, 1337

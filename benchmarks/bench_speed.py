@@ -8,7 +8,7 @@
 Five parts, each printed as a markdown table:
 
 a. From-scratch GPT, 6 layers, 6 heads, N_EMBD=384, BLOCK_SIZE=256, BATCH_SIZE=16 on the
-   bundled corpus: lmtrain's own session assembly and loop (``prepare_run`` + ``run_training``
+   bundled corpus: lmtrain's own session assembly and loop (``assemble`` + ``run_training``
    with ``PRECISION=auto`` and ``COMPILE`` as given) against a plain fp32 loop of the same model
    class (``torch.optim.AdamW`` defaults, no autocast). Same initial weights, same batches, same
    constant learning rate; target tokens/s ratio >= 2.0 and final val loss within 0.05.
@@ -97,10 +97,11 @@ def synchronize() -> None:
 
 def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Path,
                     compile_model: bool) -> Any:
-    """A RunContext assembled by lmtrain's own session code (fresh run, PRECISION=auto)."""
+    """A run assembled by lmtrain's own session code (fresh run, PRECISION=auto)."""
     from lmtrain.config import explicit_settings
-    from lmtrain.train.build import prepare_run
+    from lmtrain.train.build import assemble
     from lmtrain.train.plan import resolve_plan
+    from lmtrain.train.state import Placement
 
     # the GPT-2 architecture and AdamW on every side: this measures the trainer, not the recipe
     flags = {**shape, "arch": "gpt2", "optimizer": "adamw",
@@ -114,14 +115,39 @@ def lmtrain_context(shape: dict[str, int], args: argparse.Namespace, workdir: Pa
              "run_name": "bench", "checkpoint_dir": str(workdir / "ckpt"),
              "log_dir": str(workdir / "logs"), "cache_dir": str(workdir / "cache")}
     values, sources = explicit_settings(flags=flags, env={})
-    return prepare_run(resolve_plan(values, sources))
+    plan = resolve_plan(values, sources)
+    return Lmtrain(plan.config, assemble(plan, Placement.join(plan.config.run.device)))
 
 
-def lmtrain_side(ctx: Any) -> Side:
+@dataclass
+class Lmtrain:
+    """lmtrain's side: its config and the assembled run."""
+
+    config: Any
+    run: Any  # lmtrain.train.state.LiveRun
+
+    @property
+    def device(self) -> torch.device:
+        return self.run.parts.placement.device
+
+    @property
+    def data(self) -> Any:
+        return self.run.parts.data
+
+    @property
+    def raw_model(self) -> torch.nn.Module:
+        return self.run.parts.raw_model
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.run.parts.placement.precision
+
+
+def lmtrain_side(ctx: Lmtrain) -> Side:
     from lmtrain.train.loop import run_training
 
     def run(n: int) -> None:
-        run_training(ctx, ctx.step, n)
+        run_training(*ctx.run, n)
 
     return Side("lmtrain", str(ctx.autocast_dtype or "fp32").replace("torch.", ""), run,
                 ctx.raw_model)
@@ -242,24 +268,26 @@ def part_four(args: argparse.Namespace, workdir: Path) -> list[Side]:
     return [ours, plain, bare]
 
 
-def part_checkpoint(ctx: Any, workdir: Path, repeats: int) -> tuple[float, float]:
+def part_checkpoint(ctx: Lmtrain, workdir: Path, repeats: int) -> tuple[float, float]:
     """(median seconds to save the 6-layer checkpoint, seconds from it to one resumed step)."""
     from lmtrain.checkpoint import save_checkpoint
     from lmtrain.config import explicit_settings
-    from lmtrain.train.build import prepare_run
-    from lmtrain.train.checkpointing import build as checkpoint_payload
+    from lmtrain.train.build import assemble
     from lmtrain.train.loop import run_training
     from lmtrain.train.plan import resolve_plan
+    from lmtrain.train.state import Placement
 
     path = workdir / "six" / "bench.pt"
-    saves = [_timed(lambda: save_checkpoint(path, checkpoint_payload(ctx)))
+    parts, progress, _, services = ctx.run
+    saves = [_timed(lambda: save_checkpoint(path, services.checkpointer.state_dict(parts,
+                                                                                    progress)))
              for _ in range(repeats)]
     t0 = time.perf_counter()
     values, sources = explicit_settings(
         flags={"checkpoint_path": str(path), "resume_steps": 1, "compile": False,
                "eval_iters": 0}, env={})  # to the end of the step, no evaluation around it
-    resumed = prepare_run(resolve_plan(values, sources))
-    run_training(resumed, resumed.step, 1)
+    plan = resolve_plan(values, sources)
+    run_training(*assemble(plan, Placement.join(plan.config.run.device)), 1)
     return statistics.median(saves), time.perf_counter() - t0
 
 

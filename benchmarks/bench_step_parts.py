@@ -24,7 +24,7 @@ from lmtrain.config import TrainingConfig
 from lmtrain.device import autocast_dtype, select_device
 from lmtrain.models import build_model
 from lmtrain.models.gpt import GPT, GPTConfig
-from lmtrain.train.evaluate import compute_loss
+from lmtrain.train.lm_loss import compute_loss
 from lmtrain.train.optim import build_optimizer
 
 PARTS = ("batch", "forward+backward", "clip", "optimizer")

@@ -199,6 +199,48 @@ def train_run(corpus: Path, run_dirs: dict[str, str]):
     return run
 
 
+def token_data(cfg: Any) -> Any:
+    """The run's (tokenizer, token data) for config ``cfg``, as a training run loads them."""
+    from lmtrain.data.prepare import load_token_data
+
+    return load_token_data(cfg.data, block_size=cfg.model.block_size)
+
+
+def data_config(source: Path | str, tmp_path: Path, **settings: Any) -> Any:
+    """A config that reads ``source`` and caches tokens under ``tmp_path`` (flat settings)."""
+    from lmtrain.config import TrainingConfig
+
+    return TrainingConfig.from_flat(**{"training_data_source": str(source),
+                                       "cache_dir": str(tmp_path / "cache"), **settings})
+
+
+def write_jsonl(path: Path, records: list[Any]) -> Path:
+    """``records`` as JSON lines at ``path``."""
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def live_run(values: dict[str, Any], sources: dict[str, str]) -> Any:
+    """A run assembled as the session assembles it, in one CPU process: its components,
+    progress, loop settings and services (``parts, progress, settings, services``)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmtrain.train.build import prepare_run
+    from lmtrain.train.checkpointing import Checkpointer
+    from lmtrain.train.plan import resolve_plan
+    from lmtrain.train.state import LoopSettings, Placement, RunServices
+
+    plan = resolve_plan(values, sources)
+    parts, progress = prepare_run(plan, Placement(torch.device("cpu")))
+    return SimpleNamespace(plan=plan, parts=parts, progress=progress,
+                           settings=LoopSettings.of(plan.config),
+                           services=RunServices(Checkpointer.of(plan)))
+
+
 def tiny_env(**overrides: Any) -> dict[str, str]:
     """``TINY`` (with ``overrides``) as the environment variables of ``python training.py``."""
     values = {**TINY, **overrides}

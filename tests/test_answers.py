@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.data.dataset import IGNORE_INDEX, TokenData, answer_mask, prefix_variants
 from lmtrain.data.tokenizers import CharTokenizer, GPT2Tokenizer
 from lmtrain.errors import UserError
-from lmtrain.train.evaluate import compute_loss
+from lmtrain.train.lm_loss import compute_loss
 
 EOT = 50256
 PAIRS = [("What is the capital of France?", "Paris."), ("Who wrote Hamlet?", "Shakespeare."),
@@ -125,9 +126,9 @@ def test_answers_only_training_resumes_exactly(train_run, tmp_path) -> None:
                         training_data_source=source, run_name="answers")
     a = torch.load(whole.checkpoint_dir / "step_0000006.pt", weights_only=True)
     b = torch.load(resumed.checkpoint_dir / "step_0000006.pt", weights_only=True)
-    assert b["hyperparameters"]["loss_on"] == "answers"
-    for k, v in a["model_state_dict"].items():
-        assert torch.equal(v, b["model_state_dict"][k]), k
+    assert b[fmt.HYPERPARAMETERS_KEY]["loss_on"] == "answers"
+    for k, v in a[fmt.MODEL_STATE_KEY].items():
+        assert torch.equal(v, b[fmt.MODEL_STATE_KEY][k]), k
     assert resumed.final_losses == whole.final_losses
     plain = train_run(**{**common, "loss_on": "all"}, training_steps=6, checkpoint_interval=3,
                       eval_interval=3, checkpoint_dir=str(tmp_path / "c"),

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.checkpoint import (
     checkpoint_filename,
     find_resumable,
@@ -230,21 +231,21 @@ def test_rotation_keeps_last_k_plus_the_best_checkpointed_step(train_run, monkey
                         keep_last_checkpoints=2, max_new_tokens=0)
     assert [s for s, _ in list_checkpoints(summary.checkpoint_dir)] == [6, 10, 12]
     last = load_checkpoint(summary.checkpoint_dir / checkpoint_filename(12))
-    assert (last["best_step"], last["best_val_loss"]) == (6, 0.8)
+    assert (last[fmt.BEST_STEP_KEY], last[fmt.BEST_VAL_LOSS_KEY]) == (6, 0.8)
 
 
 @pytest.mark.integration
 def test_checkpoints_are_not_rotated_when_the_new_one_fails(train_run, monkeypatch, tmp_path):
-    import lmtrain.train.loop as loop
+    import lmtrain.train.checkpointing as checkpointing
 
-    real_save = loop.save_checkpoint
+    real_save = checkpointing.save_checkpoint
 
     def failing_save(path, payload):
-        if payload["step"] == 8:
+        if payload[fmt.STEP_KEY] == 8:
             raise OSError(28, "No space left on device")
         return real_save(path, payload)
 
-    monkeypatch.setattr(loop, "save_checkpoint", failing_save)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", failing_save)
     with pytest.raises(UserError, match=r"step 8 checkpoint failed .* step 6 checkpoint is intact"):
         train_run(training_steps=10, checkpoint_interval=2, keep_last_checkpoints=2,
                   run_name="full")

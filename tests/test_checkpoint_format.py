@@ -27,8 +27,10 @@ FORMAT_MODULE = SRC / "checkpoint_format.py"
 #: they stay allowed outside the format module. Every other key is the format's alone.
 SHARED_WORDS = {fmt.STEP_KEY, fmt.TOKENIZER_KEY, fmt.RUN_NAME_KEY, fmt.MODEL_TYPE_KEY,
                 fmt.VOCAB_SIZE_KEY, fmt.BLOCK_SIZE_KEY, fmt.BATCH_SIZE_KEY}
-#: What the format module may import from lmtrain (nothing above the settings layer).
-ALLOWED_INTERNAL = {"lmtrain", "lmtrain.config", "lmtrain.errors", "lmtrain.durable"}
+#: What the format module may import from lmtrain (nothing above the settings layer; the
+#: progress record it saves is a base module).
+ALLOWED_INTERNAL = {"lmtrain", "lmtrain.config", "lmtrain.errors", "lmtrain.durable",
+                    "lmtrain.progress"}
 
 
 def _modules() -> list[Path]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.checkpoint import (
     checkpoint_filename,
     find_resumable,
@@ -165,7 +166,7 @@ def nan_at_step(monkeypatch, bad_step: int) -> None:
 
 
 def all_finite(ckpt) -> bool:
-    return all(torch.isfinite(t).all() for t in ckpt["model_state_dict"].values()
+    return all(torch.isfinite(t).all() for t in ckpt[fmt.MODEL_STATE_KEY].values()
                if t.is_floating_point())
 
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from tests.conftest import ROOT, train_losses
 
 pytestmark = [pytest.mark.integration,
@@ -51,7 +52,7 @@ def test_compiled_model_trains_and_checkpoints_the_raw_weights(train_run):
     summary = train_run(training_steps=6, compile=True, **GPU)
     ckpt = torch.load(summary.checkpoint_dir / "step_0000006.pt", map_location="cpu",
                       weights_only=True)
-    keys = list(ckpt["model_state_dict"])
+    keys = list(ckpt[fmt.MODEL_STATE_KEY])
     assert keys and not any(k.startswith("_orig_mod") for k in keys)
 
 

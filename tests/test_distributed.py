@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.distributed import DistInfo, env_info
 from lmtrain.errors import UserError
 from tests.conftest import ROOT, TINY, child_env
@@ -70,15 +71,15 @@ def test_two_processes_train_and_resume_bit_for_bit(corpus, tmp_path):
 
     a = _load(tmp_path / "full" / "ddp" / "step_0000008.pt")
     b = _load(tmp_path / "resumed" / "ddp" / "step_0000008.pt")
-    assert a["world_size"] == b["world_size"] == 2
-    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
-    for name, tensor in a["model_state_dict"].items():
-        assert torch.equal(tensor, b["model_state_dict"][name]), name
-    assert a["last_losses"] == b["last_losses"]
+    assert a[fmt.WORLD_SIZE_KEY] == b[fmt.WORLD_SIZE_KEY] == 2
+    assert a[fmt.MODEL_STATE_KEY].keys() == b[fmt.MODEL_STATE_KEY].keys()
+    for name, tensor in a[fmt.MODEL_STATE_KEY].items():
+        assert torch.equal(tensor, b[fmt.MODEL_STATE_KEY][name]), name
+    assert a[fmt.LAST_LOSSES_KEY] == b[fmt.LAST_LOSSES_KEY]
     # every rank's sampler is stored; the ranks draw different batches
-    assert len(a["sampler_state"]) == 2
-    assert not torch.equal(a["sampler_state"][0], a["sampler_state"][1])
-    for sa, sb in zip(a["sampler_state"], b["sampler_state"], strict=True):
+    assert len(a[fmt.SAMPLER_STATE_KEY]) == 2
+    assert not torch.equal(a[fmt.SAMPLER_STATE_KEY][0], a[fmt.SAMPLER_STATE_KEY][1])
+    for sa, sb in zip(a[fmt.SAMPLER_STATE_KEY], b[fmt.SAMPLER_STATE_KEY], strict=True):
         assert torch.equal(sa, sb)
     # only rank 0 writes: one log file per launch (a retried launch leaves one more)
     logs = sorted(p.name for p in (tmp_path / "logs" / "ddp").glob("*.log"))
@@ -99,7 +100,7 @@ def test_resume_with_another_world_size_warns_and_continues(corpus, tmp_path, tr
     text = summary.log_file.read_text(encoding="utf-8")
     assert "written by 2 process(es), this run has 1" in text
     assert "not a bit-exact continuation" in text
-    assert _load(summary.checkpoint_dir / "step_0000006.pt")["world_size"] == 1
+    assert _load(summary.checkpoint_dir / "step_0000006.pt")[fmt.WORLD_SIZE_KEY] == 1
 
 
 @pytest.mark.unit
@@ -116,9 +117,9 @@ def test_env_info_reads_torchrun_variables():
 @pytest.mark.unit
 def test_single_process_checkpoint_keeps_its_plain_sampler_state(tiny_checkpoint):
     ckpt = _load(tiny_checkpoint)
-    assert ckpt["world_size"] == 1
-    assert isinstance(ckpt["sampler_state"], torch.Tensor)
-    assert "rank_rng_states" not in ckpt
+    assert ckpt[fmt.WORLD_SIZE_KEY] == 1
+    assert isinstance(ckpt[fmt.SAMPLER_STATE_KEY], torch.Tensor)
+    assert fmt.RANK_RNG_STATES_KEY not in ckpt
 
 
 @pytest.fixture

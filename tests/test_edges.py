@@ -66,13 +66,15 @@ def test_largest_seed_is_accepted():
 
 
 @pytest.mark.unit
-def test_resume_settings_are_checked_one_by_one_before_the_checkpoint_is_read():
-    # a combination that only the checkpoint can settle (its N_EMBD) is left to the resume
+def test_settings_are_checked_one_by_one_before_the_run_validates_them_together():
+    # a combination that only the merged settings (or the checkpoint's N_EMBD) settle is left
+    # to the run's one validation
     check_settings(*explicit_settings(env={"CHECKPOINT_PATH": "x.pt", "N_HEAD": "3"}))
+    check_settings(*explicit_settings(env={"N_HEAD": "3", "N_EMBD": "10"}))
     with pytest.raises(UserError, match="N_LAYER='abc'"):
         check_settings(*explicit_settings(env={"CHECKPOINT_PATH": "x.pt", "N_LAYER": "abc"}))
     with pytest.raises(UserError, match="N_EMBD=10 must be divisible by N_HEAD=3"):
-        check_settings(*explicit_settings(env={"N_HEAD": "3", "N_EMBD": "10"}))
+        load_fresh(*explicit_settings(env={"N_HEAD": "3", "N_EMBD": "10"}))
 
 
 @pytest.mark.integration

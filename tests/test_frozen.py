@@ -21,7 +21,7 @@ def _lora_gpt2(tiny_gpt2_dir):
 
 
 def _loss_and_grads(model, x, y):
-    from lmtrain.train.evaluate import compute_loss
+    from lmtrain.train.lm_loss import compute_loss
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = compute_loss(model, x, y)

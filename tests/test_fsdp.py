@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from lmtrain.checkpoint import load_checkpoint, load_run
+from lmtrain.checkpoint_format import LAST_LOSSES_KEY, MODEL_STATE_KEY, WORLD_SIZE_KEY
 from lmtrain.consolidate import consolidate
 from lmtrain.errors import UserError
 from lmtrain.sharded_checkpoint import MANIFEST, ShardedRun, load_sharded_run
@@ -43,7 +44,7 @@ def sharded(train_run, under_torchrun) -> Path:
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return dict(load_checkpoint(path)["model_state_dict"])
+    return dict(load_checkpoint(path)[MODEL_STATE_KEY])
 
 
 @pytest.mark.unit
@@ -84,7 +85,7 @@ def test_sharded_checkpoint_is_a_sealed_folder_that_consolidates(sharded, tmp_pa
     assert isinstance(run, ShardedRun) and run.step == 2
     from lmtrain.inference import load_trained_model
 
-    with pytest.raises(UserError, match="sharded checkpoint .*lmtrain checkpoint consolidate"):
+    with pytest.raises(UserError, match=r"sharded checkpoint .*lmtrain checkpoint consolidate"):
         load_trained_model(sharded)  # sample, eval, export: one file first
     out, path = consolidate(sharded, tmp_path / "one.pt")
     assert path == tmp_path / "one.pt" and out.step == 2
@@ -223,12 +224,12 @@ def test_fsdp_two_processes_resume_exactly_and_reshard_to_1_and_4(corpus, tmp_pa
         proc = _launch(_fsdp_env(corpus, tmp_path, training_steps=8, checkpoint_path=mid,
                                  resume_steps=4, checkpoint_dir=out), tmp_path, nproc)
         resumed = _consolidated(out / "f" / "step_0000008.dcp", tmp_path / f"res{nproc}.pt")
-        assert resumed["world_size"] == nproc
-        same = all(torch.equal(t, resumed["model_state_dict"][k])
-                   for k, t in full["model_state_dict"].items())
+        assert resumed[WORLD_SIZE_KEY] == nproc
+        same = all(torch.equal(t, resumed[MODEL_STATE_KEY][k])
+                   for k, t in full[MODEL_STATE_KEY].items())
         if nproc == 2:  # the same world: bit for bit
             assert same
-            assert resumed["last_losses"] == full["last_losses"]
+            assert resumed[LAST_LOSSES_KEY] == full[LAST_LOSSES_KEY]
         else:  # resharded: weights and AdamW state continue, batches are re-seeded
             assert not same
             assert "written by 2 process(es), this run has" in proc.stdout + proc.stderr
@@ -243,11 +244,11 @@ def test_fsdp_and_ddp_agree_within_rounding(corpus, tmp_path):
                       parallel="ddp"), tmp_path)
     fsdp = _consolidated(tmp_path / "fsdp" / "f" / "step_0000008.dcp", tmp_path / "fsdp.pt")
     ddp = load_checkpoint(tmp_path / "ddp" / "f" / "step_0000008.pt")
-    for name, tensor in ddp["model_state_dict"].items():
-        torch.testing.assert_close(fsdp["model_state_dict"][name], tensor, rtol=0,
+    for name, tensor in ddp[MODEL_STATE_KEY].items():
+        torch.testing.assert_close(fsdp[MODEL_STATE_KEY][name], tensor, rtol=0,
                                    atol=FSDP_VS_DDP_WEIGHTS)
     for key in ("train", "val"):
-        assert abs(fsdp["last_losses"][key] - ddp["last_losses"][key]) < FSDP_VS_DDP_LOSS
+        assert abs(fsdp[LAST_LOSSES_KEY][key] - ddp[LAST_LOSSES_KEY][key]) < FSDP_VS_DDP_LOSS
 
 
 @pytest.mark.integration
@@ -266,9 +267,9 @@ def test_fsdp_trains_each_model_kind(corpus, tmp_path, tiny_gpt2_dir, extra):
     proc = _launch(env, tmp_path)
     one = _consolidated(tmp_path / "c" / "f" / "step_0000004.dcp", tmp_path / "one.pt")
     run = load_run(tmp_path / "one.pt")
-    assert run.step == 4 and all(torch.isfinite(t).all() for t in one["model_state_dict"].values())
+    assert run.step == 4 and all(torch.isfinite(t).all() for t in one[MODEL_STATE_KEY].values())
     if extra.get("use_lora"):  # only the adapter is saved, as in a single-file LoRA checkpoint
-        assert all("lora_" in k for k in one["model_state_dict"])
+        assert all("lora_" in k for k in one[MODEL_STATE_KEY])
     assert "step 4/4: loss" in proc.stdout + proc.stderr
 
 
@@ -287,8 +288,8 @@ def test_fsdp_on_cuda_with_nccl_saves_resumes_and_consolidates(corpus, tmp_path)
                       checkpoint_dir=tmp_path / "res", **gpu), tmp_path, nproc)
     full = _consolidated(mid.parent / "step_0000008.dcp", tmp_path / "full.pt")
     res = _consolidated(tmp_path / "res" / "f" / "step_0000008.dcp", tmp_path / "res.pt")
-    for name, tensor in full["model_state_dict"].items():  # GPU kernels: close, not bitwise
-        torch.testing.assert_close(res["model_state_dict"][name], tensor, rtol=1e-3, atol=1e-3)
+    for name, tensor in full[MODEL_STATE_KEY].items():  # GPU kernels: close, not bitwise
+        torch.testing.assert_close(res[MODEL_STATE_KEY][name], tensor, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.integration

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.config import TrainingConfig
 from lmtrain.errors import UserError
 from lmtrain.models.gpt2 import gpt2_tokenizer, load_gpt2
@@ -40,11 +41,11 @@ def test_full_finetune_trains_every_weight(train_run, tiny_gpt2_dir, qa_corpus):
                         checkpoint_interval=4)
     ckpt = torch.load(summary.checkpoint_dir / "step_0000004.pt", weights_only=True)
     base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).state_dict()
-    saved = ckpt["model_state_dict"]
+    saved = ckpt[fmt.MODEL_STATE_KEY]
     assert saved.keys() == base.keys()
     assert all(not torch.equal(base[k], saved[k]) for k in base)
-    assert "lora_base" not in ckpt
-    assert ckpt["hyperparameters"]["learning_rate"] == 5e-5  # the fine-tuning default
+    assert fmt.LORA_BASE_KEY not in ckpt
+    assert ckpt[fmt.HYPERPARAMETERS_KEY]["learning_rate"] == 5e-5  # the fine-tuning default
     n = sum(p.numel() for p in GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).parameters())
     assert f"parameters: {n:,} trainable / {n:,} total" in summary.log_file.read_text()
     assert summary.sample.startswith("QUESTION: ")
@@ -193,7 +194,7 @@ def test_the_run_records_the_real_shape_and_context(train_run, tiny_gpt2_dir, qa
                       training_data_source=str(qa_corpus), training_steps=2,
                       checkpoint_interval=2)  # an explicit N_EMBD that agrees is fine
     ckpt = first.checkpoint_dir / "step_0000002.pt"
-    hp = torch.load(ckpt, weights_only=True)["hyperparameters"]
+    hp = torch.load(ckpt, weights_only=True)[fmt.HYPERPARAMETERS_KEY]
     assert (hp["n_layer"], hp["n_head"], hp["n_embd"], hp["n_positions"]) == (2, 2, 64, 64)
     assert "n_layer = 2  (GPT2_MODEL_NAME)" in first.log_file.read_text()
     capsys.readouterr()
@@ -218,7 +219,7 @@ def test_an_older_checkpoint_with_the_default_shape_resumes_with_the_true_one(
                       checkpoint_interval=2, run_name="old")
     ckpt = torch.load(first.checkpoint_dir / "step_0000002.pt", weights_only=True)
     ckpt.pop(DIGEST_KEY)
-    hp = ckpt["hyperparameters"]
+    hp = ckpt[fmt.HYPERPARAMETERS_KEY]
     del hp["n_positions"]
     hp.update(n_layer=4, n_head=4, n_embd=128)  # what older releases recorded
     old = save_checkpoint(tmp_path / "old.pt", ckpt)
@@ -261,4 +262,4 @@ def test_gradient_checkpointing_runs_a_lora_fine_tune(train_run, tiny_gpt2_dir, 
                         gradient_checkpointing=True, training_data_source=str(qa_corpus),
                         training_steps=2, checkpoint_interval=2, learning_rate=1e-2)
     ckpt = torch.load(summary.checkpoint_dir / "step_0000002.pt", weights_only=True)
-    assert any(v.abs().sum() > 0 for k, v in ckpt["model_state_dict"].items() if "lora_B" in k)
+    assert any(v.abs().sum() > 0 for k, v in ckpt[fmt.MODEL_STATE_KEY].items() if "lora_B" in k)

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
 import pytest
 
-from lmtrain.config import TrainingConfig
 from lmtrain.data.hf_datasets import ArrowStream, parse_hub_source, resolve_dataset
-from lmtrain.data.prepare import load_token_data, prepare_splits, prepare_tokens
+from lmtrain.data.prepare import prepare_splits, prepare_tokens
 from lmtrain.errors import UserError
+from tests.conftest import data_config, token_data
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -20,13 +21,8 @@ VAL_DOCS = ["A validation document.", "And another: zebra quiz."] * 20
 
 
 
-def token_data(cfg):
-    """The run's token data for ``cfg``, as a training run loads it."""
-    return load_token_data(cfg.data, block_size=cfg.model.block_size)
-
-def config(source: Path | str, tmp_path: Path, **kw) -> TrainingConfig:
-    return TrainingConfig.from_flat(**{"training_data_source": str(source), "block_size": 8,
-                             "cache_dir": str(tmp_path / "cache"), **kw})
+#: These documents are short: one block is 8 tokens
+config = functools.partial(data_config, block_size=8)
 
 
 def write_parquet(path: Path, docs: list[str | None], column: str = "text") -> Path:

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.checkpoint import save_checkpoint
 from lmtrain.checkpoint_format import FORMAT_VERSION
 from lmtrain.cli import main
@@ -18,7 +19,7 @@ def test_inspect_shows_the_checkpoint(tiny_checkpoint, capsys):
     assert main(["inspect", str(tiny_checkpoint)]) == 0
     out = capsys.readouterr().out
     ckpt = torch.load(tiny_checkpoint, weights_only=True)
-    losses = ckpt["last_losses"]
+    losses = ckpt[fmt.LAST_LOSSES_KEY]
     for expected in (
         "valid           yes", "step            4 of 4 planned", "model           from_scratch",
         "n_layer=1, n_head=2, n_embd=16, block_size=16",
@@ -41,15 +42,15 @@ def test_inspect_json(tiny_checkpoint, capsys):
     assert info["architecture"] == {"arch": "gpt2", "n_layer": 1, "n_head": 2, "n_embd": 16,
                                     "block_size": 16, "dropout": 0.1}
     assert info["optimizer"] == "adamw"
-    saved = ckpt["hyperparameters"]
+    saved = ckpt[fmt.HYPERPARAMETERS_KEY]
     flat = {k: v for group in info["settings"].values() for k, v in group.items()}
     assert flat["n_layer"] == 1 and flat["learning_rate"] == saved["learning_rate"]
     assert "checkpoint_dir" not in flat and "device" not in flat  # invocation, not the run
     assert list(info["settings"]) == [g for g in GROUPS if g in info["settings"]]
     assert info["tokenizer"] == {"kind": "character", "vocab_size": ckpt["vocab_size"]}
-    assert info["last_losses"] == ckpt["last_losses"]
-    assert (info["best_step"], info["best_val_loss"]) == (4, ckpt["last_losses"]["val"])
-    assert info["parameters_saved"] == sum(t.numel() for t in ckpt["model_state_dict"].values())
+    assert info["last_losses"] == ckpt[fmt.LAST_LOSSES_KEY]
+    assert (info["best_step"], info["best_val_loss"]) == (4, ckpt[fmt.LAST_LOSSES_KEY]["val"])
+    assert info["parameters_saved"] == sum(t.numel() for t in ckpt[fmt.MODEL_STATE_KEY].values())
 
 
 @pytest.mark.unit
@@ -60,7 +61,7 @@ def test_inspect_bad_files_exit_2_with_the_reason(tmp_path, tiny_checkpoint, cap
     truncated.write_bytes(tiny_checkpoint.read_bytes()[:2000])
     future = tmp_path / "future.pt"
     save_checkpoint(future, {**torch.load(tiny_checkpoint, weights_only=True),
-                             "format_version": FORMAT_VERSION + 5})
+                             fmt.FORMAT_VERSION_KEY: FORMAT_VERSION + 5})
     cases = {text: "not a torch.save archive", truncated: "not a torch.save archive",
              future: f"format version {FORMAT_VERSION + 5}, newer",
              tmp_path / "missing.pt": "no such file"}

@@ -136,7 +136,7 @@ def test_the_from_scratch_loss_never_imports_transformers():
     code = ("import sys, torch\n"
             "from lmtrain.config import TrainingConfig\n"
             "from lmtrain.models import build_model\n"
-            "from lmtrain.train.evaluate import compute_loss\n"
+            "from lmtrain.train.lm_loss import compute_loss\n"
             "cfg = TrainingConfig.from_flat(n_layer=1, n_head=2, n_embd=16, block_size=8)\n"
             "model = build_model(cfg.model, 11)\n"
             "x = torch.zeros(2, 8, dtype=torch.long)\n"

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.checkpoint import checkpoint_filename, list_checkpoints, load_checkpoint
 from lmtrain.errors import UserError
 from lmtrain.reporting import read_metrics
@@ -78,7 +79,7 @@ def test_on_nan_skip_never_saves_non_finite_weights(train_run, tmp_path, monkeyp
     assert "the step 2 checkpoint is intact" in message
     folder = tmp_path / "ckpt" / "poison"
     assert [s for s, _ in list_checkpoints(folder)] == [2]
-    weights = load_checkpoint(folder / checkpoint_filename(2))["model_state_dict"]
+    weights = load_checkpoint(folder / checkpoint_filename(2))[fmt.MODEL_STATE_KEY]
     assert all(torch.isfinite(t).all() for t in weights.values())
 
 
@@ -94,13 +95,13 @@ def test_the_final_checkpoint_holds_the_final_losses(train_run):
     # 23 is not an evaluation step (every 10)
     summary = train_run(training_steps=23, eval_interval=10, checkpoint_interval=10)
     final = load_checkpoint(summary.checkpoint_dir / checkpoint_filename(23))
-    assert final["last_losses"]["step"] == 23
-    assert final["last_losses"]["val"] == summary.final_losses["val"]
+    assert final[fmt.LAST_LOSSES_KEY]["step"] == 23
+    assert final[fmt.LAST_LOSSES_KEY]["val"] == summary.final_losses["val"]
     evals = [r for r in read_metrics(summary.metrics_file) if r.get("kind") == "eval"]
     assert [r["step"] for r in evals] == [10, 20, 23]  # the end is evaluated once, not twice
     vals = {r["step"]: r["val_loss"] for r in evals}  # every evaluated step was checkpointed
     best = min(vals, key=vals.get)
-    assert (final["best_step"], final["best_val_loss"]) == (best, vals[best])
+    assert (final[fmt.BEST_STEP_KEY], final[fmt.BEST_VAL_LOSS_KEY]) == (best, vals[best])
 
 
 def test_eval_iters_0_turns_evaluation_off_even_at_the_end(train_run):
@@ -111,7 +112,7 @@ def test_eval_iters_0_turns_evaluation_off_even_at_the_end(train_run):
     assert "eval" not in kinds and "final" not in kinds and kinds.count("train") == 6
     assert summary.timings["eval"] == 0.0
     final = load_checkpoint(summary.checkpoint_dir / checkpoint_filename(6))
-    assert final["last_losses"] == {} and final["best_val_loss"] is None
+    assert final[fmt.LAST_LOSSES_KEY] == {} and final[fmt.BEST_VAL_LOSS_KEY] is None
     resumed = train_run(checkpoint_path=str(summary.checkpoint_dir / checkpoint_filename(3)),
                         resume_steps=3, eval_iters=0)
     assert (resumed.start_losses, resumed.final_losses) == ({}, {})

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.config import TrainingConfig
 from lmtrain.errors import UserError
 from lmtrain.models import build_model, count_parameters
@@ -59,14 +60,14 @@ def test_fresh_lora_run_saves_a_small_adapter_checkpoint(train_run, tiny_gpt2_di
     path = summary.checkpoint_dir / "step_0000004.pt"
     ckpt = torch.load(path, weights_only=True)
     base = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir)
-    adapter = ckpt["model_state_dict"]
+    adapter = ckpt[fmt.MODEL_STATE_KEY]
     assert adapter and all(".lora_A." in k or ".lora_B." in k for k in adapter)
     assert any(v.abs().sum() > 0 for k, v in adapter.items() if ".lora_B." in k)  # it trained
     base_bytes = sum(t.numel() * t.element_size() for t in base.state_dict().values())
     assert path.stat().st_size < base_bytes / 10
-    assert ckpt["lora_base"] == {"name": str(tiny_gpt2_dir), "resolved": str(tiny_gpt2_dir),
+    assert ckpt[fmt.LORA_BASE_KEY] == {"name": str(tiny_gpt2_dir), "resolved": str(tiny_gpt2_dir),
                                  "revision": "", "fingerprint": weights_fingerprint(base)}
-    assert ckpt["hyperparameters"]["learning_rate"] == 3e-4  # the LoRA fine-tuning default
+    assert ckpt[fmt.HYPERPARAMETERS_KEY]["learning_rate"] == 3e-4  # the LoRA fine-tuning default
     expected = lora_size(base, 8, ["c_attn", "c_proj", "c_fc"])
     assert f"parameters: {expected:,} trainable" in summary.log_file.read_text()
 
@@ -84,13 +85,13 @@ def test_lora_resume_is_exact(model_type, train_run, tmp_path, tiny_gpt2_dir, qa
                         **common)
     a = torch.load(whole.checkpoint_dir / "step_0000006.pt", weights_only=True)
     b = torch.load(resumed.checkpoint_dir / "step_0000006.pt", weights_only=True)
-    assert a["model_state_dict"].keys() == b["model_state_dict"].keys()
-    for k, v in a["model_state_dict"].items():
-        assert torch.equal(v, b["model_state_dict"][k]), k
-    for pa, pb in zip(a["optimizer_state_dict"]["state"].values(),
-                      b["optimizer_state_dict"]["state"].values(), strict=True):
+    assert a[fmt.MODEL_STATE_KEY].keys() == b[fmt.MODEL_STATE_KEY].keys()
+    for k, v in a[fmt.MODEL_STATE_KEY].items():
+        assert torch.equal(v, b[fmt.MODEL_STATE_KEY][k]), k
+    for pa, pb in zip(a[fmt.OPTIMIZER_STATE_KEY]["state"].values(),
+                      b[fmt.OPTIMIZER_STATE_KEY]["state"].values(), strict=True):
         assert all(torch.equal(pa[k], pb[k]) for k in pa)
-    assert a["lora_base"] == b["lora_base"]
+    assert a[fmt.LORA_BASE_KEY] == b[fmt.LORA_BASE_KEY]
     logged = train_losses(whole.metrics_file, after=3)
     assert [s for s, _ in logged] == [4, 5, 6]
     assert train_losses(resumed.metrics_file, after=3) == logged
@@ -121,8 +122,8 @@ def test_resume_refuses_a_changed_base(train_run, tmp_path, tiny_gpt2_dir, qa_co
 def test_from_scratch_lora_run(train_run):
     summary = train_run(use_lora=True, lora_r=2, training_steps=3, checkpoint_interval=3)
     ckpt = torch.load(summary.checkpoint_dir / "step_0000003.pt", weights_only=True)
-    assert all(".lora_" in k for k in ckpt["model_state_dict"])
-    assert ckpt["lora_base"]["name"].startswith("from_scratch(")
+    assert all(".lora_" in k for k in ckpt[fmt.MODEL_STATE_KEY])
+    assert ckpt[fmt.LORA_BASE_KEY]["name"].startswith("from_scratch(")
     log = summary.log_file.read_text()
     trainable, total = (int(x.replace(",", "")) for x in
                         log.split("parameters: ")[1].split(" total")[0].split(" trainable / "))
@@ -170,7 +171,7 @@ def test_adapter_follows_its_base_from_any_working_directory(train_run, tmp_path
                       training_data_source=str(qa_corpus), training_steps=2,
                       checkpoint_interval=2, checkpoint_dir=str(tmp_path / "ckpt"))
     ckpt = first.checkpoint_dir / "step_0000002.pt"
-    ref = torch.load(ckpt, weights_only=True)["lora_base"]
+    ref = torch.load(ckpt, weights_only=True)[fmt.LORA_BASE_KEY]
     assert (ref["name"], ref["resolved"], ref["revision"]) == (
         "./gpt2", str(work / "gpt2"), "")
     elsewhere = tmp_path / "elsewhere"
@@ -224,7 +225,7 @@ def test_a_hub_base_is_recorded_with_its_revision(tmp_path, tiny_gpt2_dir, qa_co
     proc = run_entrypoint(["-m", "lmtrain", "train"], env, tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     ckpt = tmp_path / "ckpt" / "hub" / "step_0000001.pt"
-    ref = torch.load(ckpt, weights_only=True)["lora_base"]
+    ref = torch.load(ckpt, weights_only=True)[fmt.LORA_BASE_KEY]
     assert (ref["name"], ref["resolved"], ref["revision"]) == (
         "lmtrain-test/tiny-gpt2", "lmtrain-test/tiny-gpt2", commit)
     (repo / "refs" / "main").write_text("f" * 40)  # the cache moved on: the revision still loads

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain.checkpoint_format import MODEL_STATE_KEY
 from tests.conftest import ROOT, child_env
 from tests.test_distributed import TRANSIENT, _env, _free_port, torchrun
 
@@ -42,7 +43,7 @@ def _two_agents(env: dict[str, str], cwd: Path, timeout: float = 300) -> tuple[i
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["model_state_dict"]
+    return torch.load(path, map_location="cpu", weights_only=True)[MODEL_STATE_KEY]
 
 
 @pytest.mark.integration

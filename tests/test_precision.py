@@ -5,23 +5,21 @@ breakdown logged at the end of a run."""
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain import device as device_mod
 from lmtrain.checkpoint import load_checkpoint, load_run
 from lmtrain.config import explicit_settings
 from lmtrain.device import CPU_BF16_MIN_WIDTH, autocast_dtype, make_grad_scaler, matmul_width
 from lmtrain.errors import UserError
 from lmtrain.models.gpt import GPT, GPTConfig, build_from_scratch
-from lmtrain.train.build import prepare_run
-from lmtrain.train.checkpointing import build as checkpoint_payload
-from lmtrain.train.checkpointing import restore
 from lmtrain.train.loop import run_training
-from lmtrain.train.plan import resolve_plan
-from tests.conftest import TINY
+from tests.conftest import TINY, live_run
 
 CPU = torch.device("cpu")
 
@@ -81,44 +79,52 @@ def test_bf16_resume_is_exact(train_run, run_dirs):
     mid = full.checkpoint_dir / "step_0000004.pt"
     resumed = train_run(checkpoint_path=str(mid), resume_steps=4, precision="bf16",
                         checkpoint_dir=str(Path(run_dirs["checkpoint_dir"]) / "again"))
-    a = load_checkpoint(full.checkpoint_dir / "step_0000008.pt")["model_state_dict"]
-    b = load_checkpoint(resumed.checkpoint_dir / "step_0000008.pt")["model_state_dict"]
+    a = load_checkpoint(full.checkpoint_dir / "step_0000008.pt")[fmt.MODEL_STATE_KEY]
+    b = load_checkpoint(resumed.checkpoint_dir / "step_0000008.pt")[fmt.MODEL_STATE_KEY]
     for name, tensor in a.items():
         assert torch.equal(tensor, b[name]), name
 
 
-def _fresh_ctx(corpus: Path, run_dirs: dict[str, str], **overrides):
+def _fresh_run(corpus: Path, run_dirs: dict[str, str], **overrides):
     flags = {**TINY, "training_data_source": str(corpus), **run_dirs, "max_new_tokens": 0,
              "run_name": "ctx", **overrides}
-    values, sources = explicit_settings(flags=flags, env={})
-    return prepare_run(resolve_plan(values, sources))
+    return live_run(*explicit_settings(flags=flags, env={}))
+
+
+def _with_scaler(run, scaler):
+    run.parts = replace(run.parts, grad_scaler=scaler)
+    return run
 
 
 @pytest.mark.unit
 def test_grad_scaler_state_is_checkpointed_and_restored(corpus, run_dirs):
-    ctx = _fresh_ctx(corpus, run_dirs, training_steps=3)
-    ctx.grad_scaler = torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1)
-    run_training(ctx, 0, 3)  # every finite step grows the scale (growth_interval=1)
-    ckpt = load_checkpoint(ctx.checkpoint_dir / "step_0000003.pt")
-    assert ckpt["grad_scaler_state_dict"]["scale"] == 256.0 * 2**3
-    again = _fresh_ctx(corpus, run_dirs, training_steps=3)
-    again.grad_scaler = torch.amp.GradScaler("cpu")
-    restore(again, load_run(ctx.checkpoint_dir / "step_0000003.pt"))
-    assert again.grad_scaler.get_scale() == 256.0 * 2**3
+    run = _with_scaler(_fresh_run(corpus, run_dirs, training_steps=3),
+                       torch.amp.GradScaler("cpu", init_scale=256.0, growth_interval=1))
+    run_training(run.parts, run.progress, run.settings, run.services, 3)  # each step grows it
+    path = run.plan.paths.checkpoints / "step_0000003.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt[fmt.GRAD_SCALER_STATE_KEY]["scale"] == 256.0 * 2**3
+    again = _with_scaler(_fresh_run(corpus, run_dirs, training_steps=3),
+                         torch.amp.GradScaler("cpu"))
+    again.services.checkpointer.restore(again.parts, again.progress, load_run(path))
+    assert again.parts.grad_scaler.get_scale() == 256.0 * 2**3
+    assert again.progress.step == 3
 
 
 @pytest.mark.integration
 def test_compile_wraps_the_model_but_checkpoints_hold_the_raw_one(corpus, run_dirs):
-    ctx = _fresh_ctx(corpus, run_dirs, compile=True)
-    assert ctx.model is not ctx.raw_model
-    assert isinstance(ctx.raw_model, GPT)
-    keys = checkpoint_payload(ctx)["model_state_dict"].keys()
-    assert keys == ctx.raw_model.state_dict().keys()
+    run = _fresh_run(corpus, run_dirs, compile=True)
+    parts = run.parts
+    assert parts.model is not parts.raw_model
+    assert isinstance(parts.raw_model, GPT)
+    keys = run.services.checkpointer.state_dict(parts, run.progress)[fmt.MODEL_STATE_KEY].keys()
+    assert keys == parts.raw_model.state_dict().keys()
     assert not any("_orig_mod" in k for k in keys)
 
 
 @pytest.mark.integration
 def test_timing_breakdown_puts_time_where_it_was_spent_and_is_logged(train_run, monkeypatch):
+    import lmtrain.train.checkpointing as checkpointing
     import lmtrain.train.loop as loop
 
     def slowed(fn, seconds):
@@ -126,7 +132,8 @@ def test_timing_breakdown_puts_time_where_it_was_spent_and_is_logged(train_run, 
 
     # evaluations at steps 3 and 6, checkpoints at 3 and 6: 0.4 s + 0.6 s of known cost
     monkeypatch.setattr(loop, "estimate_loss", slowed(loop.estimate_loss, 0.2))
-    monkeypatch.setattr(loop, "save_checkpoint", slowed(loop.save_checkpoint, 0.3))
+    monkeypatch.setattr(checkpointing, "save_checkpoint",
+                        slowed(checkpointing.save_checkpoint, 0.3))
     t0 = time.perf_counter()
     summary = train_run(training_steps=6, eval_interval=3, checkpoint_interval=3,
                         max_new_tokens=0, run_name="timed")

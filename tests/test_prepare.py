@@ -4,29 +4,19 @@ travel with a run through resume."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.cli import main
-from lmtrain.config import TrainingConfig
 from lmtrain.data import prepare
-from lmtrain.data.prepare import load_token_data, prepare_tokens
+from lmtrain.data.prepare import prepare_tokens
 from lmtrain.data.sources import read_corpus
 from lmtrain.data.tokenizers import BPETokenizer, CharTokenizer, GPT2Tokenizer
 from lmtrain.errors import UserError
-
-
-def token_data(cfg):
-    """The run's token data for ``cfg``, as a training run loads it."""
-    return load_token_data(cfg.data, block_size=cfg.model.block_size)
-
-def config(corpus: Path, tmp_path: Path, **kw) -> TrainingConfig:
-    return TrainingConfig.from_flat(training_data_source=str(corpus),
-                                    cache_dir=str(tmp_path / "cache"),
-                          **kw)
+from tests.conftest import data_config, token_data
 
 
 def refuse(*args, **kwargs):
@@ -35,7 +25,7 @@ def refuse(*args, **kwargs):
 
 @pytest.mark.unit
 def test_second_run_is_a_cache_hit(corpus, tmp_path, monkeypatch) -> None:
-    cfg = config(corpus, tmp_path, tokenization_method="gpt2")
+    cfg = data_config(corpus, tmp_path, tokenization_method="gpt2")
     tok, first = prepare_tokens(cfg.data)
     assert not first.cached
     monkeypatch.setattr(GPT2Tokenizer, "encode_arrays", refuse)
@@ -48,7 +38,7 @@ def test_second_run_is_a_cache_hit(corpus, tmp_path, monkeypatch) -> None:
 
 @pytest.mark.unit
 def test_sidecar_describes_the_array(corpus, tmp_path) -> None:
-    cfg = config(corpus, tmp_path, tokenization_method="character")
+    cfg = data_config(corpus, tmp_path, tokenization_method="character")
     tok, arr = prepare_tokens(cfg.data)
     meta = json.loads(arr.path.with_suffix(".json").read_text())
     assert meta["n_tokens"] == len(read_corpus(str(corpus))) == arr.path.stat().st_size // 2
@@ -60,18 +50,18 @@ def test_sidecar_describes_the_array(corpus, tmp_path) -> None:
 
 @pytest.mark.unit
 def test_new_data_or_new_tokenizer_makes_a_new_entry(corpus, tmp_path) -> None:
-    _, gpt2 = prepare_tokens(config(corpus, tmp_path, tokenization_method="gpt2").data)
-    _, chars = prepare_tokens(config(corpus, tmp_path, tokenization_method="character").data)
+    _, gpt2 = prepare_tokens(data_config(corpus, tmp_path, tokenization_method="gpt2").data)
+    _, chars = prepare_tokens(data_config(corpus, tmp_path, tokenization_method="character").data)
     assert chars.path != gpt2.path
     corpus.write_text(corpus.read_text() + "\nmore text\n", encoding="utf-8")
-    _, changed = prepare_tokens(config(corpus, tmp_path, tokenization_method="gpt2").data)
+    _, changed = prepare_tokens(data_config(corpus, tmp_path, tokenization_method="gpt2").data)
     assert not changed.cached and changed.path != gpt2.path
     assert changed.meta["n_tokens"] > gpt2.meta["n_tokens"]
 
 
 @pytest.mark.unit
 def test_damaged_entry_is_rebuilt(corpus, tmp_path) -> None:
-    cfg = config(corpus, tmp_path, tokenization_method="gpt2")
+    cfg = data_config(corpus, tmp_path, tokenization_method="gpt2")
     _, first = prepare_tokens(cfg.data)
     with first.path.open("r+b") as fh:
         fh.truncate(10)
@@ -86,7 +76,7 @@ def test_empty_source_is_a_clear_error(tmp_path, method) -> None:
     path = tmp_path / "empty.txt"
     path.write_text("", encoding="utf-8")
     with pytest.raises(UserError, match=r"TRAINING_DATA_SOURCE=.*empty\.txt' is empty"):
-        prepare_tokens(config(path, tmp_path, tokenization_method=method).data)
+        prepare_tokens(data_config(path, tmp_path, tokenization_method=method).data)
 
 
 @pytest.mark.unit
@@ -94,7 +84,7 @@ def test_large_vocabularies_use_uint32(tmp_path) -> None:
     chars = "".join(chr(c) for c in range(0x4E00, 0x4E00 + 70_000) if not 0xD800 <= c < 0xE000)
     path = tmp_path / "wide.txt"
     path.write_text(chars, encoding="utf-8")
-    tok, arr = prepare_tokens(config(path, tmp_path, tokenization_method="character").data)
+    tok, arr = prepare_tokens(data_config(path, tmp_path, tokenization_method="character").data)
     assert tok.vocab_size == len(chars) > 65535
     assert arr.meta["dtype"] == "<u4"
     assert tok.decode(arr.load()[-3:].tolist()) == chars[-3:]
@@ -102,7 +92,7 @@ def test_large_vocabularies_use_uint32(tmp_path) -> None:
 
 @pytest.mark.unit
 def test_split_is_on_the_token_array(corpus, tmp_path) -> None:
-    cfg = config(corpus, tmp_path, tokenization_method="gpt2", train_split=0.8)
+    cfg = data_config(corpus, tmp_path, tokenization_method="gpt2", train_split=0.8)
     tok, data = token_data(cfg)
     n = len(tok.encode(read_corpus(str(corpus))))
     assert len(data.train) == int(n * 0.8) and len(data.train) + len(data.val) == n
@@ -121,7 +111,7 @@ def test_learned_bpe_sees_only_the_training_split(corpus, tmp_path, monkeypatch)
         return real(cls, texts, vocab_size)
 
     monkeypatch.setattr(BPETokenizer, "train", classmethod(spy))
-    cfg = config(corpus, tmp_path, tokenization_method="custom_bpe", custom_vocab_size=300,
+    cfg = data_config(corpus, tmp_path, tokenization_method="custom_bpe", custom_vocab_size=300,
                  train_split=0.75)
     tok, _ = prepare_tokens(cfg.data)
     text = read_corpus(str(corpus))
@@ -174,8 +164,8 @@ def test_learned_bpe_is_reused_on_resume_never_retrained(train_run, tmp_path, mo
     assert after["tokenizer"] == saved["tokenizer"]
     assert json.loads(saved["tokenizer"])["kind"] == "custom_bpe" and saved["vocab_size"] == 300
     final = torch.load(whole.checkpoint_dir / "step_0000006.pt", weights_only=True)
-    for key, tensor in final["model_state_dict"].items():  # same tokens -> same weights
-        assert torch.equal(tensor, after["model_state_dict"][key]), key
+    for key, tensor in final[fmt.MODEL_STATE_KEY].items():  # same tokens -> same weights
+        assert torch.equal(tensor, after[fmt.MODEL_STATE_KEY][key]), key
 
     capsys.readouterr()  # the runs' log lines
     assert main(["tokenize", "--checkpoint", str(ckpt_path), "To be"]) == 0
@@ -206,7 +196,7 @@ def test_character_check_lists_unknowns_from_the_whole_corpus(tmp_path, monkeypa
     path = tmp_path / "long.txt"
     path.write_text("a€" + "ab\n" * 10 + "Ø", encoding="utf-8")
     tok = CharTokenizer("ab\n")
-    cfg = config(path, tmp_path, tokenization_method="character")
+    cfg = data_config(path, tmp_path, tokenization_method="character")
     with pytest.raises(UserError, match=r"2 characters .*'Ø', '€'"):
         prepare_tokens(cfg.data, tok)
     monkeypatch.setattr(prepare, "CHUNK_CHARS", 4)  # the two sit in different chunks

@@ -6,17 +6,16 @@ from __future__ import annotations
 import json
 import random
 import re
-from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.cli import main
 from lmtrain.reporting import read_metrics
 from lmtrain.trackers import Tracker
 from lmtrain.train.answer_eval import spread
-from tests.conftest import run_entrypoint
+from tests.conftest import run_entrypoint, write_jsonl
 
 ACCURACY = re.compile(r"answer accuracy (\d+\.\d)% \((\d+)/(\d+)\)")
 #: A task a one-layer model learns in 20 steps: every answer is "yes".
@@ -31,11 +30,6 @@ def yes_records(n: int, seed: int = 1) -> list[dict[str, str]]:
     while len(seen) < n:
         seen.add("".join(rng.choice("abcdefgh") for _ in range(4)))
     return [{"question": f"is {w} ok?", "answer": "yes"} for w in sorted(seen)]
-
-
-def write_jsonl(path: Path, records: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 class Recorder(Tracker):
@@ -78,7 +72,7 @@ def test_a_run_on_records_reports_answer_accuracy_beside_the_loss(train_run, tmp
     sent = {(step, k) for step, values in recorder.scalars for k in values}
     assert {(10, "eval/val_answer_accuracy"), (20, "final/val_answer_accuracy")} <= sent
     ckpt = torch.load(summary.checkpoint_dir / "step_0000020.pt", weights_only=True)
-    assert ckpt["last_losses"]["val_answer_accuracy"] == 1.0
+    assert ckpt[fmt.LAST_LOSSES_KEY]["val_answer_accuracy"] == 1.0
     assert summary.plot_file is not None and summary.plot_file.is_file()
 
 

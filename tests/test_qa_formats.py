@@ -23,7 +23,7 @@ from lmtrain.data.qa_format import (
 from lmtrain.data.qa_source import RecordStream, source_format
 from lmtrain.data.tokenizers import EOT_TEXT, CharTokenizer, GPT2Tokenizer
 from lmtrain.errors import UserError
-from tests.conftest import TINY
+from tests.conftest import TINY, write_jsonl
 
 DEFAULT = QATemplate("QUESTION: {question} ANSWER: {answer}")
 CHAT = {"messages": [{"role": "system", "content": "Be brief."},
@@ -31,11 +31,6 @@ CHAT = {"messages": [{"role": "system", "content": "Be brief."},
                      {"role": "assistant", "content": "Hello"},
                      {"role": "user", "content": "2+2?"},
                      {"role": "assistant", "content": "4"}]}
-
-
-def write_jsonl(path: Path, records: list[Any]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def qa_records(n: int, start: int = 0) -> list[dict[str, str]]:

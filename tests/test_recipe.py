@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.config import TrainingConfig
 from lmtrain.models import build_model
 from lmtrain.train.optim import CombinedOptimizer, build_optimizer, set_learning_rate
@@ -65,15 +66,16 @@ def test_exact_resume_is_bitwise(train_run, arch, optimizer):
     whole, part, resumed = whole_and_resumed(train_run, **common)
     a = load(whole.checkpoint_dir / "step_0000014.pt")
     b = load(resumed.checkpoint_dir / "step_0000014.pt")
-    assert b["hyperparameters"]["arch"] == arch and b["hyperparameters"]["optimizer"] == optimizer
-    for key, tensor in a["model_state_dict"].items():
-        assert torch.equal(tensor, b["model_state_dict"][key]), key
+    saved = b[fmt.HYPERPARAMETERS_KEY]
+    assert saved["arch"] == arch and saved["optimizer"] == optimizer
+    for key, tensor in a[fmt.MODEL_STATE_KEY].items():
+        assert torch.equal(tensor, b[fmt.MODEL_STATE_KEY][key]), key
     if optimizer == "muon":
-        assert set(a["optimizer_state_dict"]) == {"adamw", "muon"}
-        assert a["optimizer_state_dict"]["muon"]["state"]  # momentum buffers are saved
-    for name in a["optimizer_state_dict"].get("muon", {}).get("state", {}):
-        assert torch.equal(a["optimizer_state_dict"]["muon"]["state"][name]["momentum_buffer"],
-                           b["optimizer_state_dict"]["muon"]["state"][name]["momentum_buffer"])
+        assert set(a[fmt.OPTIMIZER_STATE_KEY]) == {"adamw", "muon"}
+        assert a[fmt.OPTIMIZER_STATE_KEY]["muon"]["state"]  # momentum buffers are saved
+    for name in a[fmt.OPTIMIZER_STATE_KEY].get("muon", {}).get("state", {}):
+        assert torch.equal(a[fmt.OPTIMIZER_STATE_KEY]["muon"]["state"][name]["momentum_buffer"],
+                           b[fmt.OPTIMIZER_STATE_KEY]["muon"]["state"][name]["momentum_buffer"])
     whole_losses = train_losses(whole.metrics_file)
     assert whole_losses == {**train_losses(part.metrics_file),
                             **train_losses(resumed.metrics_file, since=6)}
@@ -115,7 +117,7 @@ def test_qk_norm_applies_to_llama_only():
 def test_lora_on_llama_trains_only_adapters(train_run):
     summary = train_run(training_steps=4, arch="llama", use_lora=True, optimizer="muon")
     ckpt = load(summary.checkpoint_dir / "step_0000004.pt")
-    keys = list(ckpt["model_state_dict"])
+    keys = list(ckpt[fmt.MODEL_STATE_KEY])
     assert keys and all("lora_" in k for k in keys)
     assert any("c_fc" in k for k in keys) and any("c_attn" in k for k in keys)
 
@@ -145,6 +147,6 @@ def test_ddp_llama_muon_resumes_bit_for_bit(corpus, tmp_path):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     a = _load(tmp_path / "full" / "ddp" / "step_0000008.pt")
     b = _load(tmp_path / "resumed" / "ddp" / "step_0000008.pt")
-    assert a["world_size"] == 2 and set(a["optimizer_state_dict"]) == {"adamw", "muon"}
-    for name, tensor in a["model_state_dict"].items():
-        assert torch.equal(tensor, b["model_state_dict"][name]), name
+    assert a[fmt.WORLD_SIZE_KEY] == 2 and set(a[fmt.OPTIMIZER_STATE_KEY]) == {"adamw", "muon"}
+    for name, tensor in a[fmt.MODEL_STATE_KEY].items():
+        assert torch.equal(tensor, b[fmt.MODEL_STATE_KEY][name]), name

@@ -95,26 +95,25 @@ def test_a_refused_claim_fails_on_every_rank_and_leaves_no_folder(tmp_path):
 
 @pytest.mark.unit
 def test_resume_hints_point_at_the_newest_checkpoint_on_disk(tmp_path):
-    from types import SimpleNamespace
-
     from lmtrain.checkpoint import checkpoint_filename
+    from lmtrain.progress import TrainProgress
     from lmtrain.train.resume import ResumeHints
 
-    ctx = SimpleNamespace(step=7, saved_steps=[], checkpoint_dir=tmp_path,
-                          config=SimpleNamespace(optimization=SimpleNamespace(training_steps=20)))
-    hints = ResumeHints(start=4, end=10, resumed_from="old.pt")
-    assert hints.checkpoint_on_disk(ctx) == (4, "old.pt")
-    ctx.saved_steps = [6]
-    assert hints.checkpoint_on_disk(ctx) == (6, tmp_path / checkpoint_filename(6))
-    assert hints.resume_steps(ctx, 6) == 4  # a plain resume would run to 20
-    error = hints.with_resume_command(UserError("disk full"), ctx)
+    progress = TrainProgress(step=7)
+    hints = ResumeHints(start=4, end=10, resumed_from="old.pt", checkpoint_dir=tmp_path,
+                        training_steps=20)
+    assert hints.checkpoint_on_disk(progress) == (4, "old.pt")
+    progress.saved_steps = [6]
+    assert hints.checkpoint_on_disk(progress) == (6, tmp_path / checkpoint_filename(6))
+    assert hints.resume_steps(6) == 4  # a plain resume would run to 20
+    error = hints.with_resume_command(UserError("disk full"), progress)
     assert str(error).startswith("disk full; resume with: CHECKPOINT_PATH=")
     assert "RESUME_STEPS=4" in str(error)
-    stop = hints.interrupted(TrainingInterrupted(15), ctx)
+    stop = hints.interrupted(TrainingInterrupted(15), progress)
     assert (stop.step, stop.resume_steps) == (6, 4)
-    fresh = ResumeHints(start=0, end=20)
-    ctx.saved_steps, ctx.step = [], 0
-    assert fresh.interrupted(TrainingInterrupted(2), ctx).step is None  # nothing trained yet
+    fresh = ResumeHints(start=0, end=20, resumed_from=None, checkpoint_dir=tmp_path,
+                        training_steps=20)
+    assert fresh.interrupted(TrainingInterrupted(2), TrainProgress()).step is None  # not begun
 
 
 def _long_functions(root: Path) -> list[str]:
@@ -132,3 +131,58 @@ def _long_functions(root: Path) -> list[str]:
 @pytest.mark.unit
 def test_no_function_in_src_is_over_60_lines():
     assert not _long_functions(ROOT / "src"), _long_functions(ROOT / "src")
+
+
+def _count_validations(monkeypatch) -> list[object]:
+    """Record every validation of a whole config (``TrainingConfig.model_validate``)."""
+    from lmtrain.config import TrainingConfig
+
+    calls: list[object] = []
+    real = TrainingConfig.model_validate.__func__  # type: ignore[attr-defined]
+
+    def counted(cls, *args, **kwargs):
+        calls.append(args[0] if args else kwargs)
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(TrainingConfig, "model_validate", classmethod(counted))
+    return calls
+
+
+@pytest.mark.integration
+def test_a_run_validates_its_config_once(corpus, run_dirs, tiny_checkpoint, monkeypatch):
+    from lmtrain.checkpoint import load_run
+    from lmtrain.config import check_settings, explicit_settings
+    from lmtrain.train.session import train
+
+    calls = _count_validations(monkeypatch)
+    fresh = explicit_settings(flags={"training_data_source": str(corpus), **run_dirs,
+                                     "training_steps": 2, "max_new_tokens": 0}, env={})
+    check_settings(*fresh)  # the front end's early check: each value alone
+    train(*fresh)
+    assert len(calls) == 1
+    calls.clear()
+    load_run(tiny_checkpoint)  # reading a checkpoint checks the settings saved in it
+    reading = len(calls)
+    calls.clear()
+    resumed = explicit_settings(flags={"checkpoint_path": str(tiny_checkpoint), **run_dirs,
+                                       "resume_steps": 1, "max_new_tokens": 0}, env={})
+    check_settings(*resumed)
+    train(*resumed)
+    assert len(calls) == reading + 1  # the checkpoint read once, the merged settings once
+
+
+@pytest.mark.unit
+def test_only_the_session_places_the_process():
+    """The process group is joined once, by the session (``Placement.join``); nothing below
+    it falls back to joining it."""
+    src = ROOT / "src" / "lmtrain"
+    calls: dict[str, set[str]] = {}
+    for path in sorted(src.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Call):
+                func = node.func
+                name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+                owner = getattr(getattr(func, "value", None), "id", "")
+                if name == "init_distributed" or (owner, name) == ("Placement", "join"):
+                    calls.setdefault(name, set()).add(str(path.relative_to(src)))
+    assert calls == {"init_distributed": {"train/state.py"}, "join": {"train/session.py"}}

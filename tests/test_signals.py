@@ -151,13 +151,13 @@ def test_signal_in_process_stops_after_the_current_step(train_run, tmp_path, mon
 def test_signal_before_training_starts(train_run, monkeypatch, capsys):
     import lmtrain.train.session as session
 
-    real = session.prepare_run
+    real = session.assemble
 
     def prepare_with_signal(*args, **kwargs):
         send_self(signal.SIGINT)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(session, "prepare_run", prepare_with_signal)
+    monkeypatch.setattr(session, "assemble", prepare_with_signal)
     status = run_guarded(lambda: train_run(training_steps=5, run_name="early") and 0)
     assert status == 130
     err = capsys.readouterr().err
@@ -169,8 +169,8 @@ def test_signal_before_a_resumed_run_starts_points_back_to_its_checkpoint(
         train_run, tiny_checkpoint, monkeypatch):
     import lmtrain.train.session as session
 
-    real = session.prepare_run
-    monkeypatch.setattr(session, "prepare_run", lambda *a, **k: (
+    real = session.assemble
+    monkeypatch.setattr(session, "assemble", lambda *a, **k: (
         send_self(signal.SIGTERM), real(*a, **k))[1])
     with pytest.raises(TrainingInterrupted) as err:
         train_run(checkpoint_path=str(tiny_checkpoint), resume_steps=7)
@@ -196,14 +196,12 @@ def test_interrupted_without_checkpoints_says_so():
 
 @pytest.mark.unit
 def test_a_stop_agreed_between_ranks_stops_the_rank_that_saw_no_signal():
-    from types import SimpleNamespace
-
     from lmtrain.signals import StopRequest
 
-    request, ctx = StopRequest(), SimpleNamespace(stop_signal=None)
-    request.attach(ctx)
+    request = StopRequest()
+    request.share(None)  # no rank saw a signal
     request.check()  # nothing asked for
-    ctx.stop_signal = signal.SIGTERM  # another rank's signal, shared by the loop every step
+    request.share(signal.SIGTERM)  # another rank's signal, shared by the loop every step
     with pytest.raises(TrainingInterrupted) as err:
         request.check()
     assert err.value.signum == signal.SIGTERM

@@ -231,7 +231,7 @@ def test_trackers_end_a_stopped_or_failed_run_as_such(tmp_path, train_run, monke
 
     import lmtrain.train.finish as finish
 
-    def broken_sample(ctx):
+    def broken_sample(*args):
         raise UserError("PROMPT: cannot sample")
 
     monkeypatch.setattr(finish, "_sample", broken_sample)

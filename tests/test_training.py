@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.checkpoint import list_checkpoints
 from lmtrain.checkpoint_format import REQUIRED_KEYS
 from lmtrain.reporting import read_metrics
@@ -26,7 +27,7 @@ def test_fresh_run_writes_checkpoints_logs_and_metrics(train_run):
     assert ckpt["step"] == 12 and ckpt["block_size"] == 16 and ckpt["batch_size"] == 4
     assert json.loads(ckpt["tokenizer"])["kind"] == "character"
     assert ckpt["vocab_size"] == len(json.loads(ckpt["tokenizer"])["chars"])
-    assert ckpt["hyperparameters"]["lr_decay_steps"] == 12  # the horizon is saved with the run
+    assert ckpt[fmt.HYPERPARAMETERS_KEY]["lr_decay_steps"] == 12  # the horizon is saved
     assert sorted(train_losses(summary.metrics_file)) == list(range(1, 13))
     log_text = summary.log_file.read_text()
     assert "step 12: train loss" in log_text and "sample:" in log_text
@@ -64,9 +65,9 @@ def test_exact_resume_is_bitwise(train_run, tmp_path, n_layer):
     whole, part, resumed = whole_and_resumed(train_run, **common)
     a = load(whole.checkpoint_dir / "step_0000014.pt")
     b = load(resumed.checkpoint_dir / "step_0000014.pt")
-    for key, tensor in a["model_state_dict"].items():
-        assert torch.equal(tensor, b["model_state_dict"][key]), key
-    assert torch.equal(a["rng_state"], b["rng_state"])
+    for key, tensor in a[fmt.MODEL_STATE_KEY].items():
+        assert torch.equal(tensor, b[fmt.MODEL_STATE_KEY][key]), key
+    assert torch.equal(a[fmt.RNG_STATE_KEY], b[fmt.RNG_STATE_KEY])
     whole_losses = train_losses(whole.metrics_file)
     assert whole_losses == {**train_losses(part.metrics_file), **train_losses(
         resumed.metrics_file, since=6)}
@@ -82,7 +83,8 @@ def test_overridden_learning_rate_takes_effect_on_resume(train_run):
            if r.get("kind") == "train" and r["step"] > 6]
     assert lrs == [pytest.approx(4e-3)] * 2
     ckpt = load(second.checkpoint_dir / "step_0000008.pt")
-    assert all(g["lr"] == pytest.approx(4e-3) for g in ckpt["optimizer_state_dict"]["param_groups"])
+    groups = ckpt[fmt.OPTIMIZER_STATE_KEY]["param_groups"]
+    assert all(g["lr"] == pytest.approx(4e-3) for g in groups)
 
 
 @pytest.mark.integration

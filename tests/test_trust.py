@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from lmtrain import checkpoint_format as fmt
 from lmtrain.checkpoint import (
     checkpoint_filename,
     find_resumable,
@@ -38,7 +39,7 @@ def crafted(src: Path, dest: Path, sealed: bool = True, **changes) -> Path:
     for key, value in changes.items():
         if value is _DELETE:
             ckpt.pop(key, None)
-        elif key == "hyperparameters":
+        elif key == fmt.HYPERPARAMETERS_KEY:
             ckpt[key] = {**ckpt[key], **value}
         else:
             ckpt[key] = value
@@ -224,7 +225,7 @@ def test_a_checkpoint_from_before_the_recipe_settings_loads_as_what_it_was(tmp_p
 
     ckpt = torch.load(tiny_checkpoint, weights_only=True)
     for key in ("arch", "qk_norm", "optimizer"):
-        ckpt["hyperparameters"].pop(key)
+        ckpt[fmt.HYPERPARAMETERS_KEY].pop(key)
     old = save_checkpoint(tmp_path / "before-recipe.pt", ckpt)
     cfg = config_of(load_checkpoint(old))
     assert (cfg.model.arch, cfg.model.qk_norm, cfg.optimization.optimizer) == ("gpt2", False,
@@ -234,11 +235,11 @@ def test_a_checkpoint_from_before_the_recipe_settings_loads_as_what_it_was(tmp_p
 
 @pytest.mark.integration
 def test_tracker_run_ids_are_saved_and_restored(train_run, tmp_path, tiny_checkpoint):
-    assert load_checkpoint(tiny_checkpoint)["tracker_run_ids"] == {}
+    assert load_checkpoint(tiny_checkpoint)[fmt.TRACKER_RUN_IDS_KEY] == {}
     start = crafted(tiny_checkpoint, tmp_path / "ids.pt", tracker_run_ids={"wandb": "abc123"})
     summary = train_run(checkpoint_path=str(start), resume_steps=1, run_name="tiny")
     saved = load_checkpoint(summary.checkpoint_dir / checkpoint_filename(5))
-    assert saved["tracker_run_ids"] == {"wandb": "abc123"}
+    assert saved[fmt.TRACKER_RUN_IDS_KEY] == {"wandb": "abc123"}
 
 
 # --- 1. every malformed key: one line, exit 2, in train, sample, export and inspect ----------
@@ -288,7 +289,7 @@ def test_an_optimizer_state_of_another_model_fails_inspect_and_resume(tmp_path,
     other = train_run(training_steps=2, n_embd=32, run_name="other")
     foreign = torch.load(other.checkpoint_dir / checkpoint_filename(2), weights_only=True)
     bad = crafted(tiny_checkpoint, tmp_path / "mixed.pt",
-                  optimizer_state_dict=foreign["optimizer_state_dict"])
+                  optimizer_state_dict=foreign[fmt.OPTIMIZER_STATE_KEY])
     assert main(["inspect", str(bad)]) == 2
     assert "optimizer state" in capsys.readouterr().err
     with pytest.raises(UserError, match="optimizer state"):
@@ -304,7 +305,7 @@ def test_inspect_fits_a_gpt2_checkpoint_to_its_base(tmp_path, tiny_gpt2_dir, qa_
     good = run.checkpoint_dir / checkpoint_filename(1)
     assert main(["inspect", str(good)]) == 0
     capsys.readouterr()
-    weights = torch.load(good, weights_only=True)["model_state_dict"]
+    weights = torch.load(good, weights_only=True)[fmt.MODEL_STATE_KEY]
     key = "transformer.h.0.mlp.c_fc.weight"
     bad = crafted(good, tmp_path / "reshaped.pt",
                   model_state_dict={**weights, key: torch.zeros(64, 8)})

@@ -6,22 +6,28 @@ key's type and content before anything uses it, a sha256 digest of the contents 
 silent corruption, and only what the run *is* (see :data:`lmtrain.config.INVOCATION_FIELDS`)
 is read back as settings. This module depends on nothing above :mod:`lmtrain.config`; torch
 is imported inside the functions that need it, so finding checkpoints stays light.
-Writing a live run into one and restoring one into a live run live in
-:mod:`lmtrain.train.checkpointing`; the files themselves in :mod:`lmtrain.checkpoint`.
+It writes as well as reads: :func:`to_state_dict` turns a live run (its
+:class:`RunSnapshot` and :class:`~lmtrain.progress.TrainProgress`) into the saved dict, and
+:meth:`SavedRun.progress_state` gives the progress back. Taking the snapshot from a live run
+and restoring the model and optimizer live in :mod:`lmtrain.train.checkpointing`; the files
+themselves in :mod:`lmtrain.checkpoint`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from lmtrain import __version__
 from lmtrain.config import TrainingConfig, saved_run_settings
 from lmtrain.errors import UserError
+from lmtrain.progress import Generators, TrainProgress
 
 if TYPE_CHECKING:
     import torch
@@ -374,6 +380,90 @@ def validate(ckpt: Any, where: str) -> None:
                         f"(changed after it was written); pick an earlier checkpoint")
 
 
+# --- writing: a live run into its checkpoint -------------------------------------------------
+
+@dataclass(frozen=True)
+class RunSnapshot:
+    """What a live run hands the format to save, as plain data (the run layer takes it from
+    the run's components: :func:`lmtrain.train.checkpointing.snapshot`)."""
+
+    config: TrainingConfig
+    run_name: str
+    #: all weights, or only the LoRA adapter's
+    weights: Mapping[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    #: the tokenizer's ``state()`` (saved as JSON text) and its vocabulary size
+    tokenizer_state: dict[str, Any]
+    vocab_size: int
+    #: the learning rate of the last step (for readers: the schedule is a function of the step)
+    last_lr: float
+    #: the model's context limit (``n_positions``), saved beside the hyperparameters
+    n_positions: int
+    grad_scaler_state: dict[str, Any] = field(default_factory=dict)
+    #: a LoRA adapter's base model: name and weights fingerprint
+    lora_base: Mapping[str, str] | None = None
+
+
+def _scheduler_state(run: RunSnapshot, step: int) -> dict[str, Any]:
+    """The schedule's parameters (the schedule is a pure function of the step; kept for
+    readers of the file)."""
+    opt = run.config.optimization
+    return {"kind": opt.lr_scheduler, "warmup_steps": opt.warmup_steps,
+            "lr_decay_steps": opt.decay_horizon, "min_lr_ratio": opt.min_lr_ratio,
+            "last_lr": run.last_lr, "step": step}
+
+
+def _rank_states(ranks: Sequence[Generators]) -> dict[str, Any]:
+    """Every process's sampler and generator states (a distributed run; ``{}`` in one
+    process, whose states the checkpoint's own keys hold). A rank's ``cuda`` holds its own
+    device's state, if any."""
+    import torch
+
+    if len(ranks) <= 1:
+        return {}
+    return {SAMPLER_STATE_KEY: [r.sampler for r in ranks],
+            RANK_RNG_STATES_KEY: [{RANK_CPU: r.cpu,
+                                   RANK_CUDA: r.cuda[0] if r.cuda else torch.empty(0)}
+                                  for r in ranks]}
+
+
+def to_state_dict(run: RunSnapshot, progress: TrainProgress,
+                  ranks: Sequence[Generators] = ()) -> dict[str, Any]:
+    """The checkpoint of ``run`` at ``progress``: plain data that loads with
+    ``weights_only=True``. ``ranks``: every process's generators in a distributed run. The
+    digest is added when the file is written (:func:`lmtrain.checkpoint.save_checkpoint`)."""
+    cfg, gens = run.config, progress.generators()
+    best = progress.best_val_loss
+    payload: dict[str, Any] = {
+        FORMAT_VERSION_KEY: FORMAT_VERSION,
+        LMTRAIN_VERSION_KEY: __version__,
+        STEP_KEY: progress.step,
+        MODEL_TYPE_KEY: cfg.model.model_type,
+        RUN_NAME_KEY: run.run_name,
+        MODEL_STATE_KEY: run.weights,
+        OPTIMIZER_STATE_KEY: run.optimizer_state,
+        SCHEDULER_STATE_KEY: _scheduler_state(run, progress.step),
+        HYPERPARAMETERS_KEY: {**cfg.flat(), "n_positions": run.n_positions},
+        VOCAB_SIZE_KEY: run.vocab_size,
+        BLOCK_SIZE_KEY: cfg.model.block_size,
+        BATCH_SIZE_KEY: cfg.optimization.batch_size,
+        TOKENIZER_KEY: json.dumps(run.tokenizer_state),
+        RNG_STATE_KEY: gens.cpu,
+        CUDA_RNG_STATE_KEY: gens.cuda,
+        SAMPLER_STATE_KEY: gens.sampler,
+        WORLD_SIZE_KEY: max(len(ranks), 1),
+        BEST_VAL_LOSS_KEY: best if math.isfinite(best) else None,
+        BEST_STEP_KEY: progress.best_step,
+        LAST_LOSSES_KEY: dict(progress.last_losses),
+        GRAD_SCALER_STATE_KEY: dict(run.grad_scaler_state),
+        TRACKER_RUN_IDS_KEY: dict(progress.tracker_run_ids),
+    }
+    if cfg.model.use_lora:
+        payload[LORA_BASE_KEY] = dict(run.lora_base or {})
+    payload.update(_rank_states(ranks))
+    return payload
+
+
 # --- the read-only view ----------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)
@@ -512,6 +602,22 @@ class SavedRun:
         if not ranks:
             return None
         return ranks[rank][RANK_CPU], ranks[rank][RANK_CUDA]
+
+    def generators(self, rank: int = 0) -> Generators:
+        """The sampler's and the global generators' states of process ``rank`` (its own CUDA
+        device's state is :meth:`rank_rng_state`'s)."""
+        mine = self.rank_rng_state(rank)
+        return Generators(self.sampler_state(rank), self.rng_state if mine is None else mine[0],
+                          self.cuda_rng_states)
+
+    def progress_state(self, rank: int = 0) -> dict[str, Any]:
+        """The saved progress as :meth:`TrainProgress.state_dict` gives it, with the
+        generators of process ``rank``: what :meth:`TrainProgress.load_state_dict` takes."""
+        best = self.best_val_loss
+        saved = TrainProgress(step=self.step, best_val_loss=math.inf if best is None else best,
+                              best_step=self.best_step, last_losses=self.last_losses,
+                              tracker_run_ids=self.tracker_run_ids)
+        return saved.state_dict(self.generators(rank))
 
     # bookkeeping
     @property

@@ -285,6 +285,16 @@ class TrainingConfig(Settings):
         """A validated copy with some settings (flat names) changed."""
         return TrainingConfig.model_validate({**self.flat(), **changes})
 
+    def with_facts(self, **facts: Any) -> TrainingConfig:
+        """A copy with values lmtrain settled itself once the config was validated (a run's
+        name and resume file, the schedule's horizon, a GPT-2 folder's real shape), set
+        without validating the whole config again."""
+        groups: dict[str, dict[str, Any]] = {}
+        for name, value in facts.items():
+            groups.setdefault(GROUP_OF[name], {})[name] = value
+        return self.model_copy(update={label: getattr(self, label).model_copy(update=update)
+                                       for label, update in groups.items()})
+
 
 #: Every setting, group by group (model first), as pydantic ``FieldInfo``s.
 FIELDS = {name: info for group in GROUPS.values() for name, info in group.model_fields.items()}
@@ -297,7 +307,8 @@ ARCHITECTURE_FIELDS = frozenset({
     "optimizer",
     "lora_r", "lora_alpha", "lora_targets", "tokenization_method", "custom_vocab_size",
 })
-#: A GPT-2 run's shape: its model decides it (``lmtrain.models.gpt2.fit_shape``).
+#: A GPT-2 run's shape: its model decides it (``lmtrain.models.gpt2.gpt2_shape``, recorded by
+#: the plan).
 GPT2_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd")
 #: Run settings added with the llama/Muon recipe, as every checkpoint without them was trained.
 SETTINGS_BEFORE_RECIPE: dict[str, Any] = {"arch": "gpt2", "qk_norm": False, "optimizer": "adamw"}
@@ -336,19 +347,21 @@ class Preset:
     label: str  #: how ``lmtrain train --help`` names it
     source: str  #: where a value it sets came from, in the run's settings lines
     values: dict[str, Any]
-    applies: Callable[[TrainingConfig], bool]
+    #: whether it applies, given :data:`PRESET_SWITCHES` (checked values, defaults filled in)
+    applies: Callable[[Mapping[str, Any]], bool]
 
 
 #: The presets, in the order they apply (a later one wins).
 PRESETS: tuple[Preset, ...] = (
-    Preset("MODEL_TYPE=gpt2", "gpt2 preset", GPT2_PRESET,
-           lambda c: c.model.model_type == "gpt2"),
+    Preset("MODEL_TYPE=gpt2", "gpt2 preset", GPT2_PRESET, lambda v: v["model_type"] == "gpt2"),
     Preset("gpt2 + USE_LORA", "gpt2 lora preset", GPT2_LORA_PRESET,
-           lambda c: c.model.model_type == "gpt2" and c.model.use_lora),
-    Preset("TEST_MODE", "test_mode preset", TEST_MODE_PRESET, lambda c: c.run.test_mode),
+           lambda v: v["model_type"] == "gpt2" and v["use_lora"]),
+    Preset("TEST_MODE", "test_mode preset", TEST_MODE_PRESET, lambda v: v["test_mode"]),
     Preset("TEST_MODE gpt2", "test_mode preset", GPT2_TEST_MODE_PRESET,
-           lambda c: c.run.test_mode and c.model.model_type == "gpt2"),
+           lambda v: v["test_mode"] and v["model_type"] == "gpt2"),
 )
+#: The settings that decide which presets apply.
+PRESET_SWITCHES = ("model_type", "use_lora", "test_mode")
 
 
 def _shown(value: Any) -> str:
@@ -459,9 +472,11 @@ def read_config_file(path: str | os.PathLike[str] | None) -> dict[str, Any]:
     return out
 
 
-def _validate(values: dict[str, Any], sources: dict[str, str]) -> TrainingConfig:
+def settle(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
+    """The one validation of a run's merged settings ``values`` (flat names; ``sources``
+    says where each came from, and names it in the one-line error)."""
     try:
-        return TrainingConfig.model_validate(values)
+        return LoadedConfig(TrainingConfig.model_validate(values), sources)
     except ValidationError as exc:
         raise UserError(_explain(exc, values, sources)) from None
 
@@ -477,12 +492,6 @@ def _explain(exc: ValidationError, values: dict[str, Any], sources: dict[str, st
     return f"invalid settings: {err['msg'].removeprefix('Value error, ')}"
 
 
-def _names_a_value(loc: tuple[Any, ...]) -> bool:
-    """Whether a validation error's location is one setting (``("model", "n_embd")`` or an
-    unknown name), not a rule over a whole group (``("model",)``)."""
-    return len(loc) > 1 or (len(loc) == 1 and loc[0] not in GROUPS)
-
-
 def _invalid(name: str, given: str, msg: str) -> str:
     """The one line for a bad value of setting ``name``: ``given`` (``X=value``, and where it
     came from), pydantic's ``msg``, what the setting expects and what it does."""
@@ -493,6 +502,12 @@ def _invalid(name: str, given: str, msg: str) -> str:
 def check_value(name: str, value: Any, label: str) -> Any:
     """``value`` checked against setting ``name``'s field alone (type, bounds, finiteness) and
     converted; otherwise its one-line error, naming ``label`` (a flag or env var)."""
+    return _check_alone(name, value, f"{label}={value!r}")
+
+
+def _check_alone(name: str, value: Any, given: str) -> Any:
+    """``value`` checked and converted as setting ``name``'s field alone; ``given`` names it
+    in the one-line error."""
     from pydantic import TypeAdapter
 
     info = FIELDS[name]
@@ -501,7 +516,15 @@ def check_value(name: str, value: Any, label: str) -> Any:
     try:
         return adapter.validate_python(value)
     except ValidationError as exc:
-        raise UserError(_invalid(name, f"{label}={value!r}", exc.errors()[0]["msg"])) from None
+        raise UserError(_invalid(name, given, exc.errors()[0]["msg"])) from None
+
+
+def _checked(name: str, values: Mapping[str, Any], sources: Mapping[str, str]) -> Any:
+    """Explicit setting ``name`` checked alone and converted; its default when not given."""
+    if name not in values:
+        return FIELDS[name].default
+    given = f"{env_name(name)}={values[name]!r} (from {sources.get(name, 'default')})"
+    return _check_alone(name, values[name], given)
 
 
 def _expected(name: str) -> str:
@@ -535,34 +558,34 @@ def explicit_settings(
     return values, sources
 
 
-def load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
-    """Fresh run: defaults < presets < explicit settings."""
-    explicit = _validate(values, sources)  # early, clear errors on bad explicit values
+def merge_fresh(values: dict[str, Any], sources: dict[str, str],
+                ) -> tuple[dict[str, Any], dict[str, str]]:
+    """A fresh run's settings, not yet validated: defaults < presets < explicit ``values``;
+    returns (values, where each came from)."""
+    switches = {name: _checked(name, values, sources) for name in PRESET_SWITCHES}
     merged: dict[str, Any] = {}
     merged_src: dict[str, str] = {k: "default" for k in FIELDS}
     for preset in PRESETS:
-        if preset.applies(explicit):
+        if preset.applies(switches):
             _layer(merged, merged_src, preset.values, preset.source)
     _layer(merged, merged_src, values, "")
     for k in values:
         merged_src[k] = sources[k]
-    config = _validate(merged, merged_src)
-    return LoadedConfig(config, merged_src)
+    return merged, merged_src
+
+
+def load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
+    """Fresh run: defaults < presets < explicit settings, validated."""
+    return settle(*merge_fresh(values, sources))
 
 
 def check_settings(values: dict[str, Any], sources: dict[str, str]) -> None:
-    """Validate explicit settings before any checkpoint is read or torch imported, so a bad
-    value fails in a fraction of a second. A fresh run is checked whole; a resume checks each
-    value alone (the checkpoint supplies the rest)."""
-    resume = str(values.get("checkpoint_path") or "").strip().lower()
-    if resume in ("", "auto"):
-        load_fresh(values, sources)
-        return
-    try:
-        TrainingConfig.model_validate(values)
-    except ValidationError as exc:
-        if any(_names_a_value(err.get("loc") or ()) for err in exc.errors()):
-            raise UserError(_explain(exc, values, sources)) from None
+    """Check each explicit setting alone before any checkpoint is read or torch imported, so a
+    bad value fails in a fraction of a second. Their combination (with presets, defaults or,
+    on resume, the checkpoint's) is validated once, by the run's plan."""
+    for name in values:
+        if name in FIELDS:
+            _checked(name, values, sources)
 
 
 def saved_run_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
@@ -575,10 +598,10 @@ def saved_run_settings(saved: Mapping[str, Any]) -> dict[str, Any]:
     return base
 
 
-def load_resumed(
-    saved: Mapping[str, Any], values: dict[str, Any], sources: dict[str, str],
-) -> LoadedConfig:
-    """Resume: the checkpoint's hyperparameters, then allowed explicit overrides."""
+def merge_resumed(saved: Mapping[str, Any], values: dict[str, Any], sources: dict[str, str],
+                  ) -> tuple[dict[str, Any], dict[str, str]]:
+    """A resumed run's settings, not yet validated: the checkpoint's hyperparameters, then the
+    explicit overrides it allows; returns (values, where each came from)."""
     base = saved_run_settings(saved)
     merged_src = {k: "checkpoint" for k in base}
     for k in FIELDS:
@@ -588,8 +611,7 @@ def load_resumed(
         if k in GPT2_SHAPE_FIELDS and base.get("model_type") == "gpt2":
             pass  # checked against the model itself (older checkpoints saved the defaults)
         elif k in ARCHITECTURE_FIELDS and k in base:
-            wanted = _validate({**base, k: v}, {**merged_src, k: sources[k]})
-            if wanted.value(k) != base[k]:
+            if _checked(k, values, sources) != base[k]:
                 raise UserError(
                     f"{env_name(k)}={v!r} (from {sources[k]}) contradicts the checkpoint, which "
                     f"was trained with {env_name(k)}={base[k]!r}; unset it to resume, or start "
@@ -597,6 +619,10 @@ def load_resumed(
             continue
         merged[k] = v
         merged_src[k] = sources[k]
-    config = _validate(merged, merged_src)
-    return LoadedConfig(config, merged_src)
+    return merged, merged_src
 
+
+def load_resumed(saved: Mapping[str, Any], values: dict[str, Any], sources: dict[str, str],
+                 ) -> LoadedConfig:
+    """Resume: the checkpoint's hyperparameters, then allowed explicit overrides, validated."""
+    return settle(*merge_resumed(saved, values, sources))

@@ -16,7 +16,7 @@ from lmtrain.config import ModelSettings, TrainingConfig
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
 from lmtrain.errors import UserError
 from lmtrain.models import build_model
-from lmtrain.models.lora import with_base
+from lmtrain.models.lora import base_location_now
 from lmtrain.models.weights import load_weights
 from lmtrain.sharded_checkpoint import ShardedRun
 from lmtrain.train.optim import build_optimizer, load_optimizer_state
@@ -42,7 +42,9 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     if isinstance(run, ShardedRun):
         raise UserError(f"{run.where} is a sharded checkpoint (PARALLEL=fsdp); make it one file "
                         f"first: lmtrain checkpoint consolidate {path}")
-    cfg = with_base(run.config, run.lora_base, base)  # GPT-2: where its base model is now
+    cfg = run.config
+    if cfg.model.model_type == "gpt2":  # where its base model is now
+        cfg = cfg.with_facts(gpt2_model_name=base_location_now(cfg.model, run.lora_base, base))
     tokenizer = saved_tokenizer(run)
     torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, tokenizer.vocab_size)

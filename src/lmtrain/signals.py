@@ -33,39 +33,36 @@ def signal_name(signum: int) -> str:
 
 
 class StopRequest:
-    """Remembers the first stop signal and forwards it to the run (``ctx.stop_signal``)."""
+    """Remembers the first stop signal; the run reads it (:attr:`signal`) after each step.
+
+    In a distributed run the loop shares what the ranks saw (:meth:`share`), so every rank
+    stops at the same step, not only the one that received the signal.
+    """
 
     def __init__(self) -> None:
-        self.signum: int | None = None
-        self._ctx: Any = None
+        self.signum: int | None = None  # the signal this process received
+        self.shared: int | None = None  # the signal any rank received (agreed by all ranks)
 
-    def attach(self, ctx: Any) -> None:
-        """From now on a signal sets ``ctx.stop_signal``; one that came earlier is passed on."""
-        self._ctx = ctx
-        if self.signum is not None:
-            ctx.stop_signal = self.signum
+    @property
+    def signal(self) -> int | None:
+        """The stop asked for, by this process or (shared) by another rank; ``None``."""
+        return self.signum if self.signum is not None else self.shared
+
+    def share(self, signum: int | None) -> None:
+        """Record the stop the ranks agreed on (``None``: none)."""
+        self.shared = signum
 
     def check(self, checkpoint: object = None, step: int | None = None,
               resume_steps: int | None = None) -> None:
-        """Raise :class:`TrainingInterrupted` if a stop was asked for (between phases).
-
-        Once attached, a stop that the run shares between processes (``ctx.stop_signal``,
-        agreed by all ranks every step) counts too, so every rank stops, not only the one
-        that received the signal.
-        """
-        signum = self.signum
-        if signum is None and self._ctx is not None:
-            signum = self._ctx.stop_signal
-        if signum is not None:
-            raise TrainingInterrupted(signum, checkpoint, step, resume_steps)
+        """Raise :class:`TrainingInterrupted` if a stop was asked for (between phases)."""
+        if self.signal is not None:
+            raise TrainingInterrupted(self.signal, checkpoint, step, resume_steps)
 
     def handle(self, signum: int, frame: Any = None) -> None:
         """The signal handler: record the first signal, exit at once on the second."""
         if self.signum is not None:
             _exit_now(signum, " again")
         self.signum = signum
-        if self._ctx is not None:
-            self._ctx.stop_signal = signum
         _write_stderr(f"\n{signal_name(signum)}: stopping after the current step and saving a "
                       f"checkpoint (send it again to exit at once)\n")
 

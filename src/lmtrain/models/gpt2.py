@@ -3,8 +3,8 @@
 ``GPT2_MODEL_NAME`` is a folder in ``save_pretrained`` layout or a hub id resolved from the
 local Hugging Face cache; nothing downloads unless ``ALLOW_DOWNLOAD=1``. The tokenizer is the
 folder's own ``vocab.json`` + ``merges.txt`` when it has them, else the shipped GPT-2 BPE.
-The model's shape (``N_LAYER``/``N_HEAD``/``N_EMBD``) is the folder's: the run records it, and
-an explicit different setting is refused (:func:`fit_shape`).
+The model's shape (``N_LAYER``/``N_HEAD``/``N_EMBD``) is the folder's (:func:`gpt2_shape`): the
+run's plan records it, and refuses an explicit different setting.
 """
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtrain.config import GPT2_SHAPE_FIELDS, DataSettings, LoadedConfig, ModelSettings
+from lmtrain.config import GPT2_SHAPE_FIELDS, DataSettings, ModelSettings
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -85,47 +85,11 @@ def gpt2_config(config: ModelSettings) -> GPT2Config:
 
 
 #: Where a value comes from when the user did not set it.
-UNSET_SOURCES = ("default", "checkpoint")
-
-
-def fit_shape(loaded: LoadedConfig) -> LoadedConfig:
-    """The config with GPT-2's real shape; an explicit different shape setting is refused.
-
-    Does nothing for the from-scratch model.
-    """
-    cfg = loaded.config
-    if cfg.model.model_type != "gpt2":
-        return loaded
-    hf_config = gpt2_config(cfg.model)
-    sources = dict(loaded.sources)
-    update = {}
-    for name in GPT2_SHAPE_FIELDS:  # GPT-2's shape: the model fixes it
-        real, src = getattr(hf_config, name), sources.get(name, "default")
-        explicit = src not in UNSET_SOURCES and not src.endswith("preset")
-        if explicit and cfg.value(name) != real:
-            raise UserError(
-                f"{name.upper()}={cfg.value(name)} (from {src}) does not match "
-                f"GPT2_MODEL_NAME={cfg.model.gpt2_model_name!r}, whose model has {name.upper()}="
-                f"{real}; unset {name.upper()}: MODEL_TYPE=gpt2 takes its shape from the model")
-        if cfg.value(name) != real or not explicit:
-            update[name], sources[name] = real, "GPT2_MODEL_NAME"
-    return LoadedConfig(cfg.replace(**update), sources)
-
-
-def resolve_gpt2(loaded: LoadedConfig, saved_base: Mapping[str, str] | None = None
-                 ) -> LoadedConfig:
-    """A GPT-2 run's config as it will run: a resumed LoRA run finds the base model its
-    checkpoint names (``saved_base``; unless GPT2_MODEL_NAME is set), and the shape is the
-    model's (:func:`fit_shape`)."""
-    cfg = loaded.config
-    if cfg.model.model_type != "gpt2":
-        return loaded
-    if (saved_base is not None and cfg.model.use_lora
-            and loaded.sources.get("gpt2_model_name", "default") in UNSET_SOURCES):
-        name = find_base(dict(saved_base), None)
-        loaded = LoadedConfig(cfg.replace(gpt2_model_name=name),
-                              {**loaded.sources, "gpt2_model_name": "checkpoint's lora_base"})
-    return fit_shape(loaded)
+def gpt2_shape(config: ModelSettings) -> dict[str, int]:
+    """The real shape of the model ``GPT2_MODEL_NAME`` names (a fact the plan records): its
+    ``n_layer``, ``n_head`` and ``n_embd``, read from the folder's config."""
+    hf_config = gpt2_config(config)
+    return {name: int(getattr(hf_config, name)) for name in GPT2_SHAPE_FIELDS}
 
 
 def model_positions(model: Any) -> int | None:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lmtrain.config import ModelSettings, TrainingConfig
+from lmtrain.config import ModelSettings
 from lmtrain.errors import UserError
 
 #: Attribute of the adapted model that holds its base reference (see :func:`base_reference`).
@@ -61,20 +61,16 @@ def base_location(config: ModelSettings) -> dict[str, str]:
     return locate(config.gpt2_model_name, config.allow_download)
 
 
-def with_base(config: TrainingConfig, saved_base: Mapping[str, str] | None,
-              override: str | None) -> TrainingConfig:
-    """A GPT-2 checkpoint's config with GPT2_MODEL_NAME set to where the base is found now:
-    ``override`` (``--base`` / ``GPT2_MODEL_NAME``) or, for an adapter, :func:`find_base` of
-    the checkpoint's ``saved_base`` reference."""
+def base_location_now(config: ModelSettings, saved_base: Mapping[str, str] | None,
+                      override: str | None) -> str:
+    """Where a GPT-2 checkpoint's base model is found now (a fact its reader records as
+    GPT2_MODEL_NAME): ``override`` (``--base`` / ``GPT2_MODEL_NAME``) or, for an adapter,
+    :func:`find_base` of the checkpoint's ``saved_base`` reference."""
     from lmtrain.models.gpt2 import find_base
 
-    if config.model.model_type != "gpt2":
-        return config
-    if config.model.use_lora:
-        name = find_base(dict(saved_base or {}), override)
-    else:
-        name = override or config.model.gpt2_model_name
-    return config.replace(gpt2_model_name=name)
+    if config.use_lora:
+        return find_base(dict(saved_base or {}), override)
+    return override or config.gpt2_model_name
 
 
 def apply_lora(model: nn.Module, config: ModelSettings) -> nn.Module:

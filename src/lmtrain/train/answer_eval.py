@@ -19,8 +19,9 @@ from typing import TypeVar
 
 from lmtrain.answers import AnswerReport, QAPair, answer_accuracy
 from lmtrain.data.tokenizers import document_separator
+from lmtrain.progress import TrainProgress
 from lmtrain.sharding import is_sharded
-from lmtrain.train.state import RunContext
+from lmtrain.train.state import Components, LoopSettings, RunServices
 
 log = logging.getLogger("lmtrain")
 T = TypeVar("T")
@@ -39,14 +40,15 @@ def answer_metrics(report: AnswerReport) -> dict[str, float | int]:
             "val_answers_total": report.total}
 
 
-def held_out_pairs(ctx: RunContext) -> list[QAPair]:
-    """Up to ``EVAL_ANSWERS`` held-out questions of the run's records; none for plain text."""
-    limit = ctx.config.evaluation.eval_answers
-    if not limit or ctx.data.held_out is None:
+def held_out_pairs(parts: Components, limit: int) -> list[QAPair]:
+    """Up to ``limit`` (``EVAL_ANSWERS``) held-out questions of the run's records; none for
+    plain text."""
+    held_out = parts.data.held_out
+    if not limit or held_out is None:
         return []
-    end_of_text = document_separator(ctx.tokenizer)
-    first = not ctx.data.held_out.is_read(end_of_text)
-    held = ctx.data.held_out.get(end_of_text)
+    end_of_text = document_separator(parts.tokenizer)
+    first = not held_out.is_read(end_of_text)
+    held = held_out.get(end_of_text)
     pairs = [QAPair(q.prompt, q.answer) for q in spread(held.questions, limit)]
     if first:  # said once per session
         left_out = f" ({held.seen} also asked in training, left out)" if held.seen else ""
@@ -56,33 +58,36 @@ def held_out_pairs(ctx: RunContext) -> list[QAPair]:
     return pairs
 
 
-def measure_answers(ctx: RunContext) -> None:
+def measure_answers(parts: Components, progress: TrainProgress, settings: LoopSettings,
+                    services: RunServices) -> None:
     """Score answers now (see the module doc); nothing on plain text or with EVAL_ANSWERS=0."""
-    if not ctx.is_main or is_sharded(ctx.raw_model):  # FSDP: `lmtrain eval --answers` after
-        return
+    if not parts.placement.is_main or is_sharded(parts.raw_model):  # FSDP: `lmtrain eval
+        return                                                       # --answers` afterwards
     t0 = time.perf_counter()
-    pairs = held_out_pairs(ctx)
+    pairs = held_out_pairs(parts, settings.evaluation.eval_answers)
     if not pairs:
         return
-    report = answer_accuracy(ctx.raw_model, ctx.tokenizer, pairs, device=ctx.device,
-                             block_size=ctx.config.model.block_size, progress=False)
-    ctx.timings["eval"] += time.perf_counter() - t0
-    ctx.last_answers = report
-    ctx.last_losses["val_answer_accuracy"] = report.accuracy
-    log.info("step %d: %s", ctx.step, report.summary())
-    if ctx.metrics:
-        ctx.metrics.write(step=ctx.step, **answer_metrics(report), kind="eval")
+    report = answer_accuracy(parts.raw_model, parts.tokenizer, pairs,
+                             device=parts.placement.device, block_size=settings.block_size,
+                             progress=False)
+    services.timings["eval"] += time.perf_counter() - t0
+    services.last_answers = report
+    progress.last_losses["val_answer_accuracy"] = report.accuracy
+    log.info("step %d: %s", progress.step, report.summary())
+    if services.metrics:
+        services.metrics.write(step=progress.step, **answer_metrics(report), kind="eval")
 
 
-def report_final_answers(ctx: RunContext, losses: dict[str, float]) -> None:
+def report_final_answers(services: RunServices, step: int, is_main: bool,
+                         losses: dict[str, float]) -> None:
     """At the end of the run: the last answer accuracy beside the final losses (``losses``
     gains ``val_answer_accuracy``), a few wrong answers, and a ``final`` metrics record."""
-    report = ctx.last_answers
-    if report is None or not ctx.is_main:
+    report = services.last_answers
+    if report is None or not is_main:
         return
     losses["val_answer_accuracy"] = report.accuracy
     log.info("final: %s", report.summary())
     for line in report.lines()[1:]:
         log.info("%s", line)
-    if ctx.metrics:
-        ctx.metrics.write(step=ctx.step, **answer_metrics(report), kind="final")
+    if services.metrics:
+        services.metrics.write(step=step, **answer_metrics(report), kind="final")

@@ -1,208 +1,208 @@
-"""A live run into its checkpoint and back: :func:`build` the payload (with every rank's
-generator states, :func:`gather_rank_states`) and :func:`restore` a saved run into a freshly
-assembled one so that training continues bit for bit. The format itself is
-:mod:`lmtrain.checkpoint_format`'s; the files are :mod:`lmtrain.checkpoint`'s."""
+"""A live run's checkpoints: :class:`Checkpointer` saves a run's components and progress (the
+format's :func:`~lmtrain.checkpoint_format.to_state_dict` lays them out) and restores a saved
+run into freshly built components so that training continues bit for bit. The format itself
+is :mod:`lmtrain.checkpoint_format`'s; the files are :mod:`lmtrain.checkpoint`'s."""
 
 from __future__ import annotations
 
-import json
 import logging
-import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lmtrain import __version__
-from lmtrain.checkpoint_format import (
-    BATCH_SIZE_KEY,
-    BEST_STEP_KEY,
-    BEST_VAL_LOSS_KEY,
-    BLOCK_SIZE_KEY,
-    CUDA_RNG_STATE_KEY,
-    FORMAT_VERSION,
-    FORMAT_VERSION_KEY,
-    GRAD_SCALER_STATE_KEY,
-    HYPERPARAMETERS_KEY,
-    LAST_LOSSES_KEY,
-    LMTRAIN_VERSION_KEY,
-    LORA_BASE_KEY,
-    MODEL_STATE_KEY,
-    MODEL_TYPE_KEY,
-    OPTIMIZER_STATE_KEY,
-    RANK_CPU,
-    RANK_CUDA,
-    RANK_RNG_STATES_KEY,
-    RNG_STATE_KEY,
-    RUN_NAME_KEY,
-    SAMPLER_STATE_KEY,
-    SCHEDULER_STATE_KEY,
-    STEP_KEY,
-    TOKENIZER_KEY,
-    TRACKER_RUN_IDS_KEY,
-    VOCAB_SIZE_KEY,
-    WORLD_SIZE_KEY,
-    SavedRun,
-)
-from lmtrain.distributed import all_gather_objects, broadcast_object
+from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
+from lmtrain.checkpoint_format import RunSnapshot, SavedRun, to_state_dict
+from lmtrain.config import TrainingConfig
+from lmtrain.distributed import all_gather_objects, broadcast_object, max_across_ranks
 from lmtrain.errors import UserError
 from lmtrain.models.gpt2 import model_positions
 from lmtrain.models.weights import load_weights, model_state
+from lmtrain.progress import Generators, TrainProgress
 from lmtrain.sharded_checkpoint import ShardedRun, load_sharded_state, save_sharded
+from lmtrain.sharding import is_sharded, local
 from lmtrain.train.optim import load_optimizer_state
-from lmtrain.train.state import RunContext
+from lmtrain.train.plan import RunPlan
+from lmtrain.train.state import Components
 
 log = logging.getLogger("lmtrain")
 
 
-def _scheduler_state(ctx: RunContext) -> dict[str, Any]:
-    """The schedule's parameters (the schedule is a pure function of the step; kept for
-    readers of the file)."""
-    opt = ctx.config.optimization
-    return {"kind": opt.lr_scheduler, "warmup_steps": opt.warmup_steps,
-            "lr_decay_steps": opt.decay_horizon, "min_lr_ratio": opt.min_lr_ratio,
-            "last_lr": ctx.optimizer.param_groups[0]["lr"], "step": ctx.step}
+def rank_generators(parts: Components, progress: TrainProgress) -> list[Generators]:
+    """Every rank's sampler and generator states, each with its own CUDA device's state (a
+    collective: all ranks call it); empty in a single process."""
+    place = parts.placement
+    if place.world_size == 1:
+        return []
+    device = place.device
+    cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
+    mine = Generators(progress.sampler.get_state(), torch.get_rng_state(), cuda)
+    return [Generators(*states) for states in all_gather_objects(tuple(mine))]
 
 
-def _hyperparameters(ctx: RunContext) -> dict[str, Any]:
-    """Every setting, plus the model's context limit (``n_positions``)."""
-    cfg = ctx.config
-    return {**cfg.flat(), "n_positions": model_positions(ctx.raw_model) or cfg.model.block_size}
+def _weights_finite(parts: Components) -> bool:
+    """Whether every trainable weight is finite (one transfer to the host; FSDP: every
+    rank's shard)."""
+    params = [local(p) for p in parts.raw_model.parameters() if p.requires_grad]
+    finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    if not is_sharded(parts.raw_model):
+        return finite
+    return not max_across_ranks(int(not finite), parts.placement.device)
 
 
-def build(ctx: RunContext, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The checkpoint of ``ctx`` now: plain data that loads with ``weights_only=True``.
+@dataclass(frozen=True)
+class Checkpointer:
+    """Where and how a run is saved: its settings (all of them are saved with it), its name
+    and its checkpoint folder."""
 
-    ``extra`` holds the per-rank states of a distributed run (see :func:`gather_rank_states`).
-    The digest is added when the file is written (:func:`lmtrain.checkpoint.save_checkpoint`).
-    """
-    cfg = ctx.config
-    payload: dict[str, Any] = {
-        FORMAT_VERSION_KEY: FORMAT_VERSION,
-        LMTRAIN_VERSION_KEY: __version__,
-        STEP_KEY: ctx.step,
-        MODEL_TYPE_KEY: cfg.model.model_type,
-        RUN_NAME_KEY: ctx.run_name,
-        MODEL_STATE_KEY: model_state(ctx.raw_model, cfg.model),
-        OPTIMIZER_STATE_KEY: ctx.optimizer.state_dict(),
-        SCHEDULER_STATE_KEY: _scheduler_state(ctx),
-        HYPERPARAMETERS_KEY: _hyperparameters(ctx),
-        VOCAB_SIZE_KEY: ctx.tokenizer.vocab_size,
-        BLOCK_SIZE_KEY: cfg.model.block_size,
-        BATCH_SIZE_KEY: cfg.optimization.batch_size,
-        TOKENIZER_KEY: json.dumps(ctx.tokenizer.state()),
-        RNG_STATE_KEY: torch.get_rng_state(),
-        CUDA_RNG_STATE_KEY: (torch.cuda.get_rng_state_all() if torch.cuda.is_available()
-                             else []),
-        SAMPLER_STATE_KEY: ctx.sampler.get_state(),
-        WORLD_SIZE_KEY: ctx.world_size,
-        BEST_VAL_LOSS_KEY: ctx.best_val_loss if math.isfinite(ctx.best_val_loss) else None,
-        BEST_STEP_KEY: ctx.best_step,
-        LAST_LOSSES_KEY: dict(ctx.last_losses),
-        GRAD_SCALER_STATE_KEY: ctx.grad_scaler.state_dict() if ctx.grad_scaler else {},
-        TRACKER_RUN_IDS_KEY: dict(ctx.tracker_run_ids),
-    }
-    if cfg.model.use_lora:  # the adapter's base model: name + weights fingerprint
-        from lmtrain.models.lora import base_reference
+    config: TrainingConfig
+    run_name: str
+    folder: Path
 
-        payload[LORA_BASE_KEY] = base_reference(ctx.raw_model)
-    payload.update(extra or {})
-    return payload
+    @classmethod
+    def of(cls, plan: RunPlan) -> Checkpointer:
+        return cls(plan.config, plan.run_name, plan.paths.checkpoints)
 
+    def snapshot(self, parts: Components) -> RunSnapshot:
+        """What the format saves of ``parts``, as plain data."""
+        cfg, model = self.config, parts.raw_model
+        lora_base = None
+        if cfg.model.use_lora:  # the adapter's base model: name + weights fingerprint
+            from lmtrain.models.lora import base_reference
 
-def gather_rank_states(ctx: RunContext) -> dict[str, Any]:
-    """Checkpoint keys holding every rank's sampler and RNG state (a collective: all ranks
-    call it); empty in a single process, whose states the checkpoint's own keys hold."""
-    if ctx.world_size == 1:
-        return {}
-    cuda = torch.cuda.get_rng_state(ctx.device) if ctx.device.type == "cuda" else torch.empty(0)
-    mine = {"sampler": ctx.sampler.get_state(), RANK_CPU: torch.get_rng_state(), RANK_CUDA: cuda}
-    states = all_gather_objects(mine)
-    return {SAMPLER_STATE_KEY: [s["sampler"] for s in states],
-            RANK_RNG_STATES_KEY: [{RANK_CPU: s[RANK_CPU], RANK_CUDA: s[RANK_CUDA]}
-                                  for s in states]}
+            lora_base = base_reference(model)
+        return RunSnapshot(
+            config=cfg, run_name=self.run_name, weights=model_state(model, cfg.model),
+            optimizer_state=parts.optimizer.state_dict(),
+            tokenizer_state=parts.tokenizer.state(), vocab_size=parts.tokenizer.vocab_size,
+            last_lr=parts.optimizer.param_groups[0]["lr"],
+            n_positions=model_positions(model) or cfg.model.block_size,
+            grad_scaler_state=parts.grad_scaler.state_dict() if parts.grad_scaler else {},
+            lora_base=lora_base)
 
+    def state_dict(self, parts: Components, progress: TrainProgress,
+                   ranks: list[Generators] | None = None) -> dict[str, Any]:
+        """The checkpoint of the run now (``ranks``: every rank's generators when many)."""
+        return to_state_dict(self.snapshot(parts), progress, ranks or [])
 
-def restore(ctx: RunContext, run: SavedRun) -> None:
-    """Load weights, optimizer, bookkeeping, RNG and sampler state so training continues bit
-    for bit. Reads ``run`` (validated when it was loaded) and never changes it."""
-    if isinstance(run, ShardedRun):  # PARALLEL=fsdp: DCP reshards onto this world size
-        _load_sharded(ctx, run)
-    else:
-        load_weights(ctx.raw_model, ctx.config.model, run)
-        load_optimizer_state(ctx.optimizer, run.optimizer_state, run.where)
-    ctx.step = run.step
-    best = run.best_val_loss
-    ctx.best_val_loss = math.inf if best is None else best
-    ctx.best_step = run.best_step
-    ctx.last_losses = run.last_losses
-    # a branch (or a renamed run) is a tracker run of its own
-    ctx.tracker_run_ids = run.tracker_run_ids if run.run_name == ctx.run_name else {}
-    if ctx.grad_scaler is not None and run.grad_scaler_state:
-        ctx.grad_scaler.load_state_dict(run.grad_scaler_state)
-    _restore_generators(ctx, run)
+    def _previous(self, progress: TrainProgress) -> str:
+        return (f"the step {progress.saved_steps[-1]} checkpoint is intact"
+                if progress.saved_steps else "earlier checkpoints are untouched")
 
+    def save(self, parts: Components, progress: TrainProgress) -> Path | None:
+        """Write the checkpoint for the current step (main process only) and rotate old ones.
 
-def _restore_generators(ctx: RunContext, run: SavedRun) -> None:
-    """The global, CUDA, sampler and per-rank generators; freshly seeded for another world."""
-    torch.set_rng_state(run.rng_state)
-    cuda_states = run.cuda_rng_states
-    if cuda_states and torch.cuda.is_available() and len(cuda_states) == torch.cuda.device_count():
-        torch.cuda.set_rng_state_all(cuda_states)
-    if run.world_size != ctx.world_size:
-        _reseed_for_new_world(ctx, run.world_size)
-        return
-    ctx.sampler.set_state(run.sampler_state(ctx.rank))
-    mine = run.rank_rng_state(ctx.rank)
-    if mine is not None:  # each rank's own dropout RNG
-        cpu, cuda = mine
-        torch.set_rng_state(cpu)
-        if ctx.device.type == "cuda" and len(cuda):
-            torch.cuda.set_rng_state(cuda, ctx.device)
+        The best-validation checkpoint (the lowest val loss measured at a checkpointed step) is
+        spared by rotation; older files go only once the new one is on disk. A model whose
+        weights are no longer finite is never saved.
+        """
+        settings, step = self.config.checkpointing, progress.step
+        if not settings.enable_checkpoints:
+            return None
+        sharded = self.config.run.parallel == "fsdp"  # every rank writes its shards
+        path = self.folder / checkpoint_filename(step, sharded)
+        if (progress.saved_steps and progress.saved_steps[-1] == step
+                and (parts.placement.world_size > 1 or path.exists())):
+            return path  # already written at this step
+        if not _weights_finite(parts):  # every rank holds the same weights: all refuse together
+            raise UserError(
+                f"the model's weights are no longer finite at step {step} "
+                f"(ON_NAN={self.config.optimization.on_nan}); the step is not saved and "
+                f"{self._previous(progress)} — lower LEARNING_RATE or set GRAD_CLIP, then resume")
+        ranks = rank_generators(parts, progress)  # every rank takes part; rank 0 writes
+        if parts.placement.is_main or sharded:
+            self._write(path, parts, progress, ranks, sharded)
+        progress.saved_steps.append(step)
+        return path
 
+    def _write(self, path: Path, parts: Components, progress: TrainProgress,
+               ranks: list[Generators], sharded: bool = False) -> None:
+        best = progress.record_best()
+        try:
+            if sharded:
+                self._write_sharded(path, parts, progress, ranks)
+            else:
+                save_checkpoint(path, self.state_dict(parts, progress, ranks))
+        except OSError as exc:
+            progress.best_val_loss, progress.best_step = best
+            raise UserError(
+                f"CHECKPOINT_DIR={str(self.folder)!r}: writing the step {progress.step} "
+                f"checkpoint failed ({exc.strerror or exc}); the run stops here and "
+                f"{self._previous(progress)} — free space or pick another CHECKPOINT_DIR, then "
+                f"resume") from None
+        if not parts.placement.is_main:
+            return
+        protect = {progress.best_step} if progress.best_step is not None else set()
+        rotate_checkpoints(self.folder, self.config.checkpointing.keep_last_checkpoints, protect,
+                           upto=progress.step)
+        log.info("step %d: saved checkpoint %s", progress.step, path)
 
-def _reseed_for_new_world(ctx: RunContext, saved_world: int) -> None:
-    """Batch order and dropout for a resume with another number of processes: seeded from
-    (SEED, rank, step), so ranks differ and no rank replays the run's first batches."""
-    seed = int(np.random.SeedSequence([ctx.config.optimization.seed, ctx.rank,
-                                       ctx.step]).generate_state(1)[0])
-    ctx.sampler.manual_seed(seed)
-    torch.manual_seed(seed)
-    if ctx.is_main:
-        log.warning(
-            "the checkpoint was written by %d process(es), this run has %d: weights and "
-            "optimizer continue, but batch order and dropout are freshly seeded and a step "
-            "now takes %d× BATCH_SIZE sequences instead of %d×, so this is not a bit-exact "
-            "continuation (resume with the same number of processes for that)", saved_world,
-            ctx.world_size, ctx.world_size, saved_world)
+    def _write_sharded(self, folder: Path, parts: Components, progress: TrainProgress,
+                       ranks: list[Generators]) -> None:
+        """The sharded checkpoint (``PARALLEL=fsdp``; a collective). A write that failed on
+        any rank raises ``OSError`` on every rank."""
+        from torch.distributed.checkpoint.api import CheckpointException
 
+        main = parts.placement.is_main
+        payload = self.state_dict(parts, progress, ranks) if main else {}
+        try:
+            save_sharded(folder, parts.raw_model, parts.optimizer, payload, main,
+                         parts.placement.world_size, trainable_only=self.config.model.use_lora,
+                         agree=broadcast_object)
+        except CheckpointException as exc:  # DCP's: raised on every rank
+            raise OSError(str(exc).strip().splitlines()[-1][:160] or "DCP write failed") from None
 
+    def restore(self, parts: Components, progress: TrainProgress, run: SavedRun) -> None:
+        """Load weights, optimizer, scaler and progress (bookkeeping, RNG and sampler) so
+        training continues bit for bit. Reads ``run`` (validated when it was loaded) and never
+        changes it."""
+        if isinstance(run, ShardedRun):  # PARALLEL=fsdp: DCP reshards onto this world size
+            self._load_sharded(parts, run)
+        else:
+            load_weights(parts.raw_model, self.config.model, run)
+            load_optimizer_state(parts.optimizer, run.optimizer_state, run.where)
+        if parts.grad_scaler is not None and run.grad_scaler_state:
+            parts.grad_scaler.load_state_dict(run.grad_scaler_state)
+        place = parts.placement
+        same_world = run.world_size == place.world_size
+        progress.load_state_dict(run.progress_state(place.rank if same_world else 0))
+        if run.run_name != self.run_name:  # a branch (or a renamed run) is a tracker run of its own
+            progress.tracker_run_ids = {}
+        if not same_world:
+            self._reseed_for_new_world(progress, place.rank, place.world_size, run.world_size)
+            return
+        mine = run.rank_rng_state(place.rank)
+        if mine is not None and place.device.type == "cuda" and len(mine[1]):
+            torch.cuda.set_rng_state(mine[1], place.device)  # each rank's own dropout RNG
 
-def _load_sharded(ctx: RunContext, run: ShardedRun) -> None:
-    """The weights and optimizer state of a sharded checkpoint (LoRA: the adapter's, once its
-    base is verified)."""
-    lora = ctx.config.model.use_lora
-    if lora:
-        from lmtrain.models.lora import check_base_reference
+    def _reseed_for_new_world(self, progress: TrainProgress, rank: int, world: int,
+                              saved_world: int) -> None:
+        """Batch order and dropout for a resume with another number of processes: seeded from
+        (SEED, rank, step), so ranks differ and no rank replays the run's first batches."""
+        seed = int(np.random.SeedSequence([self.config.optimization.seed, rank,
+                                           progress.step]).generate_state(1)[0])
+        progress.sampler.manual_seed(seed)
+        torch.manual_seed(seed)
+        if rank == 0:
+            log.warning(
+                "the checkpoint was written by %d process(es), this run has %d: weights and "
+                "optimizer continue, but batch order and dropout are freshly seeded and a step "
+                "now takes %d× BATCH_SIZE sequences instead of %d×, so this is not a bit-exact "
+                "continuation (resume with the same number of processes for that)", saved_world,
+                world, world, saved_world)
 
-        base = run.lora_base
-        check_base_reference(ctx.raw_model, dict(base) if base else None, run.where)
-    load_sharded_state(run, ctx.raw_model, ctx.optimizer, trainable_only=lora)
+    def _load_sharded(self, parts: Components, run: ShardedRun) -> None:
+        """The weights and optimizer state of a sharded checkpoint (LoRA: the adapter's, once
+        its base is verified)."""
+        lora = self.config.model.use_lora
+        if lora:
+            from lmtrain.models.lora import check_base_reference
 
-
-def write_sharded(ctx: RunContext, folder: Path, extra: dict[str, Any]) -> None:
-    """The sharded checkpoint of ``ctx`` now (``PARALLEL=fsdp``; a collective). A write that
-    failed on any rank raises ``OSError`` on every rank."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
-    payload = build(ctx, extra) if ctx.is_main else {}
-    try:
-        save_sharded(folder, ctx.raw_model, ctx.optimizer, payload, ctx.is_main,
-                     ctx.world_size, trainable_only=ctx.config.model.use_lora,
-                     agree=broadcast_object)
-    except CheckpointException as exc:  # DCP's: raised on every rank
-        raise OSError(str(exc).strip().splitlines()[-1][:160] or "DCP write failed") from None
+            base = run.lora_base
+            check_base_reference(parts.raw_model, dict(base) if base else None, run.where)
+        load_sharded_state(run, parts.raw_model, parts.optimizer, trainable_only=lora)
 
 
 def check_checkpoint_kind(run: SavedRun, parallel: str) -> None:

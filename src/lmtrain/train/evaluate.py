@@ -5,28 +5,12 @@ from __future__ import annotations
 import contextlib
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from lmtrain.data.dataset import IGNORE_INDEX, TokenData
-from lmtrain.models import model_logits
-from lmtrain.train.lm_loss import chunked_lm_loss
+from lmtrain.data.dataset import TokenData
+from lmtrain.train.lm_loss import compute_loss
 
 EVAL_SEED_OFFSET = 10_007
-
-
-def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy over the targets that are not ``IGNORE_INDEX`` (0 if there
-    are none); GPT-2 in row chunks without materialising the logits
-    (:mod:`lmtrain.train.lm_loss`)."""
-    loss = chunked_lm_loss(model, x, y)
-    if loss is not None:
-        return loss
-    logits = model_logits(model, x)
-    targets = y.reshape(-1)
-    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets,
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
 
 
 @torch.no_grad()

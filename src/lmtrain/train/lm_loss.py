@@ -1,4 +1,5 @@
-"""Next-token cross-entropy straight from the final hidden states, in row chunks.
+"""The training loss: :func:`compute_loss`, next-token cross-entropy over the targets that
+count, for every model; GPT-2 straight from the final hidden states, in row chunks.
 
 GPT-2's 50,257-way output layer dominates a LoRA step's memory traffic: the plain path keeps
 the ``(tokens, vocab)`` logits in bf16, an fp32 copy, the fp32 log-softmax and, in the
@@ -14,10 +15,11 @@ from __future__ import annotations
 import weakref
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lmtrain.data.dataset import IGNORE_INDEX
-from lmtrain.models import hf_model
+from lmtrain.models import hf_model, model_logits
 from lmtrain.sharding import is_sharded
 
 #: Rows per chunk: a (1024 x 50,257) fp32 block is ~206 MB, one batch of 8 x 128 tokens (larger
@@ -149,3 +151,17 @@ def chunked_lm_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch
     body, weight = split
     hidden = body(x)
     return linear_cross_entropy(hidden.reshape(-1, hidden.size(-1)), weight, y.reshape(-1))
+
+
+def compute_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the targets that are not ``IGNORE_INDEX`` (0 if there
+    are none); GPT-2 in row chunks without materialising the logits (:func:`chunked_lm_loss`),
+    every other model from its logits."""
+    loss = chunked_lm_loss(model, x, y)
+    if loss is not None:
+        return loss
+    logits = model_logits(model, x)
+    targets = y.reshape(-1)
+    total = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), targets,
+                            ignore_index=IGNORE_INDEX, reduction="sum")
+    return total / (targets != IGNORE_INDEX).sum().clamp(min=1)

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from lmtrain.data.dataset import IGNORE_INDEX, windows
-from lmtrain.train.evaluate import compute_loss
+from lmtrain.train.lm_loss import compute_loss
 
 
 def perplexity(loss: float) -> float:

@@ -4,6 +4,11 @@ The plan fixes the config, the run's name and folders, and the resume source bef
 is created on disk; the session then runs it and changes nothing in it. What the run *is* may
 come from the checkpoint; where this invocation works (every folder, ``RUN_NAME``, rotation,
 downloads, outputs) only from the user or the defaults (``INVOCATION_FIELDS``).
+
+The merged settings (defaults, presets or the checkpoint's, then the explicit ones) are
+validated once (:func:`lmtrain.config.settle`); what the plan settles after that (the run's
+name and resume file, the schedule's horizon, a GPT-2 folder's real shape and a resumed
+adapter's base) are facts it records (:meth:`TrainingConfig.with_facts`).
 """
 
 from __future__ import annotations
@@ -15,9 +20,16 @@ from typing import Any
 
 from lmtrain.checkpoint import AUTO_RESUME, find_resumable, list_checkpoints, load_run
 from lmtrain.checkpoint_format import SavedRun
-from lmtrain.config import LoadedConfig, TrainingConfig, load_fresh, load_resumed
+from lmtrain.config import (
+    LoadedConfig,
+    TrainingConfig,
+    merge_fresh,
+    merge_resumed,
+    settle,
+)
 from lmtrain.data.tokenizers import saved_tokenizer
-from lmtrain.models.gpt2 import resolve_gpt2
+from lmtrain.errors import UserError
+from lmtrain.models.gpt2 import find_base, gpt2_shape
 from lmtrain.reporting import default_run_name, stable_run_name
 from lmtrain.run_folder import RunPaths, branch_name, check_run_name
 
@@ -72,7 +84,8 @@ def resolve_plan(values: dict[str, Any], sources: dict[str, str],
 
 
 def _auto_plan(values: dict[str, Any], sources: dict[str, str]) -> RunPlan:
-    """``CHECKPOINT_PATH=auto``: the run's newest usable checkpoint, else a fresh start."""
+    """``CHECKPOINT_PATH=auto``: the run's newest usable checkpoint, else a fresh start.
+    (The fresh settings name the run and its folder; a resume validates its own.)"""
     fresh = _load_fresh(values, sources)
     # RUN_NAME is this invocation's (never the checkpoint's): the same for both plans below
     run_name, name_source = fresh.config.run.run_name, None
@@ -87,8 +100,9 @@ def _auto_plan(values: dict[str, Any], sources: dict[str, str]) -> RunPlan:
                      f"{run_name} fresh")
         return _plan(fresh, run_name, None, notes, name_source)
     notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
-    loaded = load_resumed(ckpt.hyperparameters, {**values, "checkpoint_path": str(path)},
-                          {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
+    loaded = settle(*merge_resumed(
+        ckpt.hyperparameters, {**values, "checkpoint_path": str(path)},
+        {**sources, "checkpoint_path": sources.get("checkpoint_path", "")}))
     return _plan(loaded, run_name, ResumeSource(path, ckpt.step, ckpt), notes, name_source)
 
 
@@ -98,7 +112,7 @@ def _resume_plan(path: Path, values: dict[str, Any], sources: dict[str, str],
     lies in, else a new name; a branch when that run already went further."""
     ckpt = load_run(path)
     saved_tokenizer(ckpt)  # a tokenizer that does not rebuild fails before anything is created
-    loaded = load_resumed(ckpt.hyperparameters, values, sources)
+    loaded = settle(*merge_resumed(ckpt.hyperparameters, values, sources))
     source = ResumeSource(path, ckpt.step, ckpt)
     cfg = loaded.config
     notes: list[str] = []
@@ -135,12 +149,42 @@ def _paths(cfg: TrainingConfig, run_name: str) -> RunPaths:
 
 
 def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
-    loaded = load_fresh(values, sources)
+    """A fresh run's settings, validated once, with the schedule's horizon recorded."""
+    loaded = settle(*merge_fresh(values, sources))
     if loaded.config.optimization.lr_decay_steps is not None:
         return loaded
     horizon = max(loaded.config.optimization.training_steps, 1)  # the horizon is saved with the run
-    return LoadedConfig(loaded.config.replace(lr_decay_steps=horizon),
+    return LoadedConfig(loaded.config.with_facts(lr_decay_steps=horizon),
                         {**loaded.sources, "lr_decay_steps": "TRAINING_STEPS"})
+
+
+#: Where a setting that nobody set came from: a GPT-2 run takes its value from the model.
+_UNSET_SOURCES = ("default", "checkpoint")
+
+
+def _gpt2_facts(loaded: LoadedConfig, saved_base: Any) -> LoadedConfig:
+    """A GPT-2 run as it will run: a resumed LoRA run finds the base model its checkpoint
+    names (``saved_base``; unless GPT2_MODEL_NAME is set), and the shape is the model's (an
+    explicit different shape is refused)."""
+    cfg, sources = loaded.config, dict(loaded.sources)
+    if cfg.model.model_type != "gpt2":
+        return loaded
+    if (saved_base is not None and cfg.model.use_lora
+            and sources.get("gpt2_model_name", "default") in _UNSET_SOURCES):
+        cfg = cfg.with_facts(gpt2_model_name=find_base(dict(saved_base), None))
+        sources["gpt2_model_name"] = "checkpoint's lora_base"
+    facts = {}
+    for name, real in gpt2_shape(cfg.model).items():  # GPT-2's shape: the model fixes it
+        src = sources.get(name, "default")
+        explicit = src not in _UNSET_SOURCES and not src.endswith("preset")
+        if explicit and cfg.value(name) != real:
+            raise UserError(
+                f"{name.upper()}={cfg.value(name)} (from {src}) does not match "
+                f"GPT2_MODEL_NAME={cfg.model.gpt2_model_name!r}, whose model has {name.upper()}="
+                f"{real}; unset {name.upper()}: MODEL_TYPE=gpt2 takes its shape from the model")
+        if cfg.value(name) != real or not explicit:
+            facts[name], sources[name] = real, "GPT2_MODEL_NAME"
+    return LoadedConfig(cfg.with_facts(**facts), sources)
 
 
 def _plan(loaded: LoadedConfig, run_name: str, resume: ResumeSource | None,
@@ -148,9 +192,9 @@ def _plan(loaded: LoadedConfig, run_name: str, resume: ResumeSource | None,
     """The final plan: the config names its run (and where that name came from, when lmtrain
     chose it) and its resume file."""
     check_run_name(run_name)
-    loaded = resolve_gpt2(loaded, resume.checkpoint.lora_base if resume else None)  # base, shape
-    cfg = loaded.config.replace(run_name=run_name,
-                                checkpoint_path=str(resume.path) if resume else None)
+    loaded = _gpt2_facts(loaded, resume.checkpoint.lora_base if resume else None)  # base, shape
+    cfg = loaded.config.with_facts(run_name=run_name,
+                                   checkpoint_path=str(resume.path) if resume else None)
     loaded = LoadedConfig(cfg, {**loaded.sources,
                                 **({"run_name": name_source} if name_source else {})})
     if resume is not None and loaded.sources.get("training_data_source") == "checkpoint":

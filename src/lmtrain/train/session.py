@@ -24,12 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from lmtrain.advice import run_warnings, steps_to_run
 from lmtrain.config import FIELDS
-from lmtrain.device import select_device
-from lmtrain.distributed import DistInfo, broadcast_object, cleanup, init_distributed
+from lmtrain.distributed import broadcast_object, cleanup
 from lmtrain.durable import remove_stale_temp_files
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.generate import default_prompt, start_context
@@ -47,12 +44,12 @@ from lmtrain.reporting import (
 )
 from lmtrain.run_folder import claim_run_folders
 from lmtrain.signals import StopRequest, stop_on_signals
-from lmtrain.train.build import check_before_start, prepare_run
+from lmtrain.train.build import assemble, check_before_start
 from lmtrain.train.finish import finish
 from lmtrain.train.loop import evaluate, run_training, share_stop_signal
 from lmtrain.train.plan import RunPlan, resolve_plan
 from lmtrain.train.resume import ResumeHints
-from lmtrain.train.state import RunContext
+from lmtrain.train.state import Components, LiveRun, Placement
 
 log = logging.getLogger("lmtrain")
 
@@ -90,7 +87,9 @@ class Session:
     :meth:`save` in turn, then :meth:`close`, however they ended."""
 
     plan: RunPlan  # set by setup, with the attributes below
-    ctx: RunContext
+    #: components (read-only), progress (what the loop advances), the settings groups the
+    #: loop reads and the session's services (checkpoints, metrics, timings, stop request)
+    live: LiveRun
     hints: ResumeHints
     summary: RunSummary
     settings: list[str]
@@ -118,45 +117,48 @@ class Session:
     def setup(self) -> None:
         """Join the process group once, resolve the plan, check what can be checked before
         anything is created, claim the run's folders, open the log; then build the run."""
-        placement = init_distributed(select_device(str(self.values.get("device") or
-                                                       FIELDS["device"].default)))
+        placement = Placement.join(str(self.values.get("device") or FIELDS["device"].default))
         self.resources.callback(cleanup)
         self.plan = plan = resolve_plan(self.values, self.sources, agree=broadcast_object)
         check_before_start(plan)
-        is_main = placement[0].is_main
+        is_main = placement.is_main
         self.resources.enter_context(claim_run_folders(
             plan.paths, checkpoints=plan.config.checkpointing.enable_checkpoints,
             outputs=plan.config.run.enable_output_to_file, is_main=is_main,
             agree=broadcast_object))
         self._open_log(is_main)
-        self.ctx = self._build(placement)
+        self._build(placement)
         self.summary = self._announce()
         self._open_metrics()
 
     def train(self) -> None:
         """From the start step to the end: the loop, its evaluations and checkpoints."""
-        ctx, summary = self.ctx, self.summary
+        parts, progress, settings, services = self.live
+        summary = self.summary
         if self.plan.resume is not None:
-            summary.start_losses = evaluate(ctx)
-        with self.hints.completing(ctx):
-            run_training(ctx, summary.start_step, summary.end_step - summary.start_step)
-            share_stop_signal(ctx)  # a signal seen by any rank during the final save stops all
+            summary.start_losses = evaluate(parts, progress, settings, services)
+        with self.hints.completing(progress):
+            run_training(parts, progress, settings, services,
+                         summary.end_step - summary.start_step)
+            share_stop_signal(parts, services)  # a signal in the final save: all ranks stop
             self.stop.check()  # a signal during the last step: the final checkpoint is written
 
     def save(self) -> RunSummary:
         """The final losses and the sample; once the metrics are complete, the loss plot, the
         output file and the timings."""
-        ctx, summary = self.ctx, self.summary
-        summary.final_losses, summary.sample = finish(ctx)
+        parts, progress, settings, services = self.live
+        plan, summary, cfg = self.plan, self.summary, self.plan.config
+        summary.final_losses, summary.sample = finish(parts, progress, settings, services,
+                                                      cfg.generation, cfg.model.model_type)
         self._close_metrics()
-        if ctx.is_main:
+        is_main = parts.placement.is_main
+        if is_main:
             summary.plot_file = plot_run(summary.metrics_file)
-        results = run_results(ctx.run_name, summary.start_step, ctx.step, summary.start_losses,
-                              summary.final_losses)
-        if ctx.config.run.enable_output_to_file and ctx.is_main:
-            summary.output_file = report_output_file(ctx.config, self.plan.paths.outputs,
-                                                     ctx.run_name, self.settings, results,
-                                                     summary.sample)
+        results = run_results(plan.run_name, summary.start_step, progress.step,
+                              summary.start_losses, summary.final_losses)
+        if cfg.run.enable_output_to_file and is_main:
+            summary.output_file = report_output_file(cfg, plan.paths.outputs, plan.run_name,
+                                                     self.settings, results, summary.sample)
         summary.timings = self._timings()
         log.info(timings_line(summary.timings))
         return summary
@@ -180,76 +182,78 @@ class Session:
             for leftover in remove_stale_temp_files(plan.paths.checkpoints):
                 log.warning("removed %s, left by an interrupted checkpoint write", leftover)
 
-    def _build(self, placement: tuple[DistInfo, torch.device]) -> RunContext:
+    def _build(self, placement: Placement) -> None:
         """The run, fresh or restored (timed as ``setup``), and the steps it will train."""
         plan, cfg = self.plan, self.plan.config
         resumed_from = str(plan.resume.path) if plan.resume else None
         self.t_start = time.perf_counter()
         self.stop.check(resumed_from)
-        ctx = prepare_run(plan, placement)
-        ctx.timings["setup"] = time.perf_counter() - self.t_start  # data, model, restore
-        end = ctx.step + steps_to_run(cfg, ctx.step, plan.resume is not None)
-        self.hints = ResumeHints(ctx.step, end, resumed_from)
-        self.stop.attach(ctx)
-        if ctx.stop_signal is not None:  # a signal while the run was being prepared
-            raise self.hints.interrupted(TrainingInterrupted(ctx.stop_signal), ctx)
+        self.live = assemble(plan, placement, self.stop)
+        parts, progress = self.live.parts, self.live.progress
+        # data, model, restore
+        self.live.services.timings["setup"] = time.perf_counter() - self.t_start
+        end = progress.step + steps_to_run(cfg, progress.step, plan.resume is not None)
+        self.hints = ResumeHints(progress.step, end, resumed_from, plan.paths.checkpoints,
+                                 cfg.optimization.training_steps, cfg.run.parallel == "fsdp")
+        if self.stop.signal is not None:  # a signal while the run was being prepared
+            raise self.hints.interrupted(TrainingInterrupted(self.stop.signal), progress)
         if cfg.generation.max_new_tokens:  # a prompt the tokenizer cannot encode fails now
-            start_context(ctx.tokenizer, default_prompt(cfg.generation, cfg.model.model_type))
-        return ctx
+            start_context(parts.tokenizer, default_prompt(cfg.generation, cfg.model.model_type))
 
     def _announce(self) -> RunSummary:
         """Log what this run is (settings, device, data, model size, advice); returns the
         summary the session fills in."""
-        plan, ctx, hints = self.plan, self.ctx, self.hints
+        plan, hints = self.plan, self.hints
         saved = plan.resume.checkpoint.hyperparameters if plan.resume else None
         self.settings = settings_lines(plan.loaded, saved)
-        _log_start(ctx, self.settings, hints.start, hints.end, resumed=plan.resume is not None)
+        _log_start(plan, self.live.parts, self.settings, hints.start, hints.end)
         return RunSummary(
-            run_name=ctx.run_name, start_step=hints.start, end_step=hints.end,
-            checkpoint_dir=ctx.checkpoint_dir, log_file=self.log_file,
-            metrics_file=ctx.log_dir / "metrics.jsonl")
+            run_name=plan.run_name, start_step=hints.start, end_step=hints.end,
+            checkpoint_dir=plan.paths.checkpoints, log_file=self.log_file,
+            metrics_file=plan.paths.logs / "metrics.jsonl")
 
     def _open_metrics(self) -> None:
         """Rank 0's metrics file and trackers, opened with the run's start record."""
-        ctx = self.ctx
-        if not ctx.is_main:
+        if not self.live.parts.placement.is_main:
             return
-        ctx.metrics = open_metrics(self.summary.metrics_file, ctx.config, ctx.run_name,
-                                   ctx.tracker_run_ids)
+        plan, services = self.plan, self.live.services
+        services.metrics = open_metrics(self.summary.metrics_file, plan.config, plan.run_name,
+                                        self.live.progress.tracker_run_ids)
         self.resources.callback(self._close_metrics)
-        ctx.metrics.write(step=self.hints.start, kind="resume" if self.plan.resume else "start",
-                          log_file=str(self.log_file))
+        services.metrics.write(step=self.hints.start, kind="resume" if plan.resume else "start",
+                               log_file=str(self.log_file))
 
     def _close_metrics(self) -> None:
         """End the metrics file and the trackers' runs (once; as stopped or failed while an
         exception propagates)."""
-        if self.ctx.metrics:
-            self.ctx.metrics.close()
-            self.ctx.metrics = None
+        services = self.live.services
+        if services.metrics:
+            services.metrics.close()
+            services.metrics = None
 
     def _timings(self) -> dict[str, float]:
         """Where the session's time went; ``other`` is logs, metrics and the plot."""
-        timings = self.ctx.timings
+        timings = self.live.services.timings
         total = time.perf_counter() - self.t_start
         timings["other"] = max(total - sum(timings.values()), 0.0)
         timings["total"] = total
         return dict(timings)
 
 
-def _log_start(ctx: RunContext, settings: list[str], start: int, end: int,
-               resumed: bool) -> None:
+def _log_start(plan: RunPlan, parts: Components, settings: list[str], start: int,
+               end: int) -> None:
     """What this run is: its settings, device, data and model size, and the advice for it."""
-    cfg = ctx.config
-    log.info("lmtrain %s run %s", "resuming" if resumed else "starting", ctx.run_name)
+    cfg, place, resumed = plan.config, parts.placement, plan.resume is not None
+    log.info("lmtrain %s run %s", "resuming" if resumed else "starting", plan.run_name)
     for line in settings:
         log.info("  %s", line)
     log.info("device %s, precision %s, %s tokenizer (%d tokens), %d train / %d val tokens",
-             ctx.device, ctx.autocast_dtype or "fp32", ctx.tokenizer.kind,
-             ctx.tokenizer.vocab_size, len(ctx.data.train), len(ctx.data.val))
-    if ctx.world_size > 1 or cfg.run.compile:
+             place.device, place.precision or "fp32", parts.tokenizer.kind,
+             parts.tokenizer.vocab_size, len(parts.data.train), len(parts.data.val))
+    if place.world_size > 1 or cfg.run.compile:
         log.info("%d process(es) (DistributedDataParallel when > 1), torch.compile %s",
-                 ctx.world_size, "on" if cfg.run.compile else "off")
-    trainable, total = count_parameters(ctx.raw_model)
+                 place.world_size, "on" if cfg.run.compile else "off")
+    trainable, total = count_parameters(parts.raw_model)
     log.info("parameters: %s trainable / %s total", f"{trainable:,}", f"{total:,}")
     if resumed:
         log.info("resuming from step %d for %d steps (to step %d)", start, end - start, end)

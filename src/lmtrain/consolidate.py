@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from lmtrain.checkpoint import save_checkpoint
-from lmtrain.checkpoint_format import MODEL_STATE_KEY, OPTIMIZER_STATE_KEY
+from lmtrain.checkpoint_format import with_weights
 from lmtrain.data.tokenizers import saved_tokenizer
 from lmtrain.durable import storage_error
 from lmtrain.errors import UserError
@@ -54,8 +54,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, base: str | None
 
         check_base_reference(model, dict(run.lora_base or {}) or None, run.where)
     load_sharded_state(run, model, optimizer, trainable_only=cfg.model.use_lora)
-    payload = {**run.payload, MODEL_STATE_KEY: model_state(model, cfg.model),
-               OPTIMIZER_STATE_KEY: optimizer.state_dict()}
+    payload = with_weights(run, model_state(model, cfg.model), optimizer.state_dict())
     try:
         save_checkpoint(target, payload)
     except OSError as exc:

@@ -31,13 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from lmtrain.checkpoint_format import (
-    MODEL_STATE_KEY,
-    OPTIMIZER_STATE_KEY,
-    SavedRun,
-    seal,
-    validate,
-)
+from lmtrain.checkpoint_format import SavedRun, seal, sharded_record, validate
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -50,8 +44,6 @@ TEMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 #: The manifest's format tag (bumped when the folder layout changes).
 LAYOUT = "lmtrain-dcp-1"
-#: What the run record holds in place of the weights and optimizer state (the DCP files do).
-SHARDED_WEIGHTS = "<sharded: in the DCP files of this folder>"
 
 
 def is_sharded_checkpoint(path: str | Path) -> bool:
@@ -176,7 +168,7 @@ def _files(folder: Path) -> list[str]:
 def write_manifest(folder: Path, world_size: int) -> None:
     """The sha256 of every file in ``folder`` (rank 0, once all shards are written)."""
     files = {name: _sha256(folder / name) for name in _files(folder)}
-    body = json.dumps({"layout": LAYOUT, "world_size": world_size, "files": files}, indent=1)
+    body = json.dumps({"layout": LAYOUT, "processes": world_size, "files": files}, indent=1)
     with open(folder / MANIFEST, "w", encoding="utf-8") as fh:
         fh.write(body)
         fh.flush()
@@ -209,16 +201,6 @@ def verify(folder: Path, where: str) -> None:
 
 
 # --- the run record ---------------------------------------------------------------------------
-
-def _record_of(payload: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint payload with its weights and optimizer state left to the DCP files."""
-    import torch
-
-    record = dict(payload)
-    record[MODEL_STATE_KEY] = {SHARDED_WEIGHTS: torch.zeros(0)}
-    record[OPTIMIZER_STATE_KEY] = {"state": {}, "param_groups": [{"params": []}]}
-    return record
-
 
 def load_sharded_run(folder: str | Path, label: str = "CHECKPOINT_PATH") -> ShardedRun:
     """Check a sharded checkpoint folder (manifest, digests, metadata) and read its run record
@@ -302,7 +284,7 @@ def _seal(tmp: Path, folder: Path, payload: dict[str, Any], world_size: int) -> 
     import torch
 
     with open(tmp / RECORD, "wb") as fh:
-        torch.save(seal(_record_of(payload)), fh)
+        torch.save(seal(sharded_record(payload)), fh)
         fh.flush()
         os.fsync(fh.fileno())
     write_manifest(tmp, world_size)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU check in one go (under 8 minutes on one H100): the CUDA tests, then the speed,
+# Every GPU check in one go (under 13 minutes on one H100): the CUDA tests, then the speed,
 # recipe, LoRA and sampling benchmarks on the GPU. Run from the repository root on a machine
 # with a CUDA build of torch:
 #
@@ -54,6 +54,12 @@ part speed_compile 60 "$PY" benchmarks/bench_speed.py --parts in-process --devic
     --steps 60 --ref-steps 200 --eval-iters 10
 part lora 35 "$PY" benchmarks/bench_lora.py --device cuda --precision bf16 --steps 20
 part sample 35 "$PY" benchmarks/bench_sample.py --device cuda
+# PARALLEL=fsdp on NCCL (2 processes where 2 GPUs are lent; one GPU: the sharded checkpoint
+# of CUDA tensors and bf16), then the memory of DDP vs FSDP for the 355M GPT-2-medium shape
+NGPU=$("$PY" -c 'import torch; print(min(torch.cuda.device_count(), 2))')
+part fsdp 120 "$PY" -m pytest -q -p no:cacheprovider tests/test_fsdp.py -k "cuda or sharded"
+part memory 150 "$PY" benchmarks/bench_memory.py --device cuda --nproc "$NGPU" --shape medium \
+    --steps 3 --batch 4 --block 1024
 # question/answer learning: a smoke run of bench_qa (it trains on the CPU; answers batched)
 part qa 40 "$PY" benchmarks/bench_qa.py --quick --out "$OUT/qa"
 echo "=== done in ${SECONDS}s"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import shutil
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -16,17 +17,19 @@ from lmtrain.checkpoint_format import SavedRun, seal, validate
 from lmtrain.durable import atomic_write
 from lmtrain.errors import UserError
 from lmtrain.paths import not_a_file, user_path
+from lmtrain.sharded_checkpoint import is_sharded_checkpoint, load_sharded_run
 
 if TYPE_CHECKING:  # torch is imported where it is used: finding checkpoints stays light
     import torch
 
 AUTO_RESUME = "auto"  # CHECKPOINT_PATH value: the run's newest valid checkpoint
-CHECKPOINT_RE = re.compile(r"^step_(\d+)\.pt$")
+CHECKPOINT_RE = re.compile(r"^step_(\d+)\.(pt|dcp)$")
 
 
-def checkpoint_filename(step: int) -> str:
-    """The file name of the checkpoint of ``step`` (zero-padded, so names sort by step)."""
-    return f"step_{step:07d}.pt"
+def checkpoint_filename(step: int, sharded: bool = False) -> str:
+    """The file name of the checkpoint of ``step`` (zero-padded, so names sort by step); a
+    sharded checkpoint is a folder (:mod:`lmtrain.sharded_checkpoint`)."""
+    return f"step_{step:07d}.{'dcp' if sharded else 'pt'}"
 
 
 class _Recording:
@@ -89,6 +92,8 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu",
     :func:`load_checkpoint`."""
     path = Path(path)
     where = f"{label}={str(path)!r}"
+    if is_sharded_checkpoint(path):  # PARALLEL=fsdp: a folder of DCP shards
+        return load_sharded_run(path, label)
     return SavedRun.validated(_read(path, where, map_location, label), where)
 
 
@@ -129,7 +134,7 @@ def list_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     found = []
     for p in folder.iterdir():
         m = CHECKPOINT_RE.match(p.name)
-        if m and p.is_file():
+        if m and (p.is_dir() if m.group(2) == "dcp" else p.is_file()):
             found.append((int(m.group(1)), p))
     return sorted(found)
 
@@ -148,7 +153,10 @@ def rotate_checkpoints(folder: str | Path, keep_last: int, protect: set[int],
     deleted = []
     for p in doomed:
         try:
-            p.unlink(missing_ok=True)
+            if p.is_dir():  # a sharded checkpoint: its shards, then the folder
+                shutil.rmtree(p)
+            else:
+                p.unlink(missing_ok=True)
         except OSError:  # not ours to delete (permissions): kept, tried again next time
             continue
         deleted.append(p)

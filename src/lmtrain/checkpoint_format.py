@@ -472,6 +472,26 @@ def to_state_dict(run: RunSnapshot, progress: TrainProgress,
     return payload
 
 
+
+#: What a sharded checkpoint's run record holds in place of its weights (its DCP files do).
+SHARDED_WEIGHTS = "<sharded: in the DCP files of this folder>"
+
+
+def sharded_record(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """A checkpoint's state dict whose weights and optimizer state live elsewhere (in the DCP
+    files of a sharded checkpoint: :mod:`lmtrain.sharded_checkpoint`): the run record."""
+    import torch
+
+    return {**payload, MODEL_STATE_KEY: {SHARDED_WEIGHTS: torch.zeros(0)},
+            OPTIMIZER_STATE_KEY: {"state": {}, "param_groups": [{"params": []}]}}
+
+
+def with_weights(run: SavedRun, weights: Mapping[str, Any],
+                 optimizer_state: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's state dict with these weights and optimizer state (a sharded checkpoint
+    gathered into one file: :mod:`lmtrain.consolidate`)."""
+    return {**run.payload, MODEL_STATE_KEY: dict(weights), OPTIMIZER_STATE_KEY: optimizer_state}
+
 # --- the read-only view ----------------------------------------------------------------------
 
 @dataclass(frozen=True, eq=False)

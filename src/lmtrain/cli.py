@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
 #: Modules under ``lmtrain/commands/`` that each define ``register(subparsers)``, adding one
 #: subcommand whose ``func(args) -> int`` runs it. They import heavy libraries lazily.
 COMMAND_MODULES: list[str] = ["sample", "plot", "inspect", "tokenize", "prepare", "export",
-                              "eval", "serve", "chat"]
+                              "eval", "checkpoint", "serve", "chat"]
 
 
 def run_guarded(fn: Callable[[], int], debug: bool = False) -> int:

@@ -231,6 +231,9 @@ class RunSettings(Settings):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto | fp32 | bf16 | fp16 (autocast)")
     compile: bool = Field(False, description="torch.compile the model")
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="under torchrun: ddp (each process holds the model) | fsdp (weights, "
+                           "gradients and optimizer state sharded; sharded checkpoints)")
     test_mode: bool = Field(False, description="tiny preset that finishes in seconds")
 
     @field_validator("metrics", mode="before")
@@ -339,7 +342,7 @@ INVOCATION_FIELDS = frozenset({
     "checkpoint_path", "resume_steps", "test_mode", "run_name", "checkpoint_dir", "log_dir",
     "output_dir", "cache_dir", "keep_last_checkpoints", "allow_download",
     "enable_output_to_file", "enable_checkpoints", "metrics", "device", "compile",
-    "gradient_checkpointing",
+    "gradient_checkpointing", "parallel",
 })
 
 TEST_MODE_PRESET: dict[str, Any] = {

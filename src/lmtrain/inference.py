@@ -19,6 +19,7 @@ from lmtrain.memory_estimate import check_memory
 from lmtrain.models import build_model
 from lmtrain.models.lora import base_location_now
 from lmtrain.models.weights import load_weights
+from lmtrain.sharded_checkpoint import ShardedRun
 from lmtrain.train.optim import build_optimizer, load_optimizer_state
 
 
@@ -39,6 +40,9 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     (``--base`` / ``GPT2_MODEL_NAME``) says where a GPT-2 run's base model lives now.
     """
     run = load_run(path, label=label)
+    if isinstance(run, ShardedRun):
+        raise UserError(f"{run.where} is a sharded checkpoint (PARALLEL=fsdp); make it one file "
+                        f"first: lmtrain checkpoint consolidate {path}")
     cfg = run.config
     if cfg.model.model_type == "gpt2":  # where its base model is now
         cfg = cfg.with_facts(gpt2_model_name=base_location_now(cfg.model, run.lora_base, base))
@@ -79,7 +83,7 @@ def check_fits(run: SavedRun) -> None:
     and check that the saved weights and optimizer state fit them. A LoRA adapter is checked
     against its base when it is loaded; a GPT-2 run whose base model is not here is skipped."""
     cfg = run.config
-    if cfg.model.use_lora:
+    if cfg.model.use_lora or isinstance(run, ShardedRun):  # checked when loaded (DCP: by name)
         return
     model = _model_on_meta(cfg.model, run.vocab_size)
     if model is None:

@@ -42,9 +42,10 @@ def parameter_count(model: ModelSettings, vocab_size: int) -> int:
 
 
 def estimate(model: ModelSettings, vocab_size: int, batch_size: int = 0,
-             training: bool = True) -> MemoryEstimate:
+             training: bool = True, shards: int = 1) -> MemoryEstimate:
     """The memory a run (``training``) or a sampler of this model needs; ``batch_size``
-    sequences of ``BLOCK_SIZE`` tokens per micro-batch."""
+    sequences of ``BLOCK_SIZE`` tokens per micro-batch; ``shards``: the processes that share
+    the gradients and optimizer state (``PARALLEL=fsdp``; the whole model is built first)."""
     params = parameter_count(model, vocab_size)
     trained = 0
     if training:
@@ -53,7 +54,8 @@ def estimate(model: ModelSettings, vocab_size: int, batch_size: int = 0,
     layers = max(model.n_layer, 1)
     kept = layers + 8 if model.gradient_checkpointing else 8 * layers  # values per width
     weight_bytes = 2 if model.use_lora else FP32  # a LoRA base may be kept in bf16
-    return MemoryEstimate(weights=weight_bytes * params, training_state=3 * FP32 * trained,
+    return MemoryEstimate(weights=weight_bytes * params,
+                          training_state=3 * FP32 * trained // max(shards, 1),
                           activations=FP32 * tokens * kept * model.n_embd if training else 0)
 
 
@@ -91,11 +93,12 @@ def human(n: int) -> str:
 
 
 def check_memory(model: ModelSettings, vocab_size: int, device_type: str, batch_size: int = 0,
-                 training: bool = True, origin: str = "", index: int | None = None) -> None:
+                 training: bool = True, origin: str = "", index: int | None = None,
+                 shards: int = 1) -> None:
     """A one-line :class:`UserError` when the estimate exceeds the device's memory, naming the
     setting that dominates it. ``origin`` says where the settings came from (``"the
     checkpoint's "``)."""
-    need = estimate(model, vocab_size, batch_size, training)
+    need = estimate(model, vocab_size, batch_size, training, shards)
     have = device_memory(device_type, index)
     if have is None or need.total <= have:
         return

@@ -20,6 +20,7 @@ from typing import TypeVar
 from lmtrain.answers import AnswerReport, QAPair, answer_accuracy
 from lmtrain.data.tokenizers import document_separator
 from lmtrain.progress import TrainProgress
+from lmtrain.sharding import is_sharded
 from lmtrain.train.state import Components, LoopSettings, RunServices
 
 log = logging.getLogger("lmtrain")
@@ -60,8 +61,8 @@ def held_out_pairs(parts: Components, limit: int) -> list[QAPair]:
 def measure_answers(parts: Components, progress: TrainProgress, settings: LoopSettings,
                     services: RunServices) -> None:
     """Score answers now (see the module doc); nothing on plain text or with EVAL_ANSWERS=0."""
-    if not parts.placement.is_main:
-        return
+    if not parts.placement.is_main or is_sharded(parts.raw_model):  # FSDP: `lmtrain eval
+        return                                                       # --answers` afterwards
     t0 = time.perf_counter()
     pairs = held_out_pairs(parts, settings.evaluation.eval_answers)
     if not pairs:

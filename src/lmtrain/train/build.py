@@ -8,6 +8,7 @@ session's (:meth:`~lmtrain.train.state.Placement.join`), never joined here.
 from __future__ import annotations
 
 import glob
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
@@ -21,13 +22,14 @@ from lmtrain.data.prepare import load_token_data
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
 from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
 from lmtrain.distributed import DistInfo, main_process_first, wrap_model
-from lmtrain.host_memory import keep_freed_memory
+from lmtrain.host_memory import keep_freed_memory, return_freed_memory
 from lmtrain.memory_estimate import check_memory, expected_vocab_size
 from lmtrain.models import build_model
 from lmtrain.progress import TrainProgress
+from lmtrain.sharding import check_fits, check_fsdp_launch, shard_model
 from lmtrain.signals import StopRequest
 from lmtrain.trackers import check_installed, tracker_names
-from lmtrain.train.checkpointing import Checkpointer
+from lmtrain.train.checkpointing import Checkpointer, check_checkpoint_kind
 from lmtrain.train.frozen import store_frozen_base_in
 from lmtrain.train.optim import build_optimizer
 from lmtrain.train.plan import RunPlan
@@ -48,8 +50,10 @@ def prepare_run(plan: RunPlan, placement: Placement) -> tuple[Components, TrainP
     scratch, then restored from the plan's checkpoint. The components' placement adds the
     autocast dtype the model calls for."""
     cfg, device = plan.config, placement.device
-    if device.type == "cpu":
-        keep_freed_memory()  # the next step reuses this one's activations: no page faults
+    fsdp = cfg.run.parallel == "fsdp"
+    if device.type == "cpu":  # DDP: the next step reuses this one's activations (no page
+        # faults); FSDP: gathered weights go back as they are freed (a low peak)
+        (return_freed_memory if fsdp else keep_freed_memory)()
     torch.manual_seed(cfg.optimization.seed)  # the same initial weights on every rank
     with main_process_first():  # rank 0 fills caches before the others read them
         tokenizer, data = _tokens(plan)
@@ -57,6 +61,9 @@ def prepare_run(plan: RunPlan, placement: Placement) -> tuple[Components, TrainP
     if placement.world_size > 1:
         torch.manual_seed(cfg.optimization.seed + placement.rank)  # dropout differs between ranks
     dtype = autocast_dtype(cfg.run.precision, device, model)
+    if fsdp:  # the optimizer is built over the shards
+        check_fits(model, placement.world_size, device)
+        shard_model(model, placement.world_size, dtype)
     # Muon's CombinedOptimizer is no torch Optimizer subclass but offers its API
     optimizer = cast(torch.optim.Optimizer, build_optimizer(model, cfg.optimization, device))
     parts = Components(model=model, optimizer=optimizer, tokenizer=tokenizer, data=data,
@@ -66,9 +73,11 @@ def prepare_run(plan: RunPlan, placement: Placement) -> tuple[Components, TrainP
         sampler=torch.Generator().manual_seed(cfg.optimization.seed + placement.rank))
     if plan.resume is not None:
         Checkpointer.of(plan).restore(parts, progress, plan.resume.checkpoint)
-    store_frozen_base_in(model, dtype)  # LoRA: cast the frozen base once, not every step
-    wrapped = wrap_model(model, DistInfo(placement.rank, placement.local_rank,
-                                         placement.world_size), device)
+    wrapped = model  # FSDP: sharded in place above
+    if not fsdp:
+        store_frozen_base_in(model, dtype)  # LoRA: cast the frozen base once, not every step
+        wrapped = wrap_model(model, DistInfo(placement.rank, placement.local_rank,
+                                             placement.world_size), device)
     if cfg.run.compile:  # checkpoints keep the raw model
         wrapped = cast(nn.Module, torch.compile(wrapped))
     return replace(parts, model=wrapped), progress
@@ -94,6 +103,9 @@ def check_before_start(plan: RunPlan) -> None:
     cfg = plan.config
     check_installed(tracker_names(cfg.run.metrics))  # a missing extra fails before any work
     check_run_memory(plan)
+    check_fsdp_launch(cfg.run.parallel, cfg.optimization.optimizer)
+    if plan.resume is not None:
+        check_checkpoint_kind(plan.resume.checkpoint, cfg.run.parallel)
     source = cfg.data.training_data_source
     if not source.startswith(HF_PREFIX) and not glob.has_magic(source) \
             and not Path(source).expanduser().exists():
@@ -108,5 +120,9 @@ def check_run_memory(plan: RunPlan) -> None:
     vocab = (plan.resume.checkpoint.vocab_size if plan.resume else expected_vocab_size(
         cfg.model, cfg.data.tokenization_method, cfg.data.custom_vocab_size))
     device = select_device(cfg.run.device)
+    # PARALLEL=fsdp: each process keeps its shard of the gradients and optimizer state (the
+    # world size is torchrun's; sharding.check_fits checks the shards once the model exists)
+    shards = int(os.environ.get("WORLD_SIZE", "1") or 1) if cfg.run.parallel == "fsdp" else 1
     check_memory(cfg.model, vocab, device.type, cfg.optimization.batch_size,
-                 origin="the checkpoint's " if plan.resume else "", index=device.index)
+                 origin="the checkpoint's " if plan.resume else "", index=device.index,
+                 shards=shards)

@@ -16,11 +16,13 @@ import torch
 from lmtrain.checkpoint import checkpoint_filename, rotate_checkpoints, save_checkpoint
 from lmtrain.checkpoint_format import RunSnapshot, SavedRun, to_state_dict
 from lmtrain.config import TrainingConfig
-from lmtrain.distributed import all_gather_objects
+from lmtrain.distributed import all_gather_objects, broadcast_object, max_across_ranks
 from lmtrain.errors import UserError
 from lmtrain.models.gpt2 import model_positions
 from lmtrain.models.weights import load_weights, model_state
 from lmtrain.progress import Generators, TrainProgress
+from lmtrain.sharded_checkpoint import ShardedRun, load_sharded_state, save_sharded
+from lmtrain.sharding import is_sharded, local
 from lmtrain.train.optim import load_optimizer_state
 from lmtrain.train.plan import RunPlan
 from lmtrain.train.state import Components
@@ -41,9 +43,13 @@ def rank_generators(parts: Components, progress: TrainProgress) -> list[Generato
 
 
 def _weights_finite(parts: Components) -> bool:
-    """Whether every trainable weight is finite (one transfer to the host)."""
-    params = [p for p in parts.raw_model.parameters() if p.requires_grad]
-    return not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    """Whether every trainable weight is finite (one transfer to the host; FSDP: every
+    rank's shard)."""
+    params = [local(p) for p in parts.raw_model.parameters() if p.requires_grad]
+    finite = not params or bool(torch.stack([torch.isfinite(p).all() for p in params]).all())
+    if not is_sharded(parts.raw_model):
+        return finite
+    return not max_across_ranks(int(not finite), parts.placement.device)
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,10 @@ class Checkpointer:
         settings, step = self.config.checkpointing, progress.step
         if not settings.enable_checkpoints:
             return None
-        path = self.folder / checkpoint_filename(step)
+        sharded = self.config.run.parallel == "fsdp"  # every rank writes its shards
+        path = self.folder / checkpoint_filename(step, sharded)
         if (progress.saved_steps and progress.saved_steps[-1] == step
-                and (parts.placement.world_size > 1 or path.is_file())):
+                and (parts.placement.world_size > 1 or path.exists())):
             return path  # already written at this step
         if not _weights_finite(parts):  # every rank holds the same weights: all refuse together
             raise UserError(
@@ -105,16 +112,19 @@ class Checkpointer:
                 f"(ON_NAN={self.config.optimization.on_nan}); the step is not saved and "
                 f"{self._previous(progress)} — lower LEARNING_RATE or set GRAD_CLIP, then resume")
         ranks = rank_generators(parts, progress)  # every rank takes part; rank 0 writes
-        if parts.placement.is_main:
-            self._write(path, parts, progress, ranks)
+        if parts.placement.is_main or sharded:
+            self._write(path, parts, progress, ranks, sharded)
         progress.saved_steps.append(step)
         return path
 
     def _write(self, path: Path, parts: Components, progress: TrainProgress,
-               ranks: list[Generators]) -> None:
+               ranks: list[Generators], sharded: bool = False) -> None:
         best = progress.record_best()
         try:
-            save_checkpoint(path, self.state_dict(parts, progress, ranks))
+            if sharded:
+                self._write_sharded(path, parts, progress, ranks)
+            else:
+                save_checkpoint(path, self.state_dict(parts, progress, ranks))
         except OSError as exc:
             progress.best_val_loss, progress.best_step = best
             raise UserError(
@@ -122,17 +132,37 @@ class Checkpointer:
                 f"checkpoint failed ({exc.strerror or exc}); the run stops here and "
                 f"{self._previous(progress)} — free space or pick another CHECKPOINT_DIR, then "
                 f"resume") from None
+        if not parts.placement.is_main:
+            return
         protect = {progress.best_step} if progress.best_step is not None else set()
         rotate_checkpoints(self.folder, self.config.checkpointing.keep_last_checkpoints, protect,
                            upto=progress.step)
         log.info("step %d: saved checkpoint %s", progress.step, path)
 
+    def _write_sharded(self, folder: Path, parts: Components, progress: TrainProgress,
+                       ranks: list[Generators]) -> None:
+        """The sharded checkpoint (``PARALLEL=fsdp``; a collective). A write that failed on
+        any rank raises ``OSError`` on every rank."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        main = parts.placement.is_main
+        payload = self.state_dict(parts, progress, ranks) if main else {}
+        try:
+            save_sharded(folder, parts.raw_model, parts.optimizer, payload, main,
+                         parts.placement.world_size, trainable_only=self.config.model.use_lora,
+                         agree=broadcast_object)
+        except CheckpointException as exc:  # DCP's: raised on every rank
+            raise OSError(str(exc).strip().splitlines()[-1][:160] or "DCP write failed") from None
+
     def restore(self, parts: Components, progress: TrainProgress, run: SavedRun) -> None:
         """Load weights, optimizer, scaler and progress (bookkeeping, RNG and sampler) so
         training continues bit for bit. Reads ``run`` (validated when it was loaded) and never
         changes it."""
-        load_weights(parts.raw_model, self.config.model, run)
-        load_optimizer_state(parts.optimizer, run.optimizer_state, run.where)
+        if isinstance(run, ShardedRun):  # PARALLEL=fsdp: DCP reshards onto this world size
+            self._load_sharded(parts, run)
+        else:
+            load_weights(parts.raw_model, self.config.model, run)
+            load_optimizer_state(parts.optimizer, run.optimizer_state, run.where)
         if parts.grad_scaler is not None and run.grad_scaler_state:
             parts.grad_scaler.load_state_dict(run.grad_scaler_state)
         place = parts.placement
@@ -162,3 +192,27 @@ class Checkpointer:
                 "now takes %d× BATCH_SIZE sequences instead of %d×, so this is not a bit-exact "
                 "continuation (resume with the same number of processes for that)", saved_world,
                 world, world, saved_world)
+
+    def _load_sharded(self, parts: Components, run: ShardedRun) -> None:
+        """The weights and optimizer state of a sharded checkpoint (LoRA: the adapter's, once
+        its base is verified)."""
+        lora = self.config.model.use_lora
+        if lora:
+            from lmtrain.models.lora import check_base_reference
+
+            base = run.lora_base
+            check_base_reference(parts.raw_model, dict(base) if base else None, run.where)
+        load_sharded_state(run, parts.raw_model, parts.optimizer, trainable_only=lora)
+
+
+def check_checkpoint_kind(run: SavedRun, parallel: str) -> None:
+    """A sharded checkpoint resumes only a ``PARALLEL=fsdp`` run, a single file only the
+    others; one line naming the fix otherwise."""
+    sharded = isinstance(run, ShardedRun)
+    if sharded and parallel != "fsdp":
+        raise UserError(f"{run.where} is a sharded checkpoint (PARALLEL=fsdp); resume it with "
+                        f"PARALLEL=fsdp under torchrun, or make it one file with `lmtrain "
+                        f"checkpoint consolidate` and resume that")
+    if not sharded and parallel == "fsdp":
+        raise UserError(f"{run.where} is a single-file checkpoint; resume it with PARALLEL=ddp "
+                        f"(the default), or start a fresh PARALLEL=fsdp run")

@@ -10,6 +10,7 @@ from lmtrain.config import GenerationSettings
 from lmtrain.generate import default_prompt, generate_text
 from lmtrain.progress import TrainProgress
 from lmtrain.reporting import report_final
+from lmtrain.sharding import is_sharded
 from lmtrain.train.answer_eval import report_final_answers
 from lmtrain.train.loop import evaluate
 from lmtrain.train.perplexity import perplexity
@@ -31,7 +32,9 @@ def finish(parts: Components, progress: TrainProgress, settings: LoopSettings,
             report_final(losses, progress.step, services.metrics)
     report_final_answers(services, progress.step, is_main, losses)  # question/answer records
     t0 = time.perf_counter()
-    sample = _sample(parts, settings, generation, model_type) if is_main else ""
+    # FSDP: every rank takes part in the forward passes (the same seed, the same sample)
+    sharded = is_sharded(parts.raw_model)
+    sample = _sample(parts, settings, generation, model_type) if is_main or sharded else ""
     services.timings["sample"] = time.perf_counter() - t0
     log.info("sample:\n%s", sample)
     if services.metrics and sample:

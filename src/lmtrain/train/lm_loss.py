@@ -20,6 +20,7 @@ from torch import nn
 
 from lmtrain.data.dataset import IGNORE_INDEX
 from lmtrain.models import hf_model, model_logits
+from lmtrain.sharding import is_sharded
 
 #: Rows per chunk: a (1024 x 50,257) fp32 block is ~206 MB, one batch of 8 x 128 tokens (larger
 #: matrix products were faster than 256- or 512-row chunks on the CPU).
@@ -128,8 +129,8 @@ def split_output_layer(model: nn.Module):
     ``body(x)`` gives the final hidden states; ``None`` for any other model (or wrapper, such as
     DistributedDataParallel, whose forward must run)."""
     base = hf_model(model)  # peft's forward only calls the base model
-    if base is None:  # our GPT, or a wrapper whose forward must run: checked with no import
-        return None
+    if base is None or is_sharded(model):  # our GPT, or a wrapper whose forward must run (FSDP
+        return None                        # gathers the root's weights in its forward)
     from transformers import GPT2LMHeadModel
 
     if not isinstance(base, GPT2LMHeadModel):

@@ -24,6 +24,7 @@ import torch
 from lmtrain.distributed import all_reduce_mean, max_across_ranks
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.progress import TrainProgress
+from lmtrain.sharding import replicated_value
 from lmtrain.signals import StopNow, interruptible
 from lmtrain.train.answer_eval import measure_answers
 from lmtrain.train.evaluate import estimate_loss
@@ -120,8 +121,8 @@ def train_step(parts: Components, progress: TrainProgress, settings: LoopSetting
     loss = all_reduce_mean(loss_sum)  # the same value on every rank
     if scaler:
         scaler.unscale_(parts.optimizer)
-    grad_norm = (torch.nn.utils.clip_grad_norm_(params, opt.grad_clip)
-                 if opt.grad_clip > 0 else None)
+    grad_norm = (replicated_value(torch.nn.utils.clip_grad_norm_(params, opt.grad_clip))
+                 if opt.grad_clip > 0 else None)  # FSDP: the norm over all shards
     # the grad scaler skips non-finite gradients itself; without it they would poison the weights
     if opt.on_nan == "skip" and not _finite(loss, None if scaler else grad_norm):
         _warn_skipped(progress.step, loss, grad_norm)

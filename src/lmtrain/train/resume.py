@@ -27,6 +27,7 @@ class ResumeHints:
     resumed_from: str | None
     checkpoint_dir: Path
     training_steps: int
+    sharded: bool = False  # PARALLEL=fsdp: checkpoints are step_N.dcp folders
 
     @contextmanager
     def completing(self, progress: TrainProgress) -> Iterator[None]:
@@ -67,7 +68,7 @@ class ResumeHints:
         the one it resumed from (at ``start``); ``None`` when there is neither."""
         if progress.saved_steps:
             step = progress.saved_steps[-1]
-            return step, self.checkpoint_dir / checkpoint_filename(step)
+            return step, self.checkpoint_dir / checkpoint_filename(step, self.sharded)
         if self.resumed_from:
             return self.start, self.resumed_from
         return None

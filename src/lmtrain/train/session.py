@@ -206,7 +206,7 @@ class Session:
         self.live.services.timings["setup"] = time.perf_counter() - self.t_start
         end = progress.step + steps_to_run(cfg, progress.step, plan.resume is not None)
         self.hints = ResumeHints(progress.step, end, resumed_from, plan.paths.checkpoints,
-                                 cfg.optimization.training_steps)
+                                 cfg.optimization.training_steps, cfg.run.parallel == "fsdp")
         if self.stop.signal is not None:  # a signal while the run was being prepared
             raise self.hints.interrupted(TrainingInterrupted(self.stop.signal), progress)
         if cfg.generation.max_new_tokens:  # a prompt the tokenizer cannot encode fails now

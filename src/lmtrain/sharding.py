@@ -1,0 +1,126 @@
+"""``PARALLEL=fsdp``: PyTorch's FSDP2 (``fully_shard``) over a model, one unit per transformer
+block plus the root, so that every process holds only its shard of the weights, gradients and
+optimizer state; and the few helpers the loop needs to read a sharded tensor.
+
+FSDP needs torchrun (it is a many-process run by nature). With one process under torchrun the
+model stays whole: the run trains as a single process but still writes sharded checkpoints,
+so it resumes at any world size. Mixed precision goes through FSDP's
+:class:`~torch.distributed.fsdp.MixedPrecisionPolicy`: parameters are gathered in the run's
+autocast dtype, gradients are reduced in fp32, and the sharded master weights stay fp32.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from lmtrain.errors import UserError
+
+#: Bytes per parameter that FSDP shards: the fp32 weight, its gradient and AdamW's two moments.
+BYTES_SHARDED = 4 + 4 + 8
+
+
+def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
+    """Whether torchrun (or another launcher that sets its variables) started this process."""
+    environ = os.environ if environ is None else environ
+    return "TORCHELASTIC_RUN_ID" in environ or ("RANK" in environ and "WORLD_SIZE" in environ)
+
+
+def check_fsdp_launch(parallel: str, optimizer: str,
+                      environ: Mapping[str, str] | None = None) -> None:
+    """``PARALLEL=fsdp`` needs torchrun and AdamW; one line naming the fix otherwise."""
+    if parallel != "fsdp":
+        return
+    if not under_torchrun(environ):
+        raise UserError("PARALLEL=fsdp shards the model over processes and needs torchrun: "
+                        "launch with `torchrun --nproc_per_node=N training.py` (or set "
+                        "PARALLEL=ddp for one process)")
+    if optimizer != "adamw":
+        raise UserError(f"PARALLEL=fsdp with OPTIMIZER={optimizer}: Muon orthogonalizes whole "
+                        f"matrices, which FSDP splits over processes; set OPTIMIZER=adamw (or "
+                        f"PARALLEL=ddp)")
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's transformer blocks (``transformer.h``: the from-scratch GPT and GPT-2, also
+    inside a LoRA wrapper); empty for a model without blocks (the bigram)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "h":
+            return list(module)
+    return []
+
+
+def shard_model(model: nn.Module, world_size: int, dtype: torch.dtype | None) -> nn.Module:
+    """``fully_shard`` each transformer block, then the root, over all ranks (in place; the
+    module keeps its class and names). ``dtype``: the autocast dtype, the one parameters are
+    gathered in (``None``/fp32: full precision). One process: the model stays whole."""
+    if world_size == 1:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    low = dtype is not None and dtype != torch.float32
+    policy = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if low
+              else MixedPrecisionPolicy())
+    for block in transformer_blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether ``fully_shard`` was applied to ``model`` (no import when FSDP never was)."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    return fsdp is not None and isinstance(model, fsdp.FSDPModule)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded tensor (a plain tensor as it is)."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
+def replicated_value(tensor: Any) -> Any:
+    """A reduced value (the clipped gradient norm) as a plain tensor on every rank."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def check_fits(model: nn.Module, world_size: int, device: torch.device,
+               available: int | None = None) -> None:
+    """Refuse, in one line, a world size whose shards would not fit this device's free memory
+    (weights, gradients and AdamW state of the trainable parameters, the frozen weights)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    need = (trainable * BYTES_SHARDED + frozen * 4) // world_size
+    free = available if available is not None else free_memory(device)
+    if free is None or need <= free:
+        return
+    gib = 2 ** 30
+    fits = -(-(trainable * BYTES_SHARDED + frozen * 4) // free)
+    raise UserError(
+        f"PARALLEL=fsdp with {world_size} process(es): each needs about {need / gib:.1f} GiB for "
+        f"its shard of the weights, gradients and optimizer state, but {device} has "
+        f"{free / gib:.1f} GiB free; launch at least {fits} processes (--nproc_per_node / "
+        f"--nnodes), or fine-tune with USE_LORA=1")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes for one process on ``device``: the GPU's free memory, or the host's
+    available memory shared by this machine's processes (``None`` if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        available = int(fields["MemAvailable"].strip().split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return available // max(local_procs, 1)

@@ -295,21 +295,10 @@ def test_fsdp_on_cuda_with_nccl_saves_resumes_and_consolidates(corpus, tmp_path)
 @pytest.mark.integration
 def test_a_stop_signal_writes_the_sharded_checkpoint_of_that_step(train_run, under_torchrun,
                                                                   tmp_path, monkeypatch):
-    import signal
-
-    import lmtrain.train.loop as loop
     from lmtrain.errors import TrainingInterrupted
-    from tests.test_signals import send_self
+    from tests.test_signals import sigterm_during_step
 
-    real, calls = loop.compute_loss, []
-
-    def compute_loss(model, x, y):
-        calls.append(1)
-        if len(calls) == 3:
-            send_self(signal.SIGTERM)  # arrives during step 3
-        return real(model, x, y)
-
-    monkeypatch.setattr(loop, "compute_loss", compute_loss)
+    sigterm_during_step(monkeypatch)
     with pytest.raises(TrainingInterrupted) as err:
         train_run(**{**FSDP, "training_steps": 50, "checkpoint_interval": 100})
     assert err.value.checkpoint == tmp_path / "ckpt" / "f" / "step_0000003.dcp"

@@ -44,6 +44,21 @@ def send_self(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+def sigterm_during_step(monkeypatch: pytest.MonkeyPatch, step: int = 3) -> None:
+    """SIGTERM this process during the ``step``-th training step's loss (in-process runs)."""
+    import lmtrain.train.loop as loop
+
+    real, calls = loop.compute_loss, []
+
+    def compute_loss(model, x, y):
+        calls.append(1)
+        if len(calls) == step:
+            send_self(signal.SIGTERM)  # arrives during that step
+        return real(model, x, y)
+
+    monkeypatch.setattr(loop, "compute_loss", compute_loss)
+
+
 @pytest.fixture
 def sig_env(tmp_path, corpus):
     return {**SIG_ENV, "TRAINING_DATA_SOURCE": str(corpus),
@@ -126,18 +141,7 @@ def test_handlers_are_restored_after_training(train_run):
 
 @pytest.mark.integration
 def test_signal_in_process_stops_after_the_current_step(train_run, tmp_path, monkeypatch):
-    import lmtrain.train.loop as loop
-
-    real = loop.compute_loss
-    calls = []
-
-    def compute_loss(model, x, y):
-        calls.append(1)
-        if len(calls) == 3:
-            send_self(signal.SIGTERM)  # arrives during step 3
-        return real(model, x, y)
-
-    monkeypatch.setattr(loop, "compute_loss", compute_loss)
+    sigterm_during_step(monkeypatch)
     with pytest.raises(TrainingInterrupted) as err:
         train_run(training_steps=50, checkpoint_interval=100, run_name="inproc")
     exc = err.value

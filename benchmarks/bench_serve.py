@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt, prompts = train_model(out, args.steps, args.seed)
     from lmtrain.cli import main as lmtrain
 
-    assert lmtrain(["export", str(ckpt), str(out / "hf")]) == 0
+    assert lmtrain(["export", str(ckpt), str(out / "hf"), "--force"]) == 0
     servers = {"batched": start_server(ckpt, 64, args.threads),
                "one at a time": start_server(ckpt, 1, args.threads)}
     rounds: dict[tuple[str, int], list[dict[str, Any]]] = {}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -34,7 +34,6 @@ from lmtrain.signals import StopRequest
 if TYPE_CHECKING:
     from lmtrain.answers import AnswerReport
     from lmtrain.reporting import MetricsWriter
-    from lmtrain.train.checkpointing import Checkpointer
 
 
 @dataclass(frozen=True)
@@ -101,12 +100,20 @@ def _no_time() -> dict[str, float]:
     return dict.fromkeys(("data", "train", "eval", "checkpoint"), 0.0)
 
 
+class SavesCheckpoints(Protocol):
+    """What the loop asks of the checkpoint writer
+    (:class:`~lmtrain.train.checkpointing.Checkpointer`, which sits above this module)."""
+
+    def save(self, parts: Components, progress: TrainProgress) -> Any:
+        """The checkpoint of the current step (``None`` when checkpoints are off)."""
+
+
 @dataclass
 class RunServices:
     """What the session lends the loop: the checkpoint writer, the metrics (rank 0), where
     the time went, the stop request and the last answer accuracy measured."""
 
-    checkpointer: Checkpointer
+    checkpointer: SavesCheckpoints
     stop: StopRequest = field(default_factory=StopRequest)
     metrics: MetricsWriter | None = None
     timings: dict[str, float] = field(default_factory=_no_time)

@@ -218,6 +218,21 @@ def data_config(source: Path | str, tmp_path: Path, **settings: Any) -> Any:
                                        "cache_dir": str(tmp_path / "cache"), **settings})
 
 
+def load_script(relative: str, name: str | None = None) -> Any:
+    """A script of the repository (``benchmarks/…``, ``tools/…``) imported as a module; under
+    ``name`` in ``sys.modules`` when given (dataclasses look their module up)."""
+    import importlib.util
+
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(name or path.stem, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    if name:
+        sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_jsonl(path: Path, records: list[Any]) -> Path:
     """``records`` as JSON lines at ``path``."""
     import json

@@ -4,25 +4,20 @@ describes what a benchmark ran on."""
 
 from __future__ import annotations
 
-import importlib.util
 import tomllib
 from email.message import Message
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_entrypoint
+from tests.conftest import ROOT, load_script, run_entrypoint
 
 pytest.importorskip("peft")
 GUARD = str(ROOT / "benchmarks" / "guard_lora_step.py")
 
 
 def bench_environment():
-    spec = importlib.util.spec_from_file_location("bench_environment",
-                                                  ROOT / "benchmarks" / "environment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/environment.py")
 
 
 @pytest.mark.integration

@@ -3,26 +3,15 @@ it, and a smoke run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_qa", ROOT / "benchmarks" / "bench_qa.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_qa"] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = load_bench()
+bench = load_script("benchmarks/bench_qa.py", "bench_qa")
 
 
 @pytest.mark.unit

@@ -3,7 +3,6 @@ and no link in README.md or docs/ that leads nowhere."""
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import pytest
 
 from lmtrain.cli import COMMAND_MODULES
 from lmtrain.config import FIELDS, env_name, flag_name
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_script
 
 pytestmark = pytest.mark.unit
 
@@ -26,10 +25,7 @@ AWAITED: set[Path] = set()
 
 
 def _env_table():
-    spec = importlib.util.spec_from_file_location("env_table", ROOT / "tools" / "env_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/env_table.py")
 
 
 def test_first_lines_give_the_two_commands():

@@ -4,7 +4,6 @@ lmtrain's work: the same model (weights from the same seed, outputs), batches an
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import numpy as np
 import pytest
@@ -14,17 +13,13 @@ from lmtrain.config import TrainingConfig
 from lmtrain.data.dataset import TokenData
 from lmtrain.models.gpt import GPT, GPTConfig
 from lmtrain.train.optim import lr_multiplier
-from tests.conftest import ROOT
+from tests.conftest import load_script
 
 pytestmark = pytest.mark.unit
 
 
 def plain_loop():
-    spec = importlib.util.spec_from_file_location("plain_loop",
-                                                  ROOT / "benchmarks" / "plain_loop.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmarks/plain_loop.py")
 
 
 def test_the_plain_loop_builds_lmtrains_gpt2_model():

@@ -54,11 +54,33 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (fsync of the folder itself)."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def replace_folder(tmp: Path, path: Path, old: Path) -> None:
+    """Put the filled folder ``tmp`` at ``path`` in one rename. A folder already at ``path``
+    is set aside as ``old`` first, put back if the rename fails, and removed after."""
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except OSError:
+        if old.exists():
+            os.replace(old, path)
+        raise
+    with contextlib.suppress(OSError):  # the rename is done; its fsync is the best we can do
+        fsync_folder(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -148,16 +170,7 @@ def atomic_folder(path: str | Path, setting: str, force: bool = False) -> Iterat
         raise unwritable_dir_error(setting, path.parent, exc) from None
     try:
         yield tmp
-        old = tmp.with_name(tmp.name.replace(TMP_SUFFIX, f"-old{TMP_SUFFIX}"))
-        if path.exists():
-            os.replace(path, old)
-        try:
-            os.replace(tmp, path)
-        except OSError:
-            if old.exists():
-                os.replace(old, path)
-            raise
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, path, tmp.with_name(tmp.name.replace(TMP_SUFFIX, f"-old{TMP_SUFFIX}")))
     except OSError as exc:
         raise storage_error(setting, path, exc) from None
     except Exception as exc:  # a library's own error around a failed write (safetensors')

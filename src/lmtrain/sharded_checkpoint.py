@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtrain.checkpoint_format import SavedRun, seal, sharded_record, validate
+from lmtrain.durable import replace_folder
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -294,26 +295,7 @@ def _seal(tmp: Path, folder: Path, payload: dict[str, Any], world_size: int) -> 
 def _replace(tmp: Path, folder: Path) -> None:
     """Move the sealed ``tmp`` folder to ``folder`` (an older one of that step is set aside
     first and removed after)."""
-    old = folder.parent / f"{OLD_PREFIX}{folder.name}"
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    _fsync_dir(folder.parent)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    replace_folder(tmp, folder, folder.parent / f"{OLD_PREFIX}{folder.name}")
 
 
 def remove_stale_folders(folder: Path) -> list[Path]:

@@ -127,14 +127,17 @@ setting_name = st.sampled_from(NAMES)
 
 def check_only(argv: list[str], env: dict[str, str]) -> int:
     """``lmtrain train`` up to its first allocation: parse, settings, plan, checks."""
+    from lmtrain.device import select_device
     from lmtrain.train.build import check_before_start
     from lmtrain.train.plan import resolve_plan
+    from lmtrain.train.state import Placement
 
     args = build_parser().parse_args(["train", *argv])
     flags = {k: v for k, v in vars(args).items() if k in FIELDS}
     values, sources = explicit_settings(flags=flags, env=env, config_file=args.config)
     check_settings(values, sources)
-    check_before_start(resolve_plan(values, sources))
+    plan = resolve_plan(values, sources)
+    check_before_start(plan, Placement(select_device(plan.config.run.device)))
     return 0
 
 

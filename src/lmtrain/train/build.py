@@ -8,7 +8,6 @@ session's (:meth:`~lmtrain.train.state.Placement.join`), never joined here.
 from __future__ import annotations
 
 import glob
-import os
 from dataclasses import replace
 from pathlib import Path
 from typing import cast
@@ -20,7 +19,7 @@ from lmtrain.data.dataset import TokenData
 from lmtrain.data.hf_datasets import HF_PREFIX
 from lmtrain.data.prepare import load_token_data
 from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
-from lmtrain.device import autocast_dtype, make_grad_scaler, select_device
+from lmtrain.device import autocast_dtype, make_grad_scaler
 from lmtrain.distributed import DistInfo, main_process_first, wrap_model
 from lmtrain.host_memory import keep_freed_memory, return_freed_memory
 from lmtrain.memory_estimate import check_memory, expected_vocab_size
@@ -98,11 +97,11 @@ def _tokens(plan: RunPlan) -> tuple[Tokenizer, TokenData]:
                            allow_download=cfg.model.allow_download)
 
 
-def check_before_start(plan: RunPlan) -> None:
+def check_before_start(plan: RunPlan, placement: Placement) -> None:
     """What can fail without touching the disk fails here, before any folder is created."""
     cfg = plan.config
     check_installed(tracker_names(cfg.run.metrics))  # a missing extra fails before any work
-    check_run_memory(plan)
+    check_run_memory(plan, placement)
     check_fsdp_launch(cfg.run.parallel, cfg.optimization.optimizer)
     if plan.resume is not None:
         check_checkpoint_kind(plan.resume.checkpoint, cfg.run.parallel)
@@ -114,15 +113,15 @@ def check_before_start(plan: RunPlan) -> None:
         resolve_files(source)  # raises the one-line error for a missing source
 
 
-def check_run_memory(plan: RunPlan) -> None:
+def check_run_memory(plan: RunPlan, placement: Placement) -> None:
     """The model, optimizer and one batch fit the device: else one line naming the setting."""
     cfg = plan.config
     vocab = (plan.resume.checkpoint.vocab_size if plan.resume else expected_vocab_size(
         cfg.model, cfg.data.tokenization_method, cfg.data.custom_vocab_size))
-    device = select_device(cfg.run.device)
-    # PARALLEL=fsdp: each process keeps its shard of the gradients and optimizer state (the
-    # world size is torchrun's; sharding.check_fits checks the shards once the model exists)
-    shards = int(os.environ.get("WORLD_SIZE", "1") or 1) if cfg.run.parallel == "fsdp" else 1
+    device = placement.device
+    # PARALLEL=fsdp: each process keeps its shard of the gradients and optimizer state
+    # (sharding.check_fits checks the shards against free memory once the model exists)
+    shards = placement.world_size if cfg.run.parallel == "fsdp" else 1
     check_memory(cfg.model, vocab, device.type, cfg.optimization.batch_size,
                  origin="the checkpoint's " if plan.resume else "", index=device.index,
                  shards=shards)

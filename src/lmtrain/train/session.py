@@ -128,7 +128,7 @@ class Session:
         placement = Placement.join(str(self.values.get("device") or FIELDS["device"].default))
         self.resources.callback(cleanup)
         self.plan = plan = resolve_plan(self.values, self.sources, agree=broadcast_object)
-        check_before_start(plan)
+        check_before_start(plan, placement)
         is_main = placement.is_main
         self.resources.enter_context(claim_run_folders(
             plan.paths, checkpoints=plan.config.checkpointing.enable_checkpoints,

@@ -22,7 +22,7 @@ from lmtrain.checkpoint_format import LAST_LOSSES_KEY, MODEL_STATE_KEY, WORLD_SI
 from lmtrain.consolidate import consolidate
 from lmtrain.errors import UserError
 from lmtrain.sharded_checkpoint import MANIFEST, ShardedRun, load_sharded_run
-from lmtrain.sharding import check_fits, check_fsdp_launch
+from lmtrain.sharding import check_fsdp_launch, check_shards_fit
 
 FSDP = {"parallel": "fsdp", "training_steps": 4, "eval_interval": 2, "checkpoint_interval": 2,
         "max_new_tokens": 0, "run_name": "f", "grad_clip": 1.0}
@@ -60,9 +60,9 @@ def test_fsdp_needs_torchrun_and_adamw():
 @pytest.mark.unit
 def test_a_world_size_that_cannot_hold_the_model_is_one_line():
     model = torch.nn.Linear(1000, 1000)  # ~1M parameters: 16 MB of weights+grads+AdamW
-    check_fits(model, 2, torch.device("cpu"), available=16 * 2 ** 20)
+    check_shards_fit(model, 2, torch.device("cpu"), available=16 * 2 ** 20)
     with pytest.raises(UserError, match=r"launch at least 4 processes"):
-        check_fits(model, 2, torch.device("cpu"), available=5 * 2 ** 20)
+        check_shards_fit(model, 2, torch.device("cpu"), available=5 * 2 ** 20)
 
 
 @pytest.mark.integration

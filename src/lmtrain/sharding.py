@@ -92,7 +92,7 @@ def replicated_value(tensor: Any) -> Any:
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
-def check_fits(model: nn.Module, world_size: int, device: torch.device,
+def check_shards_fit(model: nn.Module, world_size: int, device: torch.device,
                available: int | None = None) -> None:
     """Refuse, in one line, a world size whose shards would not fit this device's free memory
     (weights, gradients and AdamW state of the trainable parameters, the frozen weights)."""

@@ -25,7 +25,7 @@ from lmtrain.host_memory import keep_freed_memory, return_freed_memory
 from lmtrain.memory_estimate import check_memory, expected_vocab_size
 from lmtrain.models import build_model
 from lmtrain.progress import TrainProgress
-from lmtrain.sharding import check_fits, check_fsdp_launch, shard_model
+from lmtrain.sharding import check_fsdp_launch, check_shards_fit, shard_model
 from lmtrain.signals import StopRequest
 from lmtrain.trackers import check_installed, tracker_names
 from lmtrain.train.checkpointing import Checkpointer, check_checkpoint_kind
@@ -61,7 +61,7 @@ def prepare_run(plan: RunPlan, placement: Placement) -> tuple[Components, TrainP
         torch.manual_seed(cfg.optimization.seed + placement.rank)  # dropout differs between ranks
     dtype = autocast_dtype(cfg.run.precision, device, model)
     if fsdp:  # the optimizer is built over the shards
-        check_fits(model, placement.world_size, device)
+        check_shards_fit(model, placement.world_size, device)
         shard_model(model, placement.world_size, dtype)
     # Muon's CombinedOptimizer is no torch Optimizer subclass but offers its API
     optimizer = cast(torch.optim.Optimizer, build_optimizer(model, cfg.optimization, device))
@@ -120,7 +120,7 @@ def check_run_memory(plan: RunPlan, placement: Placement) -> None:
         cfg.model, cfg.data.tokenization_method, cfg.data.custom_vocab_size))
     device = placement.device
     # PARALLEL=fsdp: each process keeps its shard of the gradients and optimizer state
-    # (sharding.check_fits checks the shards against free memory once the model exists)
+    # (sharding.check_shards_fit checks the shards against free memory once the model exists)
     shards = placement.world_size if cfg.run.parallel == "fsdp" else 1
     check_memory(cfg.model, vocab, device.type, cfg.optimization.batch_size,
                  origin="the checkpoint's " if plan.resume else "", index=device.index,

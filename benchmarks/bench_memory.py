@@ -4,6 +4,7 @@ same model, settings and number of processes, launched one after the other by to
     python benchmarks/bench_memory.py                      # GPT-2 medium shape (355M), 2 CPU procs
     python benchmarks/bench_memory.py --shape small --steps 3
     python benchmarks/bench_memory.py --device cuda        # torch.cuda.max_memory_allocated too
+    python benchmarks/bench_memory.py --repeats 3          # interleaved launches, median step
 
 The model is lmtrain's GPT with ``ARCH=gpt2`` in GPT-2's shapes (``medium``: 24 layers, width
 1024, 16 heads, 1024 positions, GPT-2's 50,257-token vocabulary: 355M parameters, random
@@ -20,6 +21,7 @@ import json
 import os
 import resource
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,9 @@ SHAPES = {"tiny": (2, 64, 2), "small": (12, 768, 12), "medium": (24, 1024, 16),
 
 def worker(args: argparse.Namespace) -> None:
     """One torchrun process: train, then write this rank's peaks as JSON."""
+    from lmtrain.host_memory import huge_pages_for_sharded_run
+
+    huge_pages_for_sharded_run(args.parallel)  # what `lmtrain train` does before torch loads
     import torch
 
     from lmtrain.config import explicit_settings
@@ -81,25 +86,30 @@ def launch(args: argparse.Namespace, parallel: str, work: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(work.glob(f"{parallel}-*.json"))]
 
 
-def table(results: dict[str, list[dict]], args: argparse.Namespace) -> str:
-    """The markdown table: the largest peak of any process, per mode, and the ratios."""
+def table(results: dict[str, list[list[dict]]], args: argparse.Namespace) -> str:
+    """The markdown table, per mode: the largest peak of any process in any launch, and the
+    median over launches of the slowest process's step time; then the ratios."""
     gib = 2 ** 30
     n_layer, n_embd, _ = SHAPES[args.shape]
     params = 12 * n_layer * n_embd ** 2 + (50257 + args.block) * n_embd
     rows = [f"{args.shape} shape (~{params / 1e6:.0f}M parameters), {args.nproc} processes on "
             f"{args.device}, batch {args.batch} x {args.block} tokens, fp32 AdamW, "
-            f"{args.steps} steps", "",
-            "| PARALLEL | peak RSS / process | CUDA peak / process | step time |",
+            f"{args.steps} steps, {args.repeats} launch(es) per mode, interleaved", "",
+            "| PARALLEL | peak RSS / process | CUDA peak / process | step time (median) |",
             "| --- | ---: | ---: | ---: |"]
-    peak = {m: max(r["peak_rss"] for r in rs) for m, rs in results.items()}
-    step = {m: max(r["step_s"] for r in rs) for m, rs in results.items()}
-    cuda = {m: max(r["cuda_peak"] or 0 for r in rs) for m, rs in results.items()}
+    peak = {m: max(r["peak_rss"] for rs in runs for r in rs) for m, runs in results.items()}
+    steps = {m: [max(r["step_s"] for r in rs) for rs in runs] for m, runs in results.items()}
+    step = {m: statistics.median(v) for m, v in steps.items()}
+    cuda = {m: max(r["cuda_peak"] or 0 for rs in runs for r in rs) for m, runs in results.items()}
     for m in results:
         gpu = f"{cuda[m] / gib:.2f} GiB" if cuda[m] else "-"
-        rows.append(f"| {m} | {peak[m] / gib:.2f} GiB | {gpu} | {step[m]:.2f} s |")
+        each = ", ".join(f"{t:.2f}" for t in steps[m])
+        rows.append(f"| {m} | {peak[m] / gib:.2f} GiB | {gpu} | {step[m]:.2f} s ({each}) |")
     if {"ddp", "fsdp"} <= set(results):
+        pairs = ", ".join(f"{f / d:.2f}" for d, f in zip(steps["ddp"], steps["fsdp"],
+                                                          strict=True))
         rows += ["", f"FSDP / DDP: peak RSS {peak['fsdp'] / peak['ddp']:.2f}x, step time "
-                     f"{step['fsdp'] / step['ddp']:.2f}x"
+                     f"{step['fsdp'] / step['ddp']:.2f}x (per launch pair: {pairs})"
                  + (f", CUDA peak {cuda['fsdp'] / cuda['ddp']:.2f}x" if cuda["ddp"] else "")]
     return "\n".join(rows)
 
@@ -113,6 +123,8 @@ def main() -> None:
     p.add_argument("--block", type=int, default=256)
     p.add_argument("--device", default="cpu")
     p.add_argument("--modes", default="ddp,fsdp", help="comma list, in launch order")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="launches per mode, interleaved (ddp, fsdp, ddp, fsdp, ...)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--parallel", default="ddp", help=argparse.SUPPRESS)
     p.add_argument("--work", default="", help=argparse.SUPPRESS)
@@ -120,8 +132,14 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    work = Path(tempfile.mkdtemp(prefix="bench-memory-"))
-    results = {mode: launch(args, mode, work) for mode in args.modes.split(",")}
+    modes = args.modes.split(",")
+    results: dict[str, list[list[dict]]] = {mode: [] for mode in modes}
+    for repeat in range(args.repeats):
+        for mode in modes:
+            work = Path(tempfile.mkdtemp(prefix=f"bench-memory-{mode}-{repeat}-"))
+            results[mode].append(launch(args, mode, work))
+            print(f"{mode} launch {repeat + 1}/{args.repeats}: step "
+                  f"{max(r['step_s'] for r in results[mode][-1]):.2f} s", file=sys.stderr)
     print(table(results, args))
 
 

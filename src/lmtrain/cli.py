@@ -25,6 +25,7 @@ from lmtrain.config import (
     setting_help,
 )
 from lmtrain.errors import TrainingInterrupted, UserError
+from lmtrain.host_memory import huge_pages_for_sharded_run
 
 #: Flags whose names differ from their setting (aliases users expect).
 FLAG_ALIASES = {"checkpoint_path": ["--resume"], "training_data_source": ["--data"]}
@@ -102,6 +103,7 @@ def run_training_session(values: dict[str, Any], sources: dict[str, str]) -> int
         for warning in env_typos():
             print(f"warning: {warning}", file=sys.stderr)
     check_settings(values, sources)  # before torch is imported: a bad value fails at once
+    huge_pages_for_sharded_run(str(values.get("parallel", "ddp")))  # before torch, too
     with stop_on_signals() as stop:  # from the start, so an early Ctrl-C is handled too
         from lmtrain.train.session import train
 

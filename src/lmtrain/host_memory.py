@@ -24,7 +24,9 @@ import ctypes.util
 import logging
 import os
 import platform
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, MutableMapping
+from pathlib import Path
 
 log = logging.getLogger("lmtrain")
 
@@ -71,6 +73,36 @@ def return_freed_memory() -> bool:
     instead of piling up in the heap (measured on GPT-2 small shapes, 2 processes: peak RSS
     1.9 GiB instead of 3.2 GiB). Same conditions as :func:`keep_freed_memory`."""
     return _set_thresholds(SHARDED_MMAP_THRESHOLD, SHARDED_TRIM_THRESHOLD)
+
+
+#: torch's switch for transparent huge pages in its CPU allocator (read once, at its first
+#: allocation): blocks of 2 MiB and more are 2 MiB-aligned and ``madvise(MADV_HUGEPAGE)``-d
+THP_VARIABLE = "THP_MEM_ALLOC_ENABLE"
+#: The kernel's transparent-huge-page mode
+THP_MODE_FILE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def huge_pages_for_sharded_run(parallel: str,
+                               environ: MutableMapping[str, str] | None = None) -> bool:
+    """``PARALLEL=fsdp``: ask torch's CPU allocator for transparent huge pages, before torch is
+    imported (returns whether it was asked). A sharded CPU run returns each block's gathered
+    weights and gradients to the kernel (:func:`return_freed_memory`) and maps them again at
+    the next block; with 2 MiB pages that costs one fault where 4 KiB pages cost 512 (measured
+    on GPT-2 small shapes, 2 processes: 5.3 s per step instead of 6.9 s, the same peak). A
+    whole-model run keeps its memory (:func:`keep_freed_memory`), so it is left alone (huge
+    pages made its steps slower). Nothing is done off Linux, when the kernel's mode is
+    ``never``, when torch is already imported, or when the variable is already set."""
+    environ = os.environ if environ is None else environ
+    if parallel != "fsdp" or THP_VARIABLE in environ or "torch" in sys.modules:
+        return False
+    try:
+        mode = THP_MODE_FILE.read_text(encoding="ascii")
+    except OSError:
+        return False
+    if "[never]" in mode:
+        return False
+    environ[THP_VARIABLE] = "1"
+    return True
 
 
 def _set_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:

@@ -57,18 +57,24 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
 
 def shard_model(model: nn.Module, world_size: int, dtype: torch.dtype | None) -> nn.Module:
     """``fully_shard`` each transformer block, then the root, over all ranks (in place; the
-    module keeps its class and names). ``dtype``: the autocast dtype, the one parameters are
+    module keeps its class and names), with direct exchanges over gloo
+    (:mod:`lmtrain.gloo_exchange`). ``dtype``: the autocast dtype, the one parameters are
     gathered in (``None``/fp32: full precision). One process: the model stays whole."""
     if world_size == 1:
         return model
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from lmtrain.gloo_exchange import use_direct_exchanges
+
     low = dtype is not None and dtype != torch.float32
     policy = (MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32) if low
               else MixedPrecisionPolicy())
-    for block in transformer_blocks(model):
-        fully_shard(block, mp_policy=policy)
+    blocks = transformer_blocks(model)
+    for i, block in enumerate(blocks):  # the last block's backward follows its forward at
+        # once: regathering its weights would only repeat the gather (as torchtitan does)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mp_policy=policy)
+    use_direct_exchanges([*blocks, model])
     return model
 
 

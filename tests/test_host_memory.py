@@ -81,3 +81,36 @@ def test_an_allocator_the_user_chose_is_left_alone(env: dict[str, str],
 @pytest.mark.unit
 def test_a_plain_environment_is_not_user_tuned() -> None:
     assert not host_memory.user_tuned({"HOME": "/tmp", "LD_PRELOAD": "libfoo.so"})
+
+
+@pytest.mark.unit
+def test_a_sharded_run_asks_torch_for_huge_pages_before_torch_loads(tmp_path, monkeypatch):
+    mode = tmp_path / "enabled"
+    monkeypatch.setattr(host_memory, "THP_MODE_FILE", mode)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)  # as `lmtrain train` starts
+    mode.write_text("always [madvise] never\n")
+    env: dict[str, str] = {}
+    assert host_memory.huge_pages_for_sharded_run("fsdp", env)
+    assert env == {host_memory.THP_VARIABLE: "1"}
+    assert not host_memory.huge_pages_for_sharded_run("ddp", ddp := {})
+    assert ddp == {}  # a whole-model run keeps its memory: huge pages slowed it down
+    mine = {host_memory.THP_VARIABLE: "0"}
+    assert not host_memory.huge_pages_for_sharded_run("fsdp", mine)
+    assert mine == {host_memory.THP_VARIABLE: "0"}  # the user's choice stands
+    mode.write_text("always madvise [never]\n")
+    assert not host_memory.huge_pages_for_sharded_run("fsdp", off := {})
+    assert off == {}
+    mode.unlink()  # no such kernel switch (not Linux)
+    assert not host_memory.huge_pages_for_sharded_run("fsdp", {})
+
+
+@pytest.mark.unit
+def test_huge_pages_are_not_asked_once_torch_is_loaded(tmp_path, monkeypatch):
+    mode = tmp_path / "enabled"
+    mode.write_text("[always] madvise never\n")
+    monkeypatch.setattr(host_memory, "THP_MODE_FILE", mode)
+    import torch  # noqa: F401  (torch reads the variable at its first allocation)
+
+    env: dict[str, str] = {}
+    assert not host_memory.huge_pages_for_sharded_run("fsdp", env)
+    assert env == {}

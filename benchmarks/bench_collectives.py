@@ -27,7 +27,7 @@ def _cases(whole, shard, out, gather, scatter) -> dict:  # type: ignore[no-untyp
 
     group, avg = dist.group.WORLD, dist.ReduceOp.AVG
     return {"all-gather": (lambda: dist.all_gather_into_tensor(whole, shard),
-                           lambda: gather(whole, shard, group)),
+                           lambda: gather(whole, shard, group).wait()),
             "reduce-scatter": (lambda: dist.reduce_scatter_tensor(out, whole, op=avg),
                                lambda: scatter(out, whole, group, avg))}
 

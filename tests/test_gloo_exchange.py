@@ -28,11 +28,11 @@ def _check(rank: int, size: int, folder: str) -> None:
 
         expected, got = torch.empty(numel), torch.full((numel,), float("nan"))
         dist.all_gather_into_tensor(expected, shard)
-        ExchangeAllGather()(got, shard, dist.group.WORLD)
+        ExchangeAllGather()(got, shard, dist.group.WORLD).wait()  # pending until waited
         found["all_gather_equal"] = torch.equal(got, expected)
         inplace = torch.full((numel,), float("nan"))  # FSDP's layout: the input is a view of
         inplace.view(size, -1)[rank].copy_(shard)      # the output at this rank's piece
-        ExchangeAllGather()(inplace, inplace.view(size, -1)[rank], dist.group.WORLD)
+        ExchangeAllGather()(inplace, inplace.view(size, -1)[rank], dist.group.WORLD).wait()
         found["all_gather_inplace_equal"] = torch.equal(inplace, expected)
 
         for name, op in (("sum", dist.ReduceOp.SUM), ("avg", dist.ReduceOp.AVG),

@@ -17,6 +17,7 @@ an average (FSDP's ``PREMUL_SUM`` under a custom divide factor) goes to gloo as 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -33,21 +34,36 @@ def _allocate(size: Sequence[int | torch.SymInt], dtype: torch.dtype,
     return torch.empty(*size, dtype=dtype, device=device)
 
 
+class _Exchanges(dist.Work):
+    """The pending sends and receives of one exchange, as the one ``Work`` FSDP waits on."""
+
+    def __init__(self, works: list[dist.Work]) -> None:
+        super().__init__()
+        self._works = works
+
+    def wait(self, timeout: Any = None) -> bool:
+        while self._works:
+            self._works.pop(0).wait()
+        return True
+
+
 def _exchange(sends: dict[int, torch.Tensor], receives: dict[int, torch.Tensor],
-              group: dist.ProcessGroup) -> None:
+              group: dist.ProcessGroup) -> _Exchanges:
     """Send ``sends[peer]`` to each peer and receive ``receives[peer]`` from it (group ranks),
-    all posted at once, then wait for every one."""
+    all posted at once; the returned work waits for every one."""
     ops = []
     for peer in sorted(sends):
         to = dist.get_global_rank(group, peer)
         ops += [dist.P2POp(dist.isend, sends[peer], to, group),
                 dist.P2POp(dist.irecv, receives[peer], to, group)]
-    for work in dist.batch_isend_irecv(ops):
-        work.wait()
+    return _Exchanges(dist.batch_isend_irecv(ops))
 
 
 class ExchangeAllGather(AllGather):
-    """All-gather: each process sends its shard to every peer and receives theirs in place."""
+    """All-gather: each process sends its shard to every peer and receives theirs in place.
+    It returns at once, the exchange pending, whatever ``async_op`` says: FSDP waits on the
+    returned work before it reads the weights, so a gather it prefetches (the next block's,
+    in forward and backward) runs while the current block computes."""
 
     def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
@@ -60,8 +76,7 @@ class ExchangeAllGather(AllGather):
         if pieces[rank].data_ptr() != input_tensor.data_ptr():  # FSDP copies in place already
             pieces[rank].copy_(input_tensor.view(-1))
         peers = [p for p in range(size) if p != rank]
-        _exchange({p: pieces[rank] for p in peers}, {p: pieces[p] for p in peers}, group)
-        return None
+        return _exchange({p: pieces[rank] for p in peers}, {p: pieces[p] for p in peers}, group)
 
 
 class ExchangeReduceScatter(ReduceScatter):
@@ -82,7 +97,7 @@ class ExchangeReduceScatter(ReduceScatter):
         pieces = input_tensor.view(size, -1)
         peers = [p for p in range(size) if p != rank]
         received = {p: torch.empty_like(output_tensor) for p in peers}
-        _exchange({p: pieces[p] for p in peers}, received, group)
+        _exchange({p: pieces[p] for p in peers}, received, group).wait()
         output_tensor.copy_(pieces[rank])
         for p in peers:
             output_tensor.add_(received.pop(p))
@@ -91,11 +106,12 @@ class ExchangeReduceScatter(ReduceScatter):
         return None
 
 
-def use_direct_exchanges(modules: Sequence[Module]) -> None:
-    """Give each ``fully_shard``-ed module in ``modules`` the direct exchanges (gloo only: NCCL's
-    own collectives are already the fast path)."""
+def use_direct_exchanges(modules: Sequence[Module]) -> bool:
+    """Give each ``fully_shard``-ed module in ``modules`` the direct exchanges; returns whether
+    it did (gloo only: NCCL's own collectives are already the fast path)."""
     if dist.get_backend() != "gloo":
-        return
+        return False
     for module in modules:
         module.set_custom_all_gather(ExchangeAllGather())  # type: ignore[operator]
         module.set_custom_reduce_scatter(ExchangeReduceScatter())  # type: ignore[operator]
+    return True

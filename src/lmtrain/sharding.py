@@ -74,7 +74,10 @@ def shard_model(model: nn.Module, world_size: int, dtype: torch.dtype | None) ->
         # once: regathering its weights would only repeat the gather (as torchtitan does)
         fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mp_policy=policy)
-    use_direct_exchanges([*blocks, model])
+    if use_direct_exchanges([*blocks, model]):  # each module's forward starts the next one's
+        # gather, which then runs while it computes
+        for current, following in zip([model, *blocks], blocks, strict=False):
+            current.set_modules_to_forward_prefetch([following])  # type: ignore[operator]
     return model
 
 

@@ -6,10 +6,11 @@ device's memory), and for ``PARALLEL=fsdp`` from the built model's parameters
 count a weight's bytes with :func:`parameter_bytes`.
 
 The estimate is deliberately low (fp32 weights, gradients and AdamW's two moments, spread over
-the FSDP processes; a LoRA base in bf16; activations of one micro-batch at 8 values per width,
-layer and token, about half of what a transformer block keeps for its backward pass, or one per
-layer with gradient checkpointing; no attention matrices): a run it refuses could never fit,
-and one it lets through may still be tight.
+the FSDP processes, each of which first builds the whole model; a LoRA base in bf16, fp32 under
+FSDP; activations of one micro-batch at 8 values per width, layer and token, about half of what
+a transformer block keeps for its backward pass, or one per layer with gradient checkpointing;
+no attention matrices): a run it refuses could never fit, and one it lets through may still be
+tight.
 """
 
 from __future__ import annotations

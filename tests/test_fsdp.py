@@ -21,8 +21,9 @@ from lmtrain.checkpoint import load_checkpoint, load_run
 from lmtrain.checkpoint_format import LAST_LOSSES_KEY, MODEL_STATE_KEY, WORLD_SIZE_KEY
 from lmtrain.consolidate import consolidate
 from lmtrain.errors import UserError
+from lmtrain.memory_estimate import check_shards_fit
 from lmtrain.sharded_checkpoint import MANIFEST, ShardedRun, load_sharded_run
-from lmtrain.sharding import check_fsdp_launch, check_shards_fit
+from lmtrain.sharding import check_fsdp_launch
 
 FSDP = {"parallel": "fsdp", "training_steps": 4, "eval_interval": 2, "checkpoint_interval": 2,
         "max_new_tokens": 0, "run_name": "f", "grad_clip": 1.0}

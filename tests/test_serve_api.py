@@ -15,7 +15,7 @@ pytest.importorskip("httpx", reason="httpx (the dev extra) is not installed")
 from fastapi.testclient import TestClient
 
 from lmtrain.data.qa_format import QATemplate
-from lmtrain.inference import find_checkpoint, load_trained_model
+from lmtrain.inference import load_trained_model
 from lmtrain.serve.app import Served, create_app
 from lmtrain.serve.engine import Engine
 
@@ -172,23 +172,6 @@ def test_a_streamed_answer_is_the_whole_answer_in_pieces(client) -> None:
     assert chunks[-1]["usage"] == whole["usage"]
     assert whole["usage"]["completion_tokens"] == 12
     assert whole["choices"][0]["finish_reason"] == "length"
-
-
-def test_find_checkpoint_picks_the_best_or_the_step_asked_for(tiny_checkpoint: Path,
-                                                              tmp_path: Path) -> None:
-    import shutil
-
-    from lmtrain.errors import UserError
-
-    folder = tmp_path / "run"
-    folder.mkdir()
-    shutil.copy(tiny_checkpoint, folder / "step_0000004.pt")
-    assert find_checkpoint(folder) == folder / "step_0000004.pt"
-    assert find_checkpoint(folder, 4) == folder / "step_0000004.pt"
-    with pytest.raises(UserError, match="no checkpoint of step 3"):
-        find_checkpoint(folder, 3)
-    with pytest.raises(UserError, match="holds no checkpoint"):
-        find_checkpoint(tmp_path / "run" / ".." / "run" / "..")
 
 
 @pytest.mark.parametrize("args", [["serve", "missing.pt"], ["chat", "missing.pt"],

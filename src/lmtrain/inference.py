@@ -32,14 +32,17 @@ class LoadedModel:
 
 
 def load_trained_model(path: str | Path, device: torch.device | None = None,
-                       label: str = "CKPT", base: str | None = None) -> LoadedModel:
+                       label: str = "CKPT", base: str | None = None,
+                       run: SavedRun | None = None) -> LoadedModel:
     """The model of a checkpoint in eval mode (LoRA adapters applied to the verified base).
 
     Only what the run *is* comes from the file: downloads, caches and paths stay this
     invocation's (``ALLOW_DOWNLOAD`` saved as true in a checkpoint is not honoured). ``base``
-    (``--base`` / ``GPT2_MODEL_NAME``) says where a GPT-2 run's base model lives now.
+    (``--base`` / ``GPT2_MODEL_NAME``) says where a GPT-2 run's base model lives now. ``run``:
+    the checkpoint of ``path`` when it is already loaded (by :func:`find_checkpoint`).
     """
-    run = load_run(path, label=label)
+    if run is None:
+        run = load_run(path, label=label)
     if isinstance(run, ShardedRun):
         raise UserError(f"{run.where} is a sharded checkpoint (PARALLEL=fsdp); make it one file "
                         f"first: lmtrain checkpoint consolidate {path}")
@@ -56,15 +59,19 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     return LoadedModel(model, tokenizer, cfg, run)
 
 
-def find_checkpoint(path: str | Path, step: int | None = None, label: str = "PATH") -> Path:
+def find_checkpoint(path: str | Path, step: int | None = None, label: str = "PATH"
+                    ) -> tuple[Path, SavedRun | None]:
     """A checkpoint file as it is, or in a run folder the checkpoint of ``step``, else the
-    run's best (the step with the lowest val loss, when its file is kept), else its newest."""
+    run's best (the step with the lowest val loss, when its file is kept), else its newest;
+    with it the checkpoint already loaded, when choosing it took loading it (the newest,
+    which names the best step), to pass on to :func:`load_trained_model`: no file is loaded
+    twice."""
     path = Path(path)
     if not path.is_dir():
         if step is not None:
             raise UserError(f"--step picks a checkpoint in a run folder; {label}={str(path)!r} "
                             f"is a file")
-        return path
+        return path, None
     found = dict(list_checkpoints(path))
     if not found:
         raise UserError(f"{label}={str(path)!r} holds no checkpoint (step_*.pt)")
@@ -72,10 +79,12 @@ def find_checkpoint(path: str | Path, step: int | None = None, label: str = "PAT
         if step not in found:
             raise UserError(f"{label}={str(path)!r} has no checkpoint of step {step} (it has "
                             f"steps {', '.join(map(str, sorted(found)))})")
-        return found[step]
-    newest = found[max(found)]
-    best = load_run(newest, label=label).best_step
-    return found.get(best, newest) if best is not None else newest
+        return found[step], None
+    newest = load_run(found[max(found)], label=label)
+    best = newest.best_step
+    if best is None or best == max(found) or best not in found:
+        return found[max(found)], newest
+    return found[best], None
 
 
 def check_fits(run: SavedRun) -> None:

@@ -1,12 +1,16 @@
-"""What a model, its optimizer and one batch need in memory, estimated from the settings before
-anything is allocated, and refused in one line naming the setting and the estimate when the
-device cannot hold it (instead of an allocator error, or a machine swapping to a halt).
+"""What a model, its optimizer and one batch need in memory, and the one line that refuses a
+run the device cannot hold (instead of an allocator error, or a machine swapping to a halt):
+estimated from the settings before anything is allocated (:func:`check_memory`, against the
+device's memory), and for ``PARALLEL=fsdp`` from the built model's parameters
+(:func:`check_shards_fit`, against the free memory, naming how many processes would fit). Both
+count a weight's bytes with :func:`parameter_bytes`.
 
-The estimate is deliberately low (fp32 weights, gradients and AdamW's two moments; a LoRA base
-in bf16; activations of one micro-batch at 8 values per width, layer and token, about half of
-what a transformer block keeps for its backward pass, or one per layer with gradient
-checkpointing; no attention matrices): a run it refuses could never fit, and one it lets
-through may still be tight.
+The estimate is deliberately low (fp32 weights, gradients and AdamW's two moments, spread over
+the FSDP processes, each of which first builds the whole model; a LoRA base in bf16, fp32 under
+FSDP; activations of one micro-batch at 8 values per width, layer and token, about half of what
+a transformer block keeps for its backward pass, or one per layer with gradient checkpointing;
+no attention matrices): a run it refuses could never fit, and one it lets through may still be
+tight.
 """
 
 from __future__ import annotations
@@ -14,23 +18,41 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+from torch import nn
+
 from lmtrain.config import ModelSettings
 from lmtrain.errors import UserError
+from lmtrain.models import count_parameters
 
 FP32 = 4
+BF16 = 2
+#: Bytes per trained weight: the fp32 weight, its gradient and AdamW's two moments.
+BYTES_TRAINED = 4 * FP32
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes by purpose."""
+    """Bytes by purpose, for one process."""
 
     weights: int
     training_state: int  # gradients and optimizer moments of the trained weights
     activations: int  # one micro-batch's, forward and backward
+    whole_model: int = 0  # FSDP: the whole model's weights, built before it is sharded
 
     @property
     def total(self) -> int:
-        return self.weights + self.training_state + self.activations
+        return max(self.weights + self.training_state + self.activations, self.whole_model)
+
+
+def parameter_bytes(trained: int, frozen: int = 0, shards: int = 1,
+                    frozen_bytes: int = FP32) -> tuple[int, int]:
+    """``(weights, training_state)``: the bytes one process keeps for ``trained`` weights (fp32,
+    with their gradients and AdamW's two moments) and ``frozen`` ones (a LoRA base, or every
+    weight of a sampler; ``frozen_bytes`` each), spread over ``shards`` processes (FSDP)."""
+    shards = max(shards, 1)
+    return ((FP32 * trained + frozen_bytes * frozen) // shards,
+            (BYTES_TRAINED - FP32) * trained // shards)
 
 
 def parameter_count(model: ModelSettings, vocab_size: int) -> int:
@@ -45,18 +67,22 @@ def estimate(model: ModelSettings, vocab_size: int, batch_size: int = 0,
              training: bool = True, shards: int = 1) -> MemoryEstimate:
     """The memory a run (``training``) or a sampler of this model needs; ``batch_size``
     sequences of ``BLOCK_SIZE`` tokens per micro-batch; ``shards``: the processes that share
-    the gradients and optimizer state (``PARALLEL=fsdp``; the whole model is built first)."""
+    the weights, gradients and optimizer state (``PARALLEL=fsdp``; each builds the whole model
+    first)."""
     params = parameter_count(model, vocab_size)
-    trained = 0
-    if training:
-        trained = params if not model.use_lora else params // 100  # adapters: a small part
+    trained, frozen = (params, 0) if training else (0, params)
+    if training and model.use_lora:  # adapters: a small part beside the frozen base
+        trained, frozen = params // 100, params
+    # a LoRA base may be kept in bf16 (train/frozen.py); FSDP keeps every weight in fp32
+    frozen_bytes = BF16 if model.use_lora and shards <= 1 else FP32
+    weights, state = parameter_bytes(trained, frozen, shards, frozen_bytes)
     tokens = batch_size * model.block_size
     layers = max(model.n_layer, 1)
     kept = layers + 8 if model.gradient_checkpointing else 8 * layers  # values per width
-    weight_bytes = 2 if model.use_lora else FP32  # a LoRA base may be kept in bf16
-    return MemoryEstimate(weights=weight_bytes * params,
-                          training_state=3 * FP32 * trained // max(shards, 1),
-                          activations=FP32 * tokens * kept * model.n_embd if training else 0)
+    whole = parameter_bytes(trained, frozen, 1, frozen_bytes)[0] if shards > 1 else 0
+    return MemoryEstimate(weights=weights, training_state=state,
+                          activations=FP32 * tokens * kept * model.n_embd if training else 0,
+                          whole_model=whole)
 
 
 def expected_vocab_size(model: ModelSettings, tokenization: str, custom_vocab_size: int) -> int:
@@ -70,8 +96,6 @@ def expected_vocab_size(model: ModelSettings, tokenization: str, custom_vocab_si
 def device_memory(device_type: str, index: int | None = None) -> int | None:
     """The memory of the device (the machine's RAM for ``cpu``), or ``None`` if unknown."""
     if device_type == "cuda":
-        import torch
-
         try:
             return int(torch.cuda.get_device_properties(index or 0).total_memory)
         except (RuntimeError, AssertionError, AttributeError):
@@ -102,7 +126,8 @@ def check_memory(model: ModelSettings, vocab_size: int, device_type: str, batch_
     have = device_memory(device_type, index)
     if have is None or need.total <= have:
         return
-    if need.activations > need.weights + need.training_state:
+    whole_first = need.whole_model > need.weights + need.training_state + need.activations
+    if not whole_first and need.activations > need.weights + need.training_state:
         setting = (f"{origin}BATCH_SIZE={batch_size} with BLOCK_SIZE={model.block_size}",
                    "lower BATCH_SIZE (raise GRAD_ACCUM_STEPS to keep the tokens per step)")
     elif model.n_layer == 0:
@@ -112,8 +137,46 @@ def check_memory(model: ModelSettings, vocab_size: int, device_type: str, batch_
         setting = (f"{origin}N_EMBD={model.n_embd}, N_LAYER={model.n_layer}",
                    "lower N_EMBD or N_LAYER")
     parts = f"weights {human(need.weights)}"
-    if training:
+    if whole_first:
+        parts = (f"the whole model's weights {human(need.whole_model)}, built by every process "
+                 f"before FSDP shards them")
+    elif training:
         parts += (f", gradients and optimizer {human(need.training_state)}, one batch "
                   f"{human(need.activations)}")
     raise UserError(f"{setting[0]}: the run needs about {human(need.total)} ({parts}), more "
                     f"than the {human(have)} of memory of this {device_type}; {setting[1]}")
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Free bytes for one process on ``device``: the GPU's free memory, or the host's
+    available memory shared by this machine's processes (``None`` if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            fields = dict(line.split(":", 1) for line in fh)
+        available = int(fields["MemAvailable"].strip().split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    return available // max(local_procs, 1)
+
+
+def check_shards_fit(model: nn.Module, world_size: int, device: torch.device,
+                     available: int | None = None) -> None:
+    """``PARALLEL=fsdp``: refuse, in one line, a world size whose shards of the built
+    ``model`` (its trained weights with their gradients and AdamW state, its frozen weights,
+    in fp32: :func:`parameter_bytes`) would not fit this device's free memory (``available``
+    if given), naming how many processes would."""
+    trained, total = count_parameters(model)
+    need = sum(parameter_bytes(trained, total - trained, world_size))
+    free = available if available is not None else free_memory(device)
+    if free is None or need <= free:
+        return
+    gib = 2 ** 30
+    fits = -(-sum(parameter_bytes(trained, total - trained)) // free)
+    raise UserError(
+        f"PARALLEL=fsdp with {world_size} process(es): each needs about {need / gib:.1f} GiB for "
+        f"its shard of the weights, gradients and optimizer state, but {device} has "
+        f"{free / gib:.1f} GiB free; launch at least {fits} processes (--nproc_per_node / "
+        f"--nnodes), or fine-tune with USE_LORA=1")

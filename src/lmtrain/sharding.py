@@ -21,9 +21,6 @@ from torch import nn
 
 from lmtrain.errors import UserError
 
-#: Bytes per parameter that FSDP shards: the fp32 weight, its gradient and AdamW's two moments.
-BYTES_SHARDED = 4 + 4 + 8
-
 
 def under_torchrun(environ: Mapping[str, str] | None = None) -> bool:
     """Whether torchrun (or another launcher that sets its variables) started this process."""
@@ -99,37 +96,3 @@ def replicated_value(tensor: Any) -> Any:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def check_shards_fit(model: nn.Module, world_size: int, device: torch.device,
-               available: int | None = None) -> None:
-    """Refuse, in one line, a world size whose shards would not fit this device's free memory
-    (weights, gradients and AdamW state of the trainable parameters, the frozen weights)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    need = (trainable * BYTES_SHARDED + frozen * 4) // world_size
-    free = available if available is not None else free_memory(device)
-    if free is None or need <= free:
-        return
-    gib = 2 ** 30
-    fits = -(-(trainable * BYTES_SHARDED + frozen * 4) // free)
-    raise UserError(
-        f"PARALLEL=fsdp with {world_size} process(es): each needs about {need / gib:.1f} GiB for "
-        f"its shard of the weights, gradients and optimizer state, but {device} has "
-        f"{free / gib:.1f} GiB free; launch at least {fits} processes (--nproc_per_node / "
-        f"--nnodes), or fine-tune with USE_LORA=1")
-
-
-def free_memory(device: torch.device) -> int | None:
-    """Free bytes for one process on ``device``: the GPU's free memory, or the host's
-    available memory shared by this machine's processes (``None`` if unknown)."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            fields = dict(line.split(":", 1) for line in fh)
-        available = int(fields["MemAvailable"].strip().split()[0]) * 1024
-    except (OSError, KeyError, ValueError):
-        return None
-    local_procs = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return available // max(local_procs, 1)

@@ -64,8 +64,8 @@ def load_engine(args: argparse.Namespace, max_batch: int) -> tuple[Any, Any, Gen
     from lmtrain.serve.engine import Engine
 
     device = select_device(setting_value(args, "device", "auto"))
-    path = find_checkpoint(args.path, args.step)
-    loaded = load_trained_model(path, device, label="PATH", base=base_override(args))
+    path, run = find_checkpoint(args.path, args.step)  # a run folder's newest: loaded once
+    loaded = load_trained_model(path, device, label="PATH", base=base_override(args), run=run)
     run_values = loaded.config.generation.model_dump()
     run_values["max_new_tokens"] = run_values["max_new_tokens"] or ANSWER_TOKENS  # 0: no sample
     defaults = GenerationSettings(**{name: setting_value(args, name, run_values[name])

@@ -22,10 +22,10 @@ from lmtrain.data.tokenizers import Tokenizer, saved_tokenizer
 from lmtrain.device import autocast_dtype, make_grad_scaler
 from lmtrain.distributed import DistInfo, main_process_first, wrap_model
 from lmtrain.host_memory import keep_freed_memory, return_freed_memory
-from lmtrain.memory_estimate import check_memory, expected_vocab_size
+from lmtrain.memory_estimate import check_memory, check_shards_fit, expected_vocab_size
 from lmtrain.models import build_model
 from lmtrain.progress import TrainProgress
-from lmtrain.sharding import check_fsdp_launch, check_shards_fit, shard_model
+from lmtrain.sharding import check_fsdp_launch, shard_model
 from lmtrain.signals import StopRequest
 from lmtrain.trackers import check_installed, tracker_names
 from lmtrain.train.checkpointing import Checkpointer, check_checkpoint_kind
@@ -119,8 +119,8 @@ def check_run_memory(plan: RunPlan, placement: Placement) -> None:
     vocab = (plan.resume.checkpoint.vocab_size if plan.resume else expected_vocab_size(
         cfg.model, cfg.data.tokenization_method, cfg.data.custom_vocab_size))
     device = placement.device
-    # PARALLEL=fsdp: each process keeps its shard of the gradients and optimizer state
-    # (sharding.check_shards_fit checks the shards against free memory once the model exists)
+    # PARALLEL=fsdp: each process keeps its shard of the weights, gradients and optimizer state
+    # (check_shards_fit checks the shards against free memory once the model exists)
     shards = placement.world_size if cfg.run.parallel == "fsdp" else 1
     check_memory(cfg.model, vocab, device.type, cfg.optimization.batch_size,
                  origin="the checkpoint's " if plan.resume else "", index=device.index,

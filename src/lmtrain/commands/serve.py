@@ -43,7 +43,8 @@ def register(sub) -> None:
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on [default: 127.0.0.1, this machine only]")
-    p.add_argument("--port", type=int, default=8000, help="port [default: 8000]")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port; 0: a free one, named in the startup line [default: 8000]")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health and "
                         "the page [env LMTRAIN_API_KEY; default: none]")

@@ -158,6 +158,14 @@ def test_health_and_the_page_are_open_and_the_rest_needs_the_key(client) -> None
     assert client.get("/v1/models/tiny", headers=AUTH).json()["id"] == "tiny"
 
 
+def test_health_counts_the_requests_ended_by_how_they_ended(client) -> None:
+    before = client.get("/health").json()["ended"]
+    assert set(before) == {"stop", "length", "cancelled", "error"}
+    finish = client.post(C, json=GOOD, headers=AUTH).json()["choices"][0]["finish_reason"]
+    after = client.get("/health").json()["ended"]
+    assert after == before | {finish: before[finish] + 1}
+
+
 def test_a_streamed_answer_is_the_whole_answer_in_pieces(client) -> None:
     whole = client.post(C, json=_with(GOOD, max_tokens=12), headers=AUTH).json()
     lines = []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -31,8 +32,6 @@ pytestmark = pytest.mark.integration
 QUESTIONS = ["What is the capital of France?", "Who wrote Hamlet?", "How many legs has a spider?",
              "What colour is the sky?", "What is two plus two?", "Where do penguins live?"]
 ANSWERS = ["Paris.", "Shakespeare.", "Eight.", "Blue.", "Four.", "Antarctica."]
-#: How a server stopped by SIGTERM ends: uvicorn finishes, then raises the signal again.
-STOPPED = (0, -signal.SIGTERM)
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -60,33 +59,39 @@ def qa_run(tmp_path_factory) -> Path:
     return _train(tmp_path_factory.mktemp("qa_run"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
-    """``lmtrain serve`` in a child process, ready once ``/health`` answers."""
+    """``lmtrain serve --port 0`` in a child process: its address is read from its startup
+    line, and it is ready once ``/health`` answers there."""
 
     def __init__(self, path: Path, *flags: str, env: dict[str, str] | None = None) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "lmtrain", "serve", str(path), "--port", str(self.port),
+            [sys.executable, "-m", "lmtrain", "serve", str(path), "--port", "0",
              "--device", "cpu", *flags], env=child_env({"OMP_NUM_THREADS": "1", **(env or {})}),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
+        self.url = self._startup_url(deadline)
         while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"the server ended: {self.proc.communicate()}")
             with contextlib.suppress(httpx.TransportError):
                 if httpx.get(self.url + "/health", timeout=1).status_code == 200:
                     return
-            if time.monotonic() > deadline:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.stop()
-                raise AssertionError("the server did not start in 120 s")
+                raise AssertionError(f"the server did not answer at {self.url}")
             time.sleep(0.2)
+
+    def _startup_url(self, deadline: float) -> str:
+        """The address the startup line names (``serving 'qa' (step 30) at URL/ ...``)."""
+        assert self.proc.stdout is not None
+        while select.select([self.proc.stdout], [], [], max(deadline - time.monotonic(), 0))[0]:
+            line = self.proc.stdout.readline()
+            if not line:
+                raise AssertionError(f"the server ended: {self.proc.communicate()}")
+            found = re.match(r"serving '.*' \(step \d+\) at (http://127\.0\.0\.1:(\d+))/", line)
+            if found:
+                assert int(found[2]) > 0, line
+                return found[1]
+        self.stop()
+        raise AssertionError("the server did not start in 120 s")
 
     def settles(self, seconds: float = 15) -> bool:
         """Whether no request is in flight within ``seconds``."""
@@ -113,7 +118,7 @@ class Server:
 def server(qa_run: Path) -> Iterator[Server]:
     served = Server(qa_run, "--max-tokens-limit", "100000")
     yield served
-    assert served.stop() in STOPPED
+    assert served.stop() == 0
 
 
 def _chat(url: str, question: str, **extra: Any) -> dict[str, Any]:
@@ -187,6 +192,27 @@ def test_a_client_that_goes_away_stops_its_generation(server: Server) -> None:
     assert _chat(server.url, QUESTIONS[0])["choices"][0]["message"]["content"]
 
 
+def test_a_whole_answer_stops_when_its_client_goes_away(server: Server) -> None:
+    """No write fails for a client waiting for a whole answer: the server polls for its
+    leaving, and cancels the generation long before its max_tokens."""
+    health = server.url + "/health"
+    before = httpx.get(health).json()["ended"]
+    body = json.dumps({"model": "qa", "prompt": "QUESTION:", "max_tokens": 100_000}).encode()
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as conn:
+        conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n%s"
+                     % (host.encode(), len(body), body))
+        deadline = time.monotonic() + 15
+        while httpx.get(health).json()["in_flight"] != 1:
+            assert time.monotonic() < deadline, "the request never started"
+            time.sleep(0.05)
+    assert server.settles(), "the request was still being decoded after its client left"
+    after = httpx.get(health).json()["ended"]
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["length"] == before["length"]
+
+
 def test_a_gpt2_lora_checkpoint_serves_through_the_openai_client(tmp_path: Path,
                                                                   tiny_gpt2_dir: Path) -> None:
     openai = pytest.importorskip("openai", reason="the openai client is not installed")
@@ -204,7 +230,7 @@ def test_a_gpt2_lora_checkpoint_serves_through_the_openai_client(tmp_path: Path,
             whole.choices[0].message.content
         assert whole.usage.completion_tokens >= 1
     finally:
-        assert served.stop() in STOPPED
+        assert served.stop() == 0
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(qa_run: Path) -> None:
@@ -212,6 +238,15 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(qa_run: Path) -> Non
     headers = {"Authorization": "Bearer k"}
     assert httpx.get(served.url + "/v1/models").status_code == 401
     assert httpx.get(served.url + "/health").status_code == 200
+    whole: list[httpx.Response] = []
+    asked = threading.Thread(target=lambda: whole.append(httpx.post(
+        served.url + "/v1/completions", headers=headers, timeout=120,
+        json={"model": "qa", "prompt": "QUESTION:", "max_tokens": 2000})))
+    asked.start()
+    deadline = time.monotonic() + 15
+    while not httpx.get(served.url + "/health").json()["in_flight"]:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.05)
     body = {"model": "qa", "prompt": "QUESTION:", "max_tokens": 400, "stream": True,
             "stream_options": {"include_usage": True}}
     events: list[str] = []
@@ -222,10 +257,36 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(qa_run: Path) -> Non
                 continue
             events.append(line)
             if len(events) == 1:
+                assert httpx.get(served.url + "/health").json()["in_flight"] == 2
                 served.proc.send_signal(signal.SIGTERM)
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2].removeprefix("data: "))["usage"]["completion_tokens"] == 400
-    assert served.proc.wait(timeout=30) in STOPPED
+    asked.join()
+    assert whole[0].status_code == 200, whole[0].text
+    assert whole[0].json()["usage"]["completion_tokens"] == 2000
+    assert served.proc.wait(timeout=30) == 0
+    err = served.proc.communicate()[1]
+    assert "SIGTERM: stopping once the requests in flight have ended" in err
+    assert "Traceback" not in err
+
+
+def test_a_second_ctrl_c_cuts_the_requests_in_flight_short(qa_run: Path) -> None:
+    served = Server(qa_run, "--max-tokens-limit", "100000")
+    body = {"model": "qa", "prompt": "QUESTION:", "max_tokens": 100_000, "stream": True}
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=60) as r:
+        lines = (line for line in r.iter_lines() if line)
+        assert next(lines).startswith("data: ")
+        served.proc.send_signal(signal.SIGINT)
+        with pytest.raises(httpx.TransportError):  # stopping: no new connection is accepted
+            deadline = time.monotonic() + 15
+            while time.monotonic() < deadline:
+                httpx.get(served.url + "/health", timeout=1)
+                time.sleep(0.05)
+        assert all(next(lines).startswith("data: {") for _ in range(20))  # the answer goes on
+        served.proc.send_signal(signal.SIGINT)
+        assert served.proc.wait(timeout=30) == 128 + signal.SIGINT
+    err = served.proc.communicate()[1]
+    assert "SIGINT again: exiting now" in err and "Traceback" not in err
 
 
 def test_lmtrain_chat_through_a_pseudo_terminal(qa_run: Path, server: Server) -> None:

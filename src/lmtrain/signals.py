@@ -72,20 +72,21 @@ class StopRequest:
     def handle(self, signum: int, frame: Any = None) -> None:
         """The signal handler: record the first signal, exit at once on the second."""
         if self.signum is not None:
-            _exit_now(signum, " again")
+            exit_now(signum, " again")
         self.signum = signum
         if self.raising:
             self.raising = False
-            _write_stderr(f"\n{signal_name(signum)}: stopping now (send it again to exit at "
-                          f"once)\n")
+            write_stderr(f"\n{signal_name(signum)}: stopping now (send it again to exit at "
+                         f"once)\n")
             raise StopNow(signum)
-        _write_stderr(f"\n{signal_name(signum)}: stopping after the current step and saving a "
-                      f"checkpoint (send it again to exit at once)\n")
+        write_stderr(f"\n{signal_name(signum)}: stopping after the current step and saving a "
+                     f"checkpoint (send it again to exit at once)\n")
 
 
-def _write_stderr(text: str) -> None:
+def write_stderr(text: str) -> None:
+    """Write ``text`` to stderr unbuffered (safe inside a signal handler)."""
     with contextlib.suppress(OSError):
-        os.write(2, text.encode())  # unbuffered: safe inside a signal handler
+        os.write(2, text.encode())
 
 
 def exit_process(code: int) -> NoReturn:
@@ -98,8 +99,9 @@ def exit_process(code: int) -> NoReturn:
     os._exit(code)
 
 
-def _exit_now(signum: int, again: str = "") -> NoReturn:
-    _write_stderr(f"\n{signal_name(signum)}{again}: exiting now\n")
+def exit_now(signum: int, again: str = "") -> NoReturn:
+    """End the process at once after ``signum``, status ``128 + signum``, saying so."""
+    write_stderr(f"\n{signal_name(signum)}{again}: exiting now\n")
     exit_process(128 + signum)
 
 
@@ -112,7 +114,7 @@ def exit_on_signals() -> None:
     """
     if threading.current_thread() is threading.main_thread():
         for s in STOP_SIGNALS:
-            signal.signal(s, lambda signum, frame: _exit_now(signum))
+            signal.signal(s, lambda signum, frame: exit_now(signum))
 
 
 _active: StopRequest | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 from typing import Any
 
 from lmtrain.config import GenerationSettings
@@ -42,7 +43,8 @@ def register(sub) -> None:
     add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on [default: 127.0.0.1, this machine only]")
-    p.add_argument("--port", type=int, default=8000, help="port [default: 8000]")
+    p.add_argument("--port", type=int, default=8000,
+                   help="port; 0: a free one, named in the startup line [default: 8000]")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on every route but /health and "
                         "the page [env LMTRAIN_API_KEY; default: none]")
@@ -75,31 +77,39 @@ def load_engine(args: argparse.Namespace, max_batch: int) -> tuple[Any, Any, Gen
     return loaded, engine, defaults
 
 
-def _check_address(host: str, port: int) -> None:
-    """Fail before the model loads when the server could not listen on ``host:port``."""
-    import socket
-
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port`` (port 0: a free one the system picks), made before the
+    model loads, so that an address it cannot listen on fails at once."""
     from lmtrain.errors import UserError
 
     if not 0 <= port <= 65535:
         raise UserError(f"--port {port} is not a port (0-65535)")
+    sock: socket.socket | None = None
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        with socket.socket(infos[0][0], socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind(infos[0][4])
+        family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
     except OSError as exc:
+        if sock is not None:
+            sock.close()
         raise UserError(f"cannot listen on --host {host} --port {port}: "
                         f"{exc.strerror or exc}") from None
+    return sock
+
+
+def _url(host: str, sock: socket.socket) -> str:
+    """The address ``sock`` listens on, with the port it got (``--port 0``)."""
+    port = sock.getsockname()[1]
+    return f"http://[{host}]:{port}/" if ":" in host else f"http://{host}:{port}/"
 
 
 def run(args: argparse.Namespace) -> int:
     from lmtrain.errors import UserError
 
     try:
-        import uvicorn
-
         from lmtrain.serve.app import MAX_TOKENS, Served, create_app
+        from lmtrain.serve.server import serve
     except ImportError as exc:
         raise UserError(f"lmtrain serve needs the serve extra ({exc.name} is missing): "
                         f"pip install 'lmtrain[serve]'") from None
@@ -110,14 +120,14 @@ def run(args: argparse.Namespace) -> int:
     limit = args.max_tokens_limit or MAX_TOKENS
     if limit < 1:
         raise UserError("--max-tokens-limit must be at least 1")
-    _check_address(args.host, args.port)
-    loaded, engine, defaults = load_engine(args, args.max_batch)
-    api_key = args.api_key or os.environ.get("LMTRAIN_API_KEY", "").strip() or None
-    name = args.model_name or loaded.checkpoint.run_name or loaded.checkpoint.where
-    served = Served(engine, name, QATemplate(loaded.config.data.qa_template), defaults,
-                    api_key=api_key, max_tokens=limit)
-    print(f"serving {name!r} (step {loaded.checkpoint.step}) at http://{args.host}:{args.port}"
-          f"/ {'(API key required)' if api_key else ''}".rstrip(), flush=True)
-    uvicorn.run(create_app(served), host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=None)
+    with _bind(args.host, args.port) as sock:
+        loaded, engine, defaults = load_engine(args, args.max_batch)
+        api_key = args.api_key or os.environ.get("LMTRAIN_API_KEY", "").strip() or None
+        name = args.model_name or loaded.checkpoint.run_name or loaded.checkpoint.where
+        served = Served(engine, name, QATemplate(loaded.config.data.qa_template), defaults,
+                        api_key=api_key, max_tokens=limit)
+        sock.listen()  # from here a client waits for the server rather than being refused
+        print(f"serving {name!r} (step {loaded.checkpoint.step}) at {_url(args.host, sock)}"
+              f" {'(API key required)' if api_key else ''}".rstrip(), flush=True)
+        serve(create_app(served), sock)
     return 0

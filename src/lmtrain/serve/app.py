@@ -28,7 +28,7 @@ from lmtrain.config import GenerationSettings
 from lmtrain.data.qa_format import QATemplate
 from lmtrain.errors import UserError
 from lmtrain.serve.conversation import chat_prompt, chat_stops, hold_whitespace
-from lmtrain.serve.engine import Engine, Event, Job
+from lmtrain.serve.engine import FINISHES, Engine, Event, Job
 from lmtrain.serve.protocol import ApiError, ChatRequest, CompletionRequest, parse, sampling
 
 #: The largest request body read, by default (bytes).
@@ -93,7 +93,9 @@ def _add_routes(app: FastAPI, served: Served) -> None:
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "in_flight": served.engine.in_flight}
+        ended = served.engine.ended
+        return {"status": "ok", "in_flight": served.engine.in_flight,
+                "ended": {reason: ended[reason] for reason in FINISHES}}
 
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:

@@ -18,6 +18,7 @@ import logging
 import queue
 import secrets
 import threading
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -42,6 +43,8 @@ from lmtrain.padded_batch import PaddedBatch
 from lmtrain.serve import MAX_BATCH
 
 log = logging.getLogger("lmtrain")
+#: How a request ends: the ``finish`` of its last :class:`Event`.
+FINISHES = ("stop", "length", "cancelled", "error")
 
 
 @dataclass(frozen=True)
@@ -153,6 +156,7 @@ class Engine:
         self.waiting: queue.Queue[Job | None] = queue.Queue()
         self.held: list[Job] = []  # taken from the queue by the idle thread, not yet admitted
         self.thread: threading.Thread | None = None
+        self.ended: Counter[str] = Counter()  # requests ended so far, by finish reason
 
     def job(self, prompt: str, sampling: GenerationSettings, emit: Callable[[Event], None], *,
             seed: int | None = None, stops: Sequence[str] = ()) -> Job:
@@ -168,9 +172,20 @@ class Engine:
         ids = start_context(self.tokenizer, prompt)
         healed = heal_prompt(ids, self.table)
         seed = secrets.randbits(63) if seed is None else seed
-        return Job(healed.context, sampling, torch.Generator().manual_seed(seed), emit,
+        return Job(healed.context, sampling, torch.Generator().manual_seed(seed),
+                   self._counted(emit),
                    prompt_tokens=len(ids), allowed=healed.allowed, prefix=healed.prefix,
                    stops=tuple(s for s in stops if s))
+
+    def _counted(self, emit: Callable[[Event], None]) -> Callable[[Event], None]:
+        """``emit``, counting the request's end in :attr:`ended`."""
+
+        def counted(event: Event) -> None:
+            if event.finish is not None:
+                self.ended[event.finish] += 1
+            emit(event)
+
+        return counted
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; it joins the batch at the next step (thread-safe)."""

@@ -16,6 +16,7 @@ from lmtrain.config import (
     read_config_file,
 )
 from lmtrain.errors import UserError
+from lmtrain.launch_checks import elastic_restart_warning
 from tests.conftest import ROOT, run_entrypoint
 
 
@@ -155,3 +156,28 @@ def test_a_plain_run_gets_no_warnings():
 def test_session_logs_the_warnings(train_run):
     summary = train_run(training_steps=3, warmup_steps=5, max_new_tokens=0)
     assert "WARMUP_STEPS=5 covers every step of this run" in summary.log_file.read_text()
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(("env", "warned"), [
+    ({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}, True),
+    ({"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "False"}, False),
+    ({"TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_USE_AGENT_STORE": "True"}, False),
+    ({"TORCHELASTIC_MAX_RESTARTS": "two", "TORCHELASTIC_USE_AGENT_STORE": "True"}, False),
+    ({}, False),
+])
+def test_elastic_restarts_over_a_shared_store_are_warned_of(env, warned):
+    warning = elastic_restart_warning(env)
+    assert bool(warning) is warned
+    if warned:
+        assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in warning and "--max-restarts=2" in warning
+
+
+@pytest.mark.integration
+def test_training_py_warns_of_a_restart_that_would_share_the_store(tmp_path):
+    env = {"TORCHELASTIC_MAX_RESTARTS": "3", "TORCHELASTIC_USE_AGENT_STORE": "True",
+           "TRAINING_STEPS": "-1"}  # a bad value: the run stops at once, after the warnings
+    proc = run_entrypoint([str(ROOT / "training.py")], env, tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "warning: torchrun may restart these workers (--max-restarts=3)" in proc.stderr
+    assert "TRAINING_STEPS" in proc.stderr and "Traceback" not in proc.stderr

@@ -26,6 +26,7 @@ from lmtrain.config import (
 )
 from lmtrain.errors import TrainingInterrupted, UserError
 from lmtrain.host_memory import huge_pages_for_sharded_run
+from lmtrain.launch_checks import elastic_restart_warning
 
 #: Flags whose names differ from their setting (aliases users expect).
 FLAG_ALIASES = {"checkpoint_path": ["--resume"], "training_data_source": ["--data"]}
@@ -100,8 +101,9 @@ def run_training_session(values: dict[str, Any], sources: dict[str, str]) -> int
     from lmtrain.signals import stop_on_signals
 
     if os.environ.get("RANK", "0") == "0":  # under torchrun, once
-        for warning in env_typos():
-            print(f"warning: {warning}", file=sys.stderr)
+        for warning in [*env_typos(), elastic_restart_warning()]:
+            if warning:
+                print(f"warning: {warning}", file=sys.stderr)
     check_settings(values, sources)  # before torch is imported: a bad value fails at once
     huge_pages_for_sharded_run(str(values.get("parallel", "ddp")))  # before torch, too
     with stop_on_signals() as stop:  # from the start, so an early Ctrl-C is handled too

@@ -4,8 +4,8 @@ pair of processes, through FSDP's own extension points (``set_custom_all_gather`
 
 gloo's ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` are slow on one machine:
 measured on 2 CPU processes (``benchmarks/bench_collectives.py``), a 48 MB block's all-gather
-took 59 ms and its reduce-scatter 71 ms, where sending each peer its piece with paired
-``isend``/``irecv`` took 16 and 25 ms. Every process sends ``(N-1)/N`` of the data, as a ring
+took 50 ms and its reduce-scatter 69 ms, where sending each peer its piece with paired
+``isend``/``irecv`` took 17 and 22 ms. Every process sends ``(N-1)/N`` of the data, as a ring
 does, and all exchanges are posted before any is waited on, so none can deadlock. The
 layouts are torch's: piece ``r`` of the flat buffer is rank ``r``'s shard.
 

@@ -85,7 +85,7 @@ def test_two_processes_train_and_resume_bit_for_bit(corpus, tmp_path):
     logs = sorted(p.name for p in (tmp_path / "logs" / "ddp").glob("*.log"))
     assert len(logs) == full.attempts + resumed.attempts
     assert sum(name.startswith("resume-") for name in logs) == resumed.attempts
-    assert "2 process(es)" in full.stdout
+    assert "2 process(es) (DistributedDataParallel)" in full.stdout
 
 
 @pytest.mark.integration

@@ -264,14 +264,18 @@ def test_fsdp_trains_each_model_kind(corpus, tmp_path, tiny_gpt2_dir, extra):
         extra = {**extra, "gpt2_model_name": str(tiny_gpt2_dir), "tokenization_method": "gpt2"}
         for name in ("n_layer", "n_head", "n_embd"):
             extra.setdefault(name, {"n_layer": 2, "n_head": 2, "n_embd": 64}[name])
-    env = _fsdp_env(corpus, tmp_path, training_steps=4, checkpoint_dir=tmp_path / "c", **extra)
+    env = _fsdp_env(corpus, tmp_path, training_steps=4, checkpoint_dir=tmp_path / "c",
+                    warmup_steps=8, **extra)  # a schedule the run never finishes: warned of
     proc = _launch(env, tmp_path)
+    output = proc.stdout + proc.stderr
+    assert "2 process(es) (FSDP2: weights, gradients and optimizer state sharded)" in output
+    assert output.count("WARMUP_STEPS=8 covers every step") == 1  # said once, not per rank
     one = _consolidated(tmp_path / "c" / "f" / "step_0000004.dcp", tmp_path / "one.pt")
     run = load_run(tmp_path / "one.pt")
     assert run.step == 4 and all(torch.isfinite(t).all() for t in one[MODEL_STATE_KEY].values())
     if extra.get("use_lora"):  # only the adapter is saved, as in a single-file LoRA checkpoint
         assert all("lora_" in k for k in one[MODEL_STATE_KEY])
-    assert "step 4/4: loss" in proc.stdout + proc.stderr
+    assert "step 4/4: loss" in output
 
 
 @pytest.mark.integration

@@ -252,6 +252,11 @@ class Session:
         return dict(timings)
 
 
+#: How the processes of a run share its work, as the start of the run says it
+_PARALLEL_NAMES = {"ddp": " (DistributedDataParallel)",
+                   "fsdp": " (FSDP2: weights, gradients and optimizer state sharded)"}
+
+
 def _log_start(plan: RunPlan, parts: Components, settings: list[str], start: int,
                end: int) -> None:
     """What this run is: its settings, device, data and model size, and the advice for it."""
@@ -263,11 +268,12 @@ def _log_start(plan: RunPlan, parts: Components, settings: list[str], start: int
              place.device, place.precision or "fp32", parts.tokenizer.kind,
              parts.tokenizer.vocab_size, len(parts.data.train), len(parts.data.val))
     if place.world_size > 1 or cfg.run.compile:
-        log.info("%d process(es) (DistributedDataParallel when > 1), torch.compile %s",
-                 place.world_size, "on" if cfg.run.compile else "off")
+        log.info("%d process(es)%s, torch.compile %s", place.world_size,
+                 _PARALLEL_NAMES[cfg.run.parallel] if place.world_size > 1 else "",
+                 "on" if cfg.run.compile else "off")
     trainable, total = count_parameters(parts.raw_model)
     log.info("parameters: %s trainable / %s total", f"{trainable:,}", f"{total:,}")
     if resumed:
         log.info("resuming from step %d for %d steps (to step %d)", start, end - start, end)
-    for warning in run_warnings(cfg, start, resumed):
-        log.warning(warning)
+    for warning in run_warnings(cfg, start, resumed) if place.is_main else ():  # the same
+        log.warning(warning)  # on every rank: said once

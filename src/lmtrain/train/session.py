@@ -188,9 +188,9 @@ class Session:
         setup_logging(self.log_file if is_main else None, quiet=not is_main)
         self.resources.callback(close_logging)
         self.logging = True
-        for note in plan.notes:
-            log.warning(note)
-        if is_main:
+        if is_main:  # the plan is every rank's: its notes are said once
+            for note in plan.notes:
+                log.warning(note)
             for leftover in remove_stale_temp_files(plan.paths.checkpoints):
                 log.warning("removed %s, left by an interrupted checkpoint write", leftover)
 

@@ -20,13 +20,7 @@ from typing import Any
 
 from lmtrain.checkpoint import AUTO_RESUME, find_resumable, list_checkpoints, load_run
 from lmtrain.checkpoint_format import SavedRun
-from lmtrain.config import (
-    LoadedConfig,
-    TrainingConfig,
-    merge_fresh,
-    merge_resumed,
-    settle,
-)
+from lmtrain.config import LoadedConfig, TrainingConfig, load_fresh, load_resumed
 from lmtrain.data.tokenizers import saved_tokenizer
 from lmtrain.errors import UserError
 from lmtrain.models.gpt2 import find_base, gpt2_shape
@@ -100,9 +94,9 @@ def _auto_plan(values: dict[str, Any], sources: dict[str, str]) -> RunPlan:
                      f"{run_name} fresh")
         return _plan(fresh, run_name, None, notes, name_source)
     notes.append(f"CHECKPOINT_PATH=auto: resuming {path}")
-    loaded = settle(*merge_resumed(
+    loaded = load_resumed(
         ckpt.hyperparameters, {**values, "checkpoint_path": str(path)},
-        {**sources, "checkpoint_path": sources.get("checkpoint_path", "")}))
+        {**sources, "checkpoint_path": sources.get("checkpoint_path", "")})
     return _plan(loaded, run_name, ResumeSource(path, ckpt.step, ckpt), notes, name_source)
 
 
@@ -112,7 +106,7 @@ def _resume_plan(path: Path, values: dict[str, Any], sources: dict[str, str],
     lies in, else a new name; a branch when that run already went further."""
     ckpt = load_run(path)
     saved_tokenizer(ckpt)  # a tokenizer that does not rebuild fails before anything is created
-    loaded = settle(*merge_resumed(ckpt.hyperparameters, values, sources))
+    loaded = load_resumed(ckpt.hyperparameters, values, sources)
     source = ResumeSource(path, ckpt.step, ckpt)
     cfg = loaded.config
     notes: list[str] = []
@@ -169,7 +163,7 @@ def _paths(cfg: TrainingConfig, run_name: str) -> RunPaths:
 
 def _load_fresh(values: dict[str, Any], sources: dict[str, str]) -> LoadedConfig:
     """A fresh run's settings, validated once, with the schedule's horizon recorded."""
-    loaded = settle(*merge_fresh(values, sources))
+    loaded = load_fresh(values, sources)
     if loaded.config.optimization.lr_decay_steps is not None:
         return loaded
     horizon = max(loaded.config.optimization.training_steps, 1)  # the horizon is saved with the run

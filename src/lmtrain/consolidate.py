@@ -13,8 +13,8 @@ from lmtrain.checkpoint_format import with_weights
 from lmtrain.data.tokenizers import saved_tokenizer
 from lmtrain.durable import storage_error
 from lmtrain.errors import UserError
+from lmtrain.inference import config_now
 from lmtrain.models import build_model
-from lmtrain.models.lora import base_location_now
 from lmtrain.models.weights import model_state
 from lmtrain.sharded_checkpoint import (
     ShardedRun,
@@ -43,9 +43,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, base: str | None
         raise UserError(f"OUT={str(target)!r} exists; nothing was replaced — give another "
                         f"OUT or remove it")
     run = load_sharded_run(src, label)
-    cfg = run.config
-    if cfg.model.model_type == "gpt2":  # where its base model is now
-        cfg = cfg.with_facts(gpt2_model_name=base_location_now(cfg.model, run.lora_base, base))
+    cfg = config_now(run, base)
     torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, saved_tokenizer(run).vocab_size)
     optimizer = build_optimizer(model, cfg.optimization, torch.device("cpu"))

@@ -46,9 +46,7 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     if isinstance(run, ShardedRun):
         raise UserError(f"{run.where} is a sharded checkpoint (PARALLEL=fsdp); make it one file "
                         f"first: lmtrain checkpoint consolidate {path}")
-    cfg = run.config
-    if cfg.model.model_type == "gpt2":  # where its base model is now
-        cfg = cfg.with_facts(gpt2_model_name=base_location_now(cfg.model, run.lora_base, base))
+    cfg = config_now(run, base)
     tokenizer = saved_tokenizer(run)
     check_memory(cfg.model, tokenizer.vocab_size, (device or torch.device("cpu")).type,
                  training=False, origin="the checkpoint's ")
@@ -57,6 +55,15 @@ def load_trained_model(path: str | Path, device: torch.device | None = None,
     load_weights(model, cfg.model, run)
     model.to(device or torch.device("cpu")).eval()
     return LoadedModel(model, tokenizer, cfg, run)
+
+
+def config_now(run: SavedRun, base: str | None) -> TrainingConfig:
+    """A checkpoint's settings, a GPT-2 run's with GPT2_MODEL_NAME where its base model is
+    found now (``base``: ``--base`` / ``GPT2_MODEL_NAME``; an adapter's saved reference)."""
+    cfg = run.config
+    if cfg.model.model_type != "gpt2":
+        return cfg
+    return cfg.with_facts(gpt2_model_name=base_location_now(cfg.model, run.lora_base, base))
 
 
 def find_checkpoint(path: str | Path, step: int | None = None, label: str = "PATH"

@@ -62,13 +62,12 @@ class PaddedBatch:
             return
         index = torch.tensor(list(rows), dtype=torch.long, device=self.device)
         self.pad = self.pad[index]
-        self._set_tensors([t.index_select(self._batch_dim, index) for t in self._tensors()])
+        tensors = [t.index_select(self._batch_dim, index) for t in self._tensors()]
         shared = int(self.pad.min())
         if shared:
-            tensors = [t.narrow(self._time_dim, shared, self.width - shared)
-                       for t in self._tensors()]
+            tensors = [t.narrow(self._time_dim, shared, self.width - shared) for t in tensors]
             self.pad, self.width = self.pad - shared, self.width - shared
-            self._set_tensors(tensors)
+        self._set_tensors(tensors)  # one copy of the cache, not one per change
 
     def _prefill(self, contexts: Sequence[Sequence[int]]) -> torch.Tensor:
         lengths = [len(c) for c in contexts]
@@ -104,9 +103,11 @@ class PaddedBatch:
             self.pad, self.width, self.cache = other.pad, other.width, other.cache
             return
         width = max(self.width, other.width)
+        size = self.window if self.kind == "gpt" else width  # the GPT's buffers: whole windows,
+        # padded here once rather than again by _set_tensors
         mine, theirs = self._tensors(), other._tensors()
-        merged = [torch.cat([_shift(a, width - self.width, self._time_dim, width),
-                             _shift(b, width - other.width, self._time_dim, width)],
+        merged = [torch.cat([_shift(a, width - self.width, self._time_dim, size),
+                             _shift(b, width - other.width, self._time_dim, size)],
                             dim=self._batch_dim) for a, b in zip(mine, theirs, strict=True)]
         self.pad = torch.cat([self.pad + width - self.width, other.pad + width - other.width])
         self.width = width

@@ -28,6 +28,7 @@ from lmtrain.data.dataset import TokenData
 from lmtrain.data.tokenizers import Tokenizer
 from lmtrain.device import autocast_context, select_device
 from lmtrain.distributed import init_distributed
+from lmtrain.models import unwrap_model
 from lmtrain.progress import TrainProgress
 from lmtrain.signals import StopRequest
 
@@ -76,9 +77,7 @@ class Components:
     @property
     def raw_model(self) -> nn.Module:
         """The model without DDP / torch.compile wrappers (what checkpoints hold)."""
-        m = self.model
-        m = getattr(m, "module", m)
-        return getattr(m, "_orig_mod", m)
+        return unwrap_model(self.model)
 
 
 @dataclass(frozen=True)

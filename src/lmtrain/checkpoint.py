@@ -102,11 +102,11 @@ def _read(path: Path, where: str, map_location: str | torch.device, label: str) 
     or code-carrying file is one line."""
     import torch
 
-    problem = not_a_file(user_path(path, label))
+    path = user_path(path, label)
+    problem = not_a_file(path)
     if problem:
         auto = f", or {AUTO_RESUME!r}" if label == "CHECKPOINT_PATH" else ""
         raise UserError(f"{where}: {problem}; give a .pt checkpoint written by lmtrain{auto}")
-    path = user_path(path, label)
     if not zipfile.is_zipfile(path):  # torch.save always writes a zip archive
         raise UserError(f"{where} is not a checkpoint: not a torch.save archive (truncated, "
                         f"or some other kind of file); pick an earlier checkpoint")

@@ -84,7 +84,6 @@ def gpt2_config(config: ModelSettings) -> GPT2Config:
     return hf_config
 
 
-#: Where a value comes from when the user did not set it.
 def gpt2_shape(config: ModelSettings) -> dict[str, int]:
     """The real shape of the model ``GPT2_MODEL_NAME`` names (a fact the plan records): its
     ``n_layer``, ``n_head`` and ``n_embd``, read from the folder's config."""

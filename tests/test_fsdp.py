@@ -84,6 +84,9 @@ def test_sharded_checkpoint_is_a_sealed_folder_that_consolidates(sharded, tmp_pa
         name.endswith(".distcp") for name in files)
     run = load_run(sharded)
     assert isinstance(run, ShardedRun) and run.step == 2
+    home = Path.home()  # the test's own HOME
+    shutil.copytree(sharded, home / "ck" / sharded.name)
+    assert load_run(f"~/ck/{sharded.name}").step == 2  # ~ means the user's home here too
     from lmtrain.inference import load_trained_model
 
     with pytest.raises(UserError, match=r"sharded checkpoint .*lmtrain checkpoint consolidate"):

@@ -90,8 +90,8 @@ def load_run(path: str | Path, map_location: str | torch.device = "cpu",
              label: str = "CHECKPOINT_PATH") -> SavedRun:
     """Load and validate a checkpoint as the read-only view every reader uses; see
     :func:`load_checkpoint`."""
-    path = Path(path)
     where = f"{label}={str(path)!r}"
+    path = user_path(path, label)  # ~ expanded before the folder is looked at
     if is_sharded_checkpoint(path):  # PARALLEL=fsdp: a folder of DCP shards
         return load_sharded_run(path, label)
     return SavedRun.validated(_read(path, where, map_location, label), where)

@@ -156,20 +156,18 @@ def _model_file(config: ModelSettings, filename: str) -> str | None:
         return None
 
 
-def _is_genuine_gpt2(vocab_file: str, merges_file: str) -> bool:
-    """Whether a folder's BPE files hold exactly the genuine GPT-2 vocabulary and merges."""
+def _is_genuine_gpt2(vocab: dict[str, int], merges: list[str]) -> bool:
+    """Whether a folder's BPE files (as :func:`_read_bpe_files` read them) hold exactly the
+    genuine GPT-2 vocabulary and merges."""
     from lmtrain.data.tokenizers import gpt2_file
 
-    def merge_lines(text: str) -> list[str]:
-        return [line for line in text.splitlines() if line.strip()]
+    return vocab == json.loads(gpt2_file("encoder.json")) and merges == _merge_lines(
+        gpt2_file("vocab.bpe").decode("utf-8"))
 
-    with open(vocab_file, encoding="utf-8") as fh:
-        vocab = json.load(fh)
-    if vocab != json.loads(gpt2_file("encoder.json")):
-        return False
-    with open(merges_file, encoding="utf-8") as fh:
-        merges = merge_lines(fh.read())
-    return merges == merge_lines(gpt2_file("vocab.bpe").decode("utf-8"))
+
+def _merge_lines(text: str) -> list[str]:
+    """The lines of a ``merges.txt`` that say something (blank ones dropped)."""
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def gpt2_tokenizer(config: ModelSettings, data: DataSettings) -> Tokenizer:
@@ -187,13 +185,12 @@ def gpt2_tokenizer(config: ModelSettings, data: DataSettings) -> Tokenizer:
     hf_config = gpt2_config(config)
     vocab_file, merges_file = _model_file(config, "vocab.json"), _model_file(config, "merges.txt")
     tokenizer: Tokenizer = GPT2Tokenizer()
-    if vocab_file and merges_file:
-        _check_bpe_files(config, vocab_file, merges_file)
-        if not _is_genuine_gpt2(vocab_file, merges_file):
-            try:
-                tokenizer = GPT2FilesTokenizer.from_files(vocab_file, merges_file)
-            except Exception as exc:  # the tokenizers library's own error types
-                raise damaged_file(config, merges_file, exc) from None
+    if vocab_file and merges_file and not _is_genuine_gpt2(
+            *_read_bpe_files(config, vocab_file, merges_file)):  # checked, then compared
+        try:
+            tokenizer = GPT2FilesTokenizer.from_files(vocab_file, merges_file)
+        except Exception as exc:  # the tokenizers library's own error types
+            raise damaged_file(config, merges_file, exc) from None
     check_vocab_size(config, tokenizer.vocab_size, hf_config.vocab_size)
     return tokenizer
 
@@ -206,9 +203,10 @@ def damaged_file(config: ModelSettings, file: str | Path, exc: BaseException) ->
         f"save_pretrained again, or point to another folder")
 
 
-def _check_bpe_files(config: ModelSettings, vocab_file: str, merges_file: str) -> None:
-    """``vocab.json`` is a JSON map of tokens to ids, ``merges.txt`` UTF-8 lines of two
-    tokens (after a ``#version`` line); else one line naming the file."""
+def _read_bpe_files(config: ModelSettings, vocab_file: str, merges_file: str
+                    ) -> tuple[dict[str, int], list[str]]:
+    """``vocab.json`` (a JSON map of tokens to ids) and the lines of ``merges.txt`` (UTF-8 lines
+    of two tokens after a ``#version`` line), checked; else one line naming the file."""
     try:
         with open(vocab_file, encoding="utf-8") as fh:
             vocab = json.load(fh)
@@ -219,13 +217,14 @@ def _check_bpe_files(config: ModelSettings, vocab_file: str, merges_file: str) -
         raise damaged_file(config, vocab_file, exc) from None
     try:
         with open(merges_file, encoding="utf-8") as fh:
-            lines = [ln for ln in fh.read().splitlines() if ln.strip()]
+            lines = _merge_lines(fh.read())
         bad = next((i for i, ln in enumerate(lines, 1)
                     if not ln.startswith("#version") and len(ln.split()) != 2), None)
         if bad is not None:
             raise ValueError(f"line {bad} is not two tokens")
     except (OSError, ValueError) as exc:
         raise damaged_file(config, merges_file, exc) from None
+    return vocab, lines
 
 
 def check_vocab_size(config: ModelSettings, tokenizer_size: int, model_size: int) -> None:

@@ -97,9 +97,11 @@ def _add_routes(app: FastAPI, served: Served) -> None:
         return {"status": "ok", "in_flight": served.engine.in_flight,
                 "ended": {reason: ended[reason] for reason in FINISHES}}
 
+    playground = resources.files("lmtrain.serve").joinpath("page.html").read_text()  # once
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> HTMLResponse:
-        return HTMLResponse(resources.files("lmtrain.serve").joinpath("page.html").read_text())
+        return HTMLResponse(playground)
 
     @app.get("/v1/models")
     async def models(request: Request) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from lmtrain.config import ModelSettings
+from lmtrain.data.tokenizers import GPT2_VOCAB_SIZE
 from lmtrain.errors import UserError
 from lmtrain.models import count_parameters
 
@@ -89,7 +90,7 @@ def expected_vocab_size(model: ModelSettings, tokenization: str, custom_vocab_si
     """The vocabulary a fresh run will have, before its data is read (characters: at least
     the 256 of one byte's worth; a learned BPE: at most ``CUSTOM_VOCAB_SIZE``)."""
     if model.model_type == "gpt2" or tokenization == "gpt2":
-        return 50257
+        return GPT2_VOCAB_SIZE
     return custom_vocab_size if tokenization == "custom_bpe" else 256
 
 

@@ -29,9 +29,12 @@ from torch.nn import Module
 _SUM, _AVG = dist.ReduceOp.SUM, dist.ReduceOp.AVG
 
 
-def _allocate(size: Sequence[int | torch.SymInt], dtype: torch.dtype,
-              device: torch.device) -> torch.Tensor:
-    return torch.empty(*size, dtype=dtype, device=device)
+class _PlainBuffers:
+    """Buffers from torch's own allocator (FSDP's ``allocate`` hook)."""
+
+    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+        return torch.empty(*size, dtype=dtype, device=device)
 
 
 class _Exchanges(dist.Work):
@@ -59,15 +62,11 @@ def _exchange(sends: dict[int, torch.Tensor], receives: dict[int, torch.Tensor],
     return _Exchanges(dist.batch_isend_irecv(ops))
 
 
-class ExchangeAllGather(AllGather):
+class ExchangeAllGather(_PlainBuffers, AllGather):
     """All-gather: each process sends its shard to every peer and receives theirs in place.
     It returns at once, the exchange pending, whatever ``async_op`` says: FSDP waits on the
     returned work before it reads the weights, so a gather it prefetches (the next block's,
     in forward and backward) runs while the current block computes."""
-
-    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-        return _allocate(size, dtype, device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, async_op: bool = False) -> dist.Work | None:
@@ -79,13 +78,9 @@ class ExchangeAllGather(AllGather):
         return _exchange({p: pieces[rank] for p in peers}, {p: pieces[p] for p in peers}, group)
 
 
-class ExchangeReduceScatter(ReduceScatter):
+class ExchangeReduceScatter(_PlainBuffers, ReduceScatter):
     """Reduce-scatter: each process sends every peer that peer's piece of its gradients,
     receives its own piece from each and sums them (averages under ``AVG``)."""
-
-    def allocate(self, size: Sequence[int | torch.SymInt], *, dtype: torch.dtype,
-                 device: torch.device) -> torch.Tensor:
-        return _allocate(size, dtype, device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor,
                  group: dist.ProcessGroup, op: dist.ReduceOp | dist.ReduceOp.RedOpType,

@@ -37,6 +37,10 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD = 32 * 1024 * 1024
 #: Free memory at the top of the heap kept for the next step before any goes back to the kernel
 TRIM_THRESHOLD = 1024 * 1024 * 1024
+#: ``PARALLEL=fsdp``: blocks above this size are mapped and unmapped (gathered weights come
+#: and go block by block), and at most :data:`SHARDED_TRIM_THRESHOLD` of free heap is kept.
+SHARDED_MMAP_THRESHOLD = 1024 * 1024
+SHARDED_TRIM_THRESHOLD = 128 * 1024 * 1024
 #: Environment that means the allocator is already someone's choice
 USER_TUNED_VARIABLES = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_",
                         "MALLOC_MMAP_MAX_", "MALLOC_ARENA_MAX", "GLIBC_TUNABLES")
@@ -52,13 +56,10 @@ def user_tuned(environ: Mapping[str, str] = os.environ) -> bool:
 
 
 def thresholds_set() -> bool | None:
-    """Whether :func:`keep_freed_memory` set the thresholds in this process (``None``: it has
-    not run yet)."""
+    """Whether :func:`keep_freed_memory` or :func:`return_freed_memory` set the thresholds in
+    this process (``None``: neither has run yet)."""
     return _applied
-#: ``PARALLEL=fsdp``: blocks above this size are mapped and unmapped (gathered weights come
-#: and go block by block), and at most :data:`SHARDED_TRIM_THRESHOLD` of free heap is kept.
-SHARDED_MMAP_THRESHOLD = 1024 * 1024
-SHARDED_TRIM_THRESHOLD = 128 * 1024 * 1024
+
 
 
 def keep_freed_memory() -> bool:

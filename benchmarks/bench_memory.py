@@ -90,8 +90,13 @@ def table(results: dict[str, list[list[dict]]], args: argparse.Namespace) -> str
     """The markdown table, per mode: the largest peak of any process in any launch, and the
     median over launches of the slowest process's step time; then the ratios."""
     gib = 2 ** 30
-    n_layer, n_embd, _ = SHAPES[args.shape]
-    params = 12 * n_layer * n_embd ** 2 + (50257 + args.block) * n_embd
+    from lmtrain.config import ModelSettings
+    from lmtrain.data.tokenizers import GPT2_VOCAB_SIZE
+    from lmtrain.memory_estimate import parameter_count
+
+    n_layer, n_embd, n_head = SHAPES[args.shape]
+    params = parameter_count(ModelSettings(n_layer=n_layer, n_embd=n_embd, n_head=n_head,
+                                           block_size=args.block), GPT2_VOCAB_SIZE)
     rows = [f"{args.shape} shape (~{params / 1e6:.0f}M parameters), {args.nproc} processes on "
             f"{args.device}, batch {args.batch} x {args.block} tokens, fp32 AdamW, "
             f"{args.steps} steps, {args.repeats} launch(es) per mode, interleaved", "",

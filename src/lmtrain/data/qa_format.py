@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from lmtrain.unicode_text import unpaired_surrogate
+from lmtrain.unicode_text import surrogate_problem
 
 if TYPE_CHECKING:
     from lmtrain.data.tokenizers import Tokenizer
@@ -92,10 +92,9 @@ def text_field(record: Mapping[str, Any], name: str, optional: bool = False,
         raise RecordError(f"{label} is {_kind(value)}, not text")
     if not value.strip() and not optional:
         raise RecordError(f"{label} is empty")
-    bad = unpaired_surrogate(value)
-    if bad is not None:
-        raise RecordError(f"{label} holds an unpaired surrogate (U+{ord(value[bad]):04X} at "
-                          f"character {bad}), which is not text")
+    problem = surrogate_problem(value)
+    if problem is not None:
+        raise RecordError(f"{label} {problem}, which is not text")
     return value.strip()
 
 

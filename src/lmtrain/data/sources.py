@@ -18,7 +18,7 @@ from typing import Any
 
 from lmtrain.errors import UserError
 from lmtrain.paths import not_a_file
-from lmtrain.unicode_text import unpaired_surrogate
+from lmtrain.unicode_text import surrogate_problem
 
 TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 #: What separates documents for a tokenizer without an end-of-text token: a blank line.
@@ -181,11 +181,10 @@ def json_problem(value: Any) -> str | None:
         if depth > MAX_JSON_DEPTH:
             return f"it nests deeper than {MAX_JSON_DEPTH} levels"
         if isinstance(item, str):
-            bad = unpaired_surrogate(item)
-            if bad is not None:
+            problem = surrogate_problem(item)
+            if problem is not None:
                 where = f"field {path!r}" if path else "the record"
-                return (f"{where} holds an unpaired surrogate (U+{ord(item[bad]):04X} at "
-                        f"character {bad}), which is not text; fix the file's writer")
+                return f"{where} {problem}, which is not text; fix the file's writer"
         elif isinstance(item, dict):
             for key, sub in item.items():
                 name = f"{path}.{key}" if path else str(key)

@@ -158,8 +158,8 @@ def cut_at_stop(text: str, stops: Sequence[str]) -> tuple[str, bool]:
 def encode_prompt(tokenizer: Tokenizer, prompt: str) -> list[int]:
     """The prompt's ids; an empty prompt starts from the end-of-text token (or id 0). A
     character outside a character vocabulary is a clear error naming the prompt."""
-    if prompt and isinstance(tokenizer, CharTokenizer) and not tokenizer.drop_unknown:
-        unknown = sorted(set(prompt) - set(tokenizer.chars))
+    if prompt and isinstance(tokenizer, CharTokenizer):
+        unknown = tokenizer.unknown(prompt)
         if unknown:
             raise UserError(
                 f"the question {prompt!r} holds characters outside the model's vocabulary "

@@ -123,13 +123,18 @@ class CharTokenizer:
             ids = ids[known]
         return ids.astype(token_dtype(self.vocab_size))
 
+    def unknown(self, chars: Iterable[str]) -> list[str]:
+        """The characters of ``chars`` outside the vocabulary, sorted; none when they are
+        dropped (``DROP_UNKNOWN_CHARS``)."""
+        return [] if self.drop_unknown else sorted(set(chars) - set(self.chars))
+
     def check_known(self, chars: Iterable[str], where: str = "TRAINING_DATA_SOURCE",
                     vocabulary: str = "the checkpoint's vocabulary",
                     advice: str = "set DROP_UNKNOWN_CHARS=1 to drop them") -> None:
         """Stop with a list of the characters outside the vocabulary (unless dropping them);
         the message names the text (``where``), the ``vocabulary`` and what to do."""
-        unknown = sorted(set(chars) - set(self.chars))
-        if not unknown or self.drop_unknown:
+        unknown = self.unknown(chars)
+        if not unknown:
             return
         shown = ", ".join(repr(c) for c in unknown[:20])
         more = f" and {len(unknown) - 20} more" if len(unknown) > 20 else ""

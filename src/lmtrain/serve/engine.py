@@ -164,8 +164,8 @@ class Engine:
         outside the vocabulary is a :class:`~lmtrain.errors.UserError`."""
         if sampling.max_new_tokens < 1:
             raise UserError("an answer needs room for at least one token (max_new_tokens >= 1)")
-        if isinstance(self.tokenizer, CharTokenizer) and not self.tokenizer.drop_unknown:
-            unknown = sorted(set(prompt) - set(self.tokenizer.chars))
+        if isinstance(self.tokenizer, CharTokenizer):
+            unknown = self.tokenizer.unknown(prompt)
             if unknown:
                 raise UserError(f"the prompt holds characters outside the model's vocabulary "
                                 f"({', '.join(map(repr, unknown[:20]))})")

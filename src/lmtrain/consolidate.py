@@ -15,7 +15,7 @@ from lmtrain.durable import storage_error
 from lmtrain.errors import UserError
 from lmtrain.inference import config_now
 from lmtrain.models import build_model
-from lmtrain.models.weights import model_state
+from lmtrain.models.weights import check_lora_base, model_state
 from lmtrain.sharded_checkpoint import (
     ShardedRun,
     is_sharded_checkpoint,
@@ -47,10 +47,7 @@ def consolidate(src: str | Path, out: str | Path | None = None, base: str | None
     torch.manual_seed(cfg.optimization.seed)  # a from-scratch LoRA base: rebuilt from the seed
     model = build_model(cfg.model, saved_tokenizer(run).vocab_size)
     optimizer = build_optimizer(model, cfg.optimization, torch.device("cpu"))
-    if cfg.model.use_lora:
-        from lmtrain.models.lora import check_base_reference
-
-        check_base_reference(model, dict(run.lora_base or {}) or None, run.where)
+    check_lora_base(model, cfg.model, run)
     load_sharded_state(run, model, optimizer, trainable_only=cfg.model.use_lora)
     payload = with_weights(run, model_state(model, cfg.model), optimizer.state_dict())
     try:

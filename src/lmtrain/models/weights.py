@@ -49,12 +49,18 @@ def load_model_state(model: nn.Module, config: ModelSettings, sd: Mapping[str, A
             f"file is damaged, pick an earlier checkpoint") from None
 
 
-def load_weights(model: nn.Module, config: ModelSettings, run: SavedRun) -> None:
-    """Put a saved run's weights into ``model``; a LoRA adapter only once the base it was
-    trained on is verified."""
-    if config.use_lora:  # the adapter only fits the base it was trained on
+def check_lora_base(model: nn.Module, config: ModelSettings, run: SavedRun) -> None:
+    """A LoRA run's adapter fits only the base it was trained on: ``model``'s base is checked
+    against the run's reference (one line if it differs); nothing for other runs."""
+    if config.use_lora:
         from lmtrain.models.lora import check_base_reference
 
         base = run.lora_base
         check_base_reference(model, dict(base) if base else None, run.where)
+
+
+def load_weights(model: nn.Module, config: ModelSettings, run: SavedRun) -> None:
+    """Put a saved run's weights into ``model``; a LoRA adapter only once the base it was
+    trained on is verified."""
+    check_lora_base(model, config, run)
     load_model_state(model, config, run.model_state)

@@ -19,7 +19,7 @@ from lmtrain.config import TrainingConfig
 from lmtrain.distributed import all_gather_objects, broadcast_object, max_across_ranks
 from lmtrain.errors import UserError
 from lmtrain.models.gpt2 import model_positions
-from lmtrain.models.weights import load_weights, model_state
+from lmtrain.models.weights import check_lora_base, load_weights, model_state
 from lmtrain.progress import Generators, TrainProgress
 from lmtrain.sharded_checkpoint import ShardedRun, load_sharded_state, save_sharded
 from lmtrain.sharding import is_sharded, local
@@ -196,13 +196,9 @@ class Checkpointer:
     def _load_sharded(self, parts: Components, run: ShardedRun) -> None:
         """The weights and optimizer state of a sharded checkpoint (LoRA: the adapter's, once
         its base is verified)."""
-        lora = self.config.model.use_lora
-        if lora:
-            from lmtrain.models.lora import check_base_reference
-
-            base = run.lora_base
-            check_base_reference(parts.raw_model, dict(base) if base else None, run.where)
-        load_sharded_state(run, parts.raw_model, parts.optimizer, trainable_only=lora)
+        check_lora_base(parts.raw_model, self.config.model, run)
+        load_sharded_state(run, parts.raw_model, parts.optimizer,
+                           trainable_only=self.config.model.use_lora)
 
 
 def check_checkpoint_kind(run: SavedRun, parallel: str) -> None:

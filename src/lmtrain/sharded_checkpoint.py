@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmtrain.checkpoint_format import SavedRun, seal, sharded_record, validate
-from lmtrain.durable import replace_folder
+from lmtrain.durable import TMP_PREFIX, replace_folder
 from lmtrain.errors import UserError
 
 if TYPE_CHECKING:
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 SUFFIX = ".dcp"
 MANIFEST = "manifest.json"
 RECORD = "run.pt"
-TEMP_PREFIX = ".tmp-"
 OLD_PREFIX = ".old-"
 #: The manifest's format tag (bumped when the folder layout changes).
 LAYOUT = "lmtrain-dcp-1"
@@ -252,7 +251,7 @@ def save_sharded(folder: Path, model: nn.Module, optimizer: Any, payload: dict[s
     DCP's own failures raise its ``CheckpointException`` on every rank."""
     import torch.distributed.checkpoint as dcp
 
-    tmp = folder.parent / f"{TEMP_PREFIX}{folder.name}"
+    tmp = folder.parent / f"{TMP_PREFIX}{folder.name}"
     _agreed(agree, is_main, lambda: _start(tmp))
     writer = dcp.FileSystemWriter(tmp, sync_files=True, single_file_per_rank=True)
     with warnings.catch_warnings():  # one process: DCP says it saves without a group
@@ -304,7 +303,7 @@ def remove_stale_folders(folder: Path) -> list[Path]:
     if folder.is_dir():
         for p in folder.iterdir():
             if p.is_dir() and p.name.endswith(SUFFIX) and p.name.startswith(
-                    (TEMP_PREFIX, OLD_PREFIX)):
+                    (TMP_PREFIX, OLD_PREFIX)):
                 shutil.rmtree(p, ignore_errors=True)
                 removed.append(p)
     return removed

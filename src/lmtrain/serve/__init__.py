@@ -1,5 +1,6 @@
-"""Serving a trained model: batched decoding that requests join and leave (``batch``,
-``engine``), and the OpenAI-compatible HTTP front end (``protocol``, ``app``)."""
+"""Serving a trained model: batched decoding that requests join and leave (``engine``, over
+:mod:`lmtrain.padded_batch`), and the OpenAI-compatible HTTP front end (``protocol``, ``app``,
+``server``)."""
 
 #: Requests decoded together at most, by default (here, so that ``lmtrain --help`` imports no
 #: torch).

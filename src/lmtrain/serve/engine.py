@@ -198,7 +198,8 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return bool(self.batched or self.alone or self.held or not self.waiting.empty())
+        """Whether any request is queued or being decoded."""
+        return self.in_flight > 0
 
     def start(self) -> None:
         """Run the engine in a thread of its own until :meth:`stop`."""

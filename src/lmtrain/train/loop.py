@@ -69,15 +69,19 @@ def evaluate(parts: Components, progress: TrainProgress, settings: LoopSettings,
     return losses
 
 
+def interruptible_alone(place: Placement) -> contextlib.AbstractContextManager[Any]:
+    """:func:`~lmtrain.signals.interruptible` in a one-process run: a stop signal raises
+    ``StopNow`` inside. Not with many processes, whose others would wait for the stopped one
+    in a collective."""
+    return interruptible() if place.world_size == 1 else contextlib.nullcontext()
+
+
 def evaluate_unless_stopped(parts: Components, progress: TrainProgress,
                             settings: LoopSettings, services: RunServices) -> None:
-    """:func:`evaluate`, cut short by a stop signal (one process: others would wait for it in
-    the evaluation's collective); the stop request holds the signal, and the step's checkpoint
+    """:func:`evaluate`, cut short by a stop signal (one process only,
+    :func:`interruptible_alone`); the stop request holds the signal, and the step's checkpoint
     and the stop then follow as usual."""
-    if parts.placement.world_size > 1:
-        evaluate(parts, progress, settings, services)
-        return
-    with contextlib.suppress(StopNow), interruptible():
+    with contextlib.suppress(StopNow), interruptible_alone(parts.placement):
         evaluate(parts, progress, settings, services)
 
 

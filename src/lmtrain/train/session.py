@@ -44,10 +44,10 @@ from lmtrain.reporting import (
     timings_line,
 )
 from lmtrain.run_folder import claim_run_folders
-from lmtrain.signals import StopNow, StopRequest, interruptible, stop_on_signals
+from lmtrain.signals import StopNow, StopRequest, stop_on_signals
 from lmtrain.train.build import assemble, check_before_start
 from lmtrain.train.finish import finish
-from lmtrain.train.loop import evaluate, run_training, share_stop_signal
+from lmtrain.train.loop import evaluate, interruptible_alone, run_training, share_stop_signal
 from lmtrain.train.plan import RunPlan, resolve_plan
 from lmtrain.train.resume import ResumeHints
 from lmtrain.train.state import Components, LiveRun, Placement
@@ -157,7 +157,7 @@ class Session:
         parts, progress, settings, services = self.live
         plan, summary, cfg = self.plan, self.summary, self.plan.config
         try:  # a stop signal cuts the final evaluation and sample short: the run is saved
-            with interruptible() if parts.placement.world_size == 1 else contextlib.nullcontext():
+            with interruptible_alone(parts.placement):
                 summary.final_losses, summary.sample = finish(
                     parts, progress, settings, services, cfg.generation, cfg.model.model_type)
         except StopNow as exc:
